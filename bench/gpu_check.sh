@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks to run on a lent GPU host (one H200), in under 8 minutes: set up, the lossless
+# tests on CUDA, then the engine benchmark in bfloat16 (bench/results/gpu_engine.json).
+# Both checks run even if the first fails; the exit status is nonzero if either did.
+#
+# Torch: SPARKGRID_TORCH_SPEC, if set, is used as is (see scripts/bootstrap.sh). If not set and
+# the system python3 already imports a torch that sees CUDA, that torch is reused
+# (SPARKGRID_TORCH_SPEC=system: .venv is created with --system-site-packages, no download);
+# otherwise torch==2.13.0 is installed from the configured index (PyPI's Linux wheels are
+# CUDA builds).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+nvidia-smi -L
+
+if [[ -z ${SPARKGRID_TORCH_SPEC:-} ]]; then
+    if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+        export SPARKGRID_TORCH_SPEC=system
+    else
+        export SPARKGRID_TORCH_SPEC=torch==2.13.0
+    fi
+fi
+echo "gpu_check: SPARKGRID_TORCH_SPEC=$SPARKGRID_TORCH_SPEC"
+
+timeout 180 bash scripts/bootstrap.sh
+if ! .venv/bin/python -c 'import sys, torch; print("torch", torch.__version__, "cuda", torch.version.cuda); sys.exit(not torch.cuda.is_available())'; then
+    echo "gpu_check: the .venv's torch sees no CUDA device; set SPARKGRID_TORCH_SPEC to a CUDA build" >&2
+    exit 1
+fi
+
+status=0
+timeout 150 .venv/bin/python -m pytest -q tests/integration/test_lossless.py --device cuda || status=1
+mkdir -p bench/results
+timeout 120 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --out bench/results/gpu_engine.json || status=1
+exit "$status"

@@ -1,0 +1,60 @@
+"""Suite-wide options and the tiny local models shared by tests.
+
+Options: `--device` (default "cpu") picks where device-aware tests run; `--run-slow` runs
+tests marked `slow`, which are skipped otherwise. The model fixtures are built once per
+session into pytest's temporary directory, in float32; tests that need exact arithmetic load
+them in float64 themselves.
+"""
+
+import pytest
+from transformers import AutoTokenizer
+
+from worker.tiny import build_target, build_tokenizer
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="torch device for device-aware tests, e.g. cpu, cuda, cuda:1")
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    device = config.getoption("--device")
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {device} asked for, but this torch ({torch.__version__}) sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """The torch device given with --device."""
+    return pytestconfig.getoption("--device")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tokenizer(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def qwen3_target_dir(tmp_path_factory, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    return build_target(tmp_path_factory.mktemp("qwen3_target"), "qwen3", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_target_dir(tmp_path_factory, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    return build_target(tmp_path_factory.mktemp("llama_target"), "llama", tokenizer)

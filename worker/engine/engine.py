@@ -1,0 +1,375 @@
+"""The DSpark engine: continuous batching of many requests on one device.
+
+One `step()` = admit and prefill newcomers (one batched forward), then for every decoding
+request together: one draft backbone forward, the sequential Markov stage, the choice of
+how many draft tokens each request verifies, ONE target forward over all verify tokens
+(ragged), speculative sampling, commit and cache rollback.
+
+Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a job.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.drafter import DSparkDraft
+from worker.engine.kv_cache import BlockAllocator, PagedKV
+from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target
+from worker.engine.prefix_scheduler import Policy, parse_policy
+from worker.engine.profiler import load_or_profile
+from worker.engine.rejection import verify
+from worker.engine.request import Request, RequestOutput, Status
+from worker.engine.sampling import sample, warp_probs
+from worker.engine.spec_step import DraftProposal, choose_lengths, pad_rows
+from worker.engine.sts import load_sts
+
+
+@dataclass
+class Counters:
+    """Cumulative work done, so tests and metrics can see what ran."""
+
+    steps: int = 0
+    prefill_forwards: int = 0
+    verify_forwards: int = 0
+    draft_forwards: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    verify_tokens: int = 0
+    """Tokens of all verify forwards (anchors + draft tokens)."""
+    draft_tokens_verified: int = 0
+    draft_tokens_accepted: int = 0
+
+
+class LLMEngine:
+    """Serves requests on one target (and optionally one DSpark drafter) on one device."""
+
+    def __init__(self, config: EngineConfig, target, tokenizer, draft: DSparkDraft | None = None,
+                 sts_temperatures: list[float] | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.draft = draft
+        self.gamma = draft.gamma if draft is not None else 0
+        self.sts = sts_temperatures
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        tcfg = target.config
+        self.max_context = getattr(tcfg, "max_position_embeddings", 1 << 30)
+        self.vocab_size = tcfg.vocab_size
+        self.kv = self._make_kv(config.kv_budget_tokens, "target kv cache", tcfg)
+        self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
+        self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache", draft.config)
+                         if draft is not None else None)
+        self.eos_ids = self._eos_ids(target, tokenizer, config)
+        self._check_policy(parse_policy(config.policy), "policy")
+        self.sps = None
+        if config.profile_sps and draft is not None:
+            self.sps = load_or_profile(self.runner, dtype=self.dtype, max_tokens=config.max_batch_tokens,
+                                       ctx_len=config.sps_context_len, gamma=self.gamma,
+                                       cache_dir=config.sps_cache_dir)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.counters = Counters()
+
+    @classmethod
+    def from_pretrained(cls, target: str, draft: str | None = None,
+                        config: EngineConfig | None = None) -> "LLMEngine":
+        """Load a Qwen3/Llama target (local dir or hub id) and a DSpark draft checkpoint."""
+        config = config or EngineConfig()
+        model = load_target(target, device=config.torch_device, dtype=config.torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        drafter, sts = None, None
+        if draft is not None:
+            drafter = DSparkDraft.from_pretrained(draft, model.config, device=config.torch_device,
+                                                  dtype=config.torch_dtype)
+            sts = load_sts(draft) if Path(draft).is_dir() else None
+        return cls(config, model, tokenizer, drafter, sts)
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    req_id: str | None = None, policy: str | None = None) -> str:
+        """Queue a request; raises ValueError naming the field when the input is bad."""
+        params = params or SamplingParams()
+        pol = parse_policy(policy or self.config.policy, field="policy")
+        self._check_policy(pol, "policy")
+        req_id = req_id or secrets.token_hex(8)
+        if req_id in self.requests:
+            raise ValueError(f"req_id: {req_id!r} is already in the engine")
+        ids = self._prompt_ids(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_context:
+            raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) exceeds the model context of {self.max_context}")
+        self.kv.allocator.check_fits_ever(total)
+        if self.draft_kv is not None and pol is not Policy.AR:
+            self.draft_kv.allocator.check_fits_ever(total)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        req = Request(req_id, ids, params, pol.value, detok, self.eos_ids, seed, self.device)
+        self.requests[req_id] = req
+        self.waiting.append(req)
+        return req_id
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        """Remove a request now (between steps) and free its cache; None if unknown."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        req.finish("abort")
+        out = req.take_output()
+        self._release(req)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the increments of every request that moved."""
+        self.counters.steps += 1
+        decoding = list(self.running)
+        if decoding:
+            self._decode(decoding)
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            self.running += admitted
+        outputs = [r.take_output() for r in decoding + admitted]
+        for req in decoding + admitted:
+            if req.finished:
+                self._release(req)
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 policy: str | None = None) -> list[dict]:
+        """Run prompts to completion; returns per prompt its token ids, text, reason, stats."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, policy=policy) for p, sp in zip(prompts, plist)]
+        results = {i: {"token_ids": [], "text": ""} for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.req_id in results:
+                    res = results[out.req_id]
+                    res["token_ids"] += out.token_ids
+                    res["text"] += out.text
+                    if out.finished:
+                        res.update(finish_reason=out.finish_reason, stats=out.stats.as_dict())
+        return [results[i] for i in ids]
+
+    # -- admission and prefill -------------------------------------------------------------
+    def _admit(self) -> list[Request]:
+        admitted, prefill_tokens = [], 0
+        while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            total = len(req.prompt_ids) + req.params.max_tokens
+            spec = req.policy != Policy.AR
+            if admitted and prefill_tokens + len(req.prompt_ids) > self.config.max_prefill_tokens:
+                break
+            if not self.kv.allocator.can_reserve(total) or (
+                    spec and not self.draft_kv.allocator.can_reserve(total)):
+                break  # FIFO: wait for budget rather than let later requests overtake
+            self.kv.allocator.reserve(req.req_id, total)
+            if spec:
+                self.draft_kv.allocator.reserve(req.req_id, total)
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            admitted.append(req)
+            prefill_tokens += len(req.prompt_ids)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        lengths = [len(r.prompt_ids) for r in reqs]
+        ids = torch.tensor([t for r in reqs for t in r.prompt_ids], device=self.device)
+        last_rows = torch.cumsum(torch.tensor(lengths, device=self.device), 0) - 1
+        spec = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]
+        batch = ForwardBatch([r.req_id for r in reqs], [0] * len(reqs), lengths, ids, last_rows)
+        logits, feats = self.runner.forward(batch, want_features=bool(spec))
+        self.counters.prefill_forwards += 1
+        self.counters.prompt_tokens += sum(lengths)
+        uniforms = torch.stack([self._uniforms(r, 1) for r in reqs])[:, 0]
+        first = sample(self._warp(reqs, logits, [1] * len(reqs)), uniforms).tolist()
+        if spec:
+            starts = [int(last_rows[i]) - lengths[i] + 1 for i in spec]
+            self._extend_draft_context([reqs[i] for i in spec], feats, starts,
+                                       [lengths[i] for i in spec], [0] * len(spec))
+        for req, tok in zip(reqs, first):
+            req.commit([tok])
+        self.counters.generated_tokens += len(reqs)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _decode(self, reqs: list[Request]) -> None:
+        spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]
+        gamma = self.gamma
+        uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
+        proposal = self._propose([reqs[i] for i in spec_idx], uniforms[spec_idx, :gamma]) \
+            if spec_idx else None
+        lengths = choose_lengths(reqs, spec_idx, proposal, gamma=gamma, sps=self.sps,
+                                 threshold=self.config.threshold, sts=self.sts,
+                                 max_batch_tokens=self.config.max_batch_tokens)
+        draft_ids = pad_rows(proposal.ids if proposal else None, spec_idx, len(reqs), gamma,
+                             self.device)
+        inputs = [[r.last_token] + draft_ids[i, :lengths[i]].tolist() for i, r in enumerate(reqs)]
+        num_new = [len(x) for x in inputs]
+        starts = [r.num_tokens - 1 for r in reqs]  # the anchor is committed, not yet cached
+        ids = torch.tensor([t for x in inputs for t in x], device=self.device)
+        batch = ForwardBatch([r.req_id for r in reqs], starts, num_new, ids,
+                             torch.arange(ids.numel(), device=self.device))
+        logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
+        self.counters.verify_forwards += 1
+        self.counters.verify_tokens += ids.numel()
+        target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
+        draft_probs = pad_rows(proposal.probs if proposal else None, spec_idx, len(reqs), gamma,
+                               self.device, self.vocab_size)
+        n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0),
+                            torch.tensor(lengths, device=self.device),
+                            uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
+        self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
+                     starts, num_new)
+
+    def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
+        """One draft backbone forward for all drafting requests, then the Markov stage."""
+        anchors = torch.tensor([r.last_token for r in reqs], device=self.device)
+        anchor_pos = torch.tensor([r.num_tokens - 1 for r in reqs], device=self.device)
+        ctx_len = int(anchor_pos.max())
+        ctx_pos = torch.arange(ctx_len, device=self.device).expand(len(reqs), ctx_len)
+        seq_ids = [r.req_id for r in reqs]
+        slots = self.draft_kv.slots(seq_ids, ctx_pos)  # [S, C]
+        layers = range(self.draft.config.num_hidden_layers)
+        ctx_k = [self.draft_kv.k[layer, slots] for layer in layers]
+        ctx_v = [self.draft_kv.v[layer, slots] for layer in layers]
+        h = self.draft.backbone(anchors, anchor_pos, ctx_k, ctx_v, ctx_pos < anchor_pos[:, None])
+        self.counters.draft_forwards += 1
+        temps, top_k, top_p = self._sampling_tensors(reqs, [1] * len(reqs))
+
+        def sample_fn(k: int, logits: torch.Tensor):
+            probs = warp_probs(logits, temps, top_k, top_p)
+            return sample(probs, uniforms[:, k - 1]), probs
+
+        ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn)
+        for r in reqs:
+            r.stats.draft_tokens_proposed += self.gamma
+        return DraftProposal(ids, probs, conf_logits)
+
+    def _commit(self, reqs, spec_idx, draft_ids, lengths, n_acc, nxt, feats, starts, num_new):
+        spec = set(spec_idx)
+        row_starts = [sum(num_new[:i]) for i in range(len(reqs))]
+        for i, req in enumerate(reqs):
+            # roll back the target cache to the anchor plus the accepted draft tokens
+            self.kv.allocator.truncate(req.req_id, starts[i] + n_acc[i] + 1)
+        if spec_idx:  # the target's features at committed positions become draft context
+            self._extend_draft_context([reqs[i] for i in spec_idx], feats,
+                                       [row_starts[i] for i in spec_idx],
+                                       [n_acc[i] + 1 for i in spec_idx],
+                                       [starts[i] for i in spec_idx])
+        for i, req in enumerate(reqs):
+            if i in spec:
+                req.stats.record(lengths[i], n_acc[i], self.gamma)
+                self.counters.draft_tokens_verified += lengths[i]
+                self.counters.draft_tokens_accepted += n_acc[i]
+            before = len(req.output_ids)
+            req.commit(draft_ids[i, :n_acc[i]].tolist() + [nxt[i]])
+            self.counters.generated_tokens += len(req.output_ids) - before
+
+    def _extend_draft_context(self, reqs, feats, rows, counts, positions) -> None:
+        """Write draft-context keys/values for `counts[i]` tokens from packed feature rows."""
+        dev = self.device
+        counts_t = torch.tensor(counts, device=dev)
+        seq_of = torch.repeat_interleave(torch.arange(len(reqs), device=dev), counts_t)
+        offset = torch.arange(seq_of.numel(), device=dev) - (torch.cumsum(counts_t, 0) - counts_t)[seq_of]
+        src = torch.tensor(rows, device=dev)[seq_of] + offset
+        pos = torch.tensor(positions, device=dev)[seq_of] + offset
+        seq_ids = [r.req_id for r in reqs]
+        for sid, p, c in zip(seq_ids, positions, counts):
+            self.draft_kv.allocator.grow(sid, p + c)
+        slots = self.draft_kv.packed_slots(seq_ids, seq_of, pos)
+        ctx = self.draft.project_context(feats[src])
+        for layer in range(self.draft.config.num_hidden_layers):
+            k, v = self.draft.context_kv(layer, ctx, pos)
+            self.draft_kv.write(layer, slots, k, v)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _uniforms(self, req: Request, n: int) -> torch.Tensor:
+        if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
+            return torch.zeros(n, device=self.device)
+        return torch.rand(n, generator=req.generator, device=self.device)
+
+    def _sampling_tensors(self, reqs: list[Request], repeats: list[int]):
+        rep = torch.tensor(repeats, device=self.device)
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device).repeat_interleave(rep)
+        return (col([r.params.temperature for r in reqs], torch.float32),
+                col([r.params.top_k for r in reqs], torch.long),
+                col([r.params.top_p for r in reqs], torch.float32))
+
+    def _warp(self, reqs, logits, repeats) -> torch.Tensor:
+        return warp_probs(logits, *self._sampling_tensors(reqs, repeats))
+
+    def _padded_target_probs(self, reqs, logits, num_new, gamma) -> torch.Tensor:
+        probs = self._warp(reqs, logits, num_new)  # [N, V]
+        out = probs.new_zeros(len(reqs), gamma + 1, probs.shape[-1])
+        counts = torch.tensor(num_new, device=self.device)
+        seq_of = torch.repeat_interleave(torch.arange(len(reqs), device=self.device), counts)
+        offset = torch.arange(seq_of.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[seq_of]
+        out[seq_of, offset] = probs
+        return out
+
+    def _release(self, req: Request) -> None:
+        self.kv.allocator.free(req.req_id)
+        if self.draft_kv is not None:
+            self.draft_kv.allocator.free(req.req_id)
+        self.requests.pop(req.req_id, None)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt: expected a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _check_policy(self, policy: Policy, field: str) -> None:
+        if policy is Policy.AR:
+            return
+        if self.draft is None:
+            raise ValueError(f"{field}: {policy.value!r} needs a draft model; this engine has none "
+                             "(use 'ar')")
+        needs_conf = policy in (Policy.PREFIX, Policy.THRESHOLD)
+        if needs_conf and not self.draft.config.enable_confidence_head:
+            raise ValueError(f"{field}: {policy.value!r} needs a draft with a confidence head; "
+                             "this draft has none (use 'fixed' or 'ar')")
+        if policy is Policy.PREFIX and not self.config.profile_sps:
+            raise ValueError(f"{field}: 'prefix' needs the SPS profile (profile_sps=True)")
+
+    def _make_kv(self, budget: int, name: str, cfg) -> PagedKV:
+        bs = self.config.kv_block_size
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        alloc = BlockAllocator(-(-budget // bs), bs, name)
+        return PagedKV(alloc, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
+                       device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def _eos_ids(target, tokenizer, config: EngineConfig) -> frozenset[int]:
+        ids = set(config.extra_eos_token_ids)
+        gen_eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, target.config.eos_token_id, tokenizer.eos_token_id):
+            if value is not None:
+                ids.update(value if isinstance(value, (list, tuple)) else [value])
+        return frozenset(ids)

@@ -1,0 +1,151 @@
+"""The target model on ragged batches: packed tokens in, logits and drafter features out.
+
+Knows: a Hugging Face causal LM of the Qwen3 or Llama family, run layer by layer through its
+own modules (projections, norms, MLP, rotary embedding), with keys and values kept in a
+`PagedKV` cache. Every linear layer runs once over all new tokens of all sequences packed
+together (no padding); only attention pads, per sequence, to the longest query and context.
+
+Does not know: sampling, drafting, which sequences run (the `ForwardBatch` says), or budgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from worker.engine.kv_cache import PagedKV
+
+SUPPORTED_FAMILIES = ("qwen3", "llama")
+
+
+@dataclass
+class ForwardBatch:
+    """What the target runs in one forward: the contract between engine and runner."""
+
+    seq_ids: list[str]        # R sequences, each already holding `starts[r]` cached tokens
+    starts: list[int]         # first new position of each sequence (= tokens already cached)
+    num_new: list[int]        # new tokens of each sequence, all >= 1
+    input_ids: torch.Tensor   # [N] new tokens of all sequences, packed in seq order
+    logits_rows: torch.Tensor  # [M] rows of the packed tokens whose logits are wanted
+
+
+@dataclass
+class _Layout:
+    """Index tensors shared by every layer of one forward."""
+
+    positions: torch.Tensor   # [N] absolute position of each packed token
+    write_slots: torch.Tensor  # [N] cache slot each new token's k/v goes to
+    kv_slots: torch.Tensor    # [R, L] cache slots of each sequence's context, padded
+    q_dest: torch.Tensor      # [N] row of each packed token in the padded [R * Q] queries
+    mask: torch.Tensor        # [R, 1, Q, L] True where query may attend key
+    num_seqs: int
+    max_q: int
+
+
+def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """Load a Qwen3 or Llama causal LM from a local directory or a Hugging Face id."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"target: model_type {config.model_type!r} is not supported; "
+            f"expected one of {SUPPORTED_FAMILIES}"
+        )
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        raise ValueError("target: sliding-window attention layers are not supported")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim] (rotate-half convention of HF)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class TargetRunner:
+    """Runs the target over a `ForwardBatch`, writing its keys/values into `kv`."""
+
+    def __init__(self, model: PreTrainedModel, kv: PagedKV, feature_layer_ids: list[int]):
+        self.model = model
+        self.kv = kv
+        self.feature_layer_ids = list(feature_layer_ids)
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.device = kv.device
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns logits `[M, V]` (float32) and, if asked, features `[N, n * d]`."""
+        layout = self._layout(batch)
+        body = self.model.model
+        h = body.embed_tokens(batch.input_ids)  # [N, d]
+        feats = [h] if want_features and -1 in self.feature_layer_ids else []
+        cos, sin = body.rotary_emb(h[None], layout.positions[None])  # [1, N, head_dim]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        for idx, layer in enumerate(body.layers):
+            attn_in = layer.input_layernorm(h)
+            h = h + self._attention(idx, layer.self_attn, attn_in, cos, sin, layout)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if want_features and idx in self.feature_layer_ids:
+                feats.append(h)
+        last = body.norm(h[batch.logits_rows])
+        logits = self.model.lm_head(last).float()
+        return logits, (torch.cat(feats, dim=-1) if want_features else None)
+
+    def _attention(self, layer_idx, attn, x, cos, sin, layout: _Layout) -> torch.Tensor:
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)
+        k = attn.k_proj(x).view(n, -1, self.head_dim)
+        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        self.kv.write(layer_idx, layout.write_slots, k, v)
+        out = ragged_attention(q, *self.kv.gather(layer_idx, layout.kv_slots), layout, attn.scaling)
+        return attn.o_proj(out)
+
+    def _layout(self, batch: ForwardBatch) -> _Layout:
+        dev = self.device
+        alloc = self.kv.allocator
+        for sid, start, n in zip(batch.seq_ids, batch.starts, batch.num_new):
+            alloc.grow(sid, start + n)
+        num_seqs, max_q = len(batch.seq_ids), max(batch.num_new)
+        starts = torch.tensor(batch.starts, device=dev)
+        num_new = torch.tensor(batch.num_new, device=dev)
+        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=dev), num_new)  # [N]
+        first_row = torch.cumsum(num_new, 0) - num_new
+        offset = torch.arange(seq_of.numel(), device=dev) - first_row[seq_of]  # [N]
+        positions = starts[seq_of] + offset
+        lengths = starts + num_new  # [R] context length after this forward
+        max_len = int(lengths.max())
+        kv_pos = torch.arange(max_len, device=dev).expand(num_seqs, max_len)
+        kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
+        write_slots = kv_slots[seq_of, positions]
+        q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
+        q_pos[seq_of, offset] = positions  # padded queries see key 0 only
+        mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
+        return _Layout(positions, write_slots, kv_slots, seq_of * max_q + offset, mask,
+                       num_seqs, max_q)
+
+
+def ragged_attention(q, k, v, layout: _Layout, scale: float) -> torch.Tensor:
+    """Attention of packed queries over per-sequence padded context.
+
+    q: [N, heads, head_dim]; k, v: [R, L, kv_heads, head_dim]. Returns [N, heads * head_dim].
+    """
+    n, heads, head_dim = q.shape
+    q_pad = q.new_zeros(layout.num_seqs * layout.max_q, heads, head_dim)
+    q_pad[layout.q_dest] = q
+    q_pad = q_pad.view(layout.num_seqs, layout.max_q, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q_pad, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask, scale=scale,
+        enable_gqa=True,
+    )  # [R, heads, Q, head_dim]
+    out = out.transpose(1, 2).reshape(layout.num_seqs * layout.max_q, heads * head_dim)
+    return out[layout.q_dest]

@@ -1,0 +1,173 @@
+"""How many draft tokens each request verifies: DSpark Algorithm 1 and the static baselines.
+
+The hardware-aware prefix scheduler (DSPARK.md section 3) admits draft positions in order of
+prefix survival probability a_{r,j} while the expected throughput
+theta = tau* x SPS(B) keeps rising, where tau* counts expected committed tokens and B the tokens
+the target forward will process. `SPSTable` is the profiled cost model SPS(B).
+
+Scope: pure functions over survival / confidence tensors and a cost table.
+Not here: profiling the target (the engine measures and builds the `SPSTable`), computing
+confidence (the drafter, then `sts`), or deciding which requests run this step.
+"""
+
+import enum
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class Policy(enum.StrEnum):
+    """Which rule picks a request's verification length."""
+
+    AR = "ar"  # no speculation: plain autoregressive decoding
+    FIXED = "fixed"  # verify all gamma draft tokens
+    THRESHOLD = "threshold"  # verify while confidence c_k >= a threshold
+    PREFIX = "prefix"  # DSpark Algorithm 1
+
+
+def parse_policy(value: "str | Policy", field: str = "policy") -> Policy:
+    """`value` as a Policy; a ValueError names `field` and the allowed values otherwise."""
+    try:
+        return Policy(value)
+    except ValueError:
+        allowed = ", ".join(repr(p.value) for p in Policy)
+        raise ValueError(f"{field} must be one of {allowed}; got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SPSTable:
+    """Target forward steps per second as a function of the tokens in the forward.
+
+    Between profiled points the step *time* (1 / sps) is interpolated linearly; past the last
+    point it is extrapolated from the last two points, with a slope clamped at 0 so a noisy
+    profile can never predict time shrinking with more tokens. A one-point table is flat.
+    """
+
+    batch_tokens: list[int]  # strictly increasing token counts, the first one 1
+    steps_per_second: list[float]  # measured target forwards per second at each count
+
+    def __post_init__(self) -> None:
+        tokens, sps = self.batch_tokens, self.steps_per_second
+        if not tokens or len(tokens) != len(sps):
+            raise ValueError(
+                "SPSTable needs batch_tokens and steps_per_second of equal, non-zero length; "
+                f"got {len(tokens)} and {len(sps)}"
+            )
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+            raise ValueError(f"SPSTable batch_tokens must be integers; got {tokens}")
+        if tokens[0] != 1 or any(b <= a for a, b in zip(tokens, tokens[1:])):
+            raise ValueError(
+                f"SPSTable batch_tokens must start at 1 and strictly increase; got {tokens}"
+            )
+        if any(not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0 for s in sps):
+            raise ValueError(
+                f"SPSTable steps_per_second must be finite and positive; got {sps}"
+            )
+
+    def __call__(self, num_tokens: int) -> float:
+        """Predicted steps per second for a forward of `num_tokens` (>= 1) tokens."""
+        return float(1.0 / self.step_time(torch.tensor([float(num_tokens)]))[0])
+
+    def step_time(self, num_tokens: torch.Tensor) -> torch.Tensor:  # [N] -> [N] float64
+        """Predicted seconds per forward for each entry of `num_tokens` (all >= 1)."""
+        tokens = num_tokens.double().cpu()
+        if tokens.numel() and float(tokens.min()) < 1:
+            raise ValueError(f"SPSTable covers forwards of >= 1 token; got {float(tokens.min())}")
+        xs = torch.tensor(self.batch_tokens, dtype=torch.float64)  # [P]
+        ts = 1.0 / torch.tensor(self.steps_per_second, dtype=torch.float64)  # [P]
+        if len(xs) == 1:
+            return ts.expand_as(tokens).clone()
+        # Segment i spans xs[i]..xs[i+1]; counts past the last point use the last segment.
+        seg = (torch.searchsorted(xs, tokens, right=True) - 1).clamp(0, len(xs) - 2)
+        x0, x1, t0, t1 = xs[seg], xs[seg + 1], ts[seg], ts[seg + 1]
+        slope = (t1 - t0) / (x1 - x0)
+        inside = t0 + slope * (tokens - x0)
+        beyond = ts[-1] + slope.clamp(min=0) * (tokens - xs[-1])  # never faster than measured
+        return torch.where(tokens > xs[-1], beyond, inside)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SPSTable":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"SPSTable JSON is not valid JSON: {err}") from None
+        fields = ("batch_tokens", "steps_per_second")
+        if (not isinstance(data, dict) or set(data) != set(fields)
+                or not all(isinstance(data[f], list) for f in fields)):
+            raise ValueError(
+                "SPSTable JSON must be an object with exactly the lists 'batch_tokens' and "
+                f"'steps_per_second'; got {text[:200]!r}"
+            )
+        return cls(data["batch_tokens"], data["steps_per_second"])
+
+
+def prefix_lengths(
+    survival: torch.Tensor,  # [R, G] a_{r,j}, non-increasing in j, in [0, 1]
+    sps: SPSTable,
+    *,
+    extra_tokens: int = 0,
+    extra_tau: float = 0.0,
+    early_stop: bool = True,
+) -> torch.Tensor:  # [R] long on survival's device
+    """DSpark Algorithm 1: draft tokens to verify per request, l_r in [0, G].
+
+    `extra_tokens` / `extra_tau` add the tokens and expected committed tokens of requests in the
+    same forward that follow another policy. Candidates (r, j) are scanned by a_{r,j}
+    descending, ties by request index then position, so the result is deterministic and each
+    request's admitted positions form a prefix. `early_stop=False` is an ablation only: it keeps
+    scanning and commits the best-theta point, which biases the output distribution.
+    """
+    _check_survival(survival)
+    num_requests, gamma = survival.shape
+    if num_requests == 0 or gamma == 0:
+        return torch.zeros(num_requests, dtype=torch.long, device=survival.device)
+    a = survival.detach().double().cpu().reshape(-1)  # [R*G], index r*G + (j-1)
+    # Stable descending sort on the row-major flattening breaks ties by request then position.
+    sorted_a, order = torch.sort(a, descending=True, stable=True)  # [R*G]
+    steps = torch.arange(0, len(a) + 1, dtype=torch.float64)  # 0 = nothing admitted
+    tau = num_requests + extra_tau + torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                torch.cumsum(sorted_a, 0)])  # [R*G+1]
+    theta = tau / sps.step_time(num_requests + extra_tokens + steps)  # [R*G+1]
+    if early_stop:
+        # DSpark Alg. 1 / Appendix A: stop at the first candidate that does not raise theta.
+        # Then verifying x_{r,j} depends only on candidates sorted before it (a_{r,<=j}, known
+        # before x_{r,j} is drawn, and other requests), never on x_{r,j} itself through
+        # c_{r,j+1}; that keeps verification lossless.
+        rises = theta[1:] > theta[:-1]  # [R*G]
+        num_admitted = int(torch.cumprod(rises.int(), 0).sum())
+    else:
+        num_admitted = int(torch.argmax(theta))  # first best point, as "theta > best"
+    admitted_rows = order[:num_admitted] // gamma
+    lengths = torch.bincount(admitted_rows, minlength=num_requests)  # [R]
+    return lengths.to(survival.device)
+
+
+def threshold_lengths(
+    confidence: torch.Tensor,  # [R, G] c_k
+    threshold: float,
+) -> torch.Tensor:  # [R] long
+    """Leading draft positions with c_k >= threshold (stop at the first one below)."""
+    return torch.cumprod((confidence >= threshold).long(), dim=1).sum(dim=1)
+
+
+def fixed_lengths(num_requests: int, gamma: int, device: "torch.device | str" = "cpu"
+                  ) -> torch.Tensor:  # [R] long
+    """Every request verifies all gamma draft tokens."""
+    return torch.full((num_requests,), gamma, dtype=torch.long, device=device)
+
+
+def _check_survival(survival: torch.Tensor) -> None:
+    if survival.dim() != 2:
+        raise ValueError(f"survival must be [R, G]; got shape {tuple(survival.shape)}")
+    if survival.numel() == 0:
+        return
+    a = survival.detach()
+    if not bool(torch.isfinite(a).all()) or float(a.min()) < 0 or float(a.max()) > 1:
+        raise ValueError("survival probabilities must be finite and in [0, 1]")
+    if not bool((a[:, 1:] <= a[:, :-1]).all()):
+        raise ValueError("survival must be non-increasing along each row (a cumulative product)")

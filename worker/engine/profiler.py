@@ -1,0 +1,114 @@
+"""SPS(B): the target's forward steps per second for a forward of B new tokens, profiled once.
+
+DSpark Alg. 1 weighs expected accepted tokens against this cost table. It is measured at
+engine start with the engine's own runner and cache (verify-shaped batches: sequences of
+gamma + 1 new tokens on a fixed context), and cached on disk per device, model, dtype and
+grid, so a restart reads it back in milliseconds.
+
+Does not know: requests, sampling or policies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from worker.engine.model_runner import ForwardBatch, TargetRunner
+from worker.engine.prefix_scheduler import SPSTable
+
+
+def batch_token_grid(max_tokens: int) -> list[int]:
+    """Every size up to 16, then about 20% apart, ending at `max_tokens`."""
+    sizes = list(range(1, min(16, max_tokens) + 1))
+    while sizes[-1] < max_tokens:
+        sizes.append(min(max_tokens, max(sizes[-1] + 1, int(sizes[-1] * 1.2))))
+    return sizes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}-{os.cpu_count()}cpu"
+
+
+def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_len: int,
+              gamma: int) -> str:
+    cfg = runner.model.config
+    ident = {
+        "device": device_name(runner.device), "torch": torch.__version__, "dtype": str(dtype),
+        "model": getattr(cfg, "_name_or_path", ""), "config": cfg.to_json_string(use_diff=False),
+        "sizes": sizes, "ctx_len": ctx_len, "gamma": gamma,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_or_profile(runner: TargetRunner, *, dtype: torch.dtype, max_tokens: int, ctx_len: int,
+                    gamma: int, cache_dir: str | None) -> SPSTable:
+    sizes = batch_token_grid(max_tokens)
+    root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
+    path = root / f"{cache_key(runner, dtype, sizes, ctx_len, gamma)}.json"
+    if path.exists():
+        try:
+            return SPSTable.from_json(path.read_text())
+        except ValueError:
+            pass  # a damaged cache file is re-measured and overwritten
+    table = profile_sps(runner, sizes, ctx_len=ctx_len, block=gamma + 1)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(table.to_json())
+    tmp.replace(path)
+    return table
+
+
+@torch.inference_mode()
+def profile_sps(runner: TargetRunner, sizes: list[int], *, ctx_len: int, block: int,
+                repeats: int = 3) -> SPSTable:
+    """Median-of-`repeats` timing of a B-token verify forward for each B in `sizes`."""
+    alloc = runner.kv.allocator
+    num_seqs = -(-sizes[-1] // block)
+    free_tokens = (alloc.num_blocks - alloc.num_reserved_blocks) * alloc.block_size
+    ctx_len = max(1, min(ctx_len, free_tokens // num_seqs - block - alloc.block_size))
+    seq_ids = [f"__sps_profile_{i}" for i in range(num_seqs)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        for sid in seq_ids:
+            alloc.reserve(sid, ctx_len + block)
+        for sid in seq_ids:  # one at a time: profiling must fit a small prefill budget too
+            ids = torch.randint(0, runner.vocab_size, (ctx_len,), generator=gen).to(runner.device)
+            runner.forward(ForwardBatch([sid], [0], [ctx_len], ids, ids.new_zeros(1)), False)
+        sps = [_time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) for size in sizes]
+    finally:
+        for sid in seq_ids:
+            alloc.free(sid)
+    return SPSTable(batch_tokens=list(sizes), steps_per_second=sps)
+
+
+def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
+    counts = [block] * (size // block) + ([size % block] if size % block else [])
+    sids = seq_ids[: len(counts)]
+    ids = torch.randint(0, runner.vocab_size, (size,), generator=gen).to(runner.device)
+    rows = torch.arange(size, device=runner.device)
+    batch = ForwardBatch(sids, [ctx_len] * len(sids), counts, ids, rows)
+    times = []
+    for i in range(repeats + 1):  # the first run warms up
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        runner.forward(batch, True)
+        _sync(runner.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        for sid in sids:
+            runner.kv.allocator.truncate(sid, ctx_len)
+    times.sort()
+    return 1.0 / max(times[len(times) // 2], 1e-9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

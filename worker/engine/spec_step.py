@@ -1,0 +1,85 @@
+"""How many draft tokens each request of a step verifies, under its policy.
+
+Knows: the policies (`ar`, `fixed`, `threshold`, `prefix`), STS calibration, and the caps
+every request obeys. Does not know: models, caches or sampling.
+
+Losslessness rule for caps: a cap may depend on anything known *before* drafting (the
+request's remaining budget, the number of requests) but never on a policy's result, which
+depends on draft tokens. Trimming a chosen length after the fact would let the decision to
+verify x_j depend on x_j itself (DSpark Appendix A), so caps are applied as upper bounds
+that no draft token can move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.prefix_scheduler import (Policy, SPSTable, prefix_lengths,
+                                            threshold_lengths)
+from worker.engine.sts import apply_sts, survival
+
+
+@dataclass
+class DraftProposal:
+    """What the drafter proposed for the drafting requests of one step."""
+
+    ids: torch.Tensor                  # [S, G] draft tokens
+    probs: torch.Tensor                # [S, G, V] distributions they were drawn from
+    conf_logits: torch.Tensor | None   # [S, G] raw confidence logits, None without a head
+
+
+def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tensor:
+    """c_k, calibrated by Sequential Temperature Scaling when the draft ships temperatures."""
+    return apply_sts(conf_logits, sts) if sts is not None else torch.sigmoid(conf_logits.float())
+
+
+def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *, gamma: int,
+                   sps: SPSTable | None, threshold: float, sts: list[float] | None,
+                   max_batch_tokens: int) -> list[int]:
+    """Verify lengths l_r in [0, gamma] for every request of the step (0 for `ar`)."""
+    lengths = [0] * len(reqs)
+    if not spec_idx:
+        return lengths
+    # caps known before drafting: tokens left to generate, and a fair share of the batch
+    share = max(0, max_batch_tokens // len(reqs) - 1)
+    caps = torch.tensor([min(gamma, reqs[i].remaining - 1, share) for i in spec_idx])
+    conf = confidence(proposal.conf_logits, sts).cpu() if proposal.conf_logits is not None \
+        else None
+    policies = [reqs[i].policy for i in spec_idx]
+    prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
+    chosen = torch.zeros(len(spec_idx), dtype=torch.long)
+    for k, pol in enumerate(policies):
+        if pol == Policy.FIXED:
+            chosen[k] = gamma
+        elif pol == Policy.THRESHOLD:
+            chosen[k] = threshold_lengths(conf[k:k + 1], threshold)[0]
+    chosen = torch.minimum(chosen, caps)
+    if prefix_rows:
+        others = [k for k in range(len(spec_idx)) if k not in prefix_rows]
+        extra_tokens = len(reqs) - len(spec_idx) + sum(1 + int(chosen[k]) for k in others)
+        extra_tau = len(reqs) - len(spec_idx) + sum(
+            1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
+            for k in others)
+        a = survival(conf[prefix_rows])  # [P, G]
+        beyond_cap = torch.arange(gamma)[None, :] >= caps[prefix_rows][:, None]
+        a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
+        chosen[prefix_rows] = prefix_lengths(a, sps, extra_tokens=extra_tokens,
+                                             extra_tau=extra_tau).cpu()
+    for k, i in enumerate(spec_idx):
+        lengths[i] = int(chosen[k])
+    return lengths
+
+
+def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma: int,
+             device: torch.device, vocab: int | None = None) -> torch.Tensor:
+    """Scatter per-drafting-request rows into a full-batch tensor (ids pad with -1, probs 0)."""
+    if vocab is None:
+        out = torch.full((num_rows, gamma), -1, dtype=torch.long, device=device)
+    else:
+        dtype = values.dtype if values is not None else torch.float32
+        out = torch.zeros(num_rows, gamma, vocab, dtype=dtype, device=device)
+    if values is not None:
+        out[torch.tensor(rows, device=device)] = values
+    return out
