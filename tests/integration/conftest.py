@@ -26,14 +26,14 @@ def structured_pairs(tmp_path_factory):
     cache = {}
 
     def get(family: str, head_type: str, *, rank: int = 32, confidence: bool = True,
-            bend: float = 0.6):
-        key = (family, head_type, rank, confidence, bend)
+            bend: float = 0.6, sharpness: float = 4.0):
+        key = (family, head_type, rank, confidence, bend, sharpness)
         if key not in cache:
-            tdir = root / f"{family}-{bend}"
+            tdir = root / f"{family}-{bend}-{sharpness}"
             if not tdir.exists():
-                structured_target(tdir, family, bend=bend)
+                structured_target(tdir, family, bend=bend, sharpness=sharpness)
             target = load_target(str(tdir), device=CPU, dtype=torch.float64)
-            ddir = root / f"draft-{family}-{head_type}-{rank}-{confidence}-{bend}"
+            ddir = root / f"draft-{family}-{head_type}-{rank}-{confidence}-{bend}-{sharpness}"
             structured_draft(ddir, target, head_type=head_type, rank=rank,
                              confidence=confidence)
             draft = DSparkDraft.from_pretrained(ddir, target.config, device=CPU,

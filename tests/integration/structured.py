@@ -41,8 +41,9 @@ def word_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def structured_target(out_dir: Path, family: str = "qwen3", *, bend: float = 0.6,
-                      seed: int = 0):
-    """A target whose argmax mostly is `next_token(last)`, bent by its layers (`bend`)."""
+                      sharpness: float = 4.0, seed: int = 0):
+    """A target whose argmax mostly is `next_token(last)`, bent by its layers (`bend`);
+    `sharpness` scales how peaked its distribution is (sampling tests want it soft)."""
     torch.manual_seed(seed)
     kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -59,7 +60,7 @@ def structured_target(out_dir: Path, family: str = "qwen3", *, bend: float = 0.6
         head = model.get_output_embeddings().weight
         head.mul_(0.5)
         for x in range(VOCAB - 2):
-            head[next_token(x), x] += 4.0
+            head[next_token(x), x] += sharpness
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = EOS
     model.save_pretrained(out_dir)
@@ -86,6 +87,8 @@ def structured_draft(out_dir: Path, target, *, head_type: str = "vanilla", rank:
         head.markov_w2.weight.zero_()
         for x in range(VOCAB - 2):
             head.markov_w2.weight[next_token(x), x] = 6.0
+        if confidence:  # a confident drafter, so threshold/prefix policies verify drafts
+            draft.confidence_head.proj.bias.fill_(3.0)
         if head_type == "rnn":
             r = rank
             head.joint_proj.weight[2 * r:].zero_()

@@ -87,6 +87,8 @@ class EngineConfig:
     """Where profiled SPS tables are cached; default `~/.cache/sparkgrid/sps`."""
     sps_context_len: int = 256
     """Context length per request used while profiling SPS."""
+    record_confidence: bool = False
+    """Keep (raw confidence logits, acceptance) of every drafted block, to fit STS from."""
     extra_eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     """End-of-sequence ids besides the model's own."""
 

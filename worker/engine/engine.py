@@ -77,6 +77,9 @@ class LLMEngine:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
+        self.confidence_records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """(raw confidence logits [G], acceptance [G] int8: 1 accepted, 0 rejected, -1 not
+        verified) per drafted block, when `config.record_confidence` is on."""
 
     @classmethod
     def from_pretrained(cls, target: str, draft: str | None = None,
@@ -233,6 +236,9 @@ class LLMEngine:
                             uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
         self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
                      starts, num_new)
+        if self.config.record_confidence and proposal and proposal.conf_logits is not None:
+            self._record_confidence(proposal.conf_logits, [lengths[i] for i in spec_idx],
+                                    [int(n_acc[i]) for i in spec_idx])
 
     def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
         """One draft backbone forward for all drafting requests, then the Markov stage."""
@@ -295,6 +301,14 @@ class LLMEngine:
             k, v = self.draft.context_kv(layer, ctx, pos)
             self.draft_kv.write(layer, slots, k, v)
 
+    def _record_confidence(self, conf_logits, lengths, n_acc) -> None:
+        for row, verified, accepted in zip(conf_logits.float().cpu(), lengths, n_acc):
+            labels = torch.full((self.gamma,), -1, dtype=torch.int8)
+            labels[:accepted] = 1
+            if accepted < verified:
+                labels[accepted] = 0
+            self.confidence_records.append((row, labels))
+
     # -- helpers -----------------------------------------------------------------------------
     def _uniforms(self, req: Request, n: int) -> torch.Tensor:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
@@ -322,13 +336,14 @@ class LLMEngine:
         return out
 
     def _release(self, req: Request) -> None:
+        was_waiting = req.req_id in self.kv.allocator
         self.kv.allocator.free(req.req_id)
         if self.draft_kv is not None:
             self.draft_kv.allocator.free(req.req_id)
         self.requests.pop(req.req_id, None)
-        if req in self.running:
+        if was_waiting:
             self.running.remove(req)
-        if req in self.waiting:
+        else:  # never admitted (aborted while queued)
             self.waiting.remove(req)
 
     def _prompt_ids(self, prompt) -> list[int]:

@@ -1,0 +1,382 @@
+"""Engine benchmark: the DSpark engine against plain transformers, and its policies side by side.
+
+Prints one JSON object and writes it to `--out`, with a plot beside it (aggregate throughput
+against per-request speed per policy across concurrencies, the layout of the DSpark paper's
+Figure 7). Measures, on one target (and draft):
+
+1. transformers `generate`, one request at a time, against the engine in `ar` mode serving all
+   prompts at once, and both serving one request at a time (is the engine a real server?);
+2. the policies `ar`, `fixed`, `threshold` and `prefix` at each concurrency: throughput,
+   per-request speed, accepted length, verify tokens per step.
+
+Every arm decodes greedily exactly `--max-tokens` tokens per request from the same prompts; arms
+are interleaved within each repeat so machine noise hits them alike, and medians are reported.
+Without `--target`/`--draft` it builds a tiny random Qwen3 target and a random DSpark draft:
+their acceptance is near zero, so speculation costs here rather than pays.
+
+Not a test: it asserts nothing about speed; it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from worker import tiny
+from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.draft_checkpoint import random_dspark_checkpoint
+from worker.engine.drafter import DSparkDraft
+from worker.engine.engine import LLMEngine
+from worker.engine.model_runner import load_target
+from worker.engine.profiler import device_name
+from worker.engine.sts import load_sts
+
+POLICIES = ("ar", "fixed", "threshold", "prefix")
+PROMPT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+# Used when the shared prompt files are absent: short functions of mixed length.
+FALLBACK_PROMPTS = (
+    "def fib(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n\n\n"
+    "def save(path, data):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
+    "        self.items.append(x)\n\n    def pop(self):\n",
+    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted "
+    "lists into one sorted list.\n    >>> merge_sorted([1, 3], [2, 4])\n    [1, 2, 3, 4]\n"
+    "    \"\"\"\n",
+)
+# Sizes near DSPARK.md 4's CPU target (width 256, 6 layers), with a 512-entry vocabulary.
+TINY_TARGET = dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
+                   intermediate_size=768)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, ... (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--target", help="target model directory (default: a tiny random Qwen3)")
+    p.add_argument("--draft", help="DSpark draft directory (default: a random draft, gamma 7)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated request counts")
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="prompts of the transformers comparison (all served at once by the engine)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per arm (median)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine, more threads "
+                        "stall each other; 0 keeps torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny models")
+    p.add_argument("--out", default="bench/results/engine.json", help="JSON output file")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 16 tokens, 4 prompts, concurrency 1,4, one repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.num_prompts, args.repeats, args.concurrency = 16, 4, 1, "1,4"
+    try:
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    except ValueError:
+        p.error(f"--concurrency: expected integers separated by commas, got {args.concurrency!r}")
+    for name in ("max_tokens", "num_prompts", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    if min(args.concurrency) < 1:
+        p.error("--concurrency: every value must be >= 1")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args
+
+
+# -- models and prompts -------------------------------------------------------------------
+def build_models(args, work: Path) -> tuple[str, str]:
+    """Target and draft directories: the given ones, or tiny random ones built under `work`."""
+    target_dir = args.target
+    if target_dir is None:
+        tokenizer = tiny.build_tokenizer(work / "target", vocab_size=512)
+        target_dir = str(tiny.build_target(work / "target", "qwen3", tokenizer, seed=args.seed,
+                                           **TINY_TARGET))
+    if args.draft is not None:
+        return target_dir, args.draft
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = load_target(target_dir, device=torch.device("cpu"), dtype=torch.float32)
+    draft_dir = random_dspark_checkpoint(target.config, work / "draft", gamma=7, seed=args.seed,
+                                         mask_token_id=tokenizer.mask_token_id, target_model=target)
+    return target_dir, str(draft_dir)
+
+
+def load_prompts(tokenizer, count: int, max_prompt_tokens: int = 200) -> tuple[list[list[int]], str]:
+    """`count` token-id prompts: the code blocks of the first HumanEval prompts, cycled."""
+    path = PROMPT_DIR / "humaneval.jsonl"
+    texts, source = [], "built-in snippets"
+    if path.is_file():
+        for line in path.read_text().splitlines()[:count]:
+            turn = json.loads(line)["turns"][0]
+            texts.append(turn.split("```python\n", 1)[-1].rsplit("```", 1)[0])
+        source = "humaneval.jsonl (code blocks)"
+    texts = texts or list(FALLBACK_PROMPTS)
+    ids = [tokenizer(t).input_ids[:max_prompt_tokens] for t in texts]
+    return [ids[i % len(ids)] for i in range(count)], source
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the arms -----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def hf_serial(model, prompts: list[list[int]], max_tokens: int, pad_id) -> dict:
+    """transformers `generate`, one request after another; every request makes `max_tokens`."""
+    device = model.device
+    latencies, outputs = [], []
+    _sync(device)
+    start = time.perf_counter()
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=pad_id)
+        _sync(device)
+        latencies.append(time.perf_counter() - t0)
+        outputs.append(out[0, x.shape[1]:].tolist())
+    wall = time.perf_counter() - start
+    assert all(len(o) == max_tokens for o in outputs), "generate stopped early"
+    return {"aggregate_tps": len(prompts) * max_tokens / wall, "wall_s": wall,
+            "per_request_tps": [max_tokens / t for t in latencies], "outputs": outputs}
+
+
+def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
+          max_tokens: int) -> dict:
+    """Serve `prompts` keeping at most `concurrency` in flight (a closed loop)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    before = dataclasses.asdict(engine.counters)
+    queue = deque(enumerate(prompts))
+    started, latency, tokens, stats, index = {}, {}, {}, {}, {}
+    _sync(engine.device)
+    start = time.perf_counter()
+    while queue or engine.has_unfinished():
+        while queue and len(started) - len(latency) < concurrency:
+            i, ids = queue.popleft()
+            rid = engine.add_request(ids, params, policy=policy)
+            started[rid], tokens[rid], index[rid] = time.perf_counter(), [], i
+        outs = engine.step()
+        _sync(engine.device)
+        now = time.perf_counter()
+        for out in outs:
+            tokens[out.req_id] += out.token_ids
+            if out.finished:
+                latency[out.req_id], stats[out.req_id] = now - started[out.req_id], out.stats
+    wall = time.perf_counter() - start
+    delta = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
+    return _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens)
+
+
+def _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> dict:
+    generated = sum(len(t) for t in tokens.values())
+    assert generated == len(tokens) * max_tokens, "a request did not make max_tokens tokens"
+    accept = [n for s in stats.values() for n in s.accept_lengths]
+    anchors = delta["verify_tokens"] - delta["draft_tokens_verified"]  # one per request-step
+    verified = delta["draft_tokens_verified"]
+    return {
+        "aggregate_tps": generated / wall,
+        "per_request_tps": statistics.mean(len(tokens[r]) / latency[r] for r in tokens),
+        # tau counts the bonus token; plain decoding commits exactly one token per step
+        "mean_accept_length": statistics.mean(accept) if accept else 1.0,
+        "acceptance_rate": delta["draft_tokens_accepted"] / verified if verified else None,
+        "verify_tokens_per_step": delta["verify_tokens"] / max(1, delta["verify_forwards"]),
+        "verify_tokens_per_request_step": delta["verify_tokens"] / max(1, anchors),
+        "steps": delta["steps"],
+        "wall_s": wall,
+        "outputs": [tokens[r] for r in sorted(tokens, key=index.get)],
+    }
+
+
+# -- the run ------------------------------------------------------------------------------
+def plan(args) -> list[tuple[str, int, int]]:
+    """(policy, concurrency, num_requests) of every engine arm; `ar` at 1 and at all prompts
+    always run, for the comparison with transformers."""
+    arms = {(p, c) for p in POLICIES for c in args.concurrency}
+    arms |= {("ar", 1), ("ar", args.num_prompts)}
+    return sorted((p, c, single_requests(args) if c == 1 else c) for p, c in arms)
+
+
+def cycle(prompts: list[list[int]], n: int) -> list[list[int]]:
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def single_requests(args) -> int:
+    """Requests served one at a time at concurrency 1 (the slowest arm, so kept few)."""
+    return min(args.num_prompts, 2 if args.quick else 3)
+
+
+def warm_up(model, engine, prompts, pad_id) -> None:
+    """One short call per arm: first-call overheads (allocations, kernel selection) untimed."""
+    hf_serial(model, prompts[:1], 4, pad_id)
+    for policy in POLICIES:
+        serve(engine, prompts[:2], concurrency=2, policy=policy, max_tokens=4)
+
+
+def run_arms(args, model, engine, prompts, pad_id) -> tuple[list[dict], dict]:
+    hf_runs, engine_runs = [], {arm: [] for arm in plan(args)}
+    for _ in range(args.repeats):
+        hf_runs.append(hf_serial(model, prompts, args.max_tokens, pad_id))
+        for policy, c, n in engine_runs:
+            engine_runs[(policy, c, n)].append(
+                serve(engine, cycle(prompts, n), concurrency=c, policy=policy,
+                      max_tokens=args.max_tokens))
+    return hf_runs, engine_runs
+
+
+def median_figures(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["aggregate_tps_runs"] = [round(r["aggregate_tps"], 2) for r in runs]
+    return out
+
+
+def compare_with_hf(args, hf_runs, engine_runs) -> dict:
+    k = single_requests(args)
+    ar_all = engine_runs[("ar", args.num_prompts, args.num_prompts)]
+    ar_one = engine_runs[("ar", 1, k)]
+    hf_agg = statistics.median(r["aggregate_tps"] for r in hf_runs)
+    hf_single = statistics.median(statistics.mean(r["per_request_tps"][:k]) for r in hf_runs)
+    eng_agg = statistics.median(r["aggregate_tps"] for r in ar_all)
+    eng_single = statistics.median(r["per_request_tps"] for r in ar_one)
+    matches = sum(e == h for e, h in zip(ar_all[0]["outputs"], hf_runs[0]["outputs"]))
+    return {
+        "hf_serial_aggregate_tps": hf_agg,
+        "hf_serial_aggregate_tps_runs": [round(r["aggregate_tps"], 2) for r in hf_runs],
+        f"engine_ar{args.num_prompts}_aggregate_tps": eng_agg,
+        f"ratio_ar{args.num_prompts}_vs_hf_serial": eng_agg / hf_agg,
+        "single_request_prompts": k,
+        "hf_per_request_tps": hf_single,
+        "engine_ar1_per_request_tps": eng_single,
+        "ratio_ar1_vs_hf": eng_single / hf_single,
+        "ar_outputs_equal_hf": f"{matches}/{args.num_prompts}",
+    }
+
+
+def policy_table(engine_runs) -> dict:
+    table: dict[str, dict[str, dict]] = {}
+    for (policy, c, n), runs in sorted(engine_runs.items()):
+        table.setdefault(policy, {})[str(c)] = {"num_requests": n, **median_figures(runs)}
+    return table
+
+
+def sps_summary(engine: LLMEngine) -> dict | None:
+    if engine.sps is None:
+        return None
+    table = engine.sps
+    points = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= table.batch_tokens[-1]]
+    return {"steps_per_second": {str(b): round(table(b), 1) for b in points},
+            "tokens_per_second": {str(b): round(b * table(b)) for b in points},
+            "batch_tokens": table.batch_tokens,
+            "steps_per_second_all": [round(s, 2) for s in table.steps_per_second]}
+
+
+def plot(table: dict, hf_tps: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for policy, by_c in table.items():
+        cs = sorted(by_c, key=int)
+        xs = [by_c[c]["aggregate_tps"] for c in cs]
+        ys = [by_c[c]["per_request_tps"] for c in cs]
+        ax.plot(xs, ys, marker="o", label=policy)
+        for c, x, y in zip(cs, xs, ys):
+            ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter([hf_tps], [hf_tps], marker="x", color="black", label="transformers, serial")
+    ax.set_xlabel("aggregate throughput (tokens/s)")
+    ax.set_ylabel("per-request speed (tokens/s)")
+    ax.set_title("Engine policies across concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory(prefix="sparkgrid-bench-") as work:
+        # built models get a new path each run, so their SPS profile is never reused: keep
+        # it out of the shared cache
+        sps_dir = str(Path(work) / "sps") if args.target is None else None
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64,
+                              max_batch_tokens=256, sps_cache_dir=sps_dir)
+        target_dir, draft_dir = build_models(args, Path(work))
+        model = load_target(target_dir, device=config.torch_device, dtype=config.torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        draft = DSparkDraft.from_pretrained(draft_dir, model.config, device=config.torch_device,
+                                            dtype=config.torch_dtype)
+        engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir))
+    prompts, prompt_source = load_prompts(tokenizer, args.num_prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    warm_up(model, engine, prompts, pad_id)
+    hf_runs, engine_runs = run_arms(args, model, engine, prompts, pad_id)
+    table = policy_table(engine_runs)
+    out = Path(args.out)
+    plot_path = out.with_name(f"{out.stem}_throughput.png")
+    result = {
+        "benchmark": "engine",
+        "torch": torch.__version__,
+        "device": device_name(config.torch_device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "models": {
+            "target": {"source": "tiny random qwen3" if args.target is None else Path(args.target).name,
+                       "params": num_params(model), "model_type": model.config.model_type,
+                       "hidden_size": model.config.hidden_size,
+                       "num_layers": model.config.num_hidden_layers,
+                       "vocab_size": model.config.vocab_size},
+            "draft": {"source": "random dspark" if args.draft is None else Path(args.draft).name,
+                      "params": num_params(draft), "gamma": draft.gamma,
+                      "num_layers": draft.config.num_hidden_layers,
+                      "markov_rank": draft.config.markov_rank,
+                      "markov_head_type": draft.config.markov_head_type,
+                      "sts": engine.sts is not None},
+        },
+        "engine_config": {**dataclasses.asdict(config),
+                          "sps_cache_dir": "temporary" if args.target is None else None},
+        "sps": sps_summary(engine),
+        "workload": {"prompts": prompt_source, "num_prompts": args.num_prompts,
+                     "prompt_tokens": [len(p) for p in prompts], "max_tokens": args.max_tokens,
+                     "temperature": 0, "repeats": args.repeats, "concurrency": args.concurrency},
+        "vs_transformers": compare_with_hf(args, hf_runs, engine_runs),
+        "policies": table,
+        "plot": plot_path.name,
+    }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(table, result["vs_transformers"]["hf_serial_aggregate_tps"], plot_path)
+    text = json.dumps(result, indent=2)
+    out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as err:
+        print(f"bench/engine.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

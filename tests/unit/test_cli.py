@@ -1,0 +1,123 @@
+"""`sparkgrid` run in-process: the engine run streams and reports, calibration writes
+sts.json, and user errors exit 2 with a message that names the option, never a traceback.
+
+The tiny demo pair is built once per module into a temporary `$SPARKGRID_HOME`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from worker.cli import main
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("sparkgrid_home")
+
+
+@pytest.fixture
+def run(home, monkeypatch, capsys):
+    """main(argv) with SPARKGRID_HOME=home; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("SPARKGRID_HOME", str(home))
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def test_engine_builds_the_demo_pair_and_streams_every_request(run, home):
+    code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12")
+    assert code == 0, err
+    assert "building the tiny demo pair" in err
+    assert (home / "tiny-pair" / "target" / "config.json").is_file()
+    lines = out.splitlines()
+    for n in (1, 2, 3):
+        done = [i for i, line in enumerate(lines) if line.startswith(f"[{n}] done: ")]
+        assert len(done) == 1, out
+        assert re.search(r"done: (length|stop); \d+ prompt \+ \d+ completion tokens; "
+                         r"mean accepted length \d+\.\d\d", lines[done[0]])
+    streamed = [int(m.group(1)) for line in lines if (m := re.match(r"\[(\d)\] \| ", line))]
+    assert streamed, out  # text arrives as it is produced, before the request's done line
+    first_text = {n: lines.index(next(l for l in lines if l.startswith(f"[{n}] | ")))
+                  for n in set(streamed)}
+    assert all(i < lines.index(next(l for l in lines if l.startswith(f"[{n}] done")))
+               for n, i in first_text.items())
+    assert re.search(r"^total: 3 requests, \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), \d+ steps$",
+                     out, re.M)
+    assert re.search(r"^forwards: target \d+ \(1 prefill \+ \d+ verify\), draft \d+;", out, re.M)
+
+
+def test_engine_json_summary_reuses_the_built_pair(run):
+    run("engine", "--max-tokens", "2", "--num-prompts", "1", "--policy", "ar")  # pair exists
+    code, out, err = run("engine", "--json", "--policy", "fixed", "--max-tokens", "10",
+                         "--prompt", "def add(a, b):", "--prompt", "x = [")
+    assert code == 0, err
+    assert "building" not in err
+    summary = json.loads(out)
+    assert summary["policy"] == "fixed" and summary["gamma"] >= 1
+    assert [r["prompt"] for r in summary["requests"]] == ["def add(a, b):", "x = ["]
+    for r in summary["requests"]:
+        assert r["finish_reason"] in ("length", "stop")
+        assert 1 <= r["completion_tokens"] <= 10 and r["prompt_tokens"] >= 1
+        assert r["mean_accept_length"] >= 1 and isinstance(r["text"], str)
+    totals = summary["totals"]
+    assert totals["requests"] == 2
+    assert totals["completion_tokens"] == sum(r["completion_tokens"] for r in summary["requests"])
+    assert totals["tokens_per_second"] > 0
+    assert totals["target_forwards"] == totals["prefill_forwards"] + totals["verify_forwards"]
+    assert totals["draft_forwards"] >= 1 and totals["steps"] >= 1
+
+
+def test_calibrate_writes_sts_json_beside_the_draft(run, home, tmp_path):
+    run("engine", "--max-tokens", "1", "--num-prompts", "1", "--policy", "ar")  # pair exists
+    draft = tmp_path / "draft"
+    shutil.copytree(home / "tiny-pair" / "draft", draft)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"def f(x):"\n{"prompt": "import os\\n"}\n\n"class A:"\n')
+    code, out, err = run("calibrate", "--target", str(home / "tiny-pair" / "target"),
+                         "--draft", str(draft), "--prompts-file", str(prompts),
+                         "--max-tokens", "24", "--temperature", "1.0")
+    assert code == 0, err
+    saved = json.loads((draft / "sts.json").read_text())
+    assert len(saved["temperatures"]) == 4 and all(t > 0 for t in saved["temperatures"])
+    assert "ECE before" in out and "sts.json" in out
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["engine", "--target", "{tmp}/missing"], "--target"),
+    (["engine", "--target", "{tmp}"], "--target"),  # a directory, but not a model
+    (["engine", "--max-tokens", "0"], "--max-tokens"),
+    (["engine", "--policy", "fastest"], "--policy"),
+    (["engine", "--temperature", "-1"], "--temperature"),
+    (["engine", "--draft", "{tmp}"], "--draft"),
+    (["engine", "--prompts-file", "{tmp}/missing.jsonl"], "--prompts-file"),
+    (["calibrate", "--target", "{tmp}"], "--draft"),
+    (["up"], "command"),
+])
+def test_user_errors_exit_2_naming_the_option(run, tmp_path, argv, option):
+    code, out, err = run(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert err.startswith("error: ") and option in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_bad_prompts_file_line_is_named(run, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('"ok"\n{"text": "no prompt key"}\n')
+    code, _, err = run("engine", "--prompts-file", str(bad))
+    assert code == 2 and "line 2" in err and "--prompts-file" in err
+
+
+def test_engine_refusal_is_reported_without_traceback(run):
+    code, out, err = run("engine", "--max-tokens", "5000", "--num-prompts", "1", "--policy", "ar")
+    assert code == 2
+    assert err.startswith("error: ") and "max_tokens" in err and "context" in err
+    assert "Traceback" not in err

@@ -1,0 +1,395 @@
+"""The `sparkgrid` command line: one console script, one subcommand per job.
+
+`COMMANDS` is the table of subcommands; each adds its options and runs. For now: `engine`, the
+main job (a small generation run of the DSpark engine on this machine, streaming every
+request's text), and `calibrate` (fit STS temperatures for a draft from its own verification
+logs). The network commands of the design (up, demo, head, worker, generate, workers, keys,
+report) join the table as they are built.
+
+A user error (a missing directory, a bad option value, an input the engine refuses) prints
+`error: <what to fix>` to stderr and exits 2, never a traceback.
+
+Knows: options, output formats, `$SPARKGRID_HOME`. Does not know: the engine's internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BUILTIN_PROMPTS = (
+    "def fibonacci(n):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import json\n\ndef load_config(path):\n",
+    "for i in range(10):\n",
+)
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+POLICIES = ("ar", "fixed", "threshold", "prefix")
+LINE_WIDTH = 76  # streamed text is wrapped at this many characters per line
+
+
+class UsageError(Exception):
+    """A mistake of the user's that the message tells them how to fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; main() reports instead
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- option values ---------------------------------------------------------------------------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _number_in(low: float, high: float, *, open_low: bool = False, open_high: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = (low < value if open_low else low <= value) and (
+            value < high if open_high else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {'(' if open_low else '['}{low}, {high}"
+                f"{')' if open_high else ']'}, got {text!r}")
+        return value
+    return parse
+
+
+def _add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    demo = "" if required else " (default: the tiny demo pair, built once in $SPARKGRID_HOME)"
+    p.add_argument("--target", metavar="DIR", required=required,
+                   help="target model directory (Qwen3 or Llama, with its tokenizer)" + demo)
+    p.add_argument("--draft", metavar="DIR", required=required,
+                   help="DSpark draft checkpoint directory")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float,
+                     prompts_required: bool) -> None:
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=max_tokens, metavar="N",
+                   help=f"most tokens to generate per request (default {max_tokens})")
+    p.add_argument("--temperature", type=_number_in(0, 100), default=temperature, metavar="T",
+                   help=f"sampling temperature, 0 for greedy (default {temperature})")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                   help="request i samples with seed S + i (default 0)")
+    p.add_argument("--prompts-file", metavar="JSONL", required=prompts_required,
+                   help="prompts, one a line: a JSON string or an object with a \"prompt\" string")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p, required=False)
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable; default: a few built-in code prompts)")
+    p.add_argument("--num-prompts", type=_int_at_least(1), metavar="N",
+                   help="requests to serve together; the prompts repeat in turn when N is larger")
+    p.add_argument("--policy", choices=POLICIES,
+                   help="how many draft tokens to verify: ar (no drafting), fixed (all), "
+                        "threshold (confidence), prefix (DSpark Alg. 1; the default with a draft)")
+    _add_run_options(p, max_tokens=48, temperature=0.8, prompts_required=False)
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p, required=True)
+    _add_run_options(p, max_tokens=64, temperature=1.0, prompts_required=True)
+    p.add_argument("--holdout-fraction", type=_number_in(0, 1, open_low=True, open_high=True),
+                   default=0.5, metavar="F", help="share of drafted blocks held out (default 0.5)")
+
+
+# -- models and prompts ------------------------------------------------------------------------
+def sparkgrid_home() -> Path:
+    """Where sparkgrid keeps its state: `$SPARKGRID_HOME`, default `~/.sparkgrid`."""
+    return Path(os.environ.get("SPARKGRID_HOME") or Path.home() / ".sparkgrid")
+
+
+def _model_dirs(args) -> tuple[str, str | None]:
+    if args.target is None:
+        if args.draft is not None:
+            raise UsageError("--draft needs --target (give both, or neither for the tiny demo pair)")
+        target, draft = _tiny_pair(sparkgrid_home())
+        return str(target), str(draft)
+    _check_model_dir("--target", args.target)
+    if args.draft is not None:
+        _check_model_dir("--draft", args.draft)
+    return args.target, args.draft
+
+
+def _check_model_dir(option: str, path: str) -> None:
+    if not Path(path).is_dir():
+        raise UsageError(f"{option}: no such directory: {path}")
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{option}: {path} has no config.json; expected a model directory")
+
+
+def _tiny_pair(home: Path) -> tuple[Path, Path]:
+    """The random tiny target + draft of `worker.tiny`, built once under `home/tiny-pair`."""
+    pair = home / "tiny-pair"
+    if not pair.is_dir():
+        from worker.tiny import build_demo_pair
+
+        print(f"building the tiny demo pair in {_shown(pair)} (once) ...", file=sys.stderr)
+        home.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="tiny-pair.", dir=home))
+        try:
+            build_demo_pair(scratch)
+            scratch.rename(pair)  # atomic: a half-built pair is never reused
+        finally:
+            if scratch.exists():  # failed, or another run renamed its pair first
+                shutil.rmtree(scratch)
+    return pair / "target", pair / "draft"
+
+
+def _prompts(args, default: tuple[str, ...]) -> list[str]:
+    prompts = list(getattr(args, "prompt", []))
+    if args.prompts_file:
+        prompts += _read_prompts_file(args.prompts_file)
+    prompts = prompts or list(default)
+    num = getattr(args, "num_prompts", None) or len(prompts)
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--prompts-file: cannot read {path}: {err}") from None
+    prompts = []
+    for num, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            item = None
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        if not isinstance(item, str):
+            raise UsageError(f"--prompts-file: {path} line {num}: expected a JSON string or an "
+                             "object with a \"prompt\" string")
+        prompts.append(item)
+    if not prompts:
+        raise UsageError(f"--prompts-file: {path} holds no prompts")
+    return prompts
+
+
+def _load_engine(args, target: str, draft: str | None, **config):
+    import torch
+
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import LLMEngine
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) sees no "
+                         "CUDA device; use --device cpu")
+    cfg = EngineConfig(device=args.device, dtype=args.dtype,
+                       sps_cache_dir=str(sparkgrid_home() / "sps"), **config)
+    try:
+        return LLMEngine.from_pretrained(target, draft, cfg)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"cannot load the models (--target {target}, --draft {draft}): {err}") \
+            from None
+
+
+def _shown(path) -> str:
+    """A path for humans: under the home directory as `~/...`."""
+    path, home = Path(path).absolute(), Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+# -- sparkgrid engine --------------------------------------------------------------------------
+def _printable(text: str) -> str:
+    """Text safe for a terminal: control characters escaped, tabs as spaces, newlines kept."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else "    " if ch == "\t"
+                   else repr(ch)[1:-1] for ch in text)
+
+
+class _StreamPrinter:
+    """Prints each request's text as it arrives, a line (at most LINE_WIDTH) at a time,
+    prefixed with the request number, so that concurrent requests stay readable."""
+
+    def __init__(self, num_requests: int):
+        self._partial = [""] * num_requests
+
+    def add(self, i: int, text: str) -> None:
+        *lines, rest = (self._partial[i] + _printable(text)).split("\n")
+        for line in lines:
+            self._emit(i, line, keep=False)
+        self._partial[i] = self._emit(i, rest, keep=True)
+
+    def finish(self, i: int, line: str) -> None:
+        if self._partial[i]:
+            self._emit(i, self._partial[i], keep=False)
+            self._partial[i] = ""
+        print(f"[{i + 1}] {line}", flush=True)
+
+    @staticmethod
+    def _emit(i: int, line: str, keep: bool) -> str:
+        """Print `line` in pieces of LINE_WIDTH; with `keep`, hold back an unfilled last piece."""
+        pieces = [line[k:k + LINE_WIDTH] for k in range(0, len(line), LINE_WIDTH)] or [""]
+        rest = pieces.pop() if keep and len(pieces[-1]) < LINE_WIDTH else ""
+        for piece in pieces:
+            print(f"[{i + 1}] | {piece}", flush=True)
+        return rest
+
+
+def _serve(engine, prompts: list[str], args, policy: str, printer: _StreamPrinter | None):
+    """Serve all prompts together; returns one result dict per prompt and the seconds taken."""
+    from worker.engine.config import SamplingParams
+
+    req_ids = [engine.add_request(p, SamplingParams(temperature=args.temperature,
+                                                    max_tokens=args.max_tokens,
+                                                    seed=args.seed + i), policy=policy)
+               for i, p in enumerate(prompts)]
+    index = {req_id: i for i, req_id in enumerate(req_ids)}
+    results = [{"index": i + 1, "prompt": p, "text": ""} for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            i = index[out.req_id]
+            results[i]["text"] += out.text
+            if printer:
+                printer.add(i, out.text)
+            if out.finished:
+                results[i].update(_request_figures(out))
+                if printer:
+                    printer.finish(i, _done_line(results[i]))
+    return results, time.perf_counter() - start
+
+
+def _request_figures(out) -> dict:
+    stats = out.stats
+    return {"finish_reason": out.finish_reason, "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "mean_accept_length": stats.mean_accept_length if stats.accept_lengths else None,
+            "draft_tokens_verified": stats.tokens_verified,
+            "draft_tokens_accepted": stats.tokens_accepted}
+
+
+def _done_line(r: dict) -> str:
+    mal = r["mean_accept_length"]
+    accepted = f"{mal:.2f}" if mal is not None else "n/a (no drafting)"
+    return (f"done: {r['finish_reason']}; {r['prompt_tokens']} prompt + "
+            f"{r['completion_tokens']} completion tokens; mean accepted length {accepted}")
+
+
+def _totals(engine, results: list[dict], seconds: float) -> dict:
+    c = engine.counters
+    completion = sum(r["completion_tokens"] for r in results)
+    return {"requests": len(results), "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+            "completion_tokens": completion, "seconds": seconds,
+            "tokens_per_second": completion / seconds if seconds > 0 else None,
+            "steps": c.steps, "target_forwards": c.prefill_forwards + c.verify_forwards,
+            "prefill_forwards": c.prefill_forwards, "verify_forwards": c.verify_forwards,
+            "draft_forwards": c.draft_forwards, "draft_tokens_verified": c.draft_tokens_verified,
+            "draft_tokens_accepted": c.draft_tokens_accepted}
+
+
+def _run_engine(args) -> int:
+    target, draft = _model_dirs(args)
+    prompts = _prompts(args, BUILTIN_PROMPTS)
+    policy = args.policy or ("prefix" if draft else "ar")
+    engine = _load_engine(args, target, draft, policy=policy, profile_sps=policy == "prefix")
+    setup = {"target": target, "draft": draft, "policy": policy, "gamma": engine.gamma,
+             "device": args.device, "dtype": str(engine.dtype).removeprefix("torch."),
+             "max_tokens": args.max_tokens, "temperature": args.temperature}
+    if not args.json:
+        demo = " (tiny demo pair: random weights, the text is gibberish)" if args.target is None else ""
+        print(f"target {_shown(target)}, draft {_shown(draft) if draft else 'none'}{demo}")
+        print(f"policy {policy}, gamma {engine.gamma}, {setup['device']} {setup['dtype']}, "
+              f"{len(prompts)} requests of up to {args.max_tokens} tokens, "
+              f"temperature {args.temperature}")
+        for i, p in enumerate(prompts):
+            print(f"[{i + 1}] prompt {p!r}")
+    printer = None if args.json else _StreamPrinter(len(prompts))
+    results, seconds = _serve(engine, prompts, args, policy, printer)
+    totals = _totals(engine, results, seconds)
+    if args.json:
+        print(json.dumps({**setup, "requests": results, "totals": totals}, indent=2))
+    else:
+        t = totals
+        print(f"total: {t['requests']} requests, {t['completion_tokens']} tokens in "
+              f"{seconds:.2f} s ({t['tokens_per_second']:.1f} tokens/s), {t['steps']} steps")
+        print(f"forwards: target {t['target_forwards']} ({t['prefill_forwards']} prefill + "
+              f"{t['verify_forwards']} verify), draft {t['draft_forwards']}; draft tokens "
+              f"verified {t['draft_tokens_verified']}, accepted {t['draft_tokens_accepted']}")
+    return 0
+
+
+# -- sparkgrid calibrate -----------------------------------------------------------------------
+def _run_calibrate(args) -> int:
+    from worker.engine.calibration import calibrate_sts
+    from worker.engine.config import SamplingParams
+
+    target, draft = _model_dirs(args)
+    prompts = _prompts(args, ())
+    engine = _load_engine(args, target, draft, policy="fixed", profile_sps=False,
+                          record_confidence=True)
+    params = [SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                             seed=args.seed + i) for i in range(len(prompts))]
+    result = calibrate_sts(engine, prompts, params, draft_dir=draft,
+                           holdout_fraction=args.holdout_fraction, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['num_blocks']} drafted blocks: fit on {result['num_fit']}, held out "
+          f"{result['num_heldout']}, {result['num_capped_blocks_dropped']} cut short by a cap "
+          f"dropped; wrote {_shown(Path(draft) / 'sts.json')}")
+    print("held-out prefix survival a_k:")
+    print("   k  temperature  survival  ECE before  ECE after  AUC before  AUC after")
+    cols = ("survival_rate", "ece_before", "ece_after", "auc_before", "auc_after")
+    for k, temp in enumerate(result["temperatures"]):
+        cells = "".join(f"{_fmt(result[c][k]):>{w}}" for c, w in zip(cols, (10, 12, 11, 12, 11)))
+        print(f"{k + 1:>4}  {temp:>11.3f}{cells}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+COMMANDS = {  # name: (help, add options, run)
+    "engine": ("the main job for now: a small generation run of the DSpark engine",
+               _engine_args, _run_engine),
+    "calibrate": ("fit STS temperatures for a draft's confidence head; writes sts.json beside it",
+                  _calibrate_args, _run_calibrate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparkgrid", description="LLM generation on a network of GPUs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_options, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_options(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except (UsageError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
