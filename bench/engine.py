@@ -90,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
     if min(args.concurrency) < 1:
         p.error("--concurrency: every value must be >= 1")
+    for name in ("target", "draft"):
+        path = getattr(args, name)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            p.error(f"--{name} {path}: expected a model directory holding config.json")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
@@ -231,7 +237,8 @@ def warm_up(model, engine, prompts, pad_id) -> None:
 
 def run_arms(args, model, engine, prompts, pad_id) -> tuple[list[dict], dict]:
     hf_runs, engine_runs = [], {arm: [] for arm in plan(args)}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
+        print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
         hf_runs.append(hf_serial(model, prompts, args.max_tokens, pad_id))
         for policy, c, n in engine_runs:
             engine_runs[(policy, c, n)].append(
@@ -241,8 +248,11 @@ def run_arms(args, model, engine, prompts, pad_id) -> tuple[list[dict], dict]:
 
 
 def median_figures(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out = {}
+    for key in runs[0]:  # a figure can be None in some runs (no draft token verified)
+        values = [r[key] for r in runs if isinstance(r[key], (int, float))]
+        if values:
+            out[key] = statistics.median(values)
     out["aggregate_tps_runs"] = [round(r["aggregate_tps"], 2) for r in runs]
     return out
 
@@ -259,6 +269,8 @@ def compare_with_hf(args, hf_runs, engine_runs) -> dict:
     return {
         "hf_serial_aggregate_tps": hf_agg,
         "hf_serial_aggregate_tps_runs": [round(r["aggregate_tps"], 2) for r in hf_runs],
+        "hf_serial_per_request_tps_all": statistics.median(
+            statistics.mean(r["per_request_tps"]) for r in hf_runs),
         f"engine_ar{args.num_prompts}_aggregate_tps": eng_agg,
         f"ratio_ar{args.num_prompts}_vs_hf_serial": eng_agg / hf_agg,
         "single_request_prompts": k,
@@ -287,7 +299,7 @@ def sps_summary(engine: LLMEngine) -> dict | None:
             "steps_per_second_all": [round(s, 2) for s in table.steps_per_second]}
 
 
-def plot(table: dict, hf_tps: float, path: Path) -> None:
+def plot(table: dict, hf_point: tuple[float, float], title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -300,15 +312,45 @@ def plot(table: dict, hf_tps: float, path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=policy)
         for c, x, y in zip(cs, xs, ys):
             ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([hf_tps], [hf_tps], marker="x", color="black", label="transformers, serial")
+    ax.scatter(*hf_point, marker="x", color="black", label="transformers generate, serial")
     ax.set_xlabel("aggregate throughput (tokens/s)")
     ax.set_ylabel("per-request speed (tokens/s)")
-    ax.set_title("Engine policies across concurrency")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_models(args, work: Path):
+    """(config, model, tokenizer, draft, engine) on the requested device and dtype."""
+    # Built models get a new path each run, so their SPS profile could never be reused:
+    # keep it out of the shared cache.
+    sps_dir = str(work / "sps") if args.target is None else None
+    config = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64,
+                          max_batch_tokens=256, sps_cache_dir=sps_dir)
+    target_dir, draft_dir = build_models(args, work)
+    model = load_target(target_dir, device=config.torch_device, dtype=config.torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    draft = DSparkDraft.from_pretrained(draft_dir, model.config, device=config.torch_device,
+                                        dtype=config.torch_dtype)
+    engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir))
+    return config, model, tokenizer, draft, engine
+
+
+def describe_models(args, model, draft, engine) -> dict:
+    cfg, dcfg = model.config, draft.config
+    return {
+        "target": {"source": Path(args.target).name if args.target else "tiny random qwen3",
+                   "params": num_params(model), "model_type": cfg.model_type,
+                   "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
+                   "vocab_size": cfg.vocab_size},
+        "draft": {"source": Path(args.draft).name if args.draft else "random dspark",
+                  "params": num_params(draft), "gamma": draft.gamma,
+                  "num_layers": dcfg.num_hidden_layers, "markov_rank": dcfg.markov_rank,
+                  "markov_head_type": dcfg.markov_head_type, "sts": engine.sts is not None},
+    }
 
 
 def main(argv=None) -> int:
@@ -318,22 +360,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="sparkgrid-bench-") as work:
-        # built models get a new path each run, so their SPS profile is never reused: keep
-        # it out of the shared cache
-        sps_dir = str(Path(work) / "sps") if args.target is None else None
-        config = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64,
-                              max_batch_tokens=256, sps_cache_dir=sps_dir)
-        target_dir, draft_dir = build_models(args, Path(work))
-        model = load_target(target_dir, device=config.torch_device, dtype=config.torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        draft = DSparkDraft.from_pretrained(draft_dir, model.config, device=config.torch_device,
-                                            dtype=config.torch_dtype)
-        engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir))
+        config, model, tokenizer, draft, engine = load_models(args, Path(work))
     prompts, prompt_source = load_prompts(tokenizer, args.num_prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warm_up(model, engine, prompts, pad_id)
     hf_runs, engine_runs = run_arms(args, model, engine, prompts, pad_id)
-    table = policy_table(engine_runs)
+    table, versus = policy_table(engine_runs), compare_with_hf(args, hf_runs, engine_runs)
     out = Path(args.out)
     plot_path = out.with_name(f"{out.stem}_throughput.png")
     result = {
@@ -342,32 +374,23 @@ def main(argv=None) -> int:
         "device": device_name(config.torch_device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "models": {
-            "target": {"source": "tiny random qwen3" if args.target is None else Path(args.target).name,
-                       "params": num_params(model), "model_type": model.config.model_type,
-                       "hidden_size": model.config.hidden_size,
-                       "num_layers": model.config.num_hidden_layers,
-                       "vocab_size": model.config.vocab_size},
-            "draft": {"source": "random dspark" if args.draft is None else Path(args.draft).name,
-                      "params": num_params(draft), "gamma": draft.gamma,
-                      "num_layers": draft.config.num_hidden_layers,
-                      "markov_rank": draft.config.markov_rank,
-                      "markov_head_type": draft.config.markov_head_type,
-                      "sts": engine.sts is not None},
-        },
+        "models": describe_models(args, model, draft, engine),
         "engine_config": {**dataclasses.asdict(config),
                           "sps_cache_dir": "temporary" if args.target is None else None},
         "sps": sps_summary(engine),
         "workload": {"prompts": prompt_source, "num_prompts": args.num_prompts,
                      "prompt_tokens": [len(p) for p in prompts], "max_tokens": args.max_tokens,
                      "temperature": 0, "repeats": args.repeats, "concurrency": args.concurrency},
-        "vs_transformers": compare_with_hf(args, hf_runs, engine_runs),
+        "vs_transformers": versus,
         "policies": table,
         "plot": plot_path.name,
+        "wall_s": round(time.perf_counter() - started, 1),
     }
-    result["wall_s"] = round(time.perf_counter() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(table, result["vs_transformers"]["hf_serial_aggregate_tps"], plot_path)
+    title = (f"{result['models']['target']['source']} + {result['models']['draft']['source']}, "
+             f"{result['device']}, {args.dtype}, {args.max_tokens} tokens/request")
+    plot(table, (versus["hf_serial_aggregate_tps"], versus["hf_serial_per_request_tps_all"]),
+         title, plot_path)
     text = json.dumps(result, indent=2)
     out.write_text(text + "\n")
     print(text)

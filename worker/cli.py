@@ -78,8 +78,10 @@ def _add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
                    help="target model directory (Qwen3 or Llama, with its tokenizer)" + demo)
     p.add_argument("--draft", metavar="DIR", required=required,
                    help="DSpark draft checkpoint directory")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float,
@@ -123,7 +125,8 @@ def sparkgrid_home() -> Path:
 def _model_dirs(args) -> tuple[str, str | None]:
     if args.target is None:
         if args.draft is not None:
-            raise UsageError("--draft needs --target (give both, or neither for the tiny demo pair)")
+            raise UsageError("--draft needs --target (give both, or neither for the tiny "
+                             "demo pair)")
         target, draft = _tiny_pair(sparkgrid_home())
         return str(target), str(draft)
     _check_model_dir("--target", args.target)
@@ -151,8 +154,11 @@ def _tiny_pair(home: Path) -> tuple[Path, Path]:
         try:
             build_demo_pair(scratch)
             scratch.rename(pair)  # atomic: a half-built pair is never reused
+        except OSError:
+            if not pair.is_dir():  # else another run finished its pair first: use that
+                raise
         finally:
-            if scratch.exists():  # failed, or another run renamed its pair first
+            if scratch.exists():
                 shutil.rmtree(scratch)
     return pair / "target", pair / "draft"
 
@@ -311,26 +317,34 @@ def _run_engine(args) -> int:
              "device": args.device, "dtype": str(engine.dtype).removeprefix("torch."),
              "max_tokens": args.max_tokens, "temperature": args.temperature}
     if not args.json:
-        demo = " (tiny demo pair: random weights, the text is gibberish)" if args.target is None else ""
-        print(f"target {_shown(target)}, draft {_shown(draft) if draft else 'none'}{demo}")
-        print(f"policy {policy}, gamma {engine.gamma}, {setup['device']} {setup['dtype']}, "
-              f"{len(prompts)} requests of up to {args.max_tokens} tokens, "
-              f"temperature {args.temperature}")
-        for i, p in enumerate(prompts):
-            print(f"[{i + 1}] prompt {p!r}")
+        _print_setup(setup, prompts, demo=args.target is None)
     printer = None if args.json else _StreamPrinter(len(prompts))
     results, seconds = _serve(engine, prompts, args, policy, printer)
     totals = _totals(engine, results, seconds)
     if args.json:
         print(json.dumps({**setup, "requests": results, "totals": totals}, indent=2))
     else:
-        t = totals
-        print(f"total: {t['requests']} requests, {t['completion_tokens']} tokens in "
-              f"{seconds:.2f} s ({t['tokens_per_second']:.1f} tokens/s), {t['steps']} steps")
-        print(f"forwards: target {t['target_forwards']} ({t['prefill_forwards']} prefill + "
-              f"{t['verify_forwards']} verify), draft {t['draft_forwards']}; draft tokens "
-              f"verified {t['draft_tokens_verified']}, accepted {t['draft_tokens_accepted']}")
+        _print_totals(totals)
     return 0
+
+
+def _print_setup(setup: dict, prompts: list[str], demo: bool) -> None:
+    draft = _shown(setup["draft"]) if setup["draft"] else "none"
+    note = " (tiny demo pair: random weights, the text is gibberish)" if demo else ""
+    print(f"target {_shown(setup['target'])}, draft {draft}{note}")
+    print(f"policy {setup['policy']}, gamma {setup['gamma']}, {setup['device']} "
+          f"{setup['dtype']}, {len(prompts)} requests of up to {setup['max_tokens']} tokens, "
+          f"temperature {setup['temperature']}")
+    for i, p in enumerate(prompts):
+        print(f"[{i + 1}] prompt {p!r}")
+
+
+def _print_totals(t: dict) -> None:
+    print(f"total: {t['requests']} requests, {t['completion_tokens']} tokens in "
+          f"{t['seconds']:.2f} s ({t['tokens_per_second']:.1f} tokens/s), {t['steps']} steps")
+    print(f"forwards: target {t['target_forwards']} ({t['prefill_forwards']} prefill + "
+          f"{t['verify_forwards']} verify), draft {t['draft_forwards']}; draft tokens "
+          f"verified {t['draft_tokens_verified']}, accepted {t['draft_tokens_accepted']}")
 
 
 # -- sparkgrid calibrate -----------------------------------------------------------------------
@@ -356,7 +370,8 @@ def _run_calibrate(args) -> int:
     print("   k  temperature  survival  ECE before  ECE after  AUC before  AUC after")
     cols = ("survival_rate", "ece_before", "ece_after", "auc_before", "auc_after")
     for k, temp in enumerate(result["temperatures"]):
-        cells = "".join(f"{_fmt(result[c][k]):>{w}}" for c, w in zip(cols, (10, 12, 11, 12, 11)))
+        cells = "".join(f"{_fmt(result[c][k]):>{w}}"
+                        for c, w in zip(cols, (10, 12, 11, 12, 11)))
         print(f"{k + 1:>4}  {temp:>11.3f}{cells}")
     return 0
 
@@ -375,7 +390,7 @@ COMMANDS = {  # name: (help, add options, run)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparkgrid", description="LLM generation on a network of GPUs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, (help_text, add_options, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_options(p)

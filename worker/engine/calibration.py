@@ -28,12 +28,13 @@ def calibrate_sts(engine, prompts: list, params: SamplingParams | list[SamplingP
 
     The result holds `temperatures` and, per draft position k, the held-out `ece_before` /
     `ece_after` and `auc_before` / `auc_after` of a_k (None where a position has no known
-    label of both classes), plus the record counts. The engine keeps running on its old
-    temperatures; a new engine loaded from `draft_dir` uses the new ones.
+    label of both classes), plus the record counts. The engine must be idle; it keeps its
+    old temperatures, and a new engine loaded from `draft_dir` uses the new ones.
     """
     _check_engine(engine)
     if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction: expected a number in (0, 1), got {holdout_fraction!r}")
+        raise ValueError(f"holdout_fraction: expected a number in (0, 1), "
+                         f"got {holdout_fraction!r}")
     if not prompts:
         raise ValueError("prompts: expected at least one prompt to calibrate on")
     first = len(engine.confidence_records)
@@ -65,7 +66,7 @@ def _heldout_metrics(conf_logits: torch.Tensor,  # [M, G] raw confidence logits
         known = labels[:, k] >= 0
         y = labels[known, k]
         out["num_known"].append(int(known.sum()))
-        out["survival_rate"].append(_none_if_nan(y.float().mean().item() if y.numel() else math.nan))
+        out["survival_rate"].append(float(y.float().mean()) if y.numel() else None)
         for when, pred in (("before", before), ("after", after)):
             out[f"ece_{when}"].append(_none_if_nan(expected_calibration_error(pred[known, k], y)))
             out[f"auc_{when}"].append(_none_if_nan(roc_auc(pred[known, k], y)))
@@ -73,6 +74,8 @@ def _heldout_metrics(conf_logits: torch.Tensor,  # [M, G] raw confidence logits
 
 
 def _check_engine(engine) -> None:
+    if engine.has_unfinished():  # their blocks would mix into the logs
+        raise ValueError("calibration needs an idle engine; it has unfinished requests")
     if not engine.config.record_confidence:
         raise ValueError("calibration needs an engine created with "
                          "EngineConfig(record_confidence=True)")

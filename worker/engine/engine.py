@@ -228,6 +228,10 @@ class LLMEngine:
         logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
+        if not spec_idx:  # plain decoding: sample the next token directly
+            nxt = sample(self._warp(reqs, logits, num_new), uniforms[:, 2 * gamma])
+            return self._commit(reqs, [], draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
+                                feats, starts, num_new)
         target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
         draft_probs = pad_rows(proposal.probs if proposal else None, spec_idx, len(reqs), gamma,
                                self.device, self.vocab_size)

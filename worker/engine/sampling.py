@@ -38,8 +38,14 @@ def warp_probs(
     num_rows, vocab_size = logits.shape
     temperature = temperature.to(device).float()
     greedy = temperature <= 0  # [M]
+    one_hot = torch.zeros_like(logits)
+    one_hot[torch.arange(num_rows, device=device), logits.argmax(dim=-1)] = 1.0
+    if bool(greedy.all()):  # fast path: nothing to sort
+        return one_hot
     safe_temp = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / safe_temp[:, None]  # [M, V]
+    if not bool(((top_k > 0) | (top_p < 1.0)).any()):  # fast path: temperature only
+        return torch.where(greedy[:, None], one_hot, torch.softmax(scaled, dim=-1))
 
     # Work in descending order; stable so that ties resolve to the lower token id.
     sorted_logits, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
@@ -58,8 +64,6 @@ def warp_probs(
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
 
     probs = torch.zeros_like(sorted_probs).scatter_(1, sorted_ids, sorted_probs)
-    one_hot = torch.zeros_like(probs)
-    one_hot[torch.arange(num_rows, device=device), logits.argmax(dim=-1)] = 1.0
     return torch.where(greedy[:, None], one_hot, probs)
 
 

@@ -65,8 +65,9 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         a = survival(conf[prefix_rows])  # [P, G]
         beyond_cap = torch.arange(gamma)[None, :] >= caps[prefix_rows][:, None]
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
-        chosen[prefix_rows] = prefix_lengths(a, sps, extra_tokens=extra_tokens,
-                                             extra_tau=extra_tau).cpu()
+        chosen[prefix_rows] = torch.minimum(
+            prefix_lengths(a, sps, extra_tokens=extra_tokens, extra_tau=extra_tau).cpu(),
+            caps[prefix_rows])
     for k, i in enumerate(spec_idx):
         lengths[i] = int(chosen[k])
     return lengths

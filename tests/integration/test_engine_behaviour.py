@@ -1,0 +1,161 @@
+"""Engine behaviour on real (small) weights: one forward each per step, the KV budget,
+admission, cancellation, stop conditions, streaming text, and bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.engine import LLMEngine
+from worker.engine.kv_cache import CacheBudgetError
+
+pytestmark = pytest.mark.integration
+
+
+def make_engine(pair, tmp_path, **overrides) -> LLMEngine:
+    target, draft, tok, _ = pair
+    cfg = dict(dtype="float64", sps_cache_dir=str(tmp_path), sps_context_len=32,
+               max_batch_tokens=128)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg), target, tok, draft)
+
+
+def count_calls(obj, name: str) -> list[int]:
+    """Wrap a real method to count its calls (the method still runs)."""
+    calls = [0]
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    return calls
+
+
+def test_each_decode_step_runs_one_draft_and_one_target_forward(structured_pairs, tmp_path):
+    engine = make_engine(structured_pairs("qwen3", "vanilla"), tmp_path)
+    target_calls = count_calls(engine.runner, "forward")
+    draft_calls = count_calls(engine.draft, "backbone")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i in range(8):
+        engine.add_request(list(range(i, i + 3 + 2 * i)), params)
+    engine.step()  # admission: one batched prefill for all eight
+    assert (target_calls[0], draft_calls[0]) == (1, 0)
+    assert engine.counters.prefill_forwards == 1
+    while engine.has_unfinished():
+        before_t, before_d = target_calls[0], draft_calls[0]
+        outputs = engine.step()
+        assert len(outputs) > 1  # several requests moved in this step
+        assert (target_calls[0] - before_t, draft_calls[0] - before_d) == (1, 1)
+    c = engine.counters
+    assert c.verify_forwards == c.draft_forwards == c.steps - 1
+    assert c.generated_tokens == 8 * 12
+
+
+def test_cache_returns_to_empty_after_1000_requests(structured_pairs, tmp_path):
+    engine = make_engine(structured_pairs("qwen3", "gated"), tmp_path, max_num_seqs=128,
+                         kv_budget_tokens=4096, draft_kv_budget_tokens=4096)
+    rng = random.Random(0)
+    aborted = 0
+    submitted = 0
+    while submitted < 1000 or engine.has_unfinished():
+        while submitted < 1000 and len(engine.waiting) < 96:
+            prompt = [rng.randrange(30) for _ in range(rng.randint(1, 30))]
+            params = SamplingParams(temperature=rng.choice([0, 1.0]), seed=submitted,
+                                    max_tokens=rng.randint(1, 6),
+                                    stop=("t7",) if rng.random() < 0.2 else (),
+                                    ignore_eos=rng.random() < 0.5)
+            engine.add_request(prompt, params, req_id=f"r{submitted}",
+                               policy=rng.choice(["ar", "fixed", "threshold", "prefix"]))
+            submitted += 1
+        engine.step()
+        if engine.running and rng.random() < 0.1:  # cancel a running request mid-flight
+            assert engine.abort(engine.running[0].req_id).finish_reason == "abort"
+            aborted += 1
+        if engine.waiting and rng.random() < 0.05:  # and one still queued
+            engine.abort(engine.waiting[-1].req_id)
+            aborted += 1
+        assert engine.kv.allocator.num_reserved_blocks <= engine.kv.allocator.num_blocks
+    assert aborted > 0
+    for kv in (engine.kv, engine.draft_kv):
+        assert kv.allocator.num_used_blocks == 0
+        assert kv.allocator.num_reserved_blocks == 0
+        assert kv.allocator.num_sequences == 0
+    assert not engine.requests
+
+
+def test_requests_wait_for_budget_and_too_large_ones_are_refused(structured_pairs, tmp_path):
+    engine = make_engine(structured_pairs("qwen3", "vanilla"), tmp_path,
+                         kv_budget_tokens=64, draft_kv_budget_tokens=64, kv_block_size=16)
+    with pytest.raises(CacheBudgetError, match="can never fit"):
+        engine.add_request(list(range(20)), SamplingParams(max_tokens=50))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for i in range(5):  # each reserves 2 blocks of 16: only two fit at once
+        engine.add_request(list(range(i, i + 12)), params)
+    peak = 0
+    finished = 0
+    while engine.has_unfinished():
+        finished += sum(o.finished for o in engine.step())
+        peak = max(peak, len(engine.running))
+    assert peak == 2 and finished == 5
+
+
+def test_stream_is_detokenized_incrementally_and_stops_on_stop_string(tmp_path,
+                                                                      qwen3_target_dir):
+    engine = LLMEngine.from_pretrained(str(qwen3_target_dir), None,
+                                       EngineConfig(policy="ar", profile_sps=False))
+    tok = engine.tokenizer
+    full = engine.generate(["def main():\n"], SamplingParams(temperature=1.0, seed=3,
+                                                             max_tokens=40, ignore_eos=True))[0]
+    assert full["text"] == tok.decode(full["token_ids"], skip_special_tokens=True)
+    assert len(full["text"]) > 0
+    stop = full["text"][10:13]
+    assert stop and stop in full["text"]
+    cut = engine.generate(["def main():\n"], SamplingParams(temperature=1.0, seed=3,
+                                                            max_tokens=40, stop=(stop,),
+                                                            ignore_eos=True))[0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full["text"][:full["text"].index(stop)]
+    assert stop not in cut["text"]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"), (dict(stop=("",)), "stop"), (dict(seed=-5), "seed"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_name_the_field(structured_pairs, tmp_path):
+    engine = make_engine(structured_pairs("qwen3", "vanilla"), tmp_path)
+    ok = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="^prompt:"):
+        engine.add_request([], ok)
+    with pytest.raises(ValueError, match="^prompt:.*vocabulary"):
+        engine.add_request([1, 999], ok)
+    with pytest.raises(ValueError, match="policy"):
+        engine.add_request([1, 2], ok, policy="turbo")
+    with pytest.raises(ValueError, match="^max_tokens:.*context"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=10_000))
+    engine.add_request([1, 2], ok, req_id="same")
+    with pytest.raises(ValueError, match="^req_id:"):
+        engine.add_request([1, 2], ok, req_id="same")
+    with pytest.raises(ValueError, match="^device:"):
+        EngineConfig(device="gpu0")
+
+
+def test_per_request_seed_makes_sampling_repeatable_across_batches(structured_pairs, tmp_path):
+    engine = make_engine(structured_pairs("qwen3", "vanilla", bend=0.4, sharpness=0.5),
+                         tmp_path)
+    params = SamplingParams(temperature=1.0, seed=42, max_tokens=16, ignore_eos=True)
+    alone = engine.generate([[3, 4, 5]], params, policy="ar")[0]["token_ids"]
+    crowd = engine.generate([[3, 4, 5]] + [[i] for i in range(6)],
+                            [params] + [SamplingParams(temperature=1.0, seed=i, max_tokens=9)
+                                        for i in range(6)], policy="ar")[0]["token_ids"]
+    assert alone == crowd
