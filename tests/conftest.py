@@ -18,10 +18,13 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    import torch
+
+    # The tiny test models gain nothing from intra-op threads, and on a shared 2-core machine
+    # a second thread makes each step many times slower when the other core is busy.
+    torch.set_num_threads(1)
     device = config.getoption("--device")
     if device != "cpu":
-        import torch
-
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise pytest.UsageError(f"--device {device} asked for, but this torch ({torch.__version__}) sees no CUDA device")
 

@@ -159,3 +159,19 @@ def test_per_request_seed_makes_sampling_repeatable_across_batches(structured_pa
                             [params] + [SamplingParams(temperature=1.0, seed=i, max_tokens=9)
                                         for i in range(6)], policy="ar")[0]["token_ids"]
     assert alone == crowd
+
+
+def test_engine_serves_in_bfloat16_on_the_chosen_device(tmp_path, request):
+    """The production dtype: the same code, only `device` and `dtype` change."""
+    from worker.tiny import build_demo_pair
+
+    device = request.config.getoption("--device")
+    target_dir, draft_dir = build_demo_pair(tmp_path / "pair")
+    engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir), EngineConfig(
+        device=device, dtype="bfloat16", sps_cache_dir=str(tmp_path), sps_context_len=32,
+        max_batch_tokens=64))
+    results = engine.generate(["import os\n", "def f(x):"],
+                              SamplingParams(temperature=0.8, seed=1, max_tokens=12))
+    assert all(r["finish_reason"] in ("stop", "length") for r in results)
+    assert all(len(r["token_ids"]) >= 1 for r in results)
+    assert engine.kv.allocator.num_used_blocks == 0

@@ -3,6 +3,7 @@ token for token, with requests of mixed lengths served together and joining mid-
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import pytest
@@ -56,9 +57,11 @@ def test_every_policy_matches_target_greedy_generate(structured_pairs, family, h
     device = request.config.getoption("--device", default="cpu")
     target, draft, tok, _ = structured_pairs(family, head_type)
     prompt_list = prompts(seed=zlib.crc32(f"{family}-{head_type}".encode()))
-    expected = [reference(target, p, MAX_TOKENS) for p in prompt_list]
+    expected = [reference(target, p, MAX_TOKENS) for p in prompt_list]  # on the CPU
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    engine = LLMEngine(EngineConfig(device="cpu", dtype="float64", max_num_seqs=16,
+    if device != "cpu":  # the engine runs on the accelerator, the reference stays here
+        target, draft = copy.deepcopy(target).to(device), copy.deepcopy(draft).to(device)
+    engine = LLMEngine(EngineConfig(device=device, dtype="float64", max_num_seqs=16,
                                     max_batch_tokens=64, sps_cache_dir=str(tmp_path)),
                        target, tok, draft)
     for policy in ["ar", "fixed", "threshold", "prefix"]:
