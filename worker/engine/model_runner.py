@@ -59,6 +59,42 @@ def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTr
     return model.to(device).eval().requires_grad_(False)
 
 
+@dataclass
+class _Fused:
+    """One layer's q/k/v and gate/up projections as single matrices (one matmul each)."""
+
+    qkv_w: torch.Tensor            # [q_out + 2 * kv_out, d]
+    qkv_b: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up_w: torch.Tensor        # [2 * intermediate, d]
+    gate_up_b: torch.Tensor | None
+
+
+def _fuse_layer(layer) -> _Fused:
+    """Concatenate projections, then point the model's own modules at views of the result,
+    so the weights exist once and the Hugging Face model keeps working unchanged."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_w = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+    qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
+    gate_up_w = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
+    gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj], "bias")
+    sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    return _Fused(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b)
+
+
+def _fuse(linears, name: str) -> torch.Tensor | None:
+    parts = [getattr(lin, name) for lin in linears]
+    if any(p is None for p in parts):
+        return None
+    fused = torch.cat([p.data for p in parts], dim=0)
+    start = 0
+    for lin, part in zip(linears, parts):
+        rows = part.shape[0]
+        getattr(lin, name).data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim] (rotate-half convention of HF)
     half = x.shape[-1] // 2
@@ -78,6 +114,7 @@ class TargetRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
         self.device = kv.device
+        self.fused = [_fuse_layer(layer) for layer in model.model.layers]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,21 +125,22 @@ class TargetRunner:
         feats = [h] if want_features and -1 in self.feature_layer_ids else []
         cos, sin = body.rotary_emb(h[None], layout.positions[None])  # [1, N, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
-        for idx, layer in enumerate(body.layers):
+        for idx, (layer, fused) in enumerate(zip(body.layers, self.fused)):
             attn_in = layer.input_layernorm(h)
-            h = h + self._attention(idx, layer.self_attn, attn_in, cos, sin, layout)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout)
+            gate, up = F.linear(layer.post_attention_layernorm(h), fused.gate_up_w,
+                                fused.gate_up_b).chunk(2, dim=-1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             if want_features and idx in self.feature_layer_ids:
                 feats.append(h)
         last = body.norm(h[batch.logits_rows])
         logits = self.model.lm_head(last).float()
         return logits, (torch.cat(feats, dim=-1) if want_features else None)
 
-    def _attention(self, layer_idx, attn, x, cos, sin, layout: _Layout) -> torch.Tensor:
+    def _attention(self, layer_idx, attn, fused, x, cos, sin, layout: _Layout) -> torch.Tensor:
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, -1, self.head_dim)
-        k = attn.k_proj(x).view(n, -1, self.head_dim)
-        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, dim=-1)
+        q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
