@@ -29,7 +29,7 @@ if ! .venv/bin/python -c 'import sys, torch; print("torch", torch.__version__, "
 fi
 
 status=0
-timeout 150 .venv/bin/python -m pytest -q tests/integration/test_lossless.py --device cuda || status=1
+timeout 150 .venv/bin/python -m pytest -q tests/integration/test_lossless.py tests/integration/test_engine_behaviour.py::test_engine_serves_in_bfloat16_on_the_chosen_device --device cuda || status=1
 mkdir -p bench/results
-timeout 120 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --out bench/results/gpu_engine.json || status=1
+timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 --out bench/results/gpu_engine.json || status=1
 exit "$status"
