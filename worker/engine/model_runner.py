@@ -40,7 +40,7 @@ class _Layout:
     write_slots: torch.Tensor  # [N] cache slot each new token's k/v goes to
     kv_slots: torch.Tensor    # [R, L] cache slots of each sequence's context, padded
     q_dest: torch.Tensor      # [N] row of each packed token in the padded [R * Q] queries
-    mask: torch.Tensor        # [R, 1, Q, L] True where query may attend key
+    mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: all)
     num_seqs: int
     max_q: int
 
@@ -168,6 +168,8 @@ class TargetRunner:
         q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
         q_pos[seq_of, offset] = positions  # padded queries see key 0 only
         mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
+        if num_seqs == 1 and max_q == 1:
+            mask = None  # one query seeing its whole context: let SDPA take its fast kernel
         return _Layout(positions, write_slots, kv_slots, seq_of * max_q + offset, mask,
                        num_seqs, max_q)
 
