@@ -22,7 +22,7 @@ from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
-from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target
+from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
 from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import load_or_profile
 from worker.engine.rejection import verify
@@ -291,9 +291,7 @@ class LLMEngine:
     def _extend_draft_context(self, reqs, feats, rows, counts, positions) -> None:
         """Write draft-context keys/values for `counts[i]` tokens from packed feature rows."""
         dev = self.device
-        counts_t = torch.tensor(counts, device=dev)
-        seq_of = torch.repeat_interleave(torch.arange(len(reqs), device=dev), counts_t)
-        offset = torch.arange(seq_of.numel(), device=dev) - (torch.cumsum(counts_t, 0) - counts_t)[seq_of]
+        seq_of, offset = packed_index(torch.tensor(counts, device=dev))
         src = torch.tensor(rows, device=dev)[seq_of] + offset
         pos = torch.tensor(positions, device=dev)[seq_of] + offset
         seq_ids = [r.req_id for r in reqs]
@@ -333,9 +331,7 @@ class LLMEngine:
     def _padded_target_probs(self, reqs, logits, num_new, gamma) -> torch.Tensor:
         probs = self._warp(reqs, logits, num_new)  # [N, V]
         out = probs.new_zeros(len(reqs), gamma + 1, probs.shape[-1])
-        counts = torch.tensor(num_new, device=self.device)
-        seq_of = torch.repeat_interleave(torch.arange(len(reqs), device=self.device), counts)
-        offset = torch.arange(seq_of.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[seq_of]
+        seq_of, offset = packed_index(torch.tensor(num_new, device=self.device))
         out[seq_of, offset] = probs
         return out
 

@@ -156,12 +156,9 @@ class TargetRunner:
         num_seqs, max_q = len(batch.seq_ids), max(batch.num_new)
         starts = torch.tensor(batch.starts, device=dev)
         num_new = torch.tensor(batch.num_new, device=dev)
-        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=dev), num_new)  # [N]
-        first_row = torch.cumsum(num_new, 0) - num_new
-        offset = torch.arange(seq_of.numel(), device=dev) - first_row[seq_of]  # [N]
+        seq_of, offset = packed_index(num_new)  # [N], [N]
         positions = starts[seq_of] + offset
-        lengths = starts + num_new  # [R] context length after this forward
-        max_len = int(lengths.max())
+        max_len = max(s + n for s, n in zip(batch.starts, batch.num_new))  # no device sync
         kv_pos = torch.arange(max_len, device=dev).expand(num_seqs, max_len)
         kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
         write_slots = kv_slots[seq_of, positions]
@@ -172,6 +169,14 @@ class TargetRunner:
             mask = None  # one query seeing its whole context: let SDPA take its fast kernel
         return _Layout(positions, write_slots, kv_slots, seq_of * max_q + offset, mask,
                        num_seqs, max_q)
+
+
+def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows packed sequence after sequence (`counts[r]` rows each): the sequence of each
+    row and its offset within that sequence, both `[sum(counts)]`."""
+    seq_of = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first_row = torch.cumsum(counts, 0) - counts
+    return seq_of, torch.arange(seq_of.numel(), device=counts.device) - first_row[seq_of]
 
 
 def ragged_attention(q, k, v, layout: _Layout, scale: float) -> torch.Tensor:
