@@ -143,9 +143,22 @@ class PagedKV:
         self.k[layer, slots] = k
         self.v[layer, slots] = v
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # slots: [R, L] -> k, v: [R, L, kv_heads, head_dim]
+    def gather(self, layer: int, slots: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots `[R, L]` -> k, v `[R, L, kv_heads, head_dim]` (a copy); a slice (one
+        sequence stored contiguously, see `contiguous_span`) -> `[1, L, ...]` views, no copy."""
+        if isinstance(slots, slice):
+            return self.k[layer, slots][None], self.v[layer, slots][None]
         return self.k[layer, slots], self.v[layer, slots]
+
+    def contiguous_span(self, seq_id: str, num_tokens: int) -> slice | None:
+        """The slots of positions [0, num_tokens) as one range, when the sequence's blocks
+        happen to be consecutive in the pool (typical for a lone request), else None."""
+        blocks = self.allocator.block_table(seq_id)
+        first = blocks[0] if blocks else 0
+        if blocks != list(range(first, first + len(blocks))):
+            return None
+        start = first * self.allocator.block_size
+        return slice(start, start + num_tokens)
 
     def block_tables(self, seq_ids: list[str]) -> torch.Tensor:
         """Padded block tables `[R, max_blocks]` (padding points at block 0, masked by users)."""

@@ -38,7 +38,7 @@ class _Layout:
 
     positions: torch.Tensor   # [N] absolute position of each packed token
     write_slots: torch.Tensor  # [N] cache slot each new token's k/v goes to
-    kv_slots: torch.Tensor    # [R, L] cache slots of each sequence's context, padded
+    kv_slots: torch.Tensor | slice  # [R, L] context slots, padded (or one contiguous span)
     q_dest: torch.Tensor      # [N] row of each packed token in the padded [R * Q] queries
     mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: all)
     num_seqs: int
@@ -160,8 +160,12 @@ class TargetRunner:
         positions = starts[seq_of] + offset
         max_len = max(s + n for s, n in zip(batch.starts, batch.num_new))  # no device sync
         kv_pos = torch.arange(max_len, device=dev).expand(num_seqs, max_len)
-        kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
-        write_slots = kv_slots[seq_of, positions]
+        span = self.kv.contiguous_span(batch.seq_ids[0], max_len) if num_seqs == 1 else None
+        if span is not None:  # read the context in place instead of gathering a copy
+            kv_slots, write_slots = span, positions + span.start
+        else:
+            kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
+            write_slots = kv_slots[seq_of, positions]
         q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
         q_pos[seq_of, offset] = positions  # padded queries see key 0 only
         mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
