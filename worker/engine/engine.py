@@ -27,7 +27,7 @@ from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import load_or_profile
 from worker.engine.rejection import verify
 from worker.engine.request import Request, RequestOutput, Status
-from worker.engine.sampling import sample, warp_probs
+from worker.engine.sampling import sample, sample_logits, warp_probs
 from worker.engine.spec_step import DraftProposal, choose_lengths, pad_rows
 from worker.engine.sts import load_sts
 
@@ -198,7 +198,8 @@ class LLMEngine:
         self.counters.prefill_forwards += 1
         self.counters.prompt_tokens += sum(lengths)
         uniforms = torch.stack([self._uniforms(r, 1) for r in reqs])[:, 0]
-        first = sample(self._warp(reqs, logits, [1] * len(reqs)), uniforms).tolist()
+        first = sample_logits(logits, *self._sampling_tensors(reqs, [1] * len(reqs)),
+                              uniforms).tolist()
         if spec:
             starts = [int(last_rows[i]) - lengths[i] + 1 for i in spec]
             self._extend_draft_context([reqs[i] for i in spec], feats, starts,
@@ -229,7 +230,8 @@ class LLMEngine:
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
         if not spec_idx:  # plain decoding: sample the next token directly
-            nxt = sample(self._warp(reqs, logits, num_new), uniforms[:, 2 * gamma])
+            nxt = sample_logits(logits, *self._sampling_tensors(reqs, num_new),
+                                uniforms[:, 2 * gamma])
             return self._commit(reqs, [], draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
                                 feats, starts, num_new)
         target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
@@ -325,11 +327,8 @@ class LLMEngine:
                 col([r.params.top_k for r in reqs], torch.long),
                 col([r.params.top_p for r in reqs], torch.float32))
 
-    def _warp(self, reqs, logits, repeats) -> torch.Tensor:
-        return warp_probs(logits, *self._sampling_tensors(reqs, repeats))
-
     def _padded_target_probs(self, reqs, logits, num_new, gamma) -> torch.Tensor:
-        probs = self._warp(reqs, logits, num_new)  # [N, V]
+        probs = warp_probs(logits, *self._sampling_tensors(reqs, num_new))  # [N, V]
         out = probs.new_zeros(len(reqs), gamma + 1, probs.shape[-1])
         seq_of, offset = packed_index(torch.tensor(num_new, device=self.device))
         out[seq_of, offset] = probs

@@ -40,7 +40,8 @@ class _Layout:
     write_slots: torch.Tensor  # [N] cache slot each new token's k/v goes to
     kv_slots: torch.Tensor | slice  # [R, L] context slots, padded (or one contiguous span)
     q_dest: torch.Tensor      # [N] row of each packed token in the padded [R * Q] queries
-    mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: all)
+    mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: see causal)
+    causal: bool              # with no mask: True = plain causal (Q == L), False = attend all
     num_seqs: int
     max_q: int
 
@@ -168,11 +169,13 @@ class TargetRunner:
             write_slots = kv_slots[seq_of, positions]
         q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
         q_pos[seq_of, offset] = positions  # padded queries see key 0 only
-        mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
-        if num_seqs == 1 and max_q == 1:
-            mask = None  # one query seeing its whole context: let SDPA take its fast kernel
+        # A lone sequence decoding one token, or prefilling from scratch, needs no mask: SDPA
+        # then takes its fast kernels (plain causal when queries and keys coincide).
+        causal = num_seqs == 1 and batch.starts[0] == 0
+        mask = None if num_seqs == 1 and (max_q == 1 or causal) else \
+            (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
         return _Layout(positions, write_slots, kv_slots, seq_of * max_q + offset, mask,
-                       num_seqs, max_q)
+                       causal and max_q > 1, num_seqs, max_q)
 
 
 def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,12 +192,15 @@ def ragged_attention(q, k, v, layout: _Layout, scale: float) -> torch.Tensor:
     q: [N, heads, head_dim]; k, v: [R, L, kv_heads, head_dim]. Returns [N, heads * head_dim].
     """
     n, heads, head_dim = q.shape
-    q_pad = q.new_zeros(layout.num_seqs * layout.max_q, heads, head_dim)
-    q_pad[layout.q_dest] = q
-    q_pad = q_pad.view(layout.num_seqs, layout.max_q, heads, head_dim).transpose(1, 2)
+    if layout.num_seqs == 1:  # nothing to pad
+        q_pad = q[None].transpose(1, 2)
+    else:
+        q_pad = q.new_zeros(layout.num_seqs * layout.max_q, heads, head_dim)
+        q_pad[layout.q_dest] = q
+        q_pad = q_pad.view(layout.num_seqs, layout.max_q, heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q_pad, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask, scale=scale,
-        enable_gqa=True,
+        q_pad, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask,
+        is_causal=layout.causal, scale=scale, enable_gqa=True,
     )  # [R, heads, Q, head_dim]
     out = out.transpose(1, 2).reshape(layout.num_seqs * layout.max_q, heads * head_dim)
-    return out[layout.q_dest]
+    return out if layout.num_seqs == 1 else out[layout.q_dest]
