@@ -27,7 +27,7 @@ from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import load_or_profile
 from worker.engine.rejection import verify
 from worker.engine.request import Request, RequestOutput, Status
-from worker.engine.sampling import sample, sample_logits, warp_probs
+from worker.engine.sampling import sample, warp_probs
 from worker.engine.spec_step import DraftProposal, choose_lengths, pad_rows
 from worker.engine.sts import load_sts
 
@@ -198,8 +198,7 @@ class LLMEngine:
         self.counters.prefill_forwards += 1
         self.counters.prompt_tokens += sum(lengths)
         uniforms = torch.stack([self._uniforms(r, 1) for r in reqs])[:, 0]
-        first = sample_logits(logits, *self._sampling_tensors(reqs, [1] * len(reqs)),
-                              uniforms).tolist()
+        first = self._next_tokens(reqs, logits, [1] * len(reqs), uniforms).tolist()
         if spec:
             starts = [int(last_rows[i]) - lengths[i] + 1 for i in spec]
             self._extend_draft_context([reqs[i] for i in spec], feats, starts,
@@ -230,8 +229,7 @@ class LLMEngine:
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
         if not spec_idx:  # plain decoding: sample the next token directly
-            nxt = sample_logits(logits, *self._sampling_tensors(reqs, num_new),
-                                uniforms[:, 2 * gamma])
+            nxt = self._next_tokens(reqs, logits, num_new, uniforms[:, 2 * gamma])
             return self._commit(reqs, [], draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
                                 feats, starts, num_new)
         target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
@@ -318,6 +316,12 @@ class LLMEngine:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
             return torch.zeros(n, device=self.device)
         return torch.rand(n, generator=req.generator, device=self.device)
+
+    def _next_tokens(self, reqs, logits, repeats, uniforms) -> torch.Tensor:
+        """One token per logits row, drawn from the request's warped distribution."""
+        if all(r.params.temperature == 0 for r in reqs):
+            return logits.argmax(dim=-1)  # what warp_probs' one-hot rows would give
+        return sample(warp_probs(logits, *self._sampling_tensors(reqs, repeats)), uniforms)
 
     def _sampling_tensors(self, reqs: list[Request], repeats: list[int]):
         rep = torch.tensor(repeats, device=self.device)

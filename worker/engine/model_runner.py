@@ -37,9 +37,9 @@ class _Layout:
     """Index tensors shared by every layer of one forward."""
 
     positions: torch.Tensor   # [N] absolute position of each packed token
-    write_slots: torch.Tensor  # [N] cache slot each new token's k/v goes to
+    write_slots: torch.Tensor | slice  # [N] cache slot of each new token's k/v (or a span)
     kv_slots: torch.Tensor | slice  # [R, L] context slots, padded (or one contiguous span)
-    q_dest: torch.Tensor      # [N] row of each packed token in the padded [R * Q] queries
+    q_dest: torch.Tensor | None  # [N] row of each packed token in the padded [R * Q] queries
     mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: see causal)
     causal: bool              # with no mask: True = plain causal (Q == L), False = attend all
     num_seqs: int
@@ -144,38 +144,47 @@ class TargetRunner:
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = _rotate(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), 1)
         self.kv.write(layer_idx, layout.write_slots, k, v)
         out = ragged_attention(q, *self.kv.gather(layer_idx, layout.kv_slots), layout, attn.scaling)
         return attn.o_proj(out)
 
     def _layout(self, batch: ForwardBatch) -> _Layout:
-        dev = self.device
-        alloc = self.kv.allocator
         for sid, start, n in zip(batch.seq_ids, batch.starts, batch.num_new):
-            alloc.grow(sid, start + n)
+            self.kv.allocator.grow(sid, start + n)
+        max_len = max(s + n for s, n in zip(batch.starts, batch.num_new))  # no device sync
+        if len(batch.seq_ids) == 1:
+            span = self.kv.contiguous_span(batch.seq_ids[0], max_len)
+            if span is not None:
+                return self._lone_layout(batch, span)
+        return self._ragged_layout(batch, max_len)
+
+    def _lone_layout(self, batch: ForwardBatch, span: slice) -> _Layout:
+        """One sequence stored contiguously: its context is read in place, and SDPA needs no
+        mask when it decodes one token or prefills from scratch (its fast kernels then run)."""
+        start, n = batch.starts[0], batch.num_new[0]
+        positions = torch.arange(start, start + n, device=self.device)
+        causal = start == 0 and n > 1
+        mask = None
+        if n > 1 and not causal:  # verify tokens after a context: causal, end-aligned
+            keys = torch.arange(span.stop - span.start, device=self.device)
+            mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, Q, L]
+        write = slice(span.start + start, span.start + start + n)
+        return _Layout(positions, write, span, None, mask, causal, 1, n)
+
+    def _ragged_layout(self, batch: ForwardBatch, max_len: int) -> _Layout:
+        dev = self.device
         num_seqs, max_q = len(batch.seq_ids), max(batch.num_new)
         starts = torch.tensor(batch.starts, device=dev)
-        num_new = torch.tensor(batch.num_new, device=dev)
-        seq_of, offset = packed_index(num_new)  # [N], [N]
+        seq_of, offset = packed_index(torch.tensor(batch.num_new, device=dev))  # [N], [N]
         positions = starts[seq_of] + offset
-        max_len = max(s + n for s, n in zip(batch.starts, batch.num_new))  # no device sync
         kv_pos = torch.arange(max_len, device=dev).expand(num_seqs, max_len)
-        span = self.kv.contiguous_span(batch.seq_ids[0], max_len) if num_seqs == 1 else None
-        if span is not None:  # read the context in place instead of gathering a copy
-            kv_slots, write_slots = span, positions + span.start
-        else:
-            kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
-            write_slots = kv_slots[seq_of, positions]
+        kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
         q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
         q_pos[seq_of, offset] = positions  # padded queries see key 0 only
-        # A lone sequence decoding one token, or prefilling from scratch, needs no mask: SDPA
-        # then takes its fast kernels (plain causal when queries and keys coincide).
-        causal = num_seqs == 1 and batch.starts[0] == 0
-        mask = None if num_seqs == 1 and (max_q == 1 or causal) else \
-            (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
-        return _Layout(positions, write_slots, kv_slots, seq_of * max_q + offset, mask,
-                       causal and max_q > 1, num_seqs, max_q)
+        mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
+        return _Layout(positions, kv_slots[seq_of, positions], kv_slots, seq_of * max_q + offset,
+                       mask, False, num_seqs, max_q)
 
 
 def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,19 +67,6 @@ def warp_probs(
     return torch.where(greedy[:, None], one_hot, probs)
 
 
-def sample_logits(
-    logits: torch.Tensor,  # [M, V]
-    temperature: torch.Tensor,  # [M]
-    top_k: torch.Tensor,  # [M]
-    top_p: torch.Tensor,  # [M]
-    uniforms: torch.Tensor,  # [M]
-) -> torch.Tensor:  # [M] long
-    """One token per row from `warp_probs` of the logits; all-greedy rows skip the warp."""
-    if bool((temperature <= 0).all()):
-        return logits.argmax(dim=-1)  # the token warp_probs' one-hot rows would give
-    return sample(warp_probs(logits, temperature, top_k, top_p), uniforms)
-
-
 def sample(
     probs: torch.Tensor,  # [M, V], rows non-negative, need not be normalised
     uniforms: torch.Tensor,  # [M] in [0, 1)
