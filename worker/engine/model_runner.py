@@ -96,6 +96,15 @@ def _fuse(linears, name: str) -> torch.Tensor | None:
     return fused
 
 
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own RMSNorm (Qwen3/Llama semantics: statistics in float32, weight applied
+    in the input dtype) in one fused op for float32, the common CPU case."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    normed = F.rms_norm(x.float(), norm.weight.shape, eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim] (rotate-half convention of HF)
     half = x.shape[-1] // 2
@@ -127,14 +136,14 @@ class TargetRunner:
         cos, sin = body.rotary_emb(h[None], layout.positions[None])  # [1, N, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         for idx, (layer, fused) in enumerate(zip(body.layers, self.fused)):
-            attn_in = layer.input_layernorm(h)
+            attn_in = rms_norm(layer.input_layernorm, h)
             h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout)
-            gate, up = F.linear(layer.post_attention_layernorm(h), fused.gate_up_w,
+            gate, up = F.linear(rms_norm(layer.post_attention_layernorm, h), fused.gate_up_w,
                                 fused.gate_up_b).chunk(2, dim=-1)
             h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             if want_features and idx in self.feature_layer_ids:
                 feats.append(h)
-        last = body.norm(h[batch.logits_rows])
+        last = rms_norm(body.norm, h[batch.logits_rows])
         logits = self.model.lm_head(last).float()
         return logits, (torch.cat(feats, dim=-1) if want_features else None)
 
@@ -143,7 +152,7 @@ class TargetRunner:
         q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, dim=-1)
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = _rotate(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), 1)
         self.kv.write(layer_idx, layout.write_slots, k, v)
         out = ragged_attention(q, *self.kv.gather(layer_idx, layout.kv_slots), layout, attn.scaling)
