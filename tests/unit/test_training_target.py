@@ -119,21 +119,28 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights_as_an_uninterrupt
         _train(small_corpus, tokenizer, tmp_path / "resumed", lr=2e-3)
 
 
-def test_smoke_pipeline_builds_a_target_that_transformers_loads_and_the_engine_serves(tmp_path, capsys):
+def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_serves(tmp_path, capsys):
     out = tmp_path / "pair"
     assert build_pair.main(["--out", str(out), "--smoke"]) == 0
     for path in ("corpus.json", "tokenizer/tokenizer.json", "target/config.json", "target/model.safetensors",
-                 "target/tokenizer.json", f"target/{SUMMARY_NAME}", "target_train/log.jsonl"):
+                 "target/tokenizer.json", f"target/{SUMMARY_NAME}", "target_train/log.jsonl",
+                 "dspark/config.json", "dspark/model.safetensors", "dspark/sts.json",
+                 "dflash/config.json", "dflash/model.safetensors"):
         assert (out / path).exists(), path
     model = AutoModelForCausalLM.from_pretrained(out / "target")
     assert model.config.model_type == "qwen3"
     engine = LLMEngine.from_pretrained(str(out / "target"), None, EngineConfig(policy="ar", profile_sps=False))
     result = engine.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     assert len(result["token_ids"]) == 16 and result["text"]
+    spec = LLMEngine.from_pretrained(str(out / "target"), str(out / "dspark"),
+                                     EngineConfig(policy="fixed", profile_sps=False))
+    assert spec.sts is not None  # the STS stage's temperatures are picked up
+    assert spec.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16,
+                                                           ignore_eos=True))[0]["token_ids"] == result["token_ids"]
 
     assert build_pair.main(["--out", str(out), "--smoke"]) == 0  # rerun: everything is complete
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["stage"] for e in events if e["event"] == "skipped"] == ["corpus", "tokenizer", "target"]
+    assert [e["stage"] for e in events if e["event"] == "skipped"] == [s.name for s in build_pair.STAGES]
     assert build_pair.main(["--out", str(out)]) == 2  # a smoke directory refuses a full build
     assert build_pair.main(["--out", str(out), "--smoke", "--stages", "corpus,nope"]) == 2
     assert "unknown stages ['nope']" in capsys.readouterr().err

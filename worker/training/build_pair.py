@@ -1,12 +1,13 @@
 """The one command that builds the shipped model pair from local data:
 
-    python -m worker.training.build_pair --out DIR [--smoke] [--stages corpus,tokenizer,target]
+    python -m worker.training.build_pair --out DIR [--smoke] [--stages corpus,tokenizer,...]
 
 Stages run in order; each is skipped when its output in DIR is complete, so rerunning the same
 command after an interruption resumes (the target's training continues from its last
 checkpoint). Outputs: `DIR/corpus.json` (split summary and module lists), `DIR/tokenizer/`,
 `DIR/target/` (Hugging Face model + tokenizer + `training.json`), `DIR/target_train/`
-(checkpoint and training log), and `DIR/log.jsonl` (one line per stage event).
+(checkpoint and training log), then the drafter stages' outputs (`draft_stages.py`: the
+target's answers, the DSpark and DFlash drafters, STS), and `DIR/log.jsonl` (stage events).
 
 `--smoke` builds a tiny pair from a capped corpus in well under a minute: it checks the
 pipeline, not the model. A directory remembers which mode built it and refuses the other.
@@ -32,6 +33,8 @@ import torch
 from transformers import AutoTokenizer
 
 from worker.training.corpus import Corpus, load_corpus
+from worker.training.draft_stages import DraftPipelineConfig, draft_stages
+from worker.training.draft_train import DraftTrainConfig
 from worker.training.target import SUMMARY_NAME, TrainConfig, target_config, train_target
 from worker.training.tokenizer import train_tokenizer
 from worker.training.train_state import JsonlLog
@@ -51,6 +54,8 @@ class PipelineConfig:
     """How the target is trained."""
     max_corpus_bytes: tuple[int, int] | None = None
     """(train, held-out) byte caps on the corpus; None: all of it."""
+    draft: DraftPipelineConfig = DraftPipelineConfig()
+    """Sizes of the drafter stages."""
     torch_threads: int | None = None
     """Intra-op threads; None keeps torch's default (one per core). Tiny models run faster on one,
     most of all when another process shares the cores."""
@@ -63,6 +68,11 @@ SMOKE = PipelineConfig(
                           head_dim=16, intermediate_size=128),
     train=TrainConfig(target_tokens=300 * 8 * 64, seq_len=64, batch_size=8, eval_tokens=4096, eval_every=100,
                       log_every=50, checkpoint_every=100),
+    draft=DraftPipelineConfig(
+        num_prompts=16, prompt_tokens=24, num_feature_layers=1, sts_prompts=12, sts_max_tokens=24,
+        data=dict(max_new_tokens=24, seqs_per_shard=8, gen_batch_size=8),
+        train=DraftTrainConfig(markov_rank=16, gamma=4, batch_size=4, num_anchors=8, steps=20,
+                               log_every=10, checkpoint_every=10)),
 )
 
 
@@ -132,8 +142,7 @@ STAGES = [
     Stage("corpus", run_corpus, lambda ctx: (ctx.out / "corpus.json").exists()),
     Stage("tokenizer", run_tokenizer, lambda ctx: (ctx.out / "tokenizer").is_dir()),
     Stage("target", run_target, lambda ctx: (ctx.out / "target" / SUMMARY_NAME).exists()),
-    # Drafter stages are appended here in order, one line each:
-    # draft_data, draft_dspark, draft_dflash, sts, package.
+    *draft_stages(Stage),  # draft_data, dspark, dflash, sts
 ]
 
 
