@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker.models import shipped_pair
+
 BUILTIN_PROMPTS = (
     "def fibonacci(n):\n",
     "class Stack:\n    def __init__(self):\n",
@@ -73,7 +75,8 @@ def _number_in(low: float, high: float, *, open_low: bool = False, open_high: bo
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    demo = "" if required else " (default: the tiny demo pair, built once in $SPARKGRID_HOME)"
+    demo = "" if required else (" (default: the shipped pair when installed, else the tiny demo "
+                                "pair, built once in $SPARKGRID_HOME)")
     p.add_argument("--target", metavar="DIR", required=required,
                    help="target model directory (Qwen3 or Llama, with its tokenizer)" + demo)
     p.add_argument("--draft", metavar="DIR", required=required,
@@ -127,7 +130,7 @@ def _model_dirs(args) -> tuple[str, str | None]:
         if args.draft is not None:
             raise UsageError("--draft needs --target (give both, or neither for the tiny "
                              "demo pair)")
-        target, draft = _tiny_pair(sparkgrid_home())
+        target, draft = shipped_pair() or _tiny_pair(sparkgrid_home())
         return str(target), str(draft)
     _check_model_dir("--target", args.target)
     if args.draft is not None:
@@ -317,7 +320,7 @@ def _run_engine(args) -> int:
              "device": args.device, "dtype": str(engine.dtype).removeprefix("torch."),
              "max_tokens": args.max_tokens, "temperature": args.temperature}
     if not args.json:
-        _print_setup(setup, prompts, demo=args.target is None)
+        _print_setup(setup, prompts, demo=args.target is None and shipped_pair() is None)
     printer = None if args.json else _StreamPrinter(len(prompts))
     results, seconds = _serve(engine, prompts, args, policy, printer)
     totals = _totals(engine, results, seconds)

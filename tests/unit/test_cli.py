@@ -123,3 +123,17 @@ def test_engine_refusal_is_reported_without_traceback(run):
     assert code == 2
     assert err.startswith("error: ") and "max_tokens" in err and "context" in err
     assert "Traceback" not in err
+
+
+def test_engine_defaults_to_the_shipped_pair_when_installed(tmp_path, monkeypatch):
+    """With a packaged pair in place, `sparkgrid engine` serves it instead of the tiny pair."""
+    from worker import cli, models
+    from worker.training import build_pair
+
+    out = tmp_path / "pair"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert build_pair.main(["--out", str(out), "--smoke"]) == 0
+    monkeypatch.setattr(models, "PAIR_DIR", out / "package")
+    monkeypatch.setenv("SPARKGRID_HOME", str(tmp_path / "home"))
+    assert cli.main(["engine", "--policy", "fixed", "--max-tokens", "4", "--json"]) == 0
+    assert not (tmp_path / "home" / "tiny-pair").exists()

@@ -125,7 +125,8 @@ def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_ser
     for path in ("corpus.json", "tokenizer/tokenizer.json", "target/config.json", "target/model.safetensors",
                  "target/tokenizer.json", f"target/{SUMMARY_NAME}", "target_train/log.jsonl",
                  "dspark/config.json", "dspark/model.safetensors", "dspark/sts.json",
-                 "dflash/config.json", "dflash/model.safetensors"):
+                 "dflash/config.json", "dflash/model.safetensors", "package/pair.json",
+                 "package/target/tokenizer.json", "package/dflash/model.safetensors"):
         assert (out / path).exists(), path
     model = AutoModelForCausalLM.from_pretrained(out / "target")
     assert model.config.model_type == "qwen3"
@@ -135,6 +136,10 @@ def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_ser
     spec = LLMEngine.from_pretrained(str(out / "target"), str(out / "dspark"),
                                      EngineConfig(policy="fixed", profile_sps=False))
     assert spec.sts is not None  # the STS stage's temperatures are picked up
+    packaged = LLMEngine.from_pretrained(str(out / "package" / "target"), str(out / "package" / "dspark"),
+                                         EngineConfig(policy="fixed", profile_sps=False))
+    assert packaged.sts == spec.sts  # float16 copies of all three models, STS included
+    assert len(packaged.generate(["def main():\n"], SamplingParams(max_tokens=8))[0]["token_ids"]) >= 1
     assert spec.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16,
                                                            ignore_eos=True))[0]["token_ids"] == result["token_ids"]
 

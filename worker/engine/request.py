@@ -36,7 +36,8 @@ class SpecStats:
     accept_lengths: list[int] = field(default_factory=list)
     """Tokens committed per decoding step (accepted + 1 bonus/replacement)."""
     position_verified: list[int] = field(default_factory=list)
-    """Per draft position k: how often it was verified."""
+    """Per draft position k: how often verification reached it (sent to the target with
+    1..k-1 accepted; a position after a rejection is never reached)."""
     position_accepted: list[int] = field(default_factory=list)
     """Per draft position k: how often it was accepted (given 1..k-1 were)."""
 
@@ -47,7 +48,7 @@ class SpecStats:
         self.tokens_verified += num_verified
         self.tokens_accepted += num_accepted
         self.accept_lengths.append(num_accepted + 1)
-        for k in range(num_verified):
+        for k in range(min(num_verified, num_accepted + 1)):  # stops at the first rejection
             self.position_verified[k] += 1
             self.position_accepted[k] += int(k < num_accepted)
 

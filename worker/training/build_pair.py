@@ -8,6 +8,8 @@ checkpoint). Outputs: `DIR/corpus.json` (split summary and module lists), `DIR/t
 `DIR/target/` (Hugging Face model + tokenizer + `training.json`), `DIR/target_train/`
 (checkpoint and training log), then the drafter stages' outputs (`draft_stages.py`: the
 target's answers, the DSpark and DFlash drafters, STS), and `DIR/log.jsonl` (stage events).
+The `package` stage stores the finished pair in float16 under `worker/models/stdlib-pair/`,
+where the installed package ships it (a smoke build packages into `DIR/package/` instead).
 
 `--smoke` builds a tiny pair from a capped corpus in well under a minute: it checks the
 pipeline, not the model. A directory remembers which mode built it and refuses the other.
@@ -32,9 +34,11 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer
 
+from worker.models import PAIR_DIR
 from worker.training.corpus import Corpus, load_corpus
 from worker.training.draft_stages import DraftPipelineConfig, draft_stages
 from worker.training.draft_train import DraftTrainConfig
+from worker.training.package import is_packaged, package_pair
 from worker.training.target import SUMMARY_NAME, TrainConfig, target_config, train_target
 from worker.training.tokenizer import train_tokenizer
 from worker.training.train_state import JsonlLog
@@ -143,7 +147,14 @@ STAGES = [
     Stage("tokenizer", run_tokenizer, lambda ctx: (ctx.out / "tokenizer").is_dir()),
     Stage("target", run_target, lambda ctx: (ctx.out / "target" / SUMMARY_NAME).exists()),
     *draft_stages(Stage),  # draft_data, dspark, dflash, sts
+    Stage("package", lambda ctx: package_pair(ctx.out, _package_dir(ctx)),
+          lambda ctx: is_packaged(ctx.out, _package_dir(ctx))),
 ]
+
+
+def _package_dir(ctx: Context) -> Path:
+    """Where the finished pair goes: into the package (shipped), or beside a smoke build."""
+    return ctx.out / "package" if ctx.config.smoke else PAIR_DIR
 
 
 def build_pair(out, config: PipelineConfig = FULL, stages: list[str] | None = None) -> None:
