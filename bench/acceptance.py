@@ -37,12 +37,13 @@ from worker.engine.drafter import DSparkDraft
 from worker.engine.engine import LLMEngine
 from worker.engine.model_runner import load_target
 from worker.engine.profiler import device_name
-from worker.engine.sts import (apply_sts, expected_calibration_error, load_sts, roc_auc,
-                               survival, survival_labels)
+from worker.engine.calibration import complete_blocks, position_metrics
+from worker.engine.sts import load_sts
 from worker.training.corpus import load_corpus
 from worker.training.draft_stages import corpus_prefixes
 
 DRAFTERS = ("dspark", "dflash")
+COLORS = {"dspark": "C0", "dflash": "C1"}
 TEMPERATURES = (0.0, 1.0)
 HUMANEVAL = Path(__file__).resolve().parents[1].parent / "shared/data/prompts/humaneval.jsonl"
 HELDOUT_SEED = 3  # build_pair fits STS on seed-2 held-out prefixes: these are other ones
@@ -65,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_prompts", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
-    missing = [n for n in ("target", *DRAFTERS) if not (Path(args.pair) / n / "config.json").is_file()]
+    missing = [n for n in ("target", *DRAFTERS)
+               if not (Path(args.pair) / n / "config.json").is_file()]
     if missing:
         p.error(f"--pair {args.pair}: expected a build_pair output holding target/, dspark/ and "
                 f"dflash/ model directories; no config.json under {', '.join(missing)}")
@@ -130,37 +132,16 @@ def acceptance_figures(stats: list, gamma: int, wall: float) -> dict:
 # -- calibration ------------------------------------------------------------------------------
 def calibration(records: list, sts: list[float] | None) -> dict | None:
     """Per position k: ECE and AUC of a_k against the prefix-survival label, raw ('before') and
-    with STS ('after', when `sts` is given); None without a confidence head."""
+    with STS ('after', when `sts` is given); None without a confidence head. Blocks cut short
+    by a request's last tokens are dropped, as when STS is fitted (`complete_blocks`)."""
     if not records:
         return None
-    conf_logits = torch.stack([r[0] for r in records]).float()  # [M, G]
-    accepted = torch.stack([r[1] for r in records])  # [M, G] int8
-    # Blocks cut short by a request's last tokens carry -1 where a full block would have known
-    # labels: dropped, as in calibration._complete_blocks, so failures are not over-represented.
-    complete = (accepted == 0).any(dim=1) | (accepted == 1).all(dim=1)
-    conf_logits, accepted = conf_logits[complete], accepted[complete]
-    labels = survival_labels(accepted)  # [M, G]
-    preds = {"before": survival(torch.sigmoid(conf_logits))}
-    if sts is not None:
-        preds["after"] = survival(apply_sts(conf_logits, sts))
-    out = {"num_blocks": len(records), "num_capped_blocks_dropped": int((~complete).sum()),
-           "num_known": [], "survival_rate": []}
-    for k in range(labels.shape[1]):
-        known = labels[:, k] >= 0
-        y = labels[known, k]
-        out["num_known"].append(int(known.sum()))
-        out["survival_rate"].append(float(y.float().mean()) if y.numel() else None)
-        for when, pred in preds.items():
-            out.setdefault(f"ece_{when}", []).append(
-                finite(expected_calibration_error(pred[known, k], y)))
-            out.setdefault(f"auc_{when}", []).append(finite(roc_auc(pred[known, k], y)))
+    conf_logits, accepted, num_dropped = complete_blocks(records)
+    out = {"num_blocks": len(records), "num_capped_blocks_dropped": num_dropped,
+           **position_metrics(conf_logits, accepted, sts)}
     for key in [k for k in out if k.startswith(("ece_", "auc_"))]:
         out[f"mean_{key}"] = mean_of(out[key])
     return out
-
-
-def finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def mean_of(values: list) -> float | None:
@@ -208,7 +189,7 @@ def measure(args, target, tokenizer, sets: dict) -> tuple[dict, dict, dict, dict
                 acceptance[name][set_name][temp_key(temp)] = figures
                 if set_name == "heldout" and temp == 1.0:
                     calib[name] = calibration(records, engine.sts)
-        del engine
+        del engine  # free its caches before the next engine allocates its own
     return acceptance, calib, models, configs
 
 
@@ -239,7 +220,9 @@ def plot_positions(acceptance: dict, title: str, path: Path) -> None:
             fig_t1 = acceptance[name][set_name][temp_key(1.0)]
             ys = fig_t1["conditional_acceptance"]
             ax.plot(range(1, len(ys) + 1), [math.nan if y is None else y for y in ys],
-                    marker="o", label=f"{name} (tau {fig_t1['tau'] or math.nan:.2f})")
+                    marker="o", color=COLORS[name],
+                    label=f"{name} (tau {fig_t1['tau'] or math.nan:.2f})")
+            ax.set_xticks(range(1, len(ys) + 1))
         ax.set_title(f"{set_name}, T=1", fontsize=9)
         ax.set_xlabel("draft position k")
         ax.set_ylim(0, 1.02)
@@ -255,11 +238,12 @@ def plot_calibration(calib: dict, title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
     for metric, ax in zip(("ece", "auc"), axes):
         for name, figures in calib.items():
-            for when, style in (("before", "--"), ("after", "-")):
+            for when, style, label in (("before", "--", "raw"), ("after", "-", "STS")):
                 ys = (figures or {}).get(f"{metric}_{when}")
                 if ys:
                     ax.plot(range(1, len(ys) + 1), [math.nan if y is None else y for y in ys],
-                            style, marker="o", label=f"{name}, {when} STS")
+                            style, marker="o", color=COLORS[name], label=f"{name}, {label}")
+                    ax.set_xticks(range(1, len(ys) + 1))
         ax.set_xlabel("draft position k")
         ax.set_ylabel(f"{metric.upper()} of a_k")
         ax.grid(alpha=0.3)
@@ -346,7 +330,7 @@ def summary(ratios: dict, calib: dict) -> dict:
     """The headline figures: the mean tau ratio, and the calibration errors averaged over k."""
     out = {"tau_ratio_mean": ratios["mean"]}
     for name, figures in calib.items():
-        for key in ("mean_ece_before", "mean_ece_after", "mean_auc_before"):
+        for key in ("mean_ece_before", "mean_ece_after", "mean_auc_before", "mean_auc_after"):
             if figures and key in figures:
                 out[f"{name}_{key}"] = figures[key]
     return out

@@ -39,7 +39,7 @@ def calibrate_sts(engine, prompts: list, params: SamplingParams | list[SamplingP
         raise ValueError("prompts: expected at least one prompt to calibrate on")
     first = len(engine.confidence_records)
     engine.generate(prompts, params, policy="fixed")
-    conf_logits, accepted, num_capped = _complete_blocks(engine.confidence_records[first:])
+    conf_logits, accepted, num_capped = complete_blocks(engine.confidence_records[first:])
     fit_rows, held_rows = _split(conf_logits.shape[0], holdout_fraction, seed)
     temps = fit_sts(conf_logits[fit_rows], accepted[fit_rows])
     metrics = {
@@ -47,27 +47,29 @@ def calibrate_sts(engine, prompts: list, params: SamplingParams | list[SamplingP
         "num_capped_blocks_dropped": num_capped,
         "num_fit": len(fit_rows),
         "num_heldout": len(held_rows),
-        **_heldout_metrics(conf_logits[held_rows], accepted[held_rows], temps),
+        **position_metrics(conf_logits[held_rows], accepted[held_rows], temps),
     }
     save_sts(draft_dir, temps, metrics)
     return {"temperatures": temps, **metrics}
 
 
-def _heldout_metrics(conf_logits: torch.Tensor,  # [M, G] raw confidence logits
-                    accepted: torch.Tensor,  # [M, G] int8 acceptance labels
-                    temps: list[float]) -> dict:
-    """Per position k: ECE and AUC of the survival a_k, raw and with STS, on known labels."""
+def position_metrics(conf_logits: torch.Tensor,  # [M, G] raw confidence logits
+                     accepted: torch.Tensor,  # [M, G] int8 acceptance labels
+                     temps: list[float] | None) -> dict:
+    """Per position k: ECE and AUC of the survival a_k on known labels, raw ('before') and,
+    when `temps` are given, with STS ('after')."""
     labels = survival_labels(accepted)  # [M, G]
-    before = survival(torch.sigmoid(conf_logits.float()))  # [M, G]
-    after = survival(apply_sts(conf_logits, temps))  # [M, G]
-    out = {name: [] for name in ("num_known", "survival_rate", "ece_before", "ece_after",
-                                 "auc_before", "auc_after")}
+    preds = {"before": survival(torch.sigmoid(conf_logits.float()))}  # [M, G]
+    if temps is not None:
+        preds["after"] = survival(apply_sts(conf_logits, temps))  # [M, G]
+    out = {"num_known": [], "survival_rate": []}
+    out |= {f"{m}_{when}": [] for when in preds for m in ("ece", "auc")}
     for k in range(labels.shape[1]):
         known = labels[:, k] >= 0
         y = labels[known, k]
         out["num_known"].append(int(known.sum()))
         out["survival_rate"].append(float(y.float().mean()) if y.numel() else None)
-        for when, pred in (("before", before), ("after", after)):
+        for when, pred in preds.items():
             out[f"ece_{when}"].append(_none_if_nan(expected_calibration_error(pred[known, k], y)))
             out[f"auc_{when}"].append(_none_if_nan(roc_auc(pred[known, k], y)))
     return out
@@ -84,7 +86,7 @@ def _check_engine(engine) -> None:
                          "draft has none")
 
 
-def _complete_blocks(records) -> tuple[torch.Tensor, torch.Tensor, int]:
+def complete_blocks(records) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the records, dropping blocks verified only in part without a rejection.
 
     Under `fixed` a block is cut short only by a cap (the request's last tokens, or its share
