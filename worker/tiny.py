@@ -14,7 +14,6 @@ import inspect
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -25,8 +24,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-EOS_TOKEN = "<|endoftext|>"
-MASK_TOKEN = "<|mask|>"
+from worker.training.tokenizer import EOS_TOKEN, MASK_TOKEN, train_byte_bpe  # noqa: F401
 
 # Training text: fixed, so a given Python version always yields the same tokenizer.
 CORPUS_MODULES = (
@@ -52,29 +50,7 @@ def corpus_text() -> list[str]:
 
 def build_tokenizer(out_dir, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer of `vocab_size` entries and save it to `out_dir`."""
-    num_bytes = len(pre_tokenizers.ByteLevel.alphabet())
-    if vocab_size < num_bytes + 2:
-        raise ValueError(f"vocab_size must be at least {num_bytes + 2} (bytes + 2 specials), got {vocab_size}")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, MASK_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus_text(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        mask_token=MASK_TOKEN,
-        model_input_names=["input_ids", "attention_mask"],  # decoder-only: no token_type_ids
-        clean_up_tokenization_spaces=False,  # decode(encode(text)) must give back text exactly
-    )
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
+    return train_byte_bpe(corpus_text(), out_dir, vocab_size)
 
 
 def build_target(

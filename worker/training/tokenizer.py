@@ -11,6 +11,7 @@ Knows: how the tokenizer is trained and saved. Does not know: models.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +24,12 @@ MASK_TOKEN = "<|mask|>"
 
 def train_tokenizer(corpus: Corpus, out_dir: str | os.PathLike, vocab_size: int = 8192) -> PreTrainedTokenizerFast:
     """Train on `corpus.train`, save to `out_dir`, and return the tokenizer (at most `vocab_size` entries)."""
+    return train_byte_bpe((doc.text for doc in corpus.train), out_dir, vocab_size, num_texts=len(corpus.train))
+
+
+def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int,
+                   num_texts: int | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with sparkgrid's two special tokens, trained on `texts`."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
         raise ValueError(f"vocab_size must be at least {len(alphabet) + 2} (256 bytes + 2 special tokens), "
@@ -32,7 +39,7 @@ def train_tokenizer(corpus: Corpus, out_dir: str | os.PathLike, vocab_size: int 
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, MASK_TOKEN],
                                   initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator((doc.text for doc in corpus.train), trainer, length=len(corpus.train))
+    bpe.train_from_iterator(texts, trainer, length=num_texts)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOS_TOKEN,
