@@ -61,3 +61,16 @@ def qwen3_target_dir(tmp_path_factory, tiny_tokenizer_dir):
 def llama_target_dir(tmp_path_factory, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     return build_target(tmp_path_factory.mktemp("llama_target"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def served_pair(tmp_path_factory):
+    """(target dir, draft dir) that workers serve in tests: the shipped pair when it is packaged
+    into this installation, else the tiny demo pair (random weights) built here."""
+    from worker.models import shipped_pair
+    from worker.tiny import build_demo_pair
+
+    pair = shipped_pair()
+    if pair is None:
+        pair = build_demo_pair(tmp_path_factory.mktemp("demo_pair"))
+    return tuple(str(p) for p in pair)

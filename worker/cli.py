@@ -2,9 +2,10 @@
 
 `COMMANDS` is the table of subcommands; each adds its options and runs. For now: `engine`, the
 main job (a small generation run of the DSpark engine on this machine, streaming every
-request's text), and `calibrate` (fit STS temperatures for a draft from its own verification
-logs). The network commands of the design (up, demo, head, worker, generate, workers, keys,
-report) join the table as they are built.
+request's text), `worker` (a node operator's GPU joins the Ray cluster; `worker/launcher.py`)
+and `calibrate` (fit STS temperatures for a draft from its own verification logs). The other
+network commands of the design (up, demo, head, generate, workers, keys, report) join the
+table as they are built.
 
 A user error (a missing directory, a bad option value, an input the engine refuses) prints
 `error: <what to fix>` to stderr and exits 2, never a traceback.
@@ -132,13 +133,13 @@ def _model_dirs(args) -> tuple[str, str | None]:
                              "demo pair)")
         target, draft = shipped_pair() or _tiny_pair(sparkgrid_home())
         return str(target), str(draft)
-    _check_model_dir("--target", args.target)
+    check_model_dir("--target", args.target)
     if args.draft is not None:
-        _check_model_dir("--draft", args.draft)
+        check_model_dir("--draft", args.draft)
     return args.target, args.draft
 
 
-def _check_model_dir(option: str, path: str) -> None:
+def check_model_dir(option: str, path: str) -> None:
     if not Path(path).is_dir():
         raise UsageError(f"{option}: no such directory: {path}")
     if not (Path(path) / "config.json").is_file():
@@ -350,6 +351,25 @@ def _print_totals(t: dict) -> None:
           f"verified {t['draft_tokens_verified']}, accepted {t['draft_tokens_accepted']}")
 
 
+# -- sparkgrid worker --------------------------------------------------------------------------
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    from worker.launcher import add_options
+
+    add_options(p)
+
+
+def _run_worker(args) -> int:
+    from worker.launcher import LaunchError, launch, options_from_args, stop_by_name
+
+    try:
+        if args.stop:
+            return stop_by_name(args.ray_address, args.stop)
+        opts = options_from_args(args, check_model_dir, str(sparkgrid_home() / "sps"))
+        return launch(opts)
+    except (LaunchError, ConnectionError) as err:
+        raise UsageError(str(err)) from None
+
+
 # -- sparkgrid calibrate -----------------------------------------------------------------------
 def _run_calibrate(args) -> int:
     from worker.engine.calibration import calibrate_sts
@@ -386,6 +406,8 @@ def _fmt(value) -> str:
 COMMANDS = {  # name: (help, add options, run)
     "engine": ("the main job for now: a small generation run of the DSpark engine",
                _engine_args, _run_engine),
+    "worker": ("join this machine's GPU to the network: a detached, named worker actor on this "
+               "Ray node", _worker_args, _run_worker),
     "calibrate": ("fit STS temperatures for a draft's confidence head; writes sts.json beside it",
                   _calibrate_args, _run_calibrate),
 }

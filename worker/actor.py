@@ -1,0 +1,247 @@
+"""The worker as a Ray actor: a thin async shell over `EngineLoop`, its Ray dashboard metrics,
+and the few Ray calls the launcher makes. The only module of `worker/` that imports ray.
+
+The actor is asynchronous: its methods run on an event loop while the engine steps on the
+loop's own thread, so `stats()`, `cancel()` and health checks answer during a long step.
+`generate` is a Ray streaming generator: the caller reads `Chunk`s as the engine makes them;
+cancelling the generator (`ray.cancel`) cancels the job.
+
+Knows: Ray (actors, names, node affinity, metrics). Does not know: how the engine works, how
+jobs are routed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import platform
+import socket
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.metrics import Counter, Gauge, Histogram
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from worker.engine.config import SamplingParams
+from worker.serving import Chunk, EngineLoop, StepReport, build_engine
+from worker.worker_config import WorkerConfig
+
+NAMESPACE = "sparkgrid"
+"""The Ray namespace of every sparkgrid actor."""
+WorkerDied = RayActorError
+"""What a caller gets from a worker that died or was killed (catch this, then fail over)."""
+CallTimeout = GetTimeoutError
+TAG_KEYS = ("worker", "gpu_type")
+
+
+class _Metrics:
+    """The worker's custom metrics, exported on the node's Ray metrics endpoint (names get
+    Ray's `ray_` prefix there), each tagged with the worker's name and GPU type."""
+
+    def __init__(self, config: WorkerConfig):
+        self.tags = {"worker": config.name, "gpu_type": config.gpu_type}
+        self.tokens = Counter("sparkgrid_generated_tokens", "Tokens generated", TAG_KEYS)
+        self.requests = Counter("sparkgrid_requests", "Finished requests, by finish reason",
+                                TAG_KEYS + ("finish_reason",))
+        self.queue_depth = Gauge("sparkgrid_queue_depth", "Requests waiting or running", TAG_KEYS)
+        self.tokens_per_s = Gauge("sparkgrid_tokens_per_second",
+                                  "Generated tokens per second over the recent window", TAG_KEYS)
+        self.accept_length = Histogram(
+            "sparkgrid_accepted_length", "Mean accepted length (bonus included) per finished request",
+            [1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9], TAG_KEYS)
+        self.verify_tokens = Histogram(
+            "sparkgrid_verify_tokens_per_step", "Tokens in one verify forward of the target",
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048], TAG_KEYS)
+        self.step_seconds = Histogram(
+            "sparkgrid_step_seconds", "Wall time of one engine step",
+            [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5], TAG_KEYS)
+
+    def record_step(self, report: StepReport) -> None:
+        self.step_seconds.observe(report.seconds, self.tags)
+        if report.new_tokens:
+            self.tokens.inc(report.new_tokens, self.tags)
+        if report.verify_tokens:
+            self.verify_tokens.observe(report.verify_tokens, self.tags)
+        for reason, accept_length in report.finished:
+            self.requests.inc(1, {**self.tags, "finish_reason": reason})
+            if accept_length is not None:
+                self.accept_length.observe(accept_length, self.tags)
+
+    def record_figures(self, figures: dict) -> None:
+        self.queue_depth.set(figures["num_waiting"] + figures["num_running"], self.tags)
+        self.tokens_per_s.set(figures["tokens_per_s"], self.tags)
+
+
+@ray.remote
+class WorkerActor:
+    """One engine on one device. Create it with `create_worker`."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self._metrics = _Metrics(config)
+        self._identity = _identity(config)
+        self._loop = EngineLoop(config, lambda: build_engine(config),
+                                on_step=self._metrics.record_step,
+                                on_publish=self._metrics.record_figures)
+        self._loop.start()
+
+    @ray.method(num_returns="streaming")
+    async def generate(self, job_id: str, prompt: str | list[int], params: dict | None = None):
+        """Stream a job's `Chunk`s; the last has the finish reason and usage. `params` holds
+        `SamplingParams` fields. Bad input raises ValueError naming the field; a draining
+        worker raises WorkerDraining."""
+        sampling = _sampling_params(params)
+        chunks: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        accepted = self._loop.submit(job_id, prompt, sampling,
+                                     lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
+        await asyncio.wrap_future(accepted)
+        done = False
+        try:
+            while not done:
+                item = await chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            if not done:  # the caller cancelled or went away: free the slot
+                self._loop.cancel(job_id)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Abort a job; True if it was in the engine. Its stream ends with reason `abort`."""
+        return await asyncio.wrap_future(self._loop.cancel(job_id))
+
+    async def stats(self) -> dict:
+        """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use."""
+        return {**self._identity, **self._loop.figures()}
+
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Accept no new jobs and return once running ones have finished (or `timeout_s`)."""
+        return await asyncio.wait_for(asyncio.wrap_future(self._loop.drain()), timeout_s)
+
+    async def check_health(self) -> None:
+        """Raises WorkerFailed when the engine loop died, failed to load, or is stuck."""
+        self._loop.check_health()
+
+    async def shutdown(self) -> None:
+        """Stop the engine loop (open jobs end with an error); the actor stays until killed."""
+        await asyncio.to_thread(self._loop.stop)
+
+
+def _sampling_params(params: dict | None) -> SamplingParams:
+    params = dict(params or {})
+    fields = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"params: unknown fields {unknown}; expected some of {sorted(fields)}")
+    return SamplingParams(**params)
+
+
+def _identity(config: WorkerConfig) -> dict:
+    import torch
+
+    cuda = config.device.startswith("cuda")
+    return {
+        "name": config.name,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "device": config.device,
+        "device_name": torch.cuda.get_device_name(config.device) if cuda else (platform.processor() or "cpu"),
+        "gpu_type": config.gpu_type,
+        "price_per_hour": config.price_per_hour,
+        "model_id": model_id(config.target),
+        "target": config.target,
+        "draft": config.draft,
+        "policy": config.policy,
+        "max_batch_tokens": config.max_batch_tokens,
+        "emulate_slowdown": config.emulate_slowdown,
+        "version": {"sparkgrid": _version("sparkgrid"), "torch": torch.__version__, "ray": ray.__version__},
+        "started_at": time.time(),
+    }
+
+
+def model_id(target: str) -> str:
+    """A model's id from its directory: the last two path parts (`org/name`, as on a hub)."""
+    parts = Path(target).resolve().parts
+    return "/".join(parts[-2:])
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# -- what the launcher calls ------------------------------------------------------------------
+def connect(address: str, timeout_s: float = 5.0) -> dict:
+    """Join the Ray cluster at `address` (`host:port` of its GCS, or `auto`) as a driver on this
+    node; returns this node's id, ip and resources. Raises ConnectionError saying what to fix."""
+    if address != "auto":
+        _check_reachable(address, timeout_s)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConnectionError(f"--ray-address {address}: cannot join the Ray cluster ({err}); is "
+                              "this machine a node of it (`ray start --address=...`)?") from None
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return {"node_id": node_id, "node_ip": node["NodeManagerAddress"], "resources": node["Resources"]}
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectionError(f"--ray-address {address}: expected host:port of the Ray head "
+                              "(e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"--ray-address {address}: nothing answers there ({err}); start the "
+                              "head with `ray start --head` or give its address") from None
+
+
+def disconnect() -> None:
+    ray.shutdown()
+
+
+def accelerator_type(resources: dict) -> str | None:
+    """Ray's accelerator type of a node (`H200`, `A100`, ...) from its resources, if any."""
+    for key in resources:
+        if key.startswith("accelerator_type:"):
+            return key.split(":", 1)[1]
+    return None
+
+
+def find_worker(name: str):
+    """The live worker actor named `name`, or None."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def create_worker(config: WorkerConfig, node_id: str, num_cpus: float, num_gpus: float):
+    """A detached, named worker actor pinned (not softly) to the node `node_id`. Raises
+    ValueError when the name is taken."""
+    try:
+        return WorkerActor.options(
+            name=config.name, namespace=NAMESPACE, lifetime="detached", max_restarts=0,
+            num_cpus=num_cpus, num_gpus=num_gpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        ).remote(config)
+    except ValueError as err:  # ActorAlreadyExistsError is a ValueError
+        raise ValueError(f"--name {config.name}: a worker of that name already exists in the "
+                         f"cluster; choose another name or stop that one ({err})") from None
+
+
+def call(ref, timeout_s: float | None = None):
+    """The result of one actor call (ray.get), raising WorkerDied / CallTimeout / the error."""
+    return ray.get(ref, timeout=timeout_s)
+
+
+def kill(handle) -> None:
+    ray.kill(handle, no_restart=True)

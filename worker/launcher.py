@@ -1,0 +1,214 @@
+"""`sparkgrid worker`: what a node operator runs so that this machine's GPU joins the network.
+
+Checks the arguments here first (model directories, the device, the Ray address), then creates
+a detached, named worker actor pinned to this node, waits until it reports `ready` (weights
+loaded, SPS(B) profiled) and prints what it is. With `--foreground` it stays, watches the
+worker's health, and on Ctrl-C or SIGTERM drains and removes it; without, the worker keeps
+serving after the command exits (`sparkgrid worker --stop NAME` drains and removes it).
+
+Knows: the operator's options and messages. Does not know: Ray (worker/actor.py does the
+calls), how the engine works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+
+from worker.worker_config import WorkerConfig
+
+READY_POLL_S = 0.5
+HEALTH_POLL_S = 5.0
+
+
+class LaunchError(Exception):
+    """What the operator must fix; printed as `error: ...`."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What `sparkgrid worker` was asked to do."""
+
+    ray_address: str
+    config: WorkerConfig
+    foreground: bool = False
+    ready_timeout_s: float = 900.0
+    """How long loading and profiling may take before the launch is called failed."""
+    drain_timeout_s: float = 120.0
+    """On stop: how long running jobs may take to finish before the worker is killed anyway."""
+    detect_gpu_type: bool = True
+    """`config.gpu_type` is the device's own name; prefer Ray's accelerator type of the node."""
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", required=True, metavar="A",
+                   help="the Ray cluster's GCS address (host:port), or 'auto' on a node of it")
+    p.add_argument("--target", metavar="DIR", help="target model directory (required unless --stop)")
+    p.add_argument("--draft", metavar="DIR", help="DSpark draft checkpoint directory (required unless --stop)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--gpu-type", metavar="G", help="what the device is, e.g. 'RTX 4090' (default: detected)")
+    p.add_argument("--price-per-hour", type=float, default=0.0, metavar="USD",
+                   help="what this device costs per hour (default 0)")
+    p.add_argument("--name", metavar="N", help="worker name, unique in the cluster (default: host-device)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
+                   help="most tokens in one verify forward (default 512)")
+    p.add_argument("--emulate-slowdown", type=float, default=1.0, metavar="F",
+                   help="benchmarks only: make every engine step F times slower (default 1)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay; on Ctrl-C drain the worker and remove it")
+    p.add_argument("--ready-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds loading may take (default 900)")
+    p.add_argument("--stop", metavar="NAME", help="drain and remove the worker NAME, then exit")
+
+
+def options_from_args(args, check_model_dir, sps_cache_dir: str | None) -> LaunchOptions:
+    """Check the options (model dirs, device, values); raises LaunchError / ValueError."""
+    for option in ("target", "draft"):
+        if getattr(args, option) is None:
+            raise LaunchError(f"--{option} is required (the model directory this worker serves)")
+        check_model_dir(f"--{option}", getattr(args, option))
+    device_name = _check_device(args.device)
+    config = WorkerConfig(
+        name=args.name or default_name(args.device), target=args.target, draft=args.draft,
+        gpu_type=args.gpu_type or device_name, device=args.device, dtype=args.dtype,
+        price_per_hour=args.price_per_hour, max_batch_tokens=args.max_batch_tokens,
+        emulate_slowdown=args.emulate_slowdown, sps_cache_dir=sps_cache_dir)
+    if not args.ready_timeout > 0:
+        raise LaunchError(f"--ready-timeout: expected seconds > 0, got {args.ready_timeout}")
+    return LaunchOptions(args.ray_address, config, args.foreground, args.ready_timeout,
+                         detect_gpu_type=not args.gpu_type)
+
+
+def _check_device(device: str) -> str:
+    """The device's name (what GPU type defaults to); raises LaunchError if it is not here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LaunchError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise LaunchError(f"--device {device}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise LaunchError(f"--device {device}: this node has no CUDA device that torch "
+                          f"{torch.__version__} can use; use --device cpu or fix the driver")
+    index = dev.index or 0
+    if index >= torch.cuda.device_count():
+        raise LaunchError(f"--device {device}: this node has {torch.cuda.device_count()} CUDA "
+                          f"device(s), numbered from 0")
+    return torch.cuda.get_device_name(index)
+
+
+def default_name(device: str) -> str:
+    """`<host>-<device>`, reduced to the characters a worker name allows."""
+    raw = f"{socket.gethostname().split('.')[0]}-{device.replace(':', '')}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", raw).strip("-._")[:63] or "worker"
+
+
+def launch(opts: LaunchOptions, out=sys.stdout) -> int:
+    """Start the worker and wait until it is ready; with `foreground`, stay until signalled."""
+    from worker import actor
+
+    node = actor.connect(opts.ray_address)
+    config = opts.config
+    detected = actor.accelerator_type(node["resources"])
+    if opts.detect_gpu_type and config.device.startswith("cuda") and detected:
+        config = replace(config, gpu_type=detected)  # Ray's short name (`H200`) when it knows one
+    if actor.find_worker(config.name) is not None:
+        raise LaunchError(f"--name {config.name}: a worker of that name is already running; "
+                          "choose another name, or stop it with `sparkgrid worker --stop "
+                          f"{config.name} --ray-address {opts.ray_address}`")
+    cuda = config.device.startswith("cuda")
+    handle = actor.create_worker(config, node["node_id"], num_cpus=0 if cuda else 1,
+                                 num_gpus=1 if cuda else 0)
+    stats = _wait_ready(actor, handle, config, opts.ready_timeout_s)
+    _print_ready(stats, out)
+    if not opts.foreground:
+        print(f"worker {config.name} runs detached; stop it with `sparkgrid worker --stop "
+              f"{config.name} --ray-address {opts.ray_address}`", file=out)
+        return 0
+    return _stay(actor, handle, config.name, opts, out)
+
+
+def _wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stats = actor.call(handle.stats.remote(), timeout_s=max(1.0, deadline - time.monotonic()))
+        except actor.CallTimeout:
+            break
+        except actor.WorkerDied as err:
+            raise LaunchError(f"worker {config.name} died while starting: {err}") from None
+        if stats["state"] == "ready":
+            return stats
+        if stats["state"] == "failed":
+            actor.kill(handle)
+            raise LaunchError(f"worker {config.name} failed to load: {stats['error']}")
+        time.sleep(READY_POLL_S)
+    actor.kill(handle)
+    raise LaunchError(f"worker {config.name} was not ready after {timeout_s:g} s (removed); does "
+                      "this node have a free CPU/GPU in Ray (`ray status`), and is --ready-timeout "
+                      "long enough to load the weights?")
+
+
+def _print_ready(stats: dict, out) -> None:
+    print(f"worker {stats['name']} ready", file=out)
+    print(f"  node    {stats['node_ip']} ({stats['node_id']})", file=out)
+    print(f"  device  {stats['device']} ({stats['device_name']}), gpu type {stats['gpu_type']}, "
+          f"${stats['price_per_hour']:.2f}/h", file=out)
+    print(f"  model   {stats['model_id']} (target {stats['target']}, draft {stats['draft']}), "
+          f"policy {stats['policy']}", file=out)
+    sps = stats.get("sps")
+    if sps:
+        points = ", ".join(f"{b}: {s:.0f}" for b, s in zip(sps["batch_tokens"], sps["steps_per_second"]))
+        print(f"  profile SPS(B), target forwards/s by tokens per forward: {points}", file=out)
+
+
+def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
+    """Watch the worker until Ctrl-C / SIGTERM, then drain and remove it."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"worker {name} serving in the foreground; Ctrl-C drains and removes it", file=out)
+    try:
+        while True:
+            time.sleep(HEALTH_POLL_S)
+            try:
+                actor.call(handle.check_health.remote(), timeout_s=30)
+            except actor.WorkerDied:
+                print(f"worker {name} died", file=out)
+                return 1
+            except Exception as err:  # unhealthy: say so and keep watching; the scheduler routes around it
+                print(f"worker {name} unhealthy: {err}", file=out)
+    except KeyboardInterrupt:
+        stop_worker(actor, handle, name, opts.drain_timeout_s, out)
+        return 0
+
+
+def stop_worker(actor, handle, name: str, drain_timeout_s: float, out) -> None:
+    """Drain the worker (running jobs finish, up to the timeout), then remove it."""
+    print(f"draining worker {name} ...", file=out)
+    try:
+        actor.call(handle.drain.remote(drain_timeout_s), timeout_s=drain_timeout_s + 10)
+    except Exception as err:  # a dead or stuck worker is removed all the same
+        print(f"worker {name} did not drain cleanly ({type(err).__name__}); removing it", file=out)
+    actor.kill(handle)
+    print(f"worker {name} removed", file=out)
+
+
+def stop_by_name(ray_address: str, name: str, out=sys.stdout) -> int:
+    from worker import actor
+
+    actor.connect(ray_address)
+    handle = actor.find_worker(name)
+    if handle is None:
+        raise LaunchError(f"--stop {name}: no worker of that name is running")
+    stop_worker(actor, handle, name, LaunchOptions.drain_timeout_s, out)
+    return 0
