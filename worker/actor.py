@@ -180,6 +180,12 @@ def _version(package: str) -> str:
 def connect(address: str, timeout_s: float = 5.0) -> dict:
     """Join the Ray cluster at `address` (`host:port` of its GCS, or `auto`) as a driver on this
     node; returns this node's id, ip and resources. Raises ConnectionError saying what to fix."""
+    if ray.is_initialized():  # this process already joined a cluster (tests, `sparkgrid up`)
+        current = ray.get_runtime_context().gcs_address
+        if address not in ("auto", current):
+            raise ConnectionError(f"--ray-address {address}: this process is already connected to "
+                                  f"the Ray cluster at {current}")
+        return _this_node()
     if address != "auto":
         _check_reachable(address, timeout_s)
     try:
@@ -187,6 +193,10 @@ def connect(address: str, timeout_s: float = 5.0) -> dict:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConnectionError(f"--ray-address {address}: cannot join the Ray cluster ({err}); is "
                               "this machine a node of it (`ray start --address=...`)?") from None
+    return _this_node()
+
+
+def _this_node() -> dict:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return {"node_id": node_id, "node_ip": node["NodeManagerAddress"], "resources": node["Resources"]}
