@@ -1,0 +1,57 @@
+"""The shipped pair (`worker/models/stdlib-pair/`): it is installed, its drafter loads against
+its target, and speculation on it is lossless: greedy output equals the target's own
+`transformers.generate` on held-out standard-library prefixes (float64 on both sides, so the
+comparison is exact rather than tie-prone)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.engine import LLMEngine
+from worker.models import PAIR_DIR, shipped_pair
+from worker.training.corpus import load_corpus
+from worker.training.draft_stages import corpus_prefixes
+
+pytestmark = pytest.mark.integration
+NUM_PROMPTS, MAX_TOKENS = 6, 40
+
+
+@pytest.fixture(scope="module")
+def pair():
+    found = shipped_pair()
+    assert found is not None, f"the shipped pair is missing from {PAIR_DIR}; build it with " \
+                              "`python -m worker.training.build_pair --out DIR`"
+    return found
+
+
+@pytest.fixture(scope="module")
+def heldout_prompts(pair):
+    tokenizer = AutoTokenizer.from_pretrained(pair[0])
+    return corpus_prefixes(load_corpus().heldout, tokenizer, NUM_PROMPTS, 64, seed=1234)
+
+
+def test_pair_metadata_names_both_drafters_and_the_corpus_split():
+    meta = json.loads((PAIR_DIR / "pair.json").read_text())
+    assert set(meta["drafters"]) >= {"dspark", "dflash"}
+    for drafter in ("dspark", "dflash"):
+        assert shipped_pair(drafter) is not None
+
+
+@pytest.mark.parametrize("drafter, policy", [("dspark", "prefix"), ("dspark", "fixed"), ("dflash", "fixed")])
+def test_greedy_output_equals_the_targets_own_generate(pair, heldout_prompts, drafter, policy):
+    target_dir, draft_dir = shipped_pair(drafter)
+    engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
+                                       EngineConfig(dtype="float64", policy=policy, profile_sps=policy == "prefix",
+                                                    max_batch_tokens=128))
+    got = engine.generate(heldout_prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    target = AutoModelForCausalLM.from_pretrained(target_dir, torch_dtype=torch.float64)
+    for prompt, result in zip(heldout_prompts, got):
+        ids = torch.tensor([prompt])
+        want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                               min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert result["token_ids"] == want.tolist()
+    accepted = sum(r["stats"]["tokens_accepted"] for r in got)
+    assert accepted > 0  # the drafter really drafts for this target: the acceptance path ran
