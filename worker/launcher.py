@@ -175,7 +175,7 @@ def _print_ready(stats: dict, out) -> None:
 
 def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
     """Watch the worker until Ctrl-C / SIGTERM, then drain and remove it."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (systemd, docker stop) stops it like Ctrl-C
     print(f"worker {name} serving in the foreground; Ctrl-C drains and removes it", file=out)
     try:
         while True:
@@ -190,6 +190,10 @@ def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
     except KeyboardInterrupt:
         stop_worker(actor, handle, name, opts.drain_timeout_s, out)
         return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def stop_worker(actor, handle, name: str, drain_timeout_s: float, out) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +160,30 @@ def test_drain_finishes_running_work_and_refuses_new(worker_b):
 def test_a_taken_name_is_refused_with_a_clear_message(worker_a, make_worker):
     with pytest.raises(LaunchError, match="w-a.*already running"):
         make_worker("w-a")
+
+
+def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, served_pair, tmp_path):
+    """The real command in its own process, joining this cluster by address."""
+    cmd = [str(Path(sys.executable).with_name("sparkgrid")), "worker",
+           "--ray-address", cluster.address_info["gcs_address"], "--target", served_pair[0],
+           "--draft", served_pair[1], "--name", "w-fg", "--max-batch-tokens", "64", "--foreground"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SPARKGRID_HOME": str(tmp_path)})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving in the foreground" in line:
+                break
+        assert any("worker w-fg ready" in ln for ln in lines), "".join(lines) + proc.stderr.read()
+        assert actor.find_worker("w-fg") is not None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "worker w-fg removed" in out
+    _wait(lambda: actor.find_worker("w-fg") is None, 30)
 
 
 def test_metrics_reach_the_ray_metrics_endpoint_with_worker_tags(worker_a):
