@@ -74,3 +74,16 @@ def served_pair(tmp_path_factory):
     if pair is None:
         pair = build_demo_pair(tmp_path_factory.mktemp("demo_pair"))
     return tuple(str(p) for p in pair)
+
+
+@pytest.fixture(scope="session")
+def sparkgrid_home(tmp_path_factory):
+    """A `$SPARKGRID_HOME` for commands the tests run in subprocesses."""
+    return tmp_path_factory.mktemp("sparkgrid_home")
+
+
+@pytest.fixture(scope="session")
+def sps_cache_dir(sparkgrid_home) -> str:
+    """One SPS(B) cache for the session (where the CLI under `sparkgrid_home` keeps it too):
+    each model is profiled once, not once per test."""
+    return str(sparkgrid_home / "sps")

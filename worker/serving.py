@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.prefix_scheduler import SPSTable
 from worker.worker_config import WorkerConfig
 
 RECENT_REQUESTS = 256
@@ -37,7 +38,13 @@ def build_engine(config: WorkerConfig):
                                  max_num_seqs=min(64, config.max_batch_tokens),
                                  profile_sps=config.draft is not None,
                                  sps_cache_dir=config.sps_cache_dir)
-    return LLMEngine.from_pretrained(config.target, config.draft, engine_config)
+    engine = LLMEngine.from_pretrained(config.target, config.draft, engine_config)
+    if engine.sps is not None and config.emulate_slowdown > 1:
+        # An emulated slower device is slower in everything it reports, its profile included
+        # (which the prefix policy then plans with, as it would on such a device).
+        engine.sps = SPSTable(engine.sps.batch_tokens,
+                              [s / config.emulate_slowdown for s in engine.sps.steps_per_second])
+    return engine
 
 
 class WorkerDraining(RuntimeError):

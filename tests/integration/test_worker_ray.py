@@ -37,15 +37,14 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def make_worker(cluster, served_pair, tmp_path_factory):
+def make_worker(cluster, served_pair, sps_cache_dir):
     """Starts a worker through `launch` (what `sparkgrid worker` runs) and returns its handle."""
     target, draft = served_pair
-    sps_dir = str(tmp_path_factory.mktemp("sps"))
     started = []
 
     def make(name: str, **changes):
         config = WorkerConfig(name=name, target=target, draft=draft, gpu_type="cpu",
-                              sps_cache_dir=sps_dir, max_batch_tokens=64, **changes)
+                              sps_cache_dir=sps_cache_dir, max_batch_tokens=64, **changes)
         out = io.StringIO()
         assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config), out=out) == 0
         started.append(name)
@@ -162,13 +161,13 @@ def test_a_taken_name_is_refused_with_a_clear_message(worker_a, make_worker):
         make_worker("w-a")
 
 
-def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, served_pair, tmp_path):
+def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, served_pair, sparkgrid_home):
     """The real command in its own process, joining this cluster by address."""
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "worker",
            "--ray-address", cluster.address_info["gcs_address"], "--target", served_pair[0],
            "--draft", served_pair[1], "--name", "w-fg", "--max-batch-tokens", "64", "--foreground"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SPARKGRID_HOME": str(tmp_path)})
+                            env={**os.environ, "SPARKGRID_HOME": str(sparkgrid_home)})
     try:
         lines = []
         for line in proc.stdout:

@@ -13,10 +13,10 @@ PROMPTS = ["def add(a, b):\n", "import os\n", "class Point:\n"]
 
 
 @pytest.fixture
-def config(served_pair, tmp_path):
+def config(served_pair, sps_cache_dir):
     target, draft = served_pair
     return WorkerConfig(name="w-test", target=target, draft=draft, gpu_type="cpu",
-                        sps_cache_dir=str(tmp_path / "sps"))
+                        sps_cache_dir=sps_cache_dir, max_batch_tokens=64)
 
 
 @pytest.fixture
@@ -210,6 +210,13 @@ def test_emulated_slowdown_slows_steps(config):
         loop.stop()
         figures[factor] = sorted(seconds)[len(seconds) // 2]
     assert figures[4.0] > 2.5 * figures[1.0]
+
+
+def test_an_emulated_slowdown_shows_in_the_reported_profile(config):
+    plain, slowed = build_engine(config).sps, build_engine(_slowed(config, 4.0)).sps
+    assert plain.batch_tokens == slowed.batch_tokens
+    assert [round(p / s, 6) for p, s in zip(plain.steps_per_second, slowed.steps_per_second)] == \
+        [4.0] * len(plain.batch_tokens)
 
 
 def _slowed(config, factor):
