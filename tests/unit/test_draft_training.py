@@ -295,3 +295,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(qwen3_target_dir,
     with pytest.raises(ValueError, match="training settings"):
         train_draft(qwen3_target_dir, draft_data[0], tmp_path / "b", tmp_path / "wb",
                     replace(config, lr=1e-2))
+
+
+def test_data_directories_combine_and_must_match(qwen3_target_dir, draft_data, tmp_path):
+    data_dir, config = draft_data
+    greedy = build_draft_data(qwen3_target_dir, [[5, 6, 7, 8]] * 3, tmp_path / "greedy",
+                              replace(config, temperature=1.0, seqs_per_shard=2))
+    both = DraftDataset([data_dir, greedy])
+    assert len(both) == len(DraftDataset(data_dir)) + 3
+    last = both.batch([len(both) - 1])
+    assert last.input_ids[0, :4].tolist() == [5, 6, 7, 8]  # the second directory's sequences come last
+    other_layers = build_draft_data(qwen3_target_dir, [[5, 6, 7, 8]], tmp_path / "other",
+                                    replace(config, target_layer_ids=(1,)))
+    with pytest.raises(ValueError, match="other layers"):
+        DraftDataset([data_dir, other_layers])

@@ -73,7 +73,7 @@ SMOKE = PipelineConfig(
     train=TrainConfig(target_tokens=300 * 8 * 64, seq_len=64, batch_size=8, eval_tokens=4096, eval_every=100,
                       log_every=50, checkpoint_every=100),
     draft=DraftPipelineConfig(
-        num_prompts=16, prompt_tokens=24, num_feature_layers=1, sts_prompts=12, sts_max_tokens=24,
+        num_prompts=16, greedy_prompts=8, prompt_tokens=24, num_feature_layers=1, sts_prompts=12, sts_max_tokens=24,
         data=dict(max_new_tokens=24, seqs_per_shard=8, gen_batch_size=8),
         train=DraftTrainConfig(markov_rank=16, gamma=4, batch_size=4, num_anchors=8, steps=20,
                                log_every=10, checkpoint_every=10)),
@@ -146,7 +146,7 @@ STAGES = [
     Stage("corpus", run_corpus, lambda ctx: (ctx.out / "corpus.json").exists()),
     Stage("tokenizer", run_tokenizer, lambda ctx: (ctx.out / "tokenizer").is_dir()),
     Stage("target", run_target, lambda ctx: (ctx.out / "target" / SUMMARY_NAME).exists()),
-    *draft_stages(Stage),  # draft_data, dspark, dflash, sts
+    *draft_stages(Stage),  # draft_data, draft_data_greedy, dspark, dflash, sts
     Stage("package", lambda ctx: package_pair(ctx.out, _package_dir(ctx)),
           lambda ctx: is_packaged(ctx.out, _package_dir(ctx))),
 ]

@@ -176,20 +176,26 @@ def _half(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class DraftDataset:
-    """A finished data directory: shards loaded memory-mapped, sequences by global index."""
+    """Finished data directories (one, or several answered differently, e.g. sampled and
+    greedy): shards loaded memory-mapped, sequences by global index across all of them."""
 
-    def __init__(self, data_dir: str | Path):
-        self.dir = Path(data_dir)
-        path = self.dir / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no manifest; build the data with build_draft_data first")
-        self.manifest = json.loads(path.read_text())
-        shards = sorted(self.manifest["shards"], key=lambda s: s["index"])
-        if sum(s["num_seqs"] for s in shards) != self.manifest["num_prompts"]:
-            raise ValueError(f"{self.dir}: the data is unfinished ({len(shards)} shards of "
-                             f"{self.manifest['num_shards']}); rerun build_draft_data to complete it")
-        self._shards = [torch.load(self.dir / s["file"], mmap=True, weights_only=True) for s in shards]
-        self._where = [(i, j) for i, s in enumerate(shards) for j in range(s["num_seqs"])]
+    def __init__(self, data_dirs: str | Path | Sequence[str | Path]):
+        dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
+        if not dirs:
+            raise ValueError("data_dirs: expected at least one data directory")
+        self.dirs = [Path(d) for d in dirs]
+        self.manifests = [_finished_manifest(d) for d in self.dirs]
+        self.manifest = self.manifests[0]
+        for d, m in zip(self.dirs[1:], self.manifests[1:]):
+            if (m["target"], m["config"]["target_layer_ids"]) != (
+                    self.manifest["target"], self.manifest["config"]["target_layer_ids"]):
+                raise ValueError(f"{d}: recorded from another target or other layers than "
+                                 f"{self.dirs[0]}; data directories must match to be combined")
+        self._shards, self._where = [], []
+        for d, m in zip(self.dirs, self.manifests):
+            for s in sorted(m["shards"], key=lambda s: s["index"]):
+                self._shards.append(torch.load(d / s["file"], mmap=True, weights_only=True))
+                self._where += [(len(self._shards) - 1, j) for j in range(s["num_seqs"])]
 
     @property
     def target_layer_ids(self) -> tuple[int, ...]:
@@ -203,7 +209,7 @@ class DraftDataset:
         expected = self.manifest["target"]
         actual = _target_shape(target_config)
         if actual != expected:
-            raise ValueError(f"{self.dir}: the data was recorded from a target with {expected}, "
+            raise ValueError(f"{self.dirs[0]}: the data was recorded from a target with {expected}, "
                              f"but this target has {actual}")
 
     def batch(self, indices: Sequence[int]) -> DraftBatch:
@@ -227,6 +233,17 @@ class DraftDataset:
 
         return DraftBatch(pad("input_ids", torch.long), pad("loss_mask", torch.bool), lengths,
                           pad("features", torch.float32), pad("target_hidden", torch.float32))
+
+
+def _finished_manifest(data_dir: Path) -> dict:
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; build the data with build_draft_data first")
+    manifest = json.loads(path.read_text())
+    if sum(s["num_seqs"] for s in manifest["shards"]) != manifest["num_prompts"]:
+        raise ValueError(f"{data_dir}: the data is unfinished ({len(manifest['shards'])} shards of "
+                         f"{manifest['num_shards']}); rerun build_draft_data to complete it")
+    return manifest
 
 
 def _open_manifest(out: Path, config: DraftDataConfig, target_config, prompt_ids) -> dict:

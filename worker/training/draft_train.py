@@ -116,11 +116,11 @@ def dflash_variant(config: DraftTrainConfig) -> DraftTrainConfig:
     return replace(config, markov_rank=0, confidence_with_markov=False)
 
 
-def train_draft(target_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+def train_draft(target_dir: str | Path, data_dir: str | Path | list, out_dir: str | Path,
                 work_dir: str | Path, config: DraftTrainConfig = DraftTrainConfig()) -> dict:
     """Train (or resume) a drafter for the target; save it to `out_dir` when done.
 
-    `work_dir` holds the initial draft (`init/`), `checkpoint.pt` and `log.jsonl`. Returns a
+    `data_dir` is one data directory or a list of them (combined). `work_dir` holds the initial draft (`init/`), `checkpoint.pt` and `log.jsonl`. Returns a
     summary dict; its `finished` is False when `config.stop_after_steps` paused the run.
     """
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -197,8 +197,9 @@ def _checkpoint(work_dir, draft, optimizer, scheduler, config, data, state) -> N
 
 
 def _data_identity(data: DraftDataset) -> dict:
-    m = data.manifest
-    return {"prompts_sha256": m["prompts_sha256"], "config": m["config"], "target": m["target"]}
+    ids = [{"prompts_sha256": m["prompts_sha256"], "config": m["config"], "target": m["target"]}
+           for m in data.manifests]
+    return ids[0] if len(ids) == 1 else {"combined": ids}
 
 
 def train_step(draft: DSparkDraft, optimizer, scheduler, data: DraftDataset,
