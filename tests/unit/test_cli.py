@@ -1,7 +1,8 @@
 """`sparkgrid` run in-process: the engine run streams and reports, calibration writes
 sts.json, and user errors exit 2 with a message that names the option, never a traceback.
 
-The tiny demo pair is built once per module into a temporary `$SPARKGRID_HOME`. Runs pick
+Without --target the shipped pair is served; the tiny demo pair is the fallback of an
+installation without it (built once into a temporary `$SPARKGRID_HOME`). Runs pick
 `fixed` or `ar` rather than the default `prefix`, which first profiles the target (SPS) and
 would dominate the time; `prefix` itself is covered by the engine's own tests.
 """
@@ -15,6 +16,7 @@ import shutil
 import pytest
 
 from worker.cli import main
+from worker.models import shipped_pair
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,11 @@ def run(home, monkeypatch, capsys):
     return call
 
 
-def test_engine_builds_the_demo_pair_and_streams_every_request(run, home):
+def test_engine_serves_the_shipped_pair_by_default_and_streams_every_request(run, home):
     code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12", "--policy", "fixed")
     assert code == 0, err
-    assert "building the tiny demo pair" in err
-    assert (home / "tiny-pair" / "target" / "config.json").is_file()
+    assert "stdlib-pair/target" in out.splitlines()[0] and "gibberish" not in out
+    assert "building" not in err and not (home / "tiny-pair").exists()
     lines = out.splitlines()
     for n in (1, 2, 3):
         done = [i for i, line in enumerate(lines) if line.startswith(f"[{n}] done: ")]
@@ -57,8 +59,17 @@ def test_engine_builds_the_demo_pair_and_streams_every_request(run, home):
     assert re.search(r"^forwards: target \d+ \(1 prefill \+ \d+ verify\), draft \d+;", out, re.M)
 
 
-def test_engine_json_summary_reuses_the_built_pair(run):
-    run("engine", "--max-tokens", "2", "--num-prompts", "1", "--policy", "ar")  # pair exists
+def test_without_the_shipped_pair_the_tiny_demo_pair_is_built_once(run, home, monkeypatch):
+    monkeypatch.setattr("worker.cli.shipped_pair", lambda: None)
+    code, out, err = run("engine", "--num-prompts", "1", "--max-tokens", "4", "--policy", "ar")
+    assert code == 0, err
+    assert "building the tiny demo pair" in err and "gibberish" in out
+    assert (home / "tiny-pair" / "target" / "config.json").is_file()
+    code, out, err = run("engine", "--num-prompts", "1", "--max-tokens", "4", "--policy", "ar")
+    assert code == 0 and "building" not in err
+
+
+def test_engine_json_summary(run):
     code, out, err = run("engine", "--json", "--policy", "fixed", "--max-tokens", "10",
                          "--prompt", "def add(a, b):", "--prompt", "x = [")
     assert code == 0, err
@@ -78,18 +89,20 @@ def test_engine_json_summary_reuses_the_built_pair(run):
     assert totals["draft_forwards"] >= 1 and totals["steps"] >= 1
 
 
-def test_calibrate_writes_sts_json_beside_the_draft(run, home, tmp_path):
-    run("engine", "--max-tokens", "1", "--num-prompts", "1", "--policy", "ar")  # pair exists
+def test_calibrate_writes_sts_json_beside_the_draft(run, tmp_path):
+    target, shipped_draft = shipped_pair()
     draft = tmp_path / "draft"
-    shutil.copytree(home / "tiny-pair" / "draft", draft)
+    shutil.copytree(shipped_draft, draft)  # calibrate writes into the draft: never the shipped one
+    (draft / "sts.json").unlink()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"def f(x):"\n{"prompt": "import os\\n"}\n\n"class A:"\n')
-    code, out, err = run("calibrate", "--target", str(home / "tiny-pair" / "target"),
+    code, out, err = run("calibrate", "--target", str(target),
                          "--draft", str(draft), "--prompts-file", str(prompts),
                          "--max-tokens", "24", "--temperature", "1.0")
     assert code == 0, err
     saved = json.loads((draft / "sts.json").read_text())
-    assert len(saved["temperatures"]) == 4 and all(t > 0 for t in saved["temperatures"])
+    gamma = json.loads((draft / "config.json").read_text())["block_size"]
+    assert len(saved["temperatures"]) == gamma and all(t > 0 for t in saved["temperatures"])
     assert "ECE before" in out and "sts.json" in out
 
 

@@ -67,12 +67,14 @@ class LLMEngine:
         self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache", draft.config)
                          if draft is not None else None)
         self.eos_ids = self._eos_ids(target, tokenizer, config)
-        self._check_policy(parse_policy(config.policy), "policy")
         self.sps = None
+        """SPS(B), the target's forwards per second by tokens per forward (the prefix policy's
+        cost model): profiled at start when `config.profile_sps`, or set by the owner."""
         if config.profile_sps and draft is not None:
             self.sps = load_or_profile(self.runner, dtype=self.dtype, max_tokens=config.max_batch_tokens,
                                        ctx_len=config.sps_context_len, gamma=self.gamma,
                                        cache_dir=config.sps_cache_dir)
+        self._check_policy(parse_policy(config.policy), "policy")
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -373,7 +375,7 @@ class LLMEngine:
         if needs_conf and not self.draft.config.enable_confidence_head:
             raise ValueError(f"{field}: {policy.value!r} needs a draft with a confidence head; "
                              "this draft has none (use 'fixed' or 'ar')")
-        if policy is Policy.PREFIX and not self.config.profile_sps:
+        if policy is Policy.PREFIX and self.sps is None:
             raise ValueError(f"{field}: 'prefix' needs the SPS profile (profile_sps=True)")
 
     def _make_kv(self, budget: int, name: str, cfg) -> PagedKV:
