@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker import launcher
 from worker.models import shipped_pair
 
 BUILTIN_PROMPTS = (
@@ -352,21 +353,13 @@ def _print_totals(t: dict) -> None:
 
 
 # -- sparkgrid worker --------------------------------------------------------------------------
-def _worker_args(p: argparse.ArgumentParser) -> None:
-    from worker.launcher import add_options
-
-    add_options(p)
-
-
 def _run_worker(args) -> int:
-    from worker.launcher import LaunchError, launch, options_from_args, stop_by_name
-
     try:
         if args.stop:
-            return stop_by_name(args.ray_address, args.stop)
-        opts = options_from_args(args, check_model_dir, str(sparkgrid_home() / "sps"))
-        return launch(opts)
-    except (LaunchError, ConnectionError) as err:
+            return launcher.stop_by_name(args.ray_address, args.stop)
+        opts = launcher.options_from_args(args, check_model_dir, str(sparkgrid_home() / "sps"))
+        return launcher.launch(opts)
+    except (launcher.LaunchError, ConnectionError) as err:
         raise UsageError(str(err)) from None
 
 
@@ -407,7 +400,7 @@ COMMANDS = {  # name: (help, add options, run)
     "engine": ("the main job for now: a small generation run of the DSpark engine",
                _engine_args, _run_engine),
     "worker": ("join this machine's GPU to the network: a detached, named worker actor on this "
-               "Ray node", _worker_args, _run_worker),
+               "Ray node", launcher.add_options, _run_worker),
     "calibrate": ("fit STS temperatures for a draft's confidence head; writes sts.json beside it",
                   _calibrate_args, _run_calibrate),
 }

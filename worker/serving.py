@@ -107,7 +107,7 @@ class EngineLoop:
         self._heartbeat = self._ready_at = time.monotonic()
         self._recent_steps: deque[tuple[float, int]] = deque()  # (monotonic end time, new tokens)
         self._recent_accept: deque[float] = deque(maxlen=RECENT_REQUESTS)
-        self._totals = {"requests": 0, "generated_tokens": 0, "steps": 0}
+        self._totals = {"requests": 0, "generated_tokens": 0}  # steps: the engine's own counter
         self._figures: dict = {}
         self.engine = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{config.name}", daemon=True)
@@ -245,7 +245,6 @@ class EngineLoop:
             elapsed = time.monotonic() - start
         new_tokens = sum(len(o.token_ids) for o in outputs)
         self._recent_steps.append((time.monotonic(), new_tokens))
-        self._totals["steps"] += 1
         self._totals["generated_tokens"] += new_tokens
         finished = self._deliver(outputs)
         self._publish()
@@ -315,6 +314,7 @@ class EngineLoop:
             "cache_used_fraction": alloc.num_used_blocks / alloc.num_blocks,
             "cache_reserved_fraction": alloc.num_reserved_blocks / alloc.num_blocks,
             "sps": asdict(engine.sps) if engine.sps is not None else None,
+            "steps": engine.counters.steps,
             **self._totals,
         }
         self._on_publish(self._figures)

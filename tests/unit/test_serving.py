@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
 def test_concurrent_greedy_jobs_give_the_targets_greedy_output(config):
     """Jobs joining a running batch at any step: greedy output is still the target's own (float64,
     so that batching cannot flip a near-tie)."""
-    config = WorkerConfig(**{**config.__dict__, "dtype": "float64"})
+    config = replace(config, dtype="float64")
     loop = EngineLoop(config, lambda: build_engine(config))
     loop.start()
     _wait(lambda: loop.state == "ready", 120)
@@ -182,7 +183,7 @@ def test_a_stuck_step_fails_the_health_check(config):
         release.wait(30)
         return real_step()
     engine.step = step
-    stuck_config = WorkerConfig(**{**config.__dict__, "stuck_after_s": 0.5})
+    stuck_config = replace(config, stuck_after_s=0.5)
     loop = EngineLoop(stuck_config, lambda: engine)
     loop.start()
     _wait(lambda: loop.state == "ready", 30)
@@ -220,7 +221,7 @@ def test_an_emulated_slowdown_shows_in_the_reported_profile(config):
 
 
 def _slowed(config, factor):
-    return WorkerConfig(**{**config.__dict__, "emulate_slowdown": factor})
+    return replace(config, emulate_slowdown=factor)
 
 
 @pytest.mark.parametrize("field, value", [("name", "bad name!"), ("name", ""), ("price_per_hour", -1.0),
