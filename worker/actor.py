@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import platform
 import socket
 import time
@@ -24,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.metrics import Counter, Gauge, Histogram
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from worker.engine.config import SamplingParams
+from worker.engine.config import Resume, SamplingParams
 from worker.serving import Chunk, EngineLoop, StepReport, build_engine
 from worker.worker_config import WorkerConfig
 
@@ -88,15 +89,19 @@ class WorkerActor:
         self._loop.start()
 
     @ray.method(num_returns="streaming")
-    async def generate(self, job_id: str, prompt: str | list[int], params: dict | None = None):
+    async def generate(self, job_id: str, prompt: str | list[int], params: dict | None = None,
+                       resume: dict | None = None):
         """Stream a job's `Chunk`s; the last has the finish reason and usage. `params` holds
-        `SamplingParams` fields. Bad input raises ValueError naming the field; a draining
-        worker raises WorkerDraining."""
+        `SamplingParams` fields; `resume` (`Resume` fields) continues a job another worker
+        began. Bad input raises ValueError naming the field; a draining worker raises
+        WorkerDraining."""
         sampling = _sampling_params(params)
+        resume = Resume(**_known_fields(resume, Resume, "resume"))
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         accepted = self._loop.submit(job_id, prompt, sampling,
-                                     lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
+                                     lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item),
+                                     resume)
         await asyncio.wrap_future(accepted)
         done = False
         try:
@@ -113,6 +118,11 @@ class WorkerActor:
     async def cancel(self, job_id: str) -> bool:
         """Abort a job; True if it was in the engine. Its stream ends with reason `abort`."""
         return await asyncio.wrap_future(self._loop.cancel(job_id))
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        """The target's tokenizer files (name -> bytes): the scheduler counts and resumes
+        tokens exactly as this worker does, without the weights."""
+        return _tokenizer_files(self.config.target)
 
     async def stats(self) -> dict:
         """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use."""
@@ -132,12 +142,16 @@ class WorkerActor:
 
 
 def _sampling_params(params: dict | None) -> SamplingParams:
-    params = dict(params or {})
-    fields = set(SamplingParams.__dataclass_fields__)
-    unknown = sorted(set(params) - fields)
+    return SamplingParams(**_known_fields(params, SamplingParams, "params"))
+
+
+def _known_fields(values: dict | None, cls, name: str) -> dict:
+    values = dict(values or {})
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"params: unknown fields {unknown}; expected some of {sorted(fields)}")
-    return SamplingParams(**params)
+        raise ValueError(f"{name}: unknown fields {unknown}; expected some of {sorted(fields)}")
+    return values
 
 
 def _identity(config: WorkerConfig) -> dict:
@@ -157,10 +171,25 @@ def _identity(config: WorkerConfig) -> dict:
         "draft": config.draft,
         "policy": config.policy,
         "max_batch_tokens": config.max_batch_tokens,
+        "max_context": _max_context(config.target),
         "emulate_slowdown": config.emulate_slowdown,
         "version": {"sparkgrid": _version("sparkgrid"), "torch": torch.__version__, "ray": ray.__version__},
         "started_at": time.time(),
     }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
+
+
+def _tokenizer_files(target: str) -> dict[str, bytes]:
+    return {name: (Path(target) / name).read_bytes() for name in TOKENIZER_FILES
+            if (Path(target) / name).is_file()}
+
+
+def _max_context(target: str) -> int | None:
+    config = json.loads((Path(target) / "config.json").read_text())
+    return config.get("max_position_embeddings")
 
 
 def model_id(target: str) -> str:

@@ -2,10 +2,10 @@
 
 `COMMANDS` is the table of subcommands; each adds its options and runs. For now: `engine`, the
 main job (a small generation run of the DSpark engine on this machine, streaming every
-request's text), `worker` (a node operator's GPU joins the Ray cluster; `worker/launcher.py`)
-and `calibrate` (fit STS temperatures for a draft from its own verification logs). The other
-network commands of the design (up, demo, head, generate, workers, keys, report) join the
-table as they are built.
+request's text), `worker` (a node operator's GPU joins the Ray cluster; `worker/launcher.py`),
+`calibrate` (fit STS temperatures for a draft from its own verification logs), and the
+scheduler's `head`, `keys`, `generate`, `workers` (`scheduler/cli.py`). The other commands of
+the design (up, demo, report) join the table as they are built.
 
 A user error (a missing directory, a bad option value, an input the engine refuses) prints
 `error: <what to fix>` to stderr and exits 2, never a traceback.
@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from scheduler import cli as scheduler_cli
 from worker import launcher
 from worker.models import shipped_pair
 
@@ -403,6 +404,7 @@ COMMANDS = {  # name: (help, add options, run)
                "Ray node", launcher.add_options, _run_worker),
     "calibrate": ("fit STS temperatures for a draft's confidence head; writes sts.json beside it",
                   _calibrate_args, _run_calibrate),
+    **scheduler_cli.COMMANDS,
 }
 
 

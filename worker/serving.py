@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.prefix_scheduler import SPSTable
 from worker.worker_config import WorkerConfig
 
@@ -70,6 +70,9 @@ class Chunk:
     """Last chunk only: `prompt_tokens` and `completion_tokens`."""
     stats: dict | None = None
     """Last chunk only: the request's speculation figures (`SpecStats.as_dict`)."""
+    spec: dict = field(default_factory=dict)
+    """So far: `draft_tokens`, `verified_tokens`, `accepted_tokens` (every chunk, so that a
+    caller whose worker dies mid-job still has them)."""
 
 
 @dataclass
@@ -122,12 +125,13 @@ class EngineLoop:
         return self._state
 
     def submit(self, job_id: str, prompt: str | list[int], params: SamplingParams,
-               sink: Callable[[Chunk | BaseException], None]) -> Future:
-        """Queue a job; the future resolves once the engine has accepted it (or raises
-        ValueError naming the bad field, WorkerDraining, WorkerFailed)."""
+               sink: Callable[[Chunk | BaseException], None], resume: Resume | None = None) -> Future:
+        """Queue a job (`resume`: continue one another worker began); the future resolves once
+        the engine has accepted it (or raises ValueError naming the bad field, WorkerDraining,
+        WorkerFailed)."""
         if not isinstance(job_id, str) or not job_id:
             raise ValueError(f"job_id: expected a non-empty string, got {job_id!r}")
-        return self._command(lambda: self._add(job_id, prompt, params, sink))
+        return self._command(lambda: self._add(job_id, prompt, params, sink, resume))
 
     def cancel(self, job_id: str) -> Future:
         """Abort a job between steps and free its cache; resolves True if it was running."""
@@ -220,11 +224,11 @@ class EngineLoop:
             except Exception as err:  # the caller's input was bad: it gets the error
                 fut.set_exception(err)
 
-    def _add(self, job_id, prompt, params, sink) -> None:
+    def _add(self, job_id, prompt, params, sink, resume) -> None:
         if self._state != "ready":
             raise WorkerDraining(f"worker {self.config.name} is {self._state}: it accepts no "
                                  "new jobs")
-        self.engine.add_request(prompt, params, req_id=job_id)
+        self.engine.add_request(prompt, params, req_id=job_id, resume=resume)
         self._sinks[job_id] = sink
         self._totals["requests"] += 1
 
@@ -255,9 +259,12 @@ class EngineLoop:
         finished = []
         for out in outputs:
             sink = self._sinks.get(out.req_id)
-            chunk = Chunk(out.req_id, list(out.token_ids), out.text)
+            stats = out.stats
+            chunk = Chunk(out.req_id, list(out.token_ids), out.text,
+                          spec={"draft_tokens": stats.draft_tokens_proposed,
+                                "verified_tokens": stats.tokens_verified,
+                                "accepted_tokens": stats.tokens_accepted})
             if out.finished:
-                stats = out.stats
                 mal = stats.mean_accept_length if stats.accept_lengths else None
                 chunk.finish_reason = out.finish_reason
                 chunk.usage = {"prompt_tokens": stats.prompt_tokens,

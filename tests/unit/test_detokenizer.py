@@ -145,3 +145,54 @@ def test_special_tokens_follow_skip_flag(tokenizer):
     keep = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False)
     assert "".join(skip.add([i]) for i in ids) + skip.finish() == "hello world"
     assert "".join(keep.add([i]) for i in ids) + keep.finish() == f"hello{EOS} world"
+
+
+# -- resuming a stream on another engine (the scheduler's failover) ---------------------------
+def _request_stream(tokenizer, prompt_ids, new_ids, stop=(), resume=None):
+    """Commit `new_ids` one by one into a Request as the engine does (up to a stop string);
+    return its streamed pieces, the last one the flush of a finish."""
+    import torch
+
+    from worker.engine.config import Resume, SamplingParams
+    from worker.engine.request import Request
+
+    resume = resume or Resume()
+    params = SamplingParams(max_tokens=len(new_ids) + 1, stop=stop)
+    req = Request("r", list(prompt_ids) + list(resume.token_ids), params, "ar",
+                  IncrementalDetokenizer(tokenizer, prompt_ids), frozenset(), 0, torch.device("cpu"))
+    req.resume(resume)
+    pieces = []
+    for tok in new_ids:
+        req.commit([tok])
+        pieces.append(req.take_output().text)
+        if req.finished:
+            break
+    req.finish("length")
+    pieces.append(req.take_output().text)
+    return pieces
+
+
+@pytest.mark.parametrize("stop", [(), (" 中文和",), ("🚀 x",)])
+def test_a_stream_resumed_at_any_token_continues_without_repeated_or_missing_text(tokenizer, stop):
+    from worker.engine.config import Resume
+
+    prompt_ids = tokenizer("Emoji:").input_ids
+    new_ids = tokenizer(" café 中文和日本語 🚀 x 👍🏽 done").input_ids
+    whole = _request_stream(tokenizer, prompt_ids, new_ids, stop)
+    expected = "".join(whole)
+    assert expected  # the stop strings cut the text, but not all of it
+    num_committed = len(whole) - 1  # a worker can die only before the stop string completes
+    assert num_committed > 3
+    for cut in range(1, num_committed):
+        delivered = "".join(_request_stream(tokenizer, prompt_ids, new_ids[:cut], stop)[:-1])  # no flush
+        rest = _request_stream(tokenizer, prompt_ids, new_ids[cut:], stop,
+                       Resume(tuple(new_ids[:cut]), len(delivered)))
+        assert delivered + "".join(rest) == expected, f"cut after {cut} tokens"
+
+
+def test_resume_refuses_more_characters_than_its_tokens_decode_to(tokenizer):
+    from worker.engine.config import Resume
+
+    ids = tokenizer("hello world").input_ids
+    with pytest.raises(ValueError, match="resume.num_chars"):
+        _request_stream(tokenizer, ids[:1], ids[2:], resume=Resume(tuple(ids[1:2]), 99))

@@ -57,6 +57,25 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Where a request continues when another engine began it (the scheduler's failover)."""
+
+    token_ids: tuple[int, ...] = ()
+    """Tokens already generated (and delivered); they extend the prompt here."""
+    num_chars: int = 0
+    """Characters of their text the client already has; only later text is streamed, so a
+    character split over tokens or text held back for a stop string is neither lost nor
+    repeated."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "token_ids", tuple(self.token_ids))
+        _require(all(isinstance(t, int) and not isinstance(t, bool) for t in self.token_ids),
+                 "resume.token_ids", "a list of token ids", self.token_ids)
+        _require(isinstance(self.num_chars, int) and self.num_chars >= 0, "resume.num_chars",
+                 "an integer >= 0", self.num_chars)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """One engine on one device."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
@@ -99,8 +99,11 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    req_id: str | None = None, policy: str | None = None) -> str:
-        """Queue a request; raises ValueError naming the field when the input is bad."""
+                    req_id: str | None = None, policy: str | None = None,
+                    resume: Resume | None = None) -> str:
+        """Queue a request; raises ValueError naming the field when the input is bad.
+        `resume` continues a request that another engine began (failover): its tokens extend
+        the prompt, and only text the client has not seen is streamed."""
         params = params or SamplingParams()
         pol = parse_policy(policy or self.config.policy, field="policy")
         self._check_policy(pol, "policy")
@@ -108,16 +111,19 @@ class LLMEngine:
         if req_id in self.requests:
             raise ValueError(f"req_id: {req_id!r} is already in the engine")
         ids = self._prompt_ids(prompt)
-        total = len(ids) + params.max_tokens
+        resume = resume or Resume()
+        context = ids + self._prompt_ids(resume.token_ids, "resume.token_ids", allow_empty=True)
+        total = len(context) + params.max_tokens
         if total > self.max_context:
-            raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+            raise ValueError(f"max_tokens: prompt ({len(context)} tokens) + max_tokens "
                              f"({params.max_tokens}) exceeds the model context of {self.max_context}")
         self.kv.allocator.check_fits_ever(total)
         if self.draft_kv is not None and pol is not Policy.AR:
             self.draft_kv.allocator.check_fits_ever(total)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
-        req = Request(req_id, ids, params, pol.value, detok, self.eos_ids, seed, self.device)
+        req = Request(req_id, context, params, pol.value, detok, self.eos_ids, seed, self.device)
+        req.resume(resume)
         self.requests[req_id] = req
         self.waiting.append(req)
         return req_id
@@ -351,18 +357,18 @@ class LLMEngine:
         else:  # never admitted (aborted while queued)
             self.waiting.remove(req)
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
+    def _prompt_ids(self, prompt, field: str = "prompt", allow_empty: bool = False) -> list[int]:
+        if isinstance(prompt, str) and field == "prompt":
             ids = self.tokenizer(prompt).input_ids
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
-            raise ValueError("prompt: expected a string or a list of token ids")
-        if not ids:
-            raise ValueError("prompt: must not be empty")
+            raise ValueError(f"{field}: expected a string or a list of token ids")
+        if not ids and not allow_empty:
+            raise ValueError(f"{field}: must not be empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
     def _check_policy(self, policy: Policy, field: str) -> None:

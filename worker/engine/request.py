@@ -108,6 +108,15 @@ class Request:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    def resume(self, resume) -> None:
+        """Continue after `resume.token_ids` (already part of `prompt_ids`): their text is known
+        to the client up to `resume.num_chars`; the rest is streamed first."""
+        self._text = "".join(self._detok.add([tok]) for tok in resume.token_ids)  # as commit()
+        if resume.num_chars > len(self._text):
+            raise ValueError(f"resume.num_chars: {resume.num_chars} exceeds the "
+                             f"{len(self._text)} characters that resume.token_ids decode to")
+        self._sent_text = resume.num_chars
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -1,0 +1,228 @@
+"""The scheduler's subcommands of `sparkgrid`: `head`, `keys`, `generate`, `workers`.
+
+Each is a pair (add options, run) that `worker/cli.py` puts in its table. A user error raises
+ValueError with a message that names the option; the table's `main` prints it and exits 2.
+
+Knows: options and output. Does not know: how the scheduler works inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import grpc
+
+from scheduler.config import SchedulerConfig, default_redis_url, shown_url
+from scheduler.errors import SchedulerError
+from scheduler.router import POLICIES
+
+
+# -- sparkgrid head ----------------------------------------------------------------------------
+def head_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default="auto", help="the Ray cluster's GCS address (host:port) or 'auto'")
+    p.add_argument("--redis-url", default=None, help="Redis of jobs, keys and the ledger "
+                   "(default: $SPARKGRID_REDIS_URL, else redis://127.0.0.1:6379/0)")
+    p.add_argument("--redis-prefix", default="sparkgrid", help="prefix of every Redis key")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="port of the API (0: any free one)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--policy", default="fastest", choices=POLICIES, help="routing policy")
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-attempts", type=int, default=3, help="workers one job may try (failover)")
+
+
+def run_head(args) -> int:
+    from scheduler.head import Scheduler
+
+    try:
+        config = SchedulerConfig(
+            ray_address=args.ray_address, redis_url=args.redis_url or default_redis_url(),
+            redis_prefix=args.redis_prefix, host=args.host, grpc_port=args.grpc_port,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.policy,
+            max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts)
+    except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
+        field, _, problem = str(err).partition(":")
+        raise ValueError(f"--{field.replace('_', '-')}:{problem}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(Scheduler(config)))
+
+
+async def _serve(scheduler) -> int:
+    try:
+        port = await scheduler.start()
+    except (SchedulerError, ConnectionError, OSError) as err:
+        raise ValueError(str(err)) from None
+    c = scheduler.config
+    print(f"sparkgrid scheduler {scheduler.owner} serving sparkgrid.v1.Inference on "
+          f"{c.host}:{port} ({'TLS' if c.tls_cert else 'plaintext'}), policy {c.policy}, "
+          f"Redis {shown_url(c.redis_url)}, workers: {len(scheduler.pool.stats())}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping: letting running streams end (up to 10 s)", flush=True)
+    await scheduler.stop(grace_s=10.0)
+    return 0
+
+
+# -- sparkgrid keys ----------------------------------------------------------------------------
+def keys_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="default: $SPARKGRID_REDIS_URL, else up.json's, "
+                   "else redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-prefix", default="sparkgrid")
+    sub = p.add_subparsers(dest="action", metavar="action", required=True)
+    create = sub.add_parser("create", help="a new API key for a tenant (shown once)")
+    create.add_argument("--tenant", required=True)
+    revoke = sub.add_parser("revoke", help="revoke a key by its id; it stops working at once")
+    revoke.add_argument("key_id")
+    listing = sub.add_parser("list", help="keys (ids, tenants, dates; never the keys)")
+    listing.add_argument("--tenant", default=None)
+
+
+def run_keys(args) -> int:
+    return asyncio.run(_keys(args))
+
+
+async def _keys(args) -> int:
+    from scheduler.keys import check_tenant
+    from scheduler.redis_store import RedisStore
+
+    store = RedisStore(_redis_url(args.redis_url), prefix=args.redis_prefix)
+    try:
+        if args.action == "create":
+            check_tenant(args.tenant)
+            key_id, api_key = await store.create_key(args.tenant)
+            print(f"key id:  {key_id}\ntenant:  {args.tenant}\napi key: {api_key}\n"
+                  "(the key is shown only now; it is stored as a hash)")
+        elif args.action == "revoke":
+            if not await store.revoke_key(args.key_id):
+                raise ValueError(f"key_id: no active key {args.key_id!r}")
+            print(f"revoked {args.key_id}")
+        else:
+            for key in await store.list_keys(args.tenant):
+                state = "revoked" if key.get("revoked_at") else "active"
+                print(f"{key['key_id']}  {key['tenant']:<24} {state}")
+    except SchedulerError as err:
+        raise ValueError(str(err)) from None
+    finally:
+        await store.close()
+    return 0
+
+
+def _redis_url(given: str | None) -> str:
+    import os
+
+    from scheduler.client import home
+    from scheduler.config import REDIS_URL_ENV
+
+    if given or os.environ.get(REDIS_URL_ENV):
+        return given or os.environ[REDIS_URL_ENV]
+    up = home() / "up.json"
+    if up.is_file():
+        return json.loads(up.read_text()).get("redis_url") or default_redis_url()
+    return default_redis_url()
+
+
+# -- sparkgrid generate / workers ---------------------------------------------------------------
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=None, help="host:port of the scheduler (default: up.json's)")
+    p.add_argument("--api-key", default=None, help="default: $SPARKGRID_API_KEY, else up.json's")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def generate_options(p: argparse.ArgumentParser) -> None:
+    _client_options(p)
+    p.add_argument("--max-tokens", type=int, default=0, help="most tokens (0: the server's default)")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--request-id", default="", help="idempotency key")
+    p.add_argument("--model", default="")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    p.add_argument("prompt")
+
+
+def run_generate(args) -> int:
+    from scheduler.client import Client, connection_from_home
+
+    endpoint, api_key = connection_from_home(args.endpoint, args.api_key)
+    fields = {k: v for k, v in dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop, request_id=args.request_id,
+        model=args.model).items() if v is not None}
+    with Client(endpoint, api_key, args.tls_ca) as client:
+        try:
+            last = None
+            for chunk in client.generate(args.prompt, timeout_s=args.timeout, **fields):
+                if args.json:
+                    print(json.dumps({"job_id": chunk.job_id, "text": chunk.text,
+                                      "token_ids": list(chunk.token_ids)}), flush=True)
+                else:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as err:
+            raise ValueError(f"{err.code().name}: {err.details()}") from None
+    usage = last.usage
+    summary = {"job_id": last.job_id, "finish_reason": last.finish_reason,
+               "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"\n[job {last.job_id}: {last.finish_reason}, {usage.prompt_tokens} prompt + "
+              f"{usage.completion_tokens} completion tokens]", file=sys.stderr)
+    return 0
+
+
+def workers_options(p: argparse.ArgumentParser) -> None:
+    _client_options(p)
+
+
+def run_workers(args) -> int:
+    from scheduler.client import Client, connection_from_home
+
+    endpoint, api_key = connection_from_home(args.endpoint, args.api_key)
+    with Client(endpoint, api_key, args.tls_ca) as client:
+        try:
+            workers = client.workers()
+        except grpc.RpcError as err:
+            raise ValueError(f"{err.code().name}: {err.details()}") from None
+    rows = [{"name": w.name, "state": w.state, "model": w.model, "gpu": w.gpu_type,
+             "node": w.node_ip, "waiting": w.num_waiting, "running": w.num_running,
+             "queued_tokens": w.remaining_tokens, "tok/s": round(w.tokens_per_second, 1),
+             "accept_len": round(w.mean_accept_length, 2), "usd/h": w.price_per_hour}
+            for w in workers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no live workers (start one with `sparkgrid worker`)")
+    else:
+        print(_table(rows))
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+COMMANDS = {  # name: (help, add options, run)
+    "head": ("the scheduler on a platform's head node: the gRPC API, routing, failover, ledger",
+             head_options, run_head),
+    "keys": ("create, revoke and list API keys (stored hashed in Redis)", keys_options, run_keys),
+    "generate": ("a client call: stream a completion to stdout", generate_options, run_generate),
+    "workers": ("a table of the live workers and their figures", workers_options, run_workers),
+}

@@ -1,0 +1,99 @@
+"""The scheduler's settings: one frozen dataclass, validated on creation, passed in explicitly.
+
+Knows: every limit and interval the scheduler runs with, and the one environment variable it
+reads (`SPARKGRID_REDIS_URL`, the default of `--redis-url`). Does not know: gRPC, Ray, Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from scheduler.router import POLICIES
+
+REDIS_URL_ENV = "SPARKGRID_REDIS_URL"
+
+
+def default_redis_url() -> str:
+    return os.environ.get(REDIS_URL_ENV, "redis://127.0.0.1:6379/0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """One scheduler on a platform's head node."""
+
+    ray_address: str = "auto"
+    """The Ray cluster whose worker actors (namespace `sparkgrid`) serve the jobs."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """The job store, API keys and usage ledger."""
+    redis_prefix: str = "sparkgrid"
+    """Prefix of every Redis key (several networks can share one Redis)."""
+    host: str = "127.0.0.1"
+    """Interface the gRPC server listens on (`0.0.0.0` for all)."""
+    grpc_port: int = 50051
+    """Port of the gRPC server; 0 picks a free one."""
+    tls_cert: str | None = None
+    """PEM certificate chain; with `tls_key`, the server speaks TLS only."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+    policy: str = "fastest"
+    """Routing policy: `fastest` (smallest predicted completion time), `round_robin`, `jsq`, `p2c`."""
+    default_model: str | None = None
+    """Model of requests that name none; None: the only model served (an error if several)."""
+    default_max_tokens: int = 256
+    """`max_tokens` of a request that gives 0."""
+    max_tokens_cap: int = 2048
+    """Largest `max_tokens` a request may ask for (the model's context limits it further)."""
+    max_prompt_chars: int = 65536
+    """Longest prompt in characters, checked before tokenizing."""
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_request_id_chars: int = 128
+    max_queue_per_worker: int = 256
+    """Requests queued on one worker (waiting + running + just sent) before it counts as full;
+    when every worker of a model is full, requests get RESOURCE_EXHAUSTED."""
+    max_attempts: int = 3
+    """Workers a job may try (the first and its failovers) before it fails."""
+    stall_timeout_s: float = 60.0
+    """A stream with no new chunk for this long counts as broken (a hung worker)."""
+    stats_interval_s: float = 0.5
+    """How often each worker's figures are read."""
+    discovery_interval_s: float = 2.0
+    """How often the Ray namespace is listed for new and lost workers."""
+    ledger_retry_s: float = 1.0
+    """Pause between retries of a ledger write while Redis is down."""
+
+    def __post_init__(self):
+        _require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
+        _require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)
+        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
+                 "given together with tls_key", self.tls_cert)
+        _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
+                 "a redis://, rediss:// or unix:// URL", _without_password(self.redis_url))
+        for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_chars", "max_stop_strings",
+                     "max_stop_chars", "max_request_id_chars", "max_queue_per_worker", "max_attempts"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        _require(self.default_max_tokens <= self.max_tokens_cap, "default_max_tokens",
+                 f"at most max_tokens_cap ({self.max_tokens_cap})", self.default_max_tokens)
+        for name in ("stall_timeout_s", "stats_interval_s", "discovery_interval_s", "ledger_retry_s"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be shown: `redis://:secret@host` becomes `redis://:***@host`."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+shown_url = _without_password

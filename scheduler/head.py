@@ -1,0 +1,113 @@
+"""The scheduler process: the parts put together, started and stopped in order.
+
+`Scheduler(config).start()` checks Redis, joins Ray and reads the workers, settles jobs that a
+previous scheduler left open, and serves `sparkgrid.v1.Inference` with the standard health
+service and server reflection (TLS when a certificate is given). `stop()` stops taking calls,
+lets running streams end (up to `grace_s`), writes the last ledger records, and leaves Ray.
+`sparkgrid head` runs one in the foreground until Ctrl-C or SIGTERM.
+
+Knows: start-up order, grpc.aio server setup. Does not know: what the methods do.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.dispatch import Dispatcher, LedgerWriter
+from scheduler.interceptors import ApiInterceptor
+from scheduler.jobs import JobState
+from scheduler.ledger import Bill, Segment
+from scheduler.redis_store import RedisStore
+from scheduler.server import InferenceServicer
+from scheduler.worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.owner = f"scheduler-{secrets.token_hex(4)}"
+        self.store = RedisStore(config.redis_url, prefix=config.redis_prefix)
+        self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
+                               config.discovery_interval_s, config.stall_timeout_s)
+        self.ledger = LedgerWriter(self.store, config.ledger_retry_s)
+        self.dispatcher = Dispatcher(config, self.pool, self.store, self.ledger, self.owner)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> int:
+        """Start serving; returns the port. Raises ConnectionError (Redis, Ray) saying why."""
+        await self.store.ping()
+        await self.pool.start()
+        self.ledger.start()
+        await self._settle_orphans()
+        self.server = grpc.aio.server(
+            interceptors=[ApiInterceptor(self.store.authenticate)],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.config, self.dispatcher, self.pool, self.store), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if not await self.ledger.flush(grace_s):
+            log.error("ledger: %d job records could not be written (Redis down)",
+                      self.ledger.pending)
+        await self.ledger.stop()
+        await self.pool.stop()
+        await self.store.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def _settle_orphans(self) -> None:
+        """Jobs a dead scheduler left open end as failed, billed for the tokens it recorded
+        as delivered (its last progress); the store's final-state check bills each once."""
+        for record in await self.store.open_jobs():
+            if record.get("owner") == self.owner:
+                continue
+            delivered = int(record.get("progress_completion_tokens") or 0)
+            now = time.time()
+            # Which worker delivered them is not recorded per chunk: they are booked to
+            # "unknown", so the per-worker totals still sum to the tenants'.
+            segments = (Segment("unknown", "unknown", 0, delivered),) if delivered else ()
+            bill = Bill(record["job_id"], record["tenant"], record["model"], now,
+                        int(record.get("prompt_tokens") or 0), delivered, segments)
+            fields = {"finish_reason": "", "finished_at": now, "completion_tokens": delivered,
+                      "error": f"the scheduler that ran it ({record.get('owner')}) stopped"}
+            await self.store.finish_job(record["job_id"], JobState.FAILED, fields, bill)
+            log.warning("job %s: left open by %s; settled as failed", record["job_id"],
+                        record.get("owner"))
+

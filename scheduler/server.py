@@ -1,0 +1,146 @@
+"""The gRPC servicer of `sparkgrid.v1.Inference`: protobuf in, domain types, protobuf out.
+
+Each method reads the caller's tenant (set by `ApiInterceptor`), turns the request message
+into domain values, calls the dispatcher, the pool or the store, and turns the answer back
+into messages. A client that cancels or disconnects cancels the method's task, which closes
+the job's stream and aborts it on its worker.
+
+Knows: the proto messages. Does not know: Ray, Redis, routing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from contextlib import aclosing
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.dispatch import Dispatcher
+from scheduler.errors import InvalidArgument, NotFound
+from scheduler.interceptors import TENANT
+from scheduler.ledger import MAX_DAYS, days_between, utc_day
+from scheduler.requests import JobRequest
+
+MAX_JOB_ID_CHARS = 64
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, config: SchedulerConfig, dispatcher: Dispatcher, pool, store):
+        self.config = config
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.store = store
+
+    async def Generate(self, request, context):
+        job = self._job_request(request)
+        async with aclosing(self.dispatcher.run(TENANT.get(), job)) as pieces:
+            async for piece in pieces:
+                yield _chunk(piece)
+
+    async def Complete(self, request, context):
+        job = self._job_request(request)
+        text, ids, last = [], [], None
+        async with aclosing(self.dispatcher.run(TENANT.get(), job)) as pieces:
+            async for piece in pieces:
+                text.append(piece.text)
+                ids.extend(piece.token_ids)
+                last = piece
+        return pb.Completion(job_id=last.job_id, text="".join(text), token_ids=ids, finish_reason=last.finish_reason,
+                             usage=pb.Usage(**last.usage))
+
+    async def Cancel(self, request, context):
+        job_id = _job_id_field(request.job_id)
+        cancelled, state = await self.dispatcher.cancel(TENANT.get(), job_id)
+        return pb.CancelResponse(cancelled=cancelled, state=state)
+
+    async def GetJob(self, request, context):
+        job_id = _job_id_field(request.job_id)
+        record = await self.store.get_job(job_id)
+        if record is None or record["tenant"] != TENANT.get():
+            raise NotFound(f"job_id: no job {job_id!r}")
+        record.update(self.dispatcher.progress(job_id) or {})
+        return _job(record)
+
+    async def ListWorkers(self, request, context):
+        TENANT.get()  # authenticated callers only (the interceptor made sure)
+        return pb.ListWorkersResponse(workers=[_worker(s) for s in self.pool.stats()])
+
+    async def GetUsage(self, request, context):
+        tenant = TENANT.get()
+        until = request.until or utc_day(time.time())
+        since = request.since or _days_before(until, MAX_DAYS - 1)  # "from the start"
+        days_between(since, until)  # validates both, naming the field
+        days = await self.store.usage("tenant", tenant, since, until)
+        report = pb.UsageReport(tenant=tenant)
+        for day, totals in days:
+            report.days.append(pb.UsageDay(day=day, jobs=totals.get("jobs", 0),
+                                           prompt_tokens=totals.get("prompt_tokens", 0),
+                                           completion_tokens=totals.get("completion_tokens", 0)))
+        report.jobs = sum(d.jobs for d in report.days)
+        report.prompt_tokens = sum(d.prompt_tokens for d in report.days)
+        report.completion_tokens = sum(d.completion_tokens for d in report.days)
+        return report
+
+    # -- conversions ---------------------------------------------------------------------------
+    def _job_request(self, request) -> JobRequest:
+        fields = {
+            "prompt": request.prompt, "max_tokens": request.max_tokens,
+            "temperature": request.temperature if request.HasField("temperature") else None,
+            "top_p": request.top_p if request.HasField("top_p") else None,
+            "top_k": request.top_k,
+            "seed": request.seed if request.HasField("seed") else None,
+            "stop": list(request.stop), "request_id": request.request_id, "model": request.model,
+        }
+        return JobRequest.check(fields, self.config, self.pool)
+
+
+def _chunk(piece) -> pb.GenerateChunk:
+    chunk = pb.GenerateChunk(job_id=piece.job_id, text=piece.text, token_ids=piece.token_ids)
+    if piece.finish_reason is not None:
+        chunk.finish_reason = piece.finish_reason
+        chunk.usage.CopyFrom(pb.Usage(**piece.usage))
+    return chunk
+
+
+def _days_before(day: str, num_days: int) -> str:
+    try:
+        return (datetime.date.fromisoformat(day) - datetime.timedelta(days=num_days)).isoformat()
+    except ValueError:
+        return day  # days_between names the bad field
+
+
+def _job_id_field(job_id: str) -> str:
+    if not job_id or len(job_id) > MAX_JOB_ID_CHARS:
+        raise InvalidArgument("job_id", f"expected a job id of 1 to {MAX_JOB_ID_CHARS} characters")
+    return job_id
+
+
+def _job(record: dict) -> pb.Job:
+    spec = record.get("spec") or {}
+    return pb.Job(
+        job_id=record["job_id"], request_id=record.get("request_id", ""),
+        model=record.get("model", ""), state=record["state"],
+        workers=record.get("workers") or [], finish_reason=record.get("finish_reason", ""),
+        usage=pb.Usage(prompt_tokens=record.get("prompt_tokens") or 0,
+                       completion_tokens=record.get("completion_tokens") or 0),
+        spec=pb.SpecStats(**{k: spec.get(k, 0) for k in
+                             ("draft_tokens", "verified_tokens", "accepted_tokens")}),
+        created_at=record.get("created_at") or 0.0, finished_at=record.get("finished_at") or 0.0,
+        error=record.get("error", ""))
+
+
+def _worker(stats: dict) -> pb.Worker:
+    state = stats.get("state", "unknown")
+    if not stats.get("healthy", True) or state in ("failed", "stopped"):
+        state = "unhealthy"
+    return pb.Worker(
+        name=stats["name"], node_ip=stats.get("node_ip", ""), gpu_type=stats.get("gpu_type", ""),
+        device_name=stats.get("device_name", ""), model=stats.get("model_id", ""), state=state,
+        num_waiting=stats.get("num_waiting", 0), num_running=stats.get("num_running", 0),
+        remaining_tokens=stats.get("remaining_tokens", 0),
+        tokens_per_second=stats.get("tokens_per_s", 0.0),
+        mean_accept_length=stats.get("mean_accept_length") or 0.0,
+        price_per_hour=stats.get("price_per_hour", 0.0))
+

@@ -1,0 +1,277 @@
+"""The scheduler's view of the workers: discovery, their figures, and the calls that run jobs.
+Every Ray call of the scheduler lives here.
+
+- Discovery: the named actors of the Ray namespace `sparkgrid` are listed every
+  `discovery_interval_s`; a new one is adopted once its `stats()` answer like a worker's, a
+  lost one (gone from the list, or dead when called) is dropped.
+- Figures: every worker's `stats()` and `check_health()` are read every `stats_interval_s`.
+  Between two reads, the pool counts what it sent each worker and the worker has not yet
+  reported accepting (its `requests` counter), so that a burst does not all land on the worker
+  that looked idle at the last read.
+- Models: the first worker of a model lends its tokenizer files; the scheduler counts and
+  resumes tokens with the same tokenizer as the workers.
+
+Knows: Ray, the worker actor's methods and figures. Does not know: gRPC, Redis, routing policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from scheduler.router import WorkerSnapshot
+from worker.actor import NAMESPACE
+from worker.engine.prefix_scheduler import SPSTable
+
+log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 5.0
+
+
+class WorkerLost(Exception):
+    """The worker died, stopped answering, or its stream broke: the job may resume elsewhere."""
+
+
+class WorkerRefused(Exception):
+    """The worker refused the job itself (bad input): resuming elsewhere would not help."""
+
+
+@dataclass
+class ModelInfo:
+    """What the scheduler needs of a model to check and resume requests."""
+
+    name: str
+    tokenizer: object
+    max_context: int
+    vocab_size: int
+
+
+@dataclass
+class _Worker:
+    name: str
+    handle: object
+    stats: dict
+    healthy: bool = True
+    failures: int = 0  # consecutive failed reads
+    sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
+    accepted: int = 0  # the worker's `requests` counter at the last read
+
+    def snapshot(self) -> WorkerSnapshot:
+        s = self.stats
+        sps = SPSTable(**s["sps"]) if s.get("sps") else None
+        return WorkerSnapshot(
+            name=self.name, model=s["model_id"], state=s["state"], healthy=self.healthy,
+            num_waiting=s.get("num_waiting", 0), num_running=s.get("num_running", 0),
+            remaining_tokens=s.get("remaining_tokens", 0), tokens_per_s=s.get("tokens_per_s", 0.0),
+            mean_accept_length=s.get("mean_accept_length"), sps=sps,
+            pending_requests=len(self.sent), pending_tokens=sum(t for _, t in self.sent))
+
+
+class WorkerPool:
+    """Live workers and their figures; `start()` joins Ray and begins reading them."""
+
+    def __init__(self, ray_address: str, stats_interval_s: float = 0.5,
+                 discovery_interval_s: float = 2.0, stall_timeout_s: float = 60.0):
+        self.ray_address = ray_address
+        self.stats_interval_s = stats_interval_s
+        self.discovery_interval_s = discovery_interval_s
+        self.stall_timeout_s = stall_timeout_s
+        self._workers: dict[str, _Worker] = {}
+        self._models: dict[str, ModelInfo] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._changed = asyncio.Event()
+
+    # -- life ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not ray.is_initialized():
+            await asyncio.to_thread(ray.init, address=self.ray_address, namespace=NAMESPACE,
+                                    logging_level="ERROR", log_to_driver=False)
+        await self._discover()
+        self._tasks = [asyncio.create_task(self._every(self.discovery_interval_s, self._discover)),
+                       asyncio.create_task(self._every(self.stats_interval_s, self._read_all))]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _every(self, interval_s: float, fn) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await fn()
+            except Exception:  # a bad round must not end the loop
+                log.exception("worker pool: %s failed", fn.__name__)
+
+    # -- what the scheduler reads ----------------------------------------------------------
+    def snapshots(self) -> list[WorkerSnapshot]:
+        return [w.snapshot() for w in self._workers.values()]
+
+    def stats(self) -> list[dict]:
+        """Each worker's latest figures, with `healthy` and the pool's pending count."""
+        return [{**w.stats, "healthy": w.healthy, "pending_requests": len(w.sent)}
+                for w in sorted(self._workers.values(), key=lambda w: w.name)]
+
+    def worker_stats(self, name: str) -> dict | None:
+        w = self._workers.get(name)
+        return None if w is None else w.stats
+
+    def model(self, name: str) -> ModelInfo | None:
+        return self._models.get(name)
+
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Return when the set of workers or their figures changed (or after `timeout_s`)."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- running a job's part on one worker ------------------------------------------------
+    async def generate(self, worker: str, job_id: str, prompt_ids: list[int], params: dict,
+                       resume: dict | None, budget_tokens: int):
+        """Stream the worker's chunks of a job. Raises WorkerLost (resume elsewhere) or
+        WorkerRefused (the worker says the input is bad). Closing the iterator early cancels
+        the job on the worker."""
+        w = self._workers.get(worker)
+        if w is None:
+            raise WorkerLost(f"worker {worker} is gone")
+        entry = [job_id, budget_tokens]
+        w.sent.append(entry)
+        stream = w.handle.generate.remote(job_id, prompt_ids, params, resume)
+        finished = started = False
+        try:
+            while not finished:
+                chunk = await self._next_chunk(worker, stream)
+                if chunk is None:
+                    raise WorkerLost(f"worker {worker}: the stream ended without a finish")
+                started, finished = True, chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if entry in w.sent:  # not yet seen in the worker's figures
+                w.sent.remove(entry)
+                if started:  # it was accepted: its next figures count it, which is accounted here
+                    w.accepted += 1
+            if not finished:
+                ray.cancel(stream)
+                asyncio.ensure_future(self.cancel(worker, job_id))
+
+    async def _next_chunk(self, worker: str, stream):
+        try:
+            ref = await asyncio.wait_for(stream.__anext__(), self.stall_timeout_s)
+            return await ref
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            self._mark_unhealthy(worker)
+            raise WorkerLost(f"worker {worker}: no output for {self.stall_timeout_s:g} s") from None
+        except RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            if isinstance(cause, ValueError):
+                raise WorkerRefused(str(cause)) from None
+            self._mark_unhealthy(worker)  # WorkerDraining, WorkerFailed: another worker may serve
+            raise WorkerLost(f"worker {worker}: {type(cause).__name__}: {cause}") from None
+        except RayActorError as err:
+            self._drop(worker)
+            raise WorkerLost(f"worker {worker} died: {_first_line(err)}") from None
+        except RayError as err:
+            self._mark_unhealthy(worker)
+            raise WorkerLost(f"worker {worker}: {_first_line(err)}") from None
+
+    async def cancel(self, worker: str, job_id: str) -> bool:
+        w = self._workers.get(worker)
+        if w is None:
+            return False
+        try:
+            return await asyncio.wait_for(w.handle.cancel.remote(job_id), CALL_TIMEOUT_S)
+        except (RayError, asyncio.TimeoutError):
+            return False
+
+    # -- discovery and figures --------------------------------------------------------------
+    async def _discover(self) -> None:
+        named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        names = {a["name"] for a in named if a["namespace"] == NAMESPACE}
+        for name in set(self._workers) - names:
+            self._drop(name)
+        new = [n for n in names - set(self._workers)]
+        await asyncio.gather(*(self._adopt(n) for n in new))
+
+    async def _adopt(self, name: str) -> None:
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            stats = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
+        except (ValueError, RayError, asyncio.TimeoutError):
+            return  # gone again, or not ready to answer: the next round tries again
+        if not isinstance(stats, dict) or "model_id" not in stats:
+            return  # a named actor of the namespace that is not a worker
+        if stats["model_id"] not in self._models:
+            try:
+                self._models[stats["model_id"]] = await self._load_model(handle, stats)
+            except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:
+                log.warning("worker %s: cannot load its tokenizer (%s); not adopted", name, err)
+                return
+        self._workers[name] = _Worker(name, handle, stats, accepted=stats.get("requests", 0))
+        log.info("worker %s joined (%s, %s)", name, stats["model_id"], stats.get("gpu_type"))
+        self._changed.set()
+
+    async def _load_model(self, handle, stats: dict) -> ModelInfo:
+        from transformers import AutoTokenizer
+
+        files = await asyncio.wait_for(handle.tokenizer_files.remote(), 30)
+        with tempfile.TemporaryDirectory() as tmp:
+            for fname, data in files.items():
+                (Path(tmp) / Path(fname).name).write_bytes(data)
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, tmp)
+        return ModelInfo(stats["model_id"], tokenizer, stats.get("max_context") or 1 << 30,
+                         len(tokenizer))
+
+    async def _read_all(self) -> None:
+        await asyncio.gather(*(self._read(w) for w in list(self._workers.values())))
+        self._changed.set()
+
+    async def _read(self, w: _Worker) -> None:
+        try:
+            stats = await asyncio.wait_for(w.handle.stats.remote(), CALL_TIMEOUT_S)
+            await asyncio.wait_for(w.handle.check_health.remote(), CALL_TIMEOUT_S)
+        except RayActorError:
+            return self._drop(w.name)
+        except RayTaskError:  # check_health: the engine loop failed or is stuck
+            w.healthy = False
+            return
+        except (RayError, asyncio.TimeoutError):  # no answer: once is noise, twice is a problem
+            w.failures += 1
+            w.healthy = w.failures < 2
+            return
+        w.failures, w.healthy = 0, stats.get("state") in ("ready", "draining", "loading")
+        accepted_now = stats.get("requests", 0)
+        for _ in range(max(0, accepted_now - w.accepted)):
+            if w.sent:
+                w.sent.popleft()
+        w.accepted, w.stats = accepted_now, stats
+
+    def _mark_unhealthy(self, name: str) -> None:
+        w = self._workers.get(name)
+        if w is not None:
+            w.healthy = False  # until its next good read
+
+    def _drop(self, name: str) -> None:
+        if self._workers.pop(name, None) is not None:
+            log.info("worker %s left", name)
+            self._changed.set()
+
+    def is_live(self, name: str) -> bool:
+        return name in self._workers
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
