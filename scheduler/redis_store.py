@@ -16,8 +16,9 @@ Keys (all under `{prefix}:`):
 
 Every change that must be all-or-nothing is one Lua script, so a crash or a duplicate call can
 never half-finish a job or bill it twice. Every Redis failure becomes `StoreUnavailable` naming
-host:port (never the password); there are no retries, so a down Redis fails a call within about
-`timeout_s` and the caller decides what to do.
+host:port (never the password). A call is retried once, at once, only when its connection
+failed (after a Redis restart the pool's old sockets fail once); so a down Redis fails a call
+within about 2 x `timeout_s` and the caller decides what to do.
 
 Knows: Redis, key layout, record encoding. Does not know: gRPC, Ray, routing.
 """
@@ -172,7 +173,7 @@ def _event(at: float, event: str, **details) -> str:
 
 class RedisStore:
     """Keys, jobs and usage in one Redis. Most methods are one round trip (a script or a
-    pipeline); none retries."""
+    pipeline), retried once on a fresh connection only when the connection failed."""
 
     def __init__(self, url: str, prefix: str = "sparkgrid", timeout_s: float = 2.0):
         parts = urlsplit(url)
