@@ -22,6 +22,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -52,6 +53,19 @@ class Piece:
     """Last piece only: prompt_tokens and completion_tokens, as billed."""
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One routing decision, for metrics and benchmarks."""
+
+    job_id: str
+    worker: str
+    route_s: float
+    """Time the router took to choose."""
+    overhead_s: float
+    """Time from the job's arrival here (its request checked) to this decision: writing the
+    job record and routing, the scheduler's own cost before a worker gets the job."""
+
+
 @dataclass
 class _Run:
     """A job in flight on this scheduler."""
@@ -59,6 +73,7 @@ class _Run:
     job_id: str
     tenant: str
     request: JobRequest
+    arrived: float = field(default_factory=time.perf_counter)
     worker: str | None = None
     cancelled: bool = False
     delivered_ids: list[int] = field(default_factory=list)
@@ -79,10 +94,13 @@ class Dispatcher:
         self.owner = owner
         self.router = router or Router(config.policy)
         self._runs: dict[str, _Run] = {}
+        self.decisions: deque[Decision] = deque(maxlen=100_000)
+        """The latest routing decisions, oldest first."""
 
     # -- the public operations ---------------------------------------------------------------
     async def run(self, tenant: str, request: JobRequest):
         """Pieces of the job's output; raises a SchedulerError before or during the stream."""
+        arrived = time.perf_counter()
         self._check_capacity(request.model)
         new_id = secrets.token_hex(12)
         job_id, created = await self.store.create_job({
@@ -92,7 +110,7 @@ class Dispatcher:
         if not created and job_id != new_id:  # (the same id: a retried write that had landed)
             yield await self._repeat(tenant, job_id)
             return
-        run = _Run(job_id, tenant, request)
+        run = _Run(job_id, tenant, request, arrived)
         self._runs[job_id] = run
         state, finish_reason = JobState.FAILED, None
         try:
@@ -157,8 +175,12 @@ class Dispatcher:
         budget = run.request.max_tokens - len(run.delivered_ids)
         deadline = time.monotonic() + (NO_WORKER_WAIT_S if run.workers else 0)
         while True:
+            start = time.perf_counter()
             chosen = self.router.choose(self.pool.snapshots(), run.request.model, budget, exclude)
             if chosen is not None:
+                now = time.perf_counter()
+                self.decisions.append(Decision(run.job_id, chosen.name, now - start,
+                                               now - run.arrived))
                 return chosen.name
             if time.monotonic() >= deadline:
                 why = "; ".join(run.errors) or "none is ready"

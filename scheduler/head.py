@@ -11,8 +11,10 @@ Knows: start-up order, grpc.aio server setup. Does not know: what the methods do
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -111,3 +113,34 @@ class Scheduler:
             log.warning("job %s: left open by %s; settled as failed", record["job_id"],
                         record.get("owner"))
 
+
+
+class SchedulerThread:
+    """A `Scheduler` on an event loop of its own thread, for a process that has other work on
+    its main thread (`sparkgrid up`, benchmarks, tests). `call(coro)` runs a coroutine there."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="scheduler",
+                                        daemon=True)
+        self._thread.start()
+        self.scheduler = Scheduler(config)
+        try:
+            self.port = self.call(self.scheduler.start())
+        except BaseException:
+            self._end_loop()
+            raise
+        self.endpoint = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{self.port}"
+
+    def call(self, coro, timeout_s: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        try:
+            self.call(self.scheduler.stop(grace_s), timeout_s=grace_s * 3 + 10)
+        finally:
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

@@ -61,10 +61,17 @@ class _Worker:
     failures: int = 0  # consecutive failed reads
     sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
     accepted: int = 0  # the worker's `requests` counter at the last read
+    sps: SPSTable | None = None
+
+    def __post_init__(self):
+        self.update(self.stats)
+
+    def update(self, stats: dict) -> None:
+        self.stats = stats
+        self.sps = SPSTable(**stats["sps"]) if stats.get("sps") else None
 
     def snapshot(self) -> WorkerSnapshot:
-        s = self.stats
-        sps = SPSTable(**s["sps"]) if s.get("sps") else None
+        s, sps = self.stats, self.sps
         return WorkerSnapshot(
             name=self.name, model=s["model_id"], state=s["state"], healthy=self.healthy,
             num_waiting=s.get("num_waiting", 0), num_running=s.get("num_running", 0),
@@ -256,7 +263,8 @@ class WorkerPool:
         for _ in range(max(0, accepted_now - w.accepted)):
             if w.sent:
                 w.sent.popleft()
-        w.accepted, w.stats = accepted_now, stats
+        w.accepted = accepted_now
+        w.update(stats)
 
     def _mark_unhealthy(self, name: str) -> None:
         w = self._workers.get(name)

@@ -89,57 +89,11 @@ def sps_cache_dir(sparkgrid_home) -> str:
     return str(sparkgrid_home / "sps")
 
 
-class RedisServer:
-    """A private, real `redis-server` on a free loopback port, so that tests never touch a
-    shared Redis and can stop and restart theirs (outage tests)."""
-
-    def __init__(self, workdir, persistent: bool = False):
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.persistent = persistent
-        """Append-only file, fsync on every write: a restart keeps everything (outage tests)."""
-        self._proc = None
-
-    def start(self) -> None:
-        import shutil
-        import socket
-        import subprocess
-        import time
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed (Debian: apt install redis-server)")
-        self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(10)
-            self._proc = None
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """A private real Redis for the session; `.url`, `.stop()`, `.start()`."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    """A private real Redis for the session (tests never touch a shared one); `.url`,
+    `.stop()`, `.start()`."""
+    server = _local_redis(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
 
@@ -156,7 +110,17 @@ def redis_prefix(request) -> str:
 def persistent_redis(tmp_path_factory):
     """A private real Redis that keeps its data across `stop()`/`start()` (append-only, fsync
     always), for tests of what survives an outage."""
-    server = RedisServer(tmp_path_factory.mktemp("redis_aof"), persistent=True)
-    server.start()
+    server = _local_redis(tmp_path_factory.mktemp("redis_aof"), persistent=True)
     yield server
     server.stop()
+
+
+def _local_redis(workdir, persistent: bool = False):
+    from scheduler.local_redis import LocalRedis
+
+    server = LocalRedis(workdir, persistent=persistent)
+    try:
+        server.start()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return server

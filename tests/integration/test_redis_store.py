@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
-import subprocess
 import time
 from datetime import datetime, timezone
 
@@ -18,6 +16,7 @@ from scheduler.errors import InvalidArgument, NotFound, StoreUnavailable, Unauth
 from scheduler.jobs import JobState, TransitionError
 from scheduler.keys import new_key
 from scheduler.ledger import Bill, Segment
+from scheduler.local_redis import LocalRedis, free_port
 from scheduler.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
@@ -54,12 +53,6 @@ async def run_to_billed(store, job_id, finished_at, tenant="acme"):
     bill = two_segment_bill(job_id, finished_at, tenant)
     return await store.finish_job(job_id, JobState.FINISHED,
                                   {"finished_at": finished_at, "segments": list(bill.segments)}, bill)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- API keys ---------------------------------------------------------------------------------
@@ -381,41 +374,8 @@ def test_a_redis_that_never_answers_times_out_instead_of_hanging(redis_prefix):
         assert asyncio.run(scenario()) < 2
 
 
-class DurableRedis:
-    """A private redis-server that keeps every write on disk (AOF, fsync always) in `workdir`,
-    so that a stop and start is an outage, not a wipe."""
-
-    def __init__(self, workdir):
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc = None
-
-    def start(self):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis(port=self.port, socket_timeout=0.2).ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self):
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(10)
-            self._proc = None
-
-
 def test_outage_fails_calls_then_the_same_store_recovers_with_totals_intact(tmp_path, redis_prefix):
-    server = DurableRedis(tmp_path)
+    server = LocalRedis(tmp_path, persistent=True)  # a stop and start is an outage, not a wipe
     server.start()
     day = "2025-06-02"
     try:

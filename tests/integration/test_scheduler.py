@@ -7,10 +7,16 @@ synchronous gRPC client, as a user's would be.
 
 from __future__ import annotations
 
-import asyncio
 import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,7 +31,7 @@ from protos import inference_pb2 as pb  # noqa: E402
 from protos.inference_pb2_grpc import InferenceStub  # noqa: E402
 from scheduler.client import Client  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.head import Scheduler  # noqa: E402
+from scheduler.head import SchedulerThread  # noqa: E402
 from scheduler.redis_store import RedisStore  # noqa: E402
 from worker import actor  # noqa: E402
 from worker.launcher import LaunchOptions, launch  # noqa: E402
@@ -42,26 +48,6 @@ def _wait(cond, timeout_s: float, what: str = "condition"):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
     return value
-
-
-class SchedulerThread:
-    """A `Scheduler` on an event loop of its own thread (as `sparkgrid head` runs it)."""
-
-    def __init__(self, config: SchedulerConfig):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.scheduler = Scheduler(config)
-        self.port = self.call(self.scheduler.start())
-        self.endpoint = f"127.0.0.1:{self.port}"
-
-    def call(self, coro, timeout_s: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def stop(self):
-        self.call(self.scheduler.stop(grace_s=2))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +312,7 @@ def test_a_worker_killed_mid_stream_is_lossless_at_temperature_0(client, head, m
     serving = _wait(lambda: list(client.job(job_id).workers), 5, "the job's worker")[-1]
     actor.kill(actor.find_worker(serving))
     got += list(stream)
+    _wait(lambda: serving not in {w.name for w in client.workers()}, 5, "the lost worker dropped")
     assert "".join(c.text for c in got) == reference.text
     assert [t for c in got for t in c.token_ids] == list(reference.token_ids)
     assert got[-1].usage == reference.usage
@@ -333,7 +320,7 @@ def test_a_worker_killed_mid_stream_is_lossless_at_temperature_0(client, head, m
     assert len(job.workers) == 2 and job.workers[0] == serving != job.workers[1]
     assert job.usage.completion_tokens == len(reference.token_ids)
     make_worker(serving, emulate_slowdown=2.0 if serving == "w-2" else 1.0)  # for what follows
-    _wait(lambda: len(head.scheduler.pool.stats()) == 2, 30, "the replacement adopted")
+    _wait(lambda: len(head.scheduler.pool.stats()) == 2, 5, "the new worker adopted")
 
 
 def test_reconciliation_over_200_mixed_requests(head, tenant_keys, make_worker):
@@ -384,3 +371,99 @@ def test_reconciliation_over_200_mixed_requests(head, tenant_keys, make_worker):
         _wait(lambda: booked() == tuple(received[t]), 20, f"{t}'s ledger equal to what it received")
     for c in clients.values():
         c.close()
+
+
+# -- the `sparkgrid head`, `keys`, `generate` and `workers` commands; a scheduler that dies --------
+def _sparkgrid(*args, home, timeout_s=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("sparkgrid")), *args],
+                          capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "SPARKGRID_HOME": str(home)})
+
+
+def _start_head(cluster, redis_url: str, home) -> tuple[subprocess.Popen, str]:
+    cmd = [str(Path(sys.executable).with_name("sparkgrid")), "head", "--ray-address",
+           ray.get_runtime_context().gcs_address, "--redis-url", redis_url, "--redis-prefix",
+           "cli-test", "--host", "127.0.0.1", "--grpc-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SPARKGRID_HOME": str(home)})
+    line = proc.stdout.readline()  # printed once serving
+    match = re.search(r"on 127\.0\.0\.1:(\d+)", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, f"127.0.0.1:{match.group(1)}"
+
+
+def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
+        cluster, workers, persistent_redis, tmp_path):
+    created = _sparkgrid("keys", "create", "--tenant", "cli-co", "--redis-url", persistent_redis.url,
+                         "--redis-prefix", "cli-test", home=tmp_path)
+    assert created.returncode == 0, created.stderr
+    api_key = re.search(r"api key: (\S+)", created.stdout).group(1)
+    bad = _sparkgrid("keys", "create", "--tenant", "no spaces", "--redis-url", persistent_redis.url,
+                     home=tmp_path)
+    assert bad.returncode == 2 and "tenant" in bad.stderr and "Traceback" not in bad.stderr
+
+    proc, endpoint = _start_head(cluster, persistent_redis.url, tmp_path)
+    try:
+        _wait(lambda: Client(endpoint, api_key).workers(), 30, "workers seen by the head")
+        shown = _sparkgrid("workers", "--endpoint", endpoint, "--api-key", api_key, home=tmp_path)
+        assert shown.returncode == 0 and "w-1" in shown.stdout and "w-2" in shown.stdout
+        out = _sparkgrid("generate", "--endpoint", endpoint, "--api-key", api_key,
+                         "--max-tokens", "12", "--temperature", "0", PROMPT, home=tmp_path)
+        assert out.returncode == 0 and out.stdout and "completion tokens" in out.stderr
+        wrong = _sparkgrid("generate", "--endpoint", endpoint, "--api-key", api_key,
+                           "--temperature", "9", PROMPT, home=tmp_path)
+        assert wrong.returncode == 2 and "INVALID_ARGUMENT: temperature" in wrong.stderr
+
+        client = Client(endpoint, api_key)
+        before = client.usage()
+        stream = client.generate(PROMPT, max_tokens=400, temperature=0.8, timeout_s=120)
+        first = next(stream)
+        received = len(first.token_ids)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # past a progress record (one a second)
+            received += len(next(stream).token_ids)
+        proc.kill()  # the scheduler dies without writing the job's end
+        proc.wait(10)
+        with pytest.raises(grpc.RpcError):
+            list(stream)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait(lambda: _running_on_workers(None) == 0, 15, "the orphaned job freed on its worker")
+
+    for restart in range(2):  # a restarted scheduler settles it; a second restart bills nothing more
+        proc, endpoint = _start_head(cluster, persistent_redis.url, tmp_path)
+        try:
+            with Client(endpoint, api_key) as again:
+                job = again.job(first.job_id)
+                assert job.state == "failed" and "stopped" in job.error
+                assert 0 < job.usage.completion_tokens <= received
+                after = again.usage()
+                assert after.jobs == before.jobs + 1
+                assert after.completion_tokens == before.completion_tokens + job.usage.completion_tokens
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
+def test_with_a_certificate_the_api_speaks_tls_only(cluster, workers, persistent_redis, tenant_keys, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    config = SchedulerConfig(redis_url=persistent_redis.url, redis_prefix="sched-test",
+                             grpc_port=0, tls_cert=str(cert), tls_key=str(key))
+    tls_head = SchedulerThread(config)
+    try:
+        _wait(lambda: len(tls_head.scheduler.pool.stats()) >= 2, 30, "workers adopted")
+        with Client(tls_head.endpoint, tenant_keys["acme"][1], ca_file=str(cert)) as secure:
+            assert secure.complete(PROMPT, max_tokens=4, temperature=0).usage.completion_tokens > 0
+        with Client(tls_head.endpoint, tenant_keys["acme"][1]) as plain, \
+                pytest.raises(grpc.RpcError) as err:
+            plain.workers(timeout_s=5)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        tls_head.stop()

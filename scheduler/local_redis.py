@@ -1,0 +1,79 @@
+"""A private `redis-server` child process: for one machine's whole stack, benchmarks and tests.
+
+`LocalRedis(workdir).start()` runs the `redis-server` found on PATH on a free loopback port,
+optionally with a password and append-only persistence in `workdir`, and waits until it
+accepts connections; `stop()` ends it (and its data, unless persistent). It never touches a
+Redis it did not start.
+
+Knows: the redis-server command line, ports, processes. Does not know: what is stored.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRedis:
+    def __init__(self, workdir: str | Path, *, persistent: bool = False,
+                 password: str | None = None, port: int | None = None):
+        self.workdir = Path(workdir)
+        self.persistent = persistent
+        """Append-only file in `workdir`, fsync on every write: a restart keeps everything."""
+        self.password = password
+        self.port = port or free_port()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server: not found on PATH (Debian/Ubuntu: "
+                                    "apt install redis-server; macOS: brew install redis)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+                "--dir", str(self.workdir), "--protected-mode", "yes"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start: "
+                                   f"{self._proc.stderr.read().decode(errors='replace')[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not accept connections on port {self.port} "
+                           f"within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+            self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None

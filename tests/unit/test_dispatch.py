@@ -1,0 +1,193 @@
+"""One job's life in the dispatcher, with a fake worker pool and job store (no Ray, Redis or
+gRPC): admission errors, failover with resume, the bound on attempts, refusals, cancellation,
+and the record each job ends with."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.config import SchedulerConfig
+from scheduler.dispatch import Dispatcher
+from scheduler.errors import InvalidArgument, ResourceExhausted, Unavailable
+from scheduler.jobs import JobState
+from scheduler.requests import JobRequest
+from scheduler.router import WorkerSnapshot
+from scheduler.worker_pool import WorkerLost, WorkerRefused
+from worker.serving import Chunk
+
+REQUEST = JobRequest("p", (5, 6, 7), "m", 10, 0.0, 1.0, 0, 3, (), "")
+
+
+def snapshot(name, queued=0):
+    return WorkerSnapshot(name, "m", "ready", True, 0, queued, 10 * queued, 50.0, None, None)
+
+
+class FakePool:
+    """Workers named in `scripts`: each a list of chunks to stream, ending in a finish or in
+    an exception (WorkerLost/WorkerRefused) raised after the chunks."""
+
+    def __init__(self, scripts, queued=0):
+        self.scripts = scripts
+        self.queued = queued
+        self.calls = []
+        self.closed = []
+
+    def snapshots(self):
+        return [snapshot(n, self.queued) for n in self.scripts if n not in self.closed_for_good()]
+
+    def closed_for_good(self):
+        return {c["worker"] for c in self.calls}  # one attempt per worker in these tests
+
+    def worker_stats(self, name):
+        return {"gpu_type": f"gpu-{name}"}
+
+    async def wait_changed(self, timeout_s):
+        await asyncio.sleep(0)
+
+    async def cancel(self, worker, job_id):
+        return True
+
+    async def generate(self, worker, job_id, prompt_ids, params, resume, budget):
+        self.calls.append({"worker": worker, "prompt_ids": prompt_ids, "params": params,
+                           "resume": resume, "budget": budget})
+        try:
+            for item in self.scripts[worker]:
+                if isinstance(item, Exception):
+                    raise item
+                await asyncio.sleep(0)
+                yield item
+        finally:
+            self.closed.append(worker)
+
+
+class FakeStore:
+    def __init__(self):
+        self.jobs = {}
+
+    async def create_job(self, fields):
+        self.jobs[fields["job_id"]] = dict(fields, state="queued")
+        return fields["job_id"], True
+
+    async def start_job(self, job_id, worker, at):
+        self.jobs[job_id]["state"] = "running"
+
+    async def record_progress(self, job_id, completion_tokens, at):
+        pass
+
+
+class Records:
+    def __init__(self):
+        self.records = []
+
+    def finish(self, record):
+        self.records.append(record)
+
+
+def chunk(ids, text, finish=None):
+    return Chunk("j", list(ids), text, finish, spec={"draft_tokens": 4 * len(ids),
+                                                    "verified_tokens": 2 * len(ids),
+                                                    "accepted_tokens": len(ids)})
+
+
+def make(scripts, **config):
+    pool, store, ledger = FakePool(scripts, config.pop("queued", 0)), FakeStore(), Records()
+    cfg = SchedulerConfig(max_attempts=config.pop("max_attempts", 3), **config)
+    return Dispatcher(cfg, pool, store, ledger, owner="test"), pool, store, ledger
+
+
+async def collect(dispatcher, request=REQUEST):
+    return [p async for p in dispatcher.run("acme", request)]
+
+
+def test_no_ready_worker_is_unavailable_and_records_nothing():
+    dispatcher, _, store, ledger = make({})
+    with pytest.raises(Unavailable, match="no live worker"):
+        asyncio.run(collect(dispatcher))
+    assert store.jobs == {} and ledger.records == []
+
+
+def test_all_queues_full_is_resource_exhausted_with_a_retry_hint():
+    dispatcher, *_ = make({"a": [], "b": []}, queued=300, max_queue_per_worker=256)
+    with pytest.raises(ResourceExhausted) as err:
+        asyncio.run(collect(dispatcher))
+    assert err.value.retry_after_s > 0
+
+
+def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
+    dispatcher, pool, _, ledger = make({
+        "a": [chunk([1, 2], "ab"), chunk([3], ""), WorkerLost("a died")],
+        "b": [chunk([4], "cd"), chunk([5], "e", "stop")],
+    })
+    pieces = asyncio.run(collect(dispatcher))
+    first, second = pool.calls
+    assert second["worker"] != first["worker"]
+    assert second["resume"] == {"token_ids": [1, 2, 3], "num_chars": 2}
+    assert second["params"]["max_tokens"] == second["budget"] == 10 - 3
+    assert second["prompt_ids"] == first["prompt_ids"] == [5, 6, 7]
+    assert second["params"]["seed"] == first["params"]["seed"] == 3
+    assert [t for p in pieces for t in p.token_ids] == [1, 2, 3, 4, 5]
+    assert "".join(p.text for p in pieces) == "abcde"
+    assert pieces[-1].usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    (record,) = ledger.records
+    assert record["state"] is JobState.FINISHED and record["fields"]["workers"] == ["a", "b"]
+    bill = record["bill"]
+    assert [(s.worker, s.completion_tokens, s.prompt_tokens) for s in bill.segments] == \
+           [("a", 3, 3), ("b", 2, 6)]
+    # A chunk's spec figures are the worker's running totals: each part's last one counts.
+    assert record["fields"]["spec"] == {"draft_tokens": 4 + 4, "verified_tokens": 2 + 2,
+                                        "accepted_tokens": 1 + 1}
+
+
+def test_after_max_attempts_the_job_fails_naming_each_failure_and_bills_what_was_delivered():
+    lost = lambda n: [chunk([n], "x"), WorkerLost(f"{n} broke")]  # noqa: E731
+    dispatcher, pool, _, ledger = make({"a": lost(1), "b": lost(2), "c": lost(3), "d": lost(4)},
+                                       max_attempts=3)
+
+    async def run():
+        got = []
+        with pytest.raises(Unavailable) as err:
+            async for piece in dispatcher.run("acme", REQUEST):
+                got.append(piece)
+        return got, err.value
+
+    got, err = asyncio.run(run())
+    assert len(pool.calls) == 3 and "after 3 attempts" in str(err)
+    assert str(err).count("broke") == 3 and len(got) == 3
+    (record,) = ledger.records
+    assert record["state"] is JobState.FAILED and record["bill"].completion_tokens == 3
+
+
+def test_a_worker_that_refuses_the_input_fails_the_job_with_the_field_named():
+    dispatcher, pool, _, ledger = make({"a": [WorkerRefused("max_tokens: too many")],
+                                        "b": [chunk([1], "x", "stop")]})
+    with pytest.raises(InvalidArgument) as err:
+        asyncio.run(collect(dispatcher))
+    assert err.value.field == "max_tokens" and len(pool.calls) == 1
+    assert ledger.records[0]["state"] is JobState.FAILED
+
+
+def test_an_abort_the_scheduler_did_not_ask_for_counts_as_a_lost_worker():
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([], "", "abort")],
+                                        "b": [chunk([2], "y", "length")]})
+    pieces = asyncio.run(collect(dispatcher))
+    assert [p.finish_reason for p in pieces][-1] == "length" and len(pool.calls) == 2
+    assert ledger.records[0]["state"] is JobState.FINISHED
+
+
+def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_delivered():
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([2], "y"),
+                                              chunk([3], "z", "length")]})
+
+    async def run():
+        stream = dispatcher.run("acme", REQUEST)
+        first = await stream.__anext__()
+        await stream.aclose()  # what a disconnecting client's cancelled call does
+        return first
+
+    asyncio.run(run())
+    assert pool.closed == ["a"]
+    (record,) = ledger.records
+    assert record["state"] is JobState.CANCELLED and record["bill"].completion_tokens == 1
+    assert record["fields"]["finish_reason"] == "abort"
