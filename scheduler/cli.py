@@ -74,15 +74,18 @@ async def _serve(scheduler) -> int:
 
 # -- sparkgrid keys ----------------------------------------------------------------------------
 def keys_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=None, help="default: $SPARKGRID_REDIS_URL, else up.json's, "
-                   "else redis://127.0.0.1:6379/0")
-    p.add_argument("--redis-prefix", default="sparkgrid")
+    redis = argparse.ArgumentParser(add_help=False)  # accepted after the action too
+    redis.add_argument("--redis-url", default=None, help="default: $SPARKGRID_REDIS_URL, else "
+                       "up.json's, else redis://127.0.0.1:6379/0")
+    redis.add_argument("--redis-prefix", default="sparkgrid")
     sub = p.add_subparsers(dest="action", metavar="action", required=True)
-    create = sub.add_parser("create", help="a new API key for a tenant (shown once)")
+    create = sub.add_parser("create", parents=[redis], help="a new API key for a tenant (shown once)")
     create.add_argument("--tenant", required=True)
-    revoke = sub.add_parser("revoke", help="revoke a key by its id; it stops working at once")
+    revoke = sub.add_parser("revoke", parents=[redis],
+                            help="revoke a key by its id; it stops working at once")
     revoke.add_argument("key_id")
-    listing = sub.add_parser("list", help="keys (ids, tenants, dates; never the keys)")
+    listing = sub.add_parser("list", parents=[redis],
+                             help="keys (ids, tenants, dates; never the keys)")
     listing.add_argument("--tenant", default=None)
 
 
