@@ -26,7 +26,7 @@ from ray.util.metrics import Counter, Gauge, Histogram
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from worker.engine.config import Resume, SamplingParams
-from worker.serving import Chunk, EngineLoop, StepReport, build_engine
+from worker.serving import EngineLoop, StepReport, build_engine
 from worker.worker_config import WorkerConfig
 
 NAMESPACE = "sparkgrid"

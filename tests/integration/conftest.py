@@ -42,3 +42,45 @@ def structured_pairs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    """A local Ray cluster (token authentication on) joined by this process, for one module;
+    with the dashboard when the module sets `RAY_DASHBOARD = True`."""
+    import ray
+
+    from worker import actor
+
+    ctx = ray.init(num_cpus=8, namespace=actor.NAMESPACE, logging_level="ERROR",
+                   include_dashboard=getattr(request.module, "RAY_DASHBOARD", False))
+    yield ctx
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def make_worker(cluster, served_pair, sps_cache_dir):
+    """Starts a worker through `launch` (what `sparkgrid worker` runs); returns (its handle,
+    its config, what the launcher printed). Every worker started is killed at the module's end."""
+    import io
+
+    import ray
+
+    from worker import actor
+    from worker.launcher import LaunchOptions, launch
+    from worker.worker_config import WorkerConfig
+
+    target, draft = served_pair
+    started = []
+
+    def make(name: str, **changes):
+        config = WorkerConfig(name=name, target=target, draft=draft, gpu_type="cpu",
+                              sps_cache_dir=sps_cache_dir, max_batch_tokens=64, **changes)
+        out = io.StringIO()
+        assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config), out=out) == 0
+        started.append(name)
+        return actor.find_worker(name), config, out.getvalue()
+    yield make
+    for name in started:
+        if (handle := actor.find_worker(name)) is not None:
+            actor.kill(handle)

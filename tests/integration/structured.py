@@ -17,7 +17,6 @@ from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
                           Qwen3ForCausalLM)
 
 from worker.engine.draft_checkpoint import random_dspark_checkpoint, save_dspark_checkpoint
-from worker.engine.draft_config import DraftConfig
 from worker.engine.drafter import DSparkDraft
 
 VOCAB = 32

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine

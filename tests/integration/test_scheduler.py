@@ -7,7 +7,6 @@ synchronous gRPC client, as a user's would be.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -34,8 +33,6 @@ from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.head import SchedulerThread  # noqa: E402
 from scheduler.redis_store import RedisStore  # noqa: E402
 from worker import actor  # noqa: E402
-from worker.launcher import LaunchOptions, launch  # noqa: E402
-from worker.worker_config import WorkerConfig  # noqa: E402
 
 pytestmark = pytest.mark.integration
 PROMPT = "def parse_args(argv):\n"
@@ -51,35 +48,9 @@ def _wait(cond, timeout_s: float, what: str = "condition"):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ctx = ray.init(num_cpus=8, namespace=actor.NAMESPACE, include_dashboard=False,
-                   logging_level="ERROR")
-    yield ctx
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def make_worker(cluster, served_pair, sps_cache_dir):
-    target, draft = served_pair
-    started = []
-
-    def make(name: str, **changes):
-        config = WorkerConfig(name=name, target=target, draft=draft, gpu_type="cpu",
-                              sps_cache_dir=sps_cache_dir, max_batch_tokens=64, **changes)
-        assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config),
-                      out=io.StringIO()) == 0
-        started.append(name)
-        return actor.find_worker(name)
-    yield make
-    for name in started:
-        if (handle := actor.find_worker(name)) is not None:
-            actor.kill(handle)
-
-
-@pytest.fixture(scope="module")
 def workers(make_worker):
     """Two workers; `w-2` is emulated 2x slower, so jobs last long enough to act on."""
-    return {"w-1": make_worker("w-1"), "w-2": make_worker("w-2", emulate_slowdown=2.0)}
+    return {"w-1": make_worker("w-1")[0], "w-2": make_worker("w-2", emulate_slowdown=2.0)[0]}
 
 
 @pytest.fixture(scope="module")

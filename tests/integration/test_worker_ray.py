@@ -3,7 +3,6 @@ streaming, cancel, drain, death, the dashboard's metrics and Ray's state CLI."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,41 +18,12 @@ ray = pytest.importorskip("ray")
 import ray.util.state  # noqa: E402
 
 from worker import actor  # noqa: E402
-from worker.launcher import LaunchError, LaunchOptions, launch  # noqa: E402
+from worker.launcher import LaunchError  # noqa: E402
 from worker.serving import WorkerDraining, build_engine  # noqa: E402
-from worker.worker_config import WorkerConfig  # noqa: E402
 from worker.engine.config import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster (token authentication on, dashboard on) joined by this process."""
-    ctx = ray.init(num_cpus=8, namespace=actor.NAMESPACE, include_dashboard=True,
-                   logging_level="ERROR")
-    yield ctx
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def make_worker(cluster, served_pair, sps_cache_dir):
-    """Starts a worker through `launch` (what `sparkgrid worker` runs) and returns its handle."""
-    target, draft = served_pair
-    started = []
-
-    def make(name: str, **changes):
-        config = WorkerConfig(name=name, target=target, draft=draft, gpu_type="cpu",
-                              sps_cache_dir=sps_cache_dir, max_batch_tokens=64, **changes)
-        out = io.StringIO()
-        assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config), out=out) == 0
-        started.append(name)
-        return actor.find_worker(name), config, out.getvalue()
-    yield make
-    for name in started:
-        handle = actor.find_worker(name)
-        if handle is not None:
-            actor.kill(handle)
+RAY_DASHBOARD = True  # the metrics test reads the dashboard's metrics endpoint
 
 
 @pytest.fixture(scope="module")

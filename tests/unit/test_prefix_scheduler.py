@@ -223,3 +223,13 @@ def test_parse_policy_accepts_values_and_names_field_on_error():
     with pytest.raises(ValueError, match=r"spec\.policy must be one of 'ar', 'fixed', "
                                          r"'threshold', 'prefix'; got 'dynamic'"):
         parse_policy("dynamic", field="spec.policy")
+
+
+def test_the_scalar_sps_lookup_agrees_with_the_tensor_one():
+    sps = SPSTable([1, 2, 8, 64, 256], [90.0, 88.0, 60.0, 21.0, 5.5])
+    counts = [1, 1.5, 2, 3, 7.9, 8, 40, 64, 100, 256, 300, 4096]
+    tensor = 1.0 / sps.step_time(torch.tensor(counts, dtype=torch.float64))
+    assert [sps(c) for c in counts] == pytest.approx(tensor.tolist(), rel=1e-12)
+    assert SPSTable([1], [7.0])(123) == 7.0
+    with pytest.raises(ValueError, match=">= 1 token"):
+        sps(0.5)

@@ -10,6 +10,7 @@ Not here: profiling the target (the engine measures and builds the `SPSTable`), 
 confidence (the drafter, then `sts`), or deciding which requests run this step.
 """
 
+import bisect
 import enum
 import json
 import math
@@ -66,9 +67,19 @@ class SPSTable:
                 f"SPSTable steps_per_second must be finite and positive; got {sps}"
             )
 
-    def __call__(self, num_tokens: int) -> float:
-        """Predicted steps per second for a forward of `num_tokens` (>= 1) tokens."""
-        return float(1.0 / self.step_time(torch.tensor([float(num_tokens)]))[0])
+    def __call__(self, num_tokens: float) -> float:
+        """Predicted steps per second for a forward of `num_tokens` (>= 1) tokens; the scalar
+        form of `step_time`, in plain Python (the router calls it per worker per request)."""
+        if num_tokens < 1:
+            raise ValueError(f"SPSTable covers forwards of >= 1 token; got {num_tokens}")
+        xs, ts = self.batch_tokens, [1.0 / s for s in self.steps_per_second]
+        if len(xs) == 1:
+            return 1.0 / ts[0]
+        i = min(max(bisect.bisect_right(xs, num_tokens) - 1, 0), len(xs) - 2)
+        slope = (ts[i + 1] - ts[i]) / (xs[i + 1] - xs[i])
+        if num_tokens > xs[-1]:
+            return 1.0 / (ts[-1] + max(slope, 0.0) * (num_tokens - xs[-1]))
+        return 1.0 / (ts[i] + slope * (num_tokens - xs[i]))
 
     def step_time(self, num_tokens: torch.Tensor) -> torch.Tensor:  # [N] -> [N] float64
         """Predicted seconds per forward for each entry of `num_tokens` (all >= 1)."""

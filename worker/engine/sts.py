@@ -171,8 +171,6 @@ def _ece_rows(
         bins = (p * num_bins).long().clamp(0, num_bins - 1)  # [C, N]
         flat = (bins + num_bins * torch.arange(c)[:, None]).reshape(-1)  # [C*N]
         size = c * num_bins
-        count = torch.zeros(size, dtype=torch.float64).index_add_(0, flat, torch.ones_like(flat,
-                                                                   dtype=torch.float64))
         conf_sum = torch.zeros(size, dtype=torch.float64).index_add_(0, flat, p.reshape(-1))
         label_sum = torch.zeros(size, dtype=torch.float64).index_add_(
             0, flat, label.expand(c, n).reshape(-1))

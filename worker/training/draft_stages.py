@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from worker.engine.calibration import calibrate_sts
 from worker.engine.config import EngineConfig, SamplingParams
