@@ -33,6 +33,8 @@ def head_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--policy", default="fastest", choices=POLICIES, help="routing policy")
+    p.add_argument("--prices", default=None, help="the price book (TOML); default: the one "
+                   "shipped in scheduler/prices.toml")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-attempts", type=int, default=3, help="workers one job may try (failover)")
 
@@ -44,7 +46,7 @@ def run_head(args) -> int:
         config = SchedulerConfig(
             ray_address=args.ray_address, redis_url=args.redis_url or default_redis_url(),
             redis_prefix=args.redis_prefix, host=args.host, grpc_port=args.grpc_port,
-            tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.policy,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.policy, prices=args.prices,
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts)
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
         field, _, problem = str(err).partition(":")
@@ -81,6 +83,13 @@ def keys_options(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="action", required=True)
     create = sub.add_parser("create", parents=[redis], help="a new API key for a tenant (shown once)")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--plan", default=None, help="set the tenant's plan (a plan of the price book)")
+    plan = sub.add_parser("plan", parents=[redis], help="set a tenant's plan")
+    plan.add_argument("--tenant", required=True)
+    plan.add_argument("--plan", required=True)
+    for action in (create, plan):
+        action.add_argument("--prices", default=None, help="price book the plan must be in "
+                            "(default: the shipped one)")
     revoke = sub.add_parser("revoke", parents=[redis],
                             help="revoke a key by its id; it stops working at once")
     revoke.add_argument("key_id")
@@ -99,11 +108,18 @@ async def _keys(args) -> int:
 
     store = RedisStore(_redis_url(args.redis_url), prefix=args.redis_prefix)
     try:
-        if args.action == "create":
+        if args.action in ("create", "plan"):
             check_tenant(args.tenant)
+            if args.plan is not None:
+                _check_plan(args.plan, args.prices)
+                await store.set_tenant_plan(args.tenant, args.plan)
+        if args.action == "plan":
+            print(f"tenant {args.tenant}: plan {args.plan}")
+        elif args.action == "create":
             key_id, api_key = await store.create_key(args.tenant)
-            print(f"key id:  {key_id}\ntenant:  {args.tenant}\napi key: {api_key}\n"
-                  "(the key is shown only now; it is stored as a hash)")
+            plan = await store.tenant_plan(args.tenant) or "(the price book's default)"
+            print(f"key id:  {key_id}\ntenant:  {args.tenant}\nplan:    {plan}\n"
+                  f"api key: {api_key}\n(the key is shown only now; it is stored as a hash)")
         elif args.action == "revoke":
             if not await store.revoke_key(args.key_id):
                 raise ValueError(f"key_id: no active key {args.key_id!r}")
@@ -117,6 +133,15 @@ async def _keys(args) -> int:
     finally:
         await store.close()
     return 0
+
+
+def _check_plan(plan: str, prices: str | None) -> None:
+    from scheduler.prices import DEFAULT_BOOK, PriceBook
+
+    book = PriceBook.load(prices or DEFAULT_BOOK)
+    if plan not in book.plans:
+        raise ValueError(f"--plan: {plan!r} is not a plan of the price book {book.version} "
+                         f"(plans: {', '.join(sorted(book.plans))})")
 
 
 def _redis_url(given: str | None) -> str:

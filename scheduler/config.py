@@ -36,6 +36,8 @@ class SchedulerConfig:
     """PEM certificate chain; with `tls_key`, the server speaks TLS only."""
     tls_key: str | None = None
     """PEM private key of `tls_cert`."""
+    prices: str | None = None
+    """The price book (TOML, see `prices.py`); None: the one shipped with sparkgrid."""
     policy: str = "fastest"
     """Routing policy: `fastest` (smallest predicted completion time), `round_robin`, `jsq`, `p2c`."""
     default_model: str | None = None

@@ -31,6 +31,8 @@ from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, Stor
                               Unavailable)
 from scheduler.jobs import FINAL, JobState
 from scheduler.ledger import Bill, Segment
+from scheduler.prices import Plan, PriceBook
+from scheduler.quota import Admission
 from scheduler.requests import JobRequest
 from scheduler.router import Router
 from scheduler.worker_pool import WorkerLost, WorkerRefused
@@ -73,6 +75,7 @@ class _Run:
     job_id: str
     tenant: str
     request: JobRequest
+    plan: Plan
     arrived: float = field(default_factory=time.perf_counter)
     worker: str | None = None
     cancelled: bool = False
@@ -86,8 +89,9 @@ class _Run:
 
 class Dispatcher:
     def __init__(self, config: SchedulerConfig, pool, store, ledger_writer: LedgerWriter,
-                 owner: str, router: Router | None = None):
+                 owner: str, prices: PriceBook, router: Router | None = None):
         self.config = config
+        self.prices = prices
         self.pool = pool
         self.store = store
         self.ledger = ledger_writer
@@ -103,14 +107,17 @@ class Dispatcher:
         arrived = time.perf_counter()
         self._check_capacity(request.model)
         new_id = secrets.token_hex(12)
+        plan = self.prices.plan(await self.store.tenant_plan(tenant))
+        now = time.time()
+        admission = Admission(plan.limits, len(request.prompt_ids) + request.max_tokens, now)
         job_id, created = await self.store.create_job({
             "job_id": new_id, "tenant": tenant, "model": request.model,
             "request_id": request.request_id, "params": request.params(),
-            "owner": self.owner, "created_at": time.time()})
+            "owner": self.owner, "created_at": now}, admission)
         if not created and job_id != new_id:  # (the same id: a retried write that had landed)
             yield await self._repeat(tenant, job_id)
             return
-        run = _Run(job_id, tenant, request, arrived)
+        run = _Run(job_id, tenant, request, plan, arrived)
         self._runs[job_id] = run
         state, finish_reason = JobState.FAILED, None
         try:
@@ -252,9 +259,12 @@ class Dispatcher:
     def _final_record(self, run: _Run, state: JobState, finish_reason: str | None) -> dict:
         usage = self._usage(run)
         now = time.time()
+        charge = self.prices.charge_uusd(run.plan, run.request.model, usage["prompt_tokens"],
+                                         usage["completion_tokens"])
         bill = Bill(run.job_id, run.tenant, run.request.model, now, usage["prompt_tokens"],
-                    usage["completion_tokens"], tuple(run.segments))
+                    usage["completion_tokens"], tuple(run.segments), charge)
         fields = {"finish_reason": finish_reason or "", "finished_at": now,
+                  "charge_uusd": charge, "plan": run.plan.name, "price_version": self.prices.version,
                   "error": "; ".join(run.errors) if state is JobState.FAILED else "",
                   "workers": list(run.workers), "segments": [s.__dict__ for s in run.segments],
                   "spec": _spec_totals(run.segments), "text": "".join(run.text),
@@ -299,6 +309,7 @@ class _Part:
                        draft_tokens=self.spec.get("draft_tokens", 0),
                        verified_tokens=self.spec.get("verified_tokens", 0),
                        accepted_tokens=self.spec.get("accepted_tokens", 0),
+                       spec_steps=self.spec.get("spec_steps", 0),
                        busy_ms=round(1000 * (self.last - self.started)))
 
 

@@ -26,9 +26,11 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.dispatch import Dispatcher, LedgerWriter
+from scheduler.errors import StoreUnavailable
 from scheduler.interceptors import ApiInterceptor
 from scheduler.jobs import JobState
 from scheduler.ledger import Bill, Segment
+from scheduler.prices import DEFAULT_BOOK, PriceBook
 from scheduler.redis_store import RedisStore
 from scheduler.server import InferenceServicer
 from scheduler.worker_pool import WorkerPool
@@ -36,6 +38,7 @@ from scheduler.worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+WORKER_TIME_EVERY_S = 5.0
 
 
 class Scheduler:
@@ -46,10 +49,13 @@ class Scheduler:
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
                                config.discovery_interval_s, config.stall_timeout_s)
         self.ledger = LedgerWriter(self.store, config.ledger_retry_s)
-        self.dispatcher = Dispatcher(config, self.pool, self.store, self.ledger, self.owner)
+        self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
+        self.dispatcher = Dispatcher(config, self.pool, self.store, self.ledger, self.owner,
+                                     self.prices)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
+        self._time_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Start serving; returns the port. Raises ConnectionError (Redis, Ray) saying why."""
@@ -57,6 +63,7 @@ class Scheduler:
         await self.pool.start()
         self.ledger.start()
         await self._settle_orphans()
+        self._time_task = asyncio.create_task(self._record_worker_time())
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -88,8 +95,28 @@ class Scheduler:
             log.error("ledger: %d job records could not be written (Redis down)",
                       self.ledger.pending)
         await self.ledger.stop()
+        if self._time_task is not None:
+            self._time_task.cancel()
+            await asyncio.gather(self._time_task, return_exceptions=True)
+            await self._flush_worker_time()
         await self.pool.stop()
         await self.store.close()
+
+    async def _record_worker_time(self) -> None:
+        while True:
+            await asyncio.sleep(WORKER_TIME_EVERY_S)
+            await self._flush_worker_time()
+
+    async def _flush_worker_time(self) -> None:
+        """Workers' online and busy time, into the ledger (kept for later while Redis is down)."""
+        entries = self.pool.take_worker_time()
+        for i, (name, registration, day, online_ms, active_ms) in enumerate(entries):
+            try:
+                await self.store.record_worker_time(name, registration, day, online_ms, active_ms)
+            except StoreUnavailable as err:
+                log.warning("ledger: worker time not yet written (%s)", err)
+                self.pool.give_back_worker_time(entries[i:])
+                return
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -105,9 +132,13 @@ class Scheduler:
             # Which worker delivered them is not recorded per chunk: they are booked to
             # "unknown", so the per-worker totals still sum to the tenants'.
             segments = (Segment("unknown", "unknown", 0, delivered),) if delivered else ()
-            bill = Bill(record["job_id"], record["tenant"], record["model"], now,
-                        int(record.get("prompt_tokens") or 0), delivered, segments)
+            plan = self.prices.plan(await self.store.tenant_plan(record["tenant"]))
+            prompt = int(record.get("prompt_tokens") or 0)
+            charge = self.prices.charge_uusd(plan, record["model"], prompt, delivered)
+            bill = Bill(record["job_id"], record["tenant"], record["model"], now, prompt,
+                        delivered, segments, charge)
             fields = {"finish_reason": "", "finished_at": now, "completion_tokens": delivered,
+                      "charge_uusd": charge, "plan": plan.name, "price_version": self.prices.version,
                       "error": f"the scheduler that ran it ({record.get('owner')}) stopped"}
             await self.store.finish_job(record["job_id"], JobState.FAILED, fields, bill)
             log.warning("job %s: left open by %s; settled as failed", record["job_id"],

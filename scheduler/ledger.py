@@ -5,12 +5,13 @@ A job is billed from what the scheduler itself delivered (`Bill`); the workers' 
 `increments(bill)` maps (dimension, key, day) to {field: amount}:
 
 - `tenant` (key: the tenant), `model` (key: the model) and `all` (key: "all") get the job's
-  fields: `jobs` = 1, the billed `prompt_tokens` and `completion_tokens`, and the segments'
-  `draft_tokens`, `verified_tokens`, `accepted_tokens`.
+  fields: `jobs` = 1, the billed `prompt_tokens`, `completion_tokens` and `charge_uusd`, and the
+  segments' `draft_tokens`, `verified_tokens`, `accepted_tokens`, `spec_steps`.
 - `worker` (key: the worker's name) and `gpu` (key: the GPU type) get, per distinct worker
   (GPU type) of the job's segments: `segments`, their delivered `completion_tokens`, their
   `processed_prompt_tokens` (the prompts they prefilled: a failover re-sends the delivered
-  tokens as prompt, so this is real work, not billed work), spec tokens and `busy_ms`. The job's
+  tokens as prompt, so this is real work, not billed work), spec figures, `busy_ms`, and the
+  job's charge split by delivered tokens (whole micro-dollars, largest remainder). The job's
   `jobs` = 1 and billed `prompt_tokens` go to the FIRST segment's worker (GPU type) only.
 
 So every dimension partitions the same job: for each job field, the sum over any dimension's
@@ -32,16 +33,21 @@ from scheduler.errors import InvalidArgument
 
 DIMENSIONS = ("tenant", "model", "worker", "gpu", "all")
 JOB_FIELDS = ("jobs", "prompt_tokens", "completion_tokens", "draft_tokens", "verified_tokens",
-              "accepted_tokens")
+              "accepted_tokens", "spec_steps", "charge_uusd")
 """Fields of the `tenant`, `model` and `all` dimensions."""
 WORKER_FIELDS = JOB_FIELDS + ("segments", "processed_prompt_tokens", "busy_ms")
 """Fields of the `worker` and `gpu` dimensions."""
+WORKER_TIME_FIELDS = ("online_ms", "active_ms", "gpu_cost_scaled")
+"""Fields the scheduler adds as it watches workers (`worker`, `gpu` and `all` dimensions)."""
+GPU_COST_SCALE = 3_600_000
+"""`gpu_cost_scaled` is micro-dollars x this (online ms x micro-dollars per hour), exact;
+reports divide by it and round half-even to whole micro-dollars once per worker and day."""
 NO_WORKER = "(none)"
 """The worker and GPU type a bill without segments is booked under."""
 MAX_DAYS = 3660
 """Longest range `days_between` returns: ten years and change."""
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_SPEC = ("draft_tokens", "verified_tokens", "accepted_tokens")
+_SPEC = ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")
 
 
 def _check_count(owner: str, name: str, value) -> None:
@@ -70,6 +76,9 @@ class Segment:
     accepted_tokens: int = 0
     busy_ms: int = 0
     """Wall time from dispatch to its last token, milliseconds."""
+    spec_steps: int = 0
+    """Speculative decoding steps (each commits its accepted tokens plus one): the mean
+    accepted length is 1 + accepted_tokens / spec_steps."""
 
     def __post_init__(self):
         _check_name("segment", "worker", self.worker)
@@ -90,6 +99,8 @@ class Bill:
     prompt_tokens: int
     completion_tokens: int
     segments: tuple[Segment, ...] = ()
+    charge_uusd: int = 0
+    """What the tenant is charged, in micro-dollars (`prices.py` computes it)."""
 
     def __post_init__(self):
         _check_name("bill", "job_id", self.job_id)
@@ -101,6 +112,7 @@ class Bill:
             raise ValueError(f"{owner}: finished_at must be unix seconds; got {self.finished_at!r}")
         _check_count(owner, "prompt_tokens", self.prompt_tokens)
         _check_count(owner, "completion_tokens", self.completion_tokens)
+        _check_count(owner, "charge_uusd", self.charge_uusd)
         if not (isinstance(self.segments, tuple) and all(isinstance(s, Segment) for s in self.segments)):
             raise ValueError(f"{owner}: segments must be a tuple of Segment; got {self.segments!r}")
 
@@ -131,7 +143,8 @@ def days_between(since: str, until: str) -> list[str]:
 
 
 def _job_fields(bill: Bill) -> dict[str, int]:
-    out = {"jobs": 1, "prompt_tokens": bill.prompt_tokens, "completion_tokens": bill.completion_tokens}
+    out = {"jobs": 1, "prompt_tokens": bill.prompt_tokens, "completion_tokens": bill.completion_tokens,
+           "charge_uusd": bill.charge_uusd}
     for name in _SPEC:
         out[name] = sum(getattr(s, name) for s in bill.segments)
     return out
@@ -141,6 +154,12 @@ def _per_owner(bill: Bill, attr: str) -> dict[str, dict[str, int]]:
     """Worker fields per distinct `attr` ("worker" or "gpu_type") of the bill's segments."""
     first = getattr(bill.segments[0], attr) if bill.segments else NO_WORKER
     out = {first: {"jobs": 1, "prompt_tokens": bill.prompt_tokens}}
+    shares = _charge_shares(bill)
+    for seg, charge in zip(bill.segments, shares):
+        owner = out.setdefault(getattr(seg, attr), {})
+        owner["charge_uusd"] = owner.get("charge_uusd", 0) + charge
+    if not bill.segments:
+        out[first]["charge_uusd"] = bill.charge_uusd
     for seg in bill.segments:
         totals = out.setdefault(getattr(seg, attr), {})
         amounts = {"segments": 1, "completion_tokens": seg.completion_tokens,
@@ -149,6 +168,35 @@ def _per_owner(bill: Bill, attr: str) -> dict[str, dict[str, int]]:
         for name, amount in amounts.items():
             totals[name] = totals.get(name, 0) + amount
     return out
+
+
+def worker_time(online_ms: int, active_ms: int, price_uusd_per_hour: int) -> dict[str, int]:
+    """What `online_ms` of a worker (`active_ms` of it busy) adds: its time and GPU cost."""
+    for name, value in (("online_ms", online_ms), ("active_ms", active_ms),
+                        ("price_uusd_per_hour", price_uusd_per_hour)):
+        _check_count("worker time", name, value)
+    if active_ms > online_ms:
+        raise ValueError(f"worker time: active_ms ({active_ms}) exceeds online_ms ({online_ms})")
+    return {"online_ms": online_ms, "active_ms": active_ms,
+            "gpu_cost_scaled": online_ms * price_uusd_per_hour}
+
+
+def _charge_shares(bill: Bill) -> list[int]:
+    """The job's charge split over its segments by delivered tokens, in whole micro-dollars
+    that add up exactly (largest remainder; ties to the earlier segment). With nothing
+    delivered, the first segment takes it all."""
+    segs = bill.segments
+    if not segs:
+        return []
+    total = sum(s.completion_tokens for s in segs)
+    if total == 0:
+        return [bill.charge_uusd] + [0] * (len(segs) - 1)
+    exact = [bill.charge_uusd * s.completion_tokens for s in segs]  # x total
+    shares = [e // total for e in exact]
+    order = sorted(range(len(segs)), key=lambda i: (-(exact[i] % total), i))
+    for i in order[:bill.charge_uusd - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def increments(bill: Bill) -> dict[tuple[str, str, str], dict[str, int]]:

@@ -37,109 +37,27 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from scheduler import keys
-from scheduler.errors import InvalidArgument, NotFound, StoreUnavailable, Unauthenticated
+from scheduler import keys, ledger
+from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, StoreUnavailable,
+                              Unauthenticated)
 from scheduler.jobs import FINAL, TRANSITIONS, JobState, check_transition
 from scheduler.ledger import DIMENSIONS, Bill, days_between, increments, utc_day
+from scheduler.quota import RATE_WINDOW_S, Admission, Limits, refusal
+from scheduler.redis_scripts import (CREATE_JOB, CREATE_KEY, FINISH_JOB, PROGRESS, REVOKE_KEY,
+                                     START_JOB)
 
 CREATE_FIELDS = ("job_id", "tenant", "model", "request_id", "params", "owner", "created_at")
 FINISH_FIELDS = frozenset({"finish_reason", "error", "finished_at", "prompt_tokens", "completion_tokens",
-                           "segments", "spec", "text", "token_ids", "workers"})
+                           "segments", "spec", "text", "token_ids", "workers", "charge_uusd", "plan",
+                           "price_version"})
 """What `finish_job` may set. `workers` too: a dispatch write lost while Redis was down is
 carried by the final record, which the caller retries until it lands."""
-INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "progress_completion_tokens"})
+INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "progress_completion_tokens",
+                        "charge_uusd", "reserved"})
 FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "progress_at"})
 JSON_FIELDS = frozenset({"workers", "segments", "spec", "token_ids", "params"})
 FINAL_STATES = sorted(s.value for s in FINAL)
 UNKNOWN_KEY = "API key: unknown or revoked"
-
-# Add a key unless its id is taken. KEYS: key hash, tenant's key set, tenants set.
-# ARGV: key_id, tenant, hash, created_at. Returns 1, or 0 when the id is taken.
-CREATE_KEY = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'tenant', ARGV[2], 'hash', ARGV[3], 'created_at', ARGV[4])
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
-return 1
-"""
-
-# Revoke a known, unrevoked key. KEYS: key hash. ARGV: revoked_at. Returns 1 or 0.
-REVOKE_KEY = """
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1])
-return 1
-"""
-
-# Create a job unless its request id (or its job id) is known. KEYS: job, events, open_jobs,
-# and the request key when there is a request id. ARGV: job_id, event, then field/value pairs.
-# Returns {job_id, 1} when created, {the existing job id, 0} otherwise.
-CREATE_JOB = """
-if KEYS[4] then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then return {existing, 0} end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1], 0} end
-if KEYS[4] then redis.call('SET', KEYS[4], ARGV[1]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-return {ARGV[1], 1}
-"""
-
-# Dispatch a job to a worker (again, on failover). KEYS: job, events. ARGV: worker, at, event,
-# then the states it may be in. Returns {'ok'}, {'missing'} or {'refused', state}.
-START_JOB = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing'} end
-local allowed = false
-for i = 4, #ARGV do if ARGV[i] == state then allowed = true end end
-if not allowed then return {'refused', state} end
-local workers = cjson.decode(redis.call('HGET', KEYS[1], 'workers') or '[]')
-table.insert(workers, ARGV[1])
-redis.call('HSET', KEYS[1], 'state', 'running', 'workers', cjson.encode(workers))
-if state == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-return {'ok'}
-"""
-
-# Note progress of an open job; a final record never changes. KEYS: job.
-# ARGV: completion tokens, at, then the final states. Returns 1 (noted), 0 (missing), 2 (final).
-PROGRESS = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 0 end
-for i = 3, #ARGV do if ARGV[i] == state then return 2 end end
-redis.call('HSET', KEYS[1], 'progress_completion_tokens', ARGV[1], 'progress_at', ARGV[2])
-return 1
-"""
-
-# Settle a job once: final state, fields, event, and its bill. KEYS: job, events, open_jobs,
-# usage_days, then per usage entry its hash and its dimension's index set. ARGV[1]: JSON
-# {job_id, state, tenant, event, final, allowed, day, usage: [{member, incr}]}; ARGV[2..]:
-# field/value pairs. Returns {'ok'}, {'missing'}, {'final', state}, {'refused', state} or
-# {'tenant', the job's tenant}; only 'ok' changes anything.
-FINISH_JOB = """
-local a = cjson.decode(ARGV[1])
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing'} end
-for _, s in ipairs(a.final) do if s == state then return {'final', state} end end
-local allowed = false
-for _, s in ipairs(a.allowed) do if s == state then allowed = true end end
-if not allowed then return {'refused', state} end
-local tenant = redis.call('HGET', KEYS[1], 'tenant')
-if a.tenant ~= '' and a.tenant ~= tenant then return {'tenant', tenant} end
-redis.call('HSET', KEYS[1], 'state', a.state, unpack(ARGV, 2))
-redis.call('RPUSH', KEYS[2], a.event)
-redis.call('SREM', KEYS[3], a.job_id)
-for i, u in ipairs(a.usage) do
-  for field, amount in pairs(u.incr) do redis.call('HINCRBY', KEYS[3 + 2 * i], field, amount) end
-  redis.call('SADD', KEYS[4 + 2 * i], u.member)
-  redis.call('SADD', KEYS[4], a.day)
-end
-return {'ok'}
-"""
-
 
 def _encode(value) -> str:
     if isinstance(value, str):
@@ -269,9 +187,11 @@ class RedisStore:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(self, fields: dict) -> tuple[str, bool]:
+    async def create_job(self, fields: dict, admission: Admission | None = None) -> tuple[str, bool]:
         """(job_id, True) for a new queued job; (the earlier job's id, False) when the tenant's
-        request_id (or the job id) is already known, and then nothing is created."""
+        request_id (or the job id) is already known, and then nothing is created. With an
+        `admission`, the tenant's quota is checked and the job's tokens reserved in the same
+        step (`ResourceExhausted` with a retry hint when refused; nothing is created)."""
         missing = [name for name in CREATE_FIELDS if name not in fields]
         extra = sorted(set(fields) - set(CREATE_FIELDS))
         if missing or extra:
@@ -280,15 +200,40 @@ class RedisStore:
         keys.check_tenant(fields["tenant"])
         job_id, request_id = fields["job_id"], fields["request_id"]
         record = {**fields, "state": JobState.QUEUED.value, "workers": [], "billed": "0"}
-        script_keys = [self._k("job", job_id), self._k("job_events", job_id), self._k("open_jobs")]
-        if request_id:
-            script_keys.append(self._k("request", fields["tenant"], request_id))
-        args = [job_id, _event(fields["created_at"], JobState.QUEUED.value)]
+        tenant, now = fields["tenant"], admission.now if admission else time.time()
+        script_keys = [self._k("job", job_id), self._k("job_events", job_id), self._k("open_jobs"),
+                       self._k("request", tenant, request_id) if request_id else "",
+                       *self._quota_keys(tenant, admission or Admission(Limits(), 0, now))]
+        header = {"job_id": job_id, "event": _event(fields["created_at"], JobState.QUEUED.value),
+                  "quota": _quota_args(admission)}
+        args = [json.dumps(header, ensure_ascii=False)]
         for name, value in record.items():
             args += [name, _encode(value)]
         with self._reachable():
-            found, created = await self._create_job(keys=script_keys, args=args)
-        return found, bool(created)
+            answer = await self._create_job(keys=script_keys, args=args)
+        if answer[0] == "":
+            retry = float(answer[3])
+            raise ResourceExhausted(refusal(tenant, answer[2], admission, retry), retry_after_s=retry)
+        return answer[0], bool(answer[1])
+
+    def _quota_keys(self, tenant: str, admission: Admission) -> list[str]:
+        return [self._k("quota", tenant, admission.day), self._k("quota", tenant, admission.month),
+                self._k("rate", tenant)]
+
+    async def quota_use(self, tenant: str, period: str) -> dict[str, int]:
+        """{used, reserved} tokens of a tenant's UTC day (YYYY-MM-DD) or month (YYYY-MM)."""
+        with self._reachable():
+            raw = await self._redis.hgetall(self._k("quota", tenant, period))
+        return {"used": int(raw.get("used", 0)), "reserved": int(raw.get("reserved", 0))}
+
+    async def set_tenant_plan(self, tenant: str, plan: str) -> None:
+        keys.check_tenant(tenant)
+        with self._reachable():
+            await self._redis.hset(self._k("tenant", tenant), "plan", plan)
+
+    async def tenant_plan(self, tenant: str) -> str | None:
+        with self._reachable():
+            return await self._redis.hget(self._k("tenant", tenant), "plan")
 
     async def start_job(self, job_id: str, worker: str, at: float) -> None:
         """Records that `worker` was given the job: queued -> running, or a failover of a
@@ -336,6 +281,7 @@ class RedisStore:
                   "final": FINAL_STATES,
                   "allowed": [s.value for s in JobState if state in TRANSITIONS[s]],
                   "day": utc_day(bill.finished_at) if bill else "",
+                  "quota_used": bill.prompt_tokens + bill.completion_tokens if bill else 0,
                   "usage": [{"member": key, "incr": {f: str(n) for f, n in amounts.items()}}
                             for (_, key, _), amounts in usage.items()]}
         script_keys = [self._k("job", job_id), self._k("job_events", job_id), self._k("open_jobs"),
@@ -397,6 +343,29 @@ class RedisStore:
                 raws = await pipe.execute()
         return [(day, {f: int(n) for f, n in raw.items()}) for day, raw in zip(days, raws) if raw]
 
+    async def record_worker_time(self, worker: str, info: dict, day: str, online_ms: int,
+                                 active_ms: int) -> None:
+        """Add time a worker was seen online on `day` (and, of it, busy) to the `worker`,
+        `gpu` and `all` totals, with its GPU cost (`ledger.GPU_COST_SCALE`), and keep its
+        registration (`info`: gpu_type, price_uusd_per_hour, node_ip, model). One transaction."""
+        amounts = ledger.worker_time(online_ms, active_ms, int(info["price_uusd_per_hour"]))
+        where = (("worker", worker), ("gpu", info["gpu_type"]), ("all", "all"))
+        with self._reachable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for dimension, key in where:
+                    for name, amount in amounts.items():
+                        pipe.hincrby(self._k("usage", dimension, key, day), name, amount)
+                    pipe.sadd(self._k("usage_keys", dimension), key)
+                pipe.sadd(self._k("usage_days"), day)
+                pipe.hset(self._k("workers"), worker, json.dumps({**info, "last_seen": time.time()}))
+                await pipe.execute()
+
+    async def workers_info(self) -> dict[str, dict]:
+        """Every worker ever seen: its registration (GPU type, price, node, model, last seen)."""
+        with self._reachable():
+            raw = await self._redis.hgetall(self._k("workers"))
+        return {name: json.loads(value) for name, value in raw.items()}
+
     async def usage_keys(self, dimension: str) -> list[str]:
         """The keys (tenants, models, workers, GPU types) that have usage in `dimension`."""
         _check_dimension(dimension)
@@ -413,6 +382,17 @@ def _check_finish(job_id: str, state: JobState, fields: dict, bill: Bill | None)
                          f"expected some of {sorted(FINISH_FIELDS)}")
     if bill is not None and bill.job_id != job_id:
         raise ValueError(f"finish_job: the bill is for job {bill.job_id}, not {job_id}")
+
+
+def _quota_args(admission: Admission | None) -> dict | None:
+    if admission is None or admission.limits.unlimited:
+        return None
+    lim = admission.limits
+    return {"reserve": admission.reserve_tokens, "day_limit": lim.tokens_per_day,
+            "month_limit": lim.tokens_per_month, "rpm": lim.requests_per_minute,
+            "now": admission.now, "window": RATE_WINDOW_S,
+            "day_retry": admission.seconds_to_next_day(),
+            "month_retry": admission.seconds_to_next_month()}
 
 
 def _check_dimension(dimension: str) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
+from decimal import ROUND_HALF_EVEN, Decimal
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,14 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from scheduler.ledger import utc_day
 from scheduler.router import WorkerSnapshot
 from worker.actor import NAMESPACE
 from worker.engine.prefix_scheduler import SPSTable
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
+MAX_READ_GAP_S = 5.0
 
 
 class WorkerLost(Exception):
@@ -62,6 +66,7 @@ class _Worker:
     sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
     accepted: int = 0  # the worker's `requests` counter at the last read
     sps: SPSTable | None = None
+    last_read: float | None = None  # monotonic time of the last good read
 
     def __post_init__(self):
         self.update(self.stats)
@@ -92,6 +97,7 @@ class WorkerPool:
         self._workers: dict[str, _Worker] = {}
         self._models: dict[str, ModelInfo] = {}
         self._tasks: list[asyncio.Task] = []
+        self._time: dict[tuple[str, str], list] = {}  # (worker, day) -> [online ms, active ms, registration]
         self._changed = asyncio.Event()
 
     # -- life ------------------------------------------------------------------------------
@@ -259,12 +265,37 @@ class WorkerPool:
             w.healthy = w.failures < 2
             return
         w.failures, w.healthy = 0, stats.get("state") in ("ready", "draining", "loading")
+        self._count_time(w, stats)
         accepted_now = stats.get("requests", 0)
         for _ in range(max(0, accepted_now - w.accepted)):
             if w.sent:
                 w.sent.popleft()
         w.accepted = accepted_now
         w.update(stats)
+
+    def _count_time(self, w: _Worker, stats: dict) -> None:
+        """Online time is the time between good reads (a gap over MAX_READ_GAP_S counts only
+        that much: the worker may have been away); it is active when either read saw work."""
+        now = time.monotonic()
+        if w.last_read is not None:
+            elapsed_ms = round(1000 * min(now - w.last_read, MAX_READ_GAP_S))
+            busy = any(s.get("num_running", 0) + s.get("num_waiting", 0) for s in (w.stats, stats))
+            acc = self._time.setdefault((w.name, utc_day(time.time())), [0, 0, _registration(stats)])
+            acc[0] += elapsed_ms
+            acc[1] += elapsed_ms if busy else 0
+        w.last_read = now
+
+    def take_worker_time(self) -> list[tuple[str, dict, str, int, int]]:
+        """(worker, registration, day, online ms, active ms) counted since the last call."""
+        taken, self._time = self._time, {}
+        return [(name, reg, day, online, active) for (name, day), (online, active, reg) in taken.items()]
+
+    def give_back_worker_time(self, entries) -> None:
+        """Entries `take_worker_time` returned that could not be stored: counted again later."""
+        for name, reg, day, online, active in entries:
+            acc = self._time.setdefault((name, day), [0, 0, reg])
+            acc[0] += online
+            acc[1] += active
 
     def _mark_unhealthy(self, name: str) -> None:
         w = self._workers.get(name)
@@ -283,3 +314,11 @@ class WorkerPool:
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
+
+def _registration(stats: dict) -> dict:
+    """What the ledger keeps of a worker: GPU type, price (whole micro-dollars per hour, the
+    one rounding of a price), node and model."""
+    price = Decimal(str(stats.get("price_per_hour", 0.0))) * 1_000_000
+    return {"gpu_type": stats.get("gpu_type", "unknown"),
+            "price_uusd_per_hour": int(price.to_integral_value(ROUND_HALF_EVEN)),
+            "node_ip": stats.get("node_ip", ""), "model": stats.get("model_id", "")}

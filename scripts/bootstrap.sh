@@ -18,8 +18,8 @@ torch_spec=${SPARKGRID_TORCH_SPEC:-torch==2.13.0}
 venv=.venv
 
 if [[ ! -x $venv/bin/pip ]]; then
-    if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-        echo "bootstrap: sparkgrid needs Python >= 3.10, but python3 is $(python3 -V 2>&1)" >&2
+    if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "bootstrap: sparkgrid needs Python >= 3.11, but python3 is $(python3 -V 2>&1)" >&2
         exit 1
     fi
     if [[ $torch_spec == system ]]; then

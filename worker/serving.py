@@ -71,8 +71,8 @@ class Chunk:
     stats: dict | None = None
     """Last chunk only: the request's speculation figures (`SpecStats.as_dict`)."""
     spec: dict = field(default_factory=dict)
-    """So far: `draft_tokens`, `verified_tokens`, `accepted_tokens` (every chunk, so that a
-    caller whose worker dies mid-job still has them)."""
+    """So far: `draft_tokens`, `verified_tokens`, `accepted_tokens`, `spec_steps` (every
+    chunk, so that a caller whose worker dies mid-job still has them)."""
 
 
 @dataclass
@@ -263,7 +263,8 @@ class EngineLoop:
             chunk = Chunk(out.req_id, list(out.token_ids), out.text,
                           spec={"draft_tokens": stats.draft_tokens_proposed,
                                 "verified_tokens": stats.tokens_verified,
-                                "accepted_tokens": stats.tokens_accepted})
+                                "accepted_tokens": stats.tokens_accepted,
+                                "spec_steps": len(stats.accept_lengths)})
             if out.finished:
                 mal = stats.mean_accept_length if stats.accept_lengths else None
                 chunk.finish_reason = out.finish_reason

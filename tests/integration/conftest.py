@@ -84,3 +84,4 @@ def make_worker(cluster, served_pair, sps_cache_dir):
     for name in started:
         if (handle := actor.find_worker(name)) is not None:
             actor.kill(handle)
+

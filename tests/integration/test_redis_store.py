@@ -199,7 +199,7 @@ def test_job_goes_queued_running_finished_with_events_and_typed_fields(redis_ser
     assert done["prompt_tokens"] == 10 and done["completion_tokens"] == 7
     assert done["segments"][1] == {"worker": "w2", "gpu_type": "L4", "prompt_tokens": 14,
                                    "completion_tokens": 3, "draft_tokens": 0, "verified_tokens": 0,
-                                   "accepted_tokens": 0, "busy_ms": 25}
+                                   "accepted_tokens": 0, "busy_ms": 25, "spec_steps": 0}
     assert done["text"] == "héllo wörld ✓" and done["token_ids"] == [5, 6, 7, 8, 9, 10, 11]
     assert done["progress_completion_tokens"] == 4
     assert [e["event"] for e in events] == ["queued", "dispatched", "dispatched", "finished"]

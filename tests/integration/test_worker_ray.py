@@ -17,6 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 import ray.util.state  # noqa: E402
 
+from procs import Lines  # noqa: E402
 from worker import actor  # noqa: E402
 from worker.launcher import LaunchError  # noqa: E402
 from worker.serving import WorkerDraining, build_engine  # noqa: E402
@@ -139,18 +140,15 @@ def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, se
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SPARKGRID_HOME": str(sparkgrid_home)})
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving in the foreground" in line:
-                break
-        assert any("worker w-fg ready" in ln for ln in lines), "".join(lines) + proc.stderr.read()
+        stdout = Lines(proc)
+        lines = stdout.until("serving in the foreground", 180)
+        assert any("worker w-fg ready" in ln for ln in lines), "".join(lines)
         assert actor.find_worker("w-fg") is not None
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out = stdout.rest(120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, proc.stderr.read()
     assert "worker w-fg removed" in out
     _wait(lambda: actor.find_worker("w-fg") is None, 30)
 

@@ -12,12 +12,16 @@ from scheduler.config import SchedulerConfig
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import InvalidArgument, ResourceExhausted, Unavailable
 from scheduler.jobs import JobState
+from scheduler.prices import PriceBook
 from scheduler.requests import JobRequest
 from scheduler.router import WorkerSnapshot
 from scheduler.worker_pool import WorkerLost, WorkerRefused
 from worker.serving import Chunk
 
 REQUEST = JobRequest("p", (5, 6, 7), "m", 10, 0.0, 1.0, 0, 3, (), "")
+PRICES = PriceBook.parse({"version": "t1", "default_plan": "basic", "plans": {"basic": {
+    "tokens_per_day": 1000, "prices": {"*": {"prompt_per_million": "1000",
+                                             "completion_per_million": "3000.5"}}}}})
 
 
 def snapshot(name, queued=0):
@@ -65,8 +69,13 @@ class FakePool:
 class FakeStore:
     def __init__(self):
         self.jobs = {}
+        self.admissions = []
 
-    async def create_job(self, fields):
+    async def tenant_plan(self, tenant):
+        return None
+
+    async def create_job(self, fields, admission):
+        self.admissions.append(admission)
         self.jobs[fields["job_id"]] = dict(fields, state="queued")
         return fields["job_id"], True
 
@@ -94,7 +103,7 @@ def chunk(ids, text, finish=None):
 def make(scripts, **config):
     pool, store, ledger = FakePool(scripts, config.pop("queued", 0)), FakeStore(), Records()
     cfg = SchedulerConfig(max_attempts=config.pop("max_attempts", 3), **config)
-    return Dispatcher(cfg, pool, store, ledger, owner="test"), pool, store, ledger
+    return Dispatcher(cfg, pool, store, ledger, "test", PRICES), pool, store, ledger
 
 
 async def collect(dispatcher, request=REQUEST):
@@ -132,6 +141,11 @@ def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
     assert pieces[-1].usage == {"prompt_tokens": 3, "completion_tokens": 5}
     (record,) = ledger.records
     assert record["state"] is JobState.FINISHED and record["fields"]["workers"] == ["a", "b"]
+    # 3 prompt tokens at $1000/M and 5 completion tokens at $3000.5/M: 3000 + 15002.5 micro-dollars,
+    # rounded half-even once; the quota reserved prompt + max_tokens.
+    assert record["bill"].charge_uusd == 18002 and record["fields"]["price_version"] == "t1"
+    (admission,) = dispatcher.store.admissions
+    assert admission.reserve_tokens == 3 + 10 and admission.limits.tokens_per_day == 1000
     bill = record["bill"]
     assert [(s.worker, s.completion_tokens, s.prompt_tokens) for s in bill.segments] == \
            [("a", 3, 3), ("b", 2, 6)]

@@ -152,11 +152,12 @@ def _random_bill(rng: random.Random, n: int) -> Bill:
         draft = rng.randint(0, 80)
         verified = rng.randint(0, draft)
         segments.append(Segment(worker, workers[worker], prompt + delivered, done, draft, verified,
-                                rng.randint(0, verified), rng.randint(0, 9000)))
+                                rng.randint(0, verified), rng.randint(0, 9000),
+                                spec_steps=rng.randint(0, 30)))
         delivered += done
     day = rng.choice([NOON - 86400, NOON, NOON + 86400 * 40]) + rng.uniform(-80000, 80000)
     return Bill(f"j{n}", rng.choice(["acme", "beta", "c.co"]), rng.choice(["qwen", "llama"]), day,
-                prompt, delivered, tuple(segments))
+                prompt, delivered, tuple(segments), charge_uusd=rng.choice([0, 1, 7, rng.randint(0, 10**7)]))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -180,8 +181,9 @@ def test_every_dimension_partitions_the_all_totals_exactly(seed):
         expected[(day, "jobs")] += 1
         expected[(day, "prompt_tokens")] += bill.prompt_tokens
         expected[(day, "completion_tokens")] += bill.completion_tokens
+        expected[(day, "charge_uusd")] += bill.charge_uusd
         for seg in bill.segments:
-            for field in ("draft_tokens", "verified_tokens", "accepted_tokens"):
+            for field in ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps"):
                 expected[(day, field)] += getattr(seg, field)
     assert {k: v for k, v in expected.items() if v} == dict(grand)
     for dim in DIMENSIONS:
@@ -189,3 +191,15 @@ def test_every_dimension_partitions_the_all_totals_exactly(seed):
     assert totals["worker"] == totals["gpu"]
     assert sum(v for (_, f), v in totals["worker"].items() if f == "segments") == \
         sum(len(b.segments) for b in bills)
+
+
+def test_a_jobs_charge_is_split_over_its_workers_by_delivered_tokens_in_whole_micro_dollars():
+    segs = (Segment("w1", "A", 5, 1), Segment("w2", "B", 6, 1), Segment("w3", "A", 7, 1))
+    inc = increments(Bill("j", "acme", "m", NOON, 5, 3, segs, charge_uusd=10))
+    day = utc_day(NOON)
+    assert [inc[("worker", w, day)]["charge_uusd"] for w in ("w1", "w2", "w3")] == [4, 3, 3]
+    assert inc[("gpu", "A", day)]["charge_uusd"] == 7 and inc[("tenant", "acme", day)]["charge_uusd"] == 10
+    nothing_delivered = increments(Bill("k", "acme", "m", NOON, 5, 0, (Segment("w1", "A", 5, 0),
+                                                                        Segment("w2", "B", 5, 0)), charge_uusd=9))
+    assert nothing_delivered[("worker", "w1", day)]["charge_uusd"] == 9
+    assert "charge_uusd" not in nothing_delivered[("worker", "w2", day)]

@@ -1,0 +1,243 @@
+"""Cost report arithmetic over an in-memory ledger: GPU cost rounded once per worker and day,
+tenant allocations that add up to each day's cost, derived figures, empty cases, errors that
+name the field, and totals that equal the sum of the rows exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from decimal import Decimal
+
+import pytest
+
+from scheduler.errors import InvalidArgument
+from scheduler.ledger import GPU_COST_SCALE, JOB_FIELDS, WORKER_FIELDS
+from scheduler.report_cli import day_range
+from scheduler.reports import (BY, COLUMNS, TOTAL, UNALLOCATED, UNREGISTERED, allocate,
+                               build_report, build_reports, cell_cost_uusd)
+
+D1, D2, D3 = "2025-06-01", "2025-06-02", "2025-06-03"
+HOUR = 3_600_000
+
+
+class FakeStore:
+    """The store's read methods over {(dimension, key, day): {field: int}}."""
+
+    def __init__(self, cells: dict, info: dict | None = None):
+        self.cells, self.info = cells, info or {}
+
+    async def usage_keys(self, dimension):
+        return sorted({key for dim, key, _ in self.cells if dim == dimension})
+
+    async def usage(self, dimension, key, since, until):
+        return sorted((day, dict(f)) for (dim, k, day), f in self.cells.items()
+                      if dim == dimension and k == key and since <= day <= until and f)
+
+    async def workers_info(self):
+        return self.info
+
+
+def report(cells, by, info=None, since=D1, until=D3):
+    return asyncio.run(build_report(FakeStore(cells, info), since, until, by))
+
+
+def time_cell(online_ms, active_ms, price_uusd_per_hour):
+    return {"online_ms": online_ms, "active_ms": active_ms,
+            "gpu_cost_scaled": online_ms * price_uusd_per_hour}
+
+
+def uusd(value: Decimal) -> int:
+    return int(value * 1_000_000)
+
+
+def test_cell_cost_rounds_half_even_to_whole_micro_dollars():
+    half = GPU_COST_SCALE // 2
+    assert [cell_cost_uusd(n * GPU_COST_SCALE + half) for n in (0, 1, 2, 3)] == [0, 2, 2, 4]
+    assert cell_cost_uusd(2 * GPU_COST_SCALE + half - 1) == 2
+    assert cell_cost_uusd(2 * GPU_COST_SCALE + half + 1) == 3
+    assert cell_cost_uusd(0) == 0
+
+
+def test_gpu_cost_is_rounded_once_per_worker_day_then_summed():
+    # 2.5 uusd on each of two days: 2 + 2 (per cell), not round(5.0) = 5 (per worker).
+    cell = {"online_ms": 1, "gpu_cost_scaled": 2 * GPU_COST_SCALE + GPU_COST_SCALE // 2}
+    cells = {("worker", "w1", D1): cell, ("worker", "w1", D2): cell}
+    for by in BY:
+        assert report(cells, by).totals["gpu_cost_usd"] == Decimal("0.000004"), by
+
+
+def test_allocation_splits_by_largest_remainder_and_adds_up_exactly():
+    assert allocate(100, {"b": 1, "a": 1, "c": 1}) == {"a": 34, "b": 33, "c": 33}
+    assert allocate(10, {"b": 3, "a": 1}) == {"a": 3, "b": 7}  # 2.5 and 7.5: a tie, to "a"
+    assert allocate(10, {"a": 2, "b": 1}) == {"a": 7, "b": 3}
+    assert allocate(7, {"a": 0, "b": 0}) == {}
+    rng = random.Random(1)
+    for _ in range(200):
+        weights = {f"t{i}": rng.randrange(0, 1000) for i in range(rng.randrange(1, 8))}
+        amount = rng.randrange(0, 10**9)
+        shares = allocate(amount, weights)
+        if sum(weights.values()):
+            assert sum(shares.values()) == amount
+            assert all(abs(shares[k] * sum(weights.values()) - amount * w) < sum(weights.values())
+                       for k, w in weights.items())
+
+
+def test_tenant_gpu_cost_is_each_days_cost_split_by_tokens():
+    cells = {("worker", "w1", D1): time_cell(HOUR, HOUR // 2, 1_000_000),   # $1.00 on D1
+             ("worker", "w2", D1): time_cell(HOUR, 0, 500_001),             # $0.500001 on D1
+             ("tenant", "a", D1): {"jobs": 1, "prompt_tokens": 1, "completion_tokens": 0,
+                                   "charge_uusd": 2_000_000},
+             ("tenant", "b", D1): {"jobs": 2, "prompt_tokens": 1, "completion_tokens": 1,
+                                   "charge_uusd": 1_000_000}}
+    rows = {r["tenant"]: r for r in report(cells, "tenant").rows}
+    assert rows["a"]["gpu_cost_usd"] + rows["b"]["gpu_cost_usd"] == Decimal("1.500001")
+    assert rows["a"]["gpu_cost_usd"] == Decimal("0.500000")  # 1/3 of 1500001 = 500000.33
+    assert rows["b"]["gpu_cost_usd"] == Decimal("1.000001")  # 2/3 = 1000000.67, +1 remainder
+    assert rows["a"]["margin_usd"] == Decimal("1.500000")
+    assert rows["b"]["margin_usd"] == Decimal("-0.000001")
+    assert rows["b"]["requests"] == 2 and UNALLOCATED not in rows
+
+
+def test_cost_of_days_without_tokens_is_unallocated_and_in_the_totals():
+    cells = {("worker", "w1", D1): time_cell(HOUR, 0, 1_000_000),
+             ("worker", "w1", D2): time_cell(HOUR, 0, 1_000_000),
+             ("tenant", "a", D1): {"jobs": 1, "prompt_tokens": 5, "charge_uusd": 10}}
+    r = report(cells, "tenant")
+    assert [row["tenant"] for row in r.rows] == ["a", UNALLOCATED]
+    assert r.rows[1]["gpu_cost_usd"] == Decimal("1.000000")
+    assert r.rows[1]["margin_usd"] == Decimal("-1.000000")
+    assert r.totals["tenant"] == TOTAL
+    assert r.totals["gpu_cost_usd"] == Decimal("2.000000")
+
+
+def test_worker_figures():
+    cells = {("worker", "w1", D1): {**time_cell(4 * HOUR, HOUR, 2_000_000), "jobs": 3,
+                                    "completion_tokens": 500_000, "processed_prompt_tokens": 700,
+                                    "charge_uusd": 9_000_000, "spec_steps": 200,
+                                    "accepted_tokens": 300, "verified_tokens": 1200}}
+    info = {"w1": {"gpu_type": "H100", "price_uusd_per_hour": 2_000_000}}
+    row = report(cells, "worker", info).rows[0]
+    assert row["gpu_type"] == "H100" and row["price_per_hour_usd"] == Decimal("2.000000")
+    assert row["gpu_cost_usd"] == row["payout_usd"] == Decimal("8.000000")
+    assert row["revenue_usd"] == Decimal("9.000000") and row["margin_usd"] == Decimal("1.000000")
+    assert row["cost_per_million_tokens_usd"] == Decimal("16.000000")  # $8 / 0.5M tokens
+    assert (row["busy_hours"], row["online_hours"], row["utilisation"]) == (1.0, 4.0, 0.25)
+    assert row["mean_accept_length"] == 2.5 and row["verification_efficiency"] == 0.25
+    assert row["tokens_served"] == 500_000 and row["prompt_tokens_processed"] == 700
+
+
+def test_a_worker_without_tokens_or_time_has_empty_ratios():
+    cells = {("worker", "idle", D1): time_cell(HOUR, 0, 1_000_000),
+             ("worker", "(none)", D1): {"jobs": 1, "charge_uusd": 3}}
+    rows = {r["worker"]: r for r in report(cells, "worker").rows}
+    idle, none = rows["idle"], rows["(none)"]
+    assert idle["cost_per_million_tokens_usd"] is None and idle["utilisation"] == 0.0
+    assert idle["mean_accept_length"] is None and idle["verification_efficiency"] is None
+    assert idle["price_per_hour_usd"] is None and idle["gpu_type"] == ""
+    assert none["utilisation"] is None and none["gpu_cost_usd"] == Decimal("0.000000")
+
+
+def test_gpu_report_groups_workers_by_registration():
+    cells = {("worker", "a", D1): time_cell(2 * HOUR, HOUR, 1_000_001),
+             ("worker", "b", D1): time_cell(HOUR, HOUR, 3_000_000),
+             ("worker", "ghost", D2): time_cell(HOUR, 0, 1),
+             ("gpu", "A100", D1): {**time_cell(3 * HOUR, 2 * HOUR, 0), "completion_tokens": 7200,
+                                   "charge_uusd": 10_000_000},
+             ("gpu", "L4", D1): {"completion_tokens": 2400}}
+    info = {"a": {"gpu_type": "A100"}, "b": {"gpu_type": "A100"}}
+    r = report(cells, "gpu", info)
+    rows = {row["gpu_type"]: row for row in r.rows}
+    assert list(rows) == ["A100", "L4", UNREGISTERED]
+    a100 = rows["A100"]
+    assert a100["workers"] == 2 and a100["gpu_cost_usd"] == Decimal("5.000002")
+    assert a100["throughput_tok_s"] == 1.0 and a100["share_of_traffic"] == 0.75
+    assert a100["cost_per_million_tokens_usd"] == Decimal("694.444722")  # 5000002 / 7200
+    assert a100["margin_usd"] == Decimal("4.999998") and a100["utilisation"] == 2 / 3
+    assert rows["L4"]["throughput_tok_s"] is None and rows["L4"]["workers"] == 0
+    assert r.totals["workers"] == 3 and r.totals["share_of_traffic"] == 1.0
+
+
+def test_day_report_has_tokens_per_tenant_and_every_day_with_usage():
+    cells = {("all", "all", D1): {"jobs": 2, "prompt_tokens": 10, "completion_tokens": 4,
+                                  "charge_uusd": 50, "online_ms": HOUR},
+             ("tenant", "a", D1): {"jobs": 1, "prompt_tokens": 6, "completion_tokens": 1},
+             ("tenant", "b", D1): {"jobs": 1, "prompt_tokens": 4, "completion_tokens": 3},
+             ("worker", "w", D3): time_cell(HOUR, 0, 7)}
+    r = report(cells, "day")
+    assert [row["day"] for row in r.rows] == [D1, D3]
+    assert r.rows[0]["tokens_per_tenant"] == {"a": 7, "b": 7}
+    assert r.rows[0]["online_hours"] == 1.0 and r.rows[0]["margin_usd"] == Decimal("0.000050")
+    assert r.rows[1]["gpu_cost_usd"] == Decimal("0.000007")
+    assert r.totals["tokens_per_tenant"] == {"a": 7, "b": 7} and r.totals["requests"] == 2
+
+
+def test_no_usage_gives_no_rows_and_zero_totals():
+    for by in BY:
+        r = report({}, by)
+        assert r.rows == [] and r.totals[COLUMNS[by][0].name] == TOTAL
+        assert all(r.totals[c.name] in (0, Decimal(0), None, "", {}) for c in r.columns[1:]), by
+        assert (r.by, r.since, r.until) == (by, D1, D3)
+        assert r.generated_at.endswith("Z")
+
+
+def test_bad_by_and_days_name_the_field():
+    with pytest.raises(InvalidArgument, match="^by: expected one of tenant, worker, gpu, day"):
+        report({}, "model")
+    with pytest.raises(InvalidArgument, match="^since:"):
+        report({}, "tenant", since="2025-13-01")
+    with pytest.raises(InvalidArgument, match="^until:"):
+        report({}, "tenant", until="tomorrow")
+    with pytest.raises(InvalidArgument, match="^since: 2025-06-03 is after until"):
+        report({}, "tenant", since=D3, until=D1)
+
+
+def test_cli_range_defaults_to_the_30_days_up_to_today_and_names_bad_options():
+    from datetime import date
+
+    today = date(2025, 3, 1)
+    assert day_range(None, None, today) == ("2025-01-31", "2025-03-01")
+    assert day_range(None, "2025-01-30", today) == ("2025-01-01", "2025-01-30")
+    assert day_range("2024-12-31", None, today) == ("2024-12-31", "2025-03-01")
+    with pytest.raises(ValueError, match="^--since: expected a UTC day"):
+        day_range("01/02/2025", None, today)
+    with pytest.raises(ValueError, match="^--until:"):
+        day_range(None, "2025-02-30", today)
+
+
+def random_ledger(seed: int, num_cells: int = 300):
+    """Random (dimension, key, day) cells of every dimension, and registrations."""
+    rng = random.Random(seed)
+    days = [f"2025-07-{d:02d}" for d in range(1, 11)]
+    keys = {"tenant": [f"t{i}" for i in range(6)], "worker": [f"w{i}" for i in range(8)] + ["(none)"],
+            "gpu": ["A100", "H100", "L4"], "all": ["all"]}
+    fields = {"tenant": JOB_FIELDS, "all": JOB_FIELDS + ("online_ms", "active_ms"),
+              "worker": WORKER_FIELDS, "gpu": WORKER_FIELDS + ("online_ms", "active_ms")}
+    cells = {}
+    for _ in range(num_cells):
+        dim = rng.choice(list(keys))
+        cell = {f: rng.randrange(0, 10**6) for f in rng.sample(fields[dim], rng.randrange(1, 6))}
+        if dim == "worker" and rng.random() < 0.7:
+            cell.update(time_cell(rng.randrange(HOUR), 0, rng.randrange(10**7)))
+        cells[(dim, rng.choice(keys[dim]), rng.choice(days))] = cell
+    info = {f"w{i}": {"gpu_type": rng.choice(keys["gpu"]), "price_uusd_per_hour": 1}
+            for i in range(6)}  # w6, w7 unregistered
+    return cells, info, days[0], days[-1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_totals_equal_the_sum_of_rows_exactly(seed):
+    cells, info, since, until = random_ledger(seed)
+    reports = asyncio.run(build_reports(FakeStore(cells, info), since, until))
+    for by, r in reports.items():
+        for column in r.columns:
+            if column.unit in ("USD", "tokens", "count"):
+                total = sum((row[column.name] for row in r.rows), start=r.totals[column.name] * 0)
+                assert total == r.totals[column.name], (by, column.name)
+    gpu_costs = {by: r.totals["gpu_cost_usd"] for by, r in reports.items()}
+    expected = sum(cell_cost_uusd(c.get("gpu_cost_scaled", 0))
+                   for (dim, _, _), c in cells.items() if dim == "worker")
+    assert {uusd(v) for v in gpu_costs.values()} == {expected}, gpu_costs
+    worker, gpu = reports["worker"].totals, reports["gpu"].totals
+    assert uusd(worker["revenue_usd"]) == sum(c.get("charge_uusd", 0) for (d, _, _), c in cells.items()
+                                              if d == "worker")
+    assert gpu["workers"] == len(reports["worker"].rows)
