@@ -85,14 +85,16 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("draft_tokens", "verified_tokens", "accepted_tokens")
+    __slots__ = ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_STEPS_FIELD_NUMBER: _ClassVar[int]
     draft_tokens: int
     verified_tokens: int
     accepted_tokens: int
-    def __init__(self, draft_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    spec_steps: int
+    def __init__(self, draft_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., spec_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "request_id", "model", "state", "workers", "finish_reason", "usage", "spec", "created_at", "finished_at", "error")

@@ -30,6 +30,8 @@ def head_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-prefix", default="sparkgrid", help="prefix of every Redis key")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
     p.add_argument("--grpc-port", type=int, default=50051, help="port of the API (0: any free one)")
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port "
+                   "(-1: off)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--policy", default="fastest", choices=POLICIES, help="routing policy")
@@ -46,6 +48,7 @@ def run_head(args) -> int:
         config = SchedulerConfig(
             ray_address=args.ray_address, redis_url=args.redis_url or default_redis_url(),
             redis_prefix=args.redis_prefix, host=args.host, grpc_port=args.grpc_port,
+            metrics_port=None if args.metrics_port == -1 else args.metrics_port,
             tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.policy, prices=args.prices,
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts)
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
@@ -63,7 +66,9 @@ async def _serve(scheduler) -> int:
     c = scheduler.config
     print(f"sparkgrid scheduler {scheduler.owner} serving sparkgrid.v1.Inference on "
           f"{c.host}:{port} ({'TLS' if c.tls_cert else 'plaintext'}), policy {c.policy}, "
-          f"Redis {shown_url(c.redis_url)}, workers: {len(scheduler.pool.stats())}", flush=True)
+          f"Redis {shown_url(c.redis_url)}, workers: {len(scheduler.pool.stats())}"
+          + (f", metrics on :{c.metrics_port}/metrics" if c.metrics_port is not None else ""),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

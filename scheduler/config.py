@@ -32,6 +32,8 @@ class SchedulerConfig:
     """Interface the gRPC server listens on (`0.0.0.0` for all)."""
     grpc_port: int = 50051
     """Port of the gRPC server; 0 picks a free one."""
+    metrics_port: int | None = None
+    """Port of the Prometheus metrics endpoint (`/metrics`); None: not served."""
     tls_cert: str | None = None
     """PEM certificate chain; with `tls_key`, the server speaks TLS only."""
     tls_key: str | None = None
@@ -68,6 +70,8 @@ class SchedulerConfig:
     def __post_init__(self):
         _require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
         _require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)
+        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+                 "a port in [0, 65535] or None", self.metrics_port)
         _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                  "given together with tls_key", self.tls_cert)
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",

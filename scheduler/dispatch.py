@@ -31,6 +31,7 @@ from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, Stor
                               Unavailable)
 from scheduler.jobs import FINAL, JobState
 from scheduler.ledger import Bill, Segment
+from scheduler.metrics import Metrics
 from scheduler.prices import Plan, PriceBook
 from scheduler.quota import Admission
 from scheduler.requests import JobRequest
@@ -89,9 +90,11 @@ class _Run:
 
 class Dispatcher:
     def __init__(self, config: SchedulerConfig, pool, store, ledger_writer: LedgerWriter,
-                 owner: str, prices: PriceBook, router: Router | None = None):
+                 owner: str, prices: PriceBook, metrics: Metrics | None = None,
+                 router: Router | None = None):
         self.config = config
         self.prices = prices
+        self.metrics = metrics or Metrics(config.policy)
         self.pool = pool
         self.store = store
         self.ledger = ledger_writer
@@ -172,6 +175,7 @@ class Dispatcher:
             except WorkerLost as err:
                 run.errors.append(str(err))
                 log.warning("job %s: %s; resuming elsewhere", run.job_id, err)
+                self.metrics.failovers.labels(req.model).inc()
                 if len(run.delivered_ids) >= req.max_tokens or run.cancelled:
                     yield self._last_piece(run, "abort" if run.cancelled else "length")
                     return
@@ -188,6 +192,8 @@ class Dispatcher:
                 now = time.perf_counter()
                 self.decisions.append(Decision(run.job_id, chosen.name, now - start,
                                                now - run.arrived))
+                self.metrics.routed_to(chosen.name)
+                self.pool.note_dispatch(chosen.name, run.job_id, budget)
                 return chosen.name
             if time.monotonic() >= deadline:
                 why = "; ".join(run.errors) or "none is ready"
@@ -210,8 +216,12 @@ class Dispatcher:
         last_progress = time.monotonic()
         stream = self.pool.generate(worker, run.job_id, list(req.prompt_ids), req.params(budget),
                                     resume, budget)
+        inflight = self.metrics.inflight.labels(worker)
+        inflight.inc()
         try:
             async for chunk in stream:
+                if chunk.token_ids and not run.delivered_ids:
+                    self.metrics.ttft.labels(req.model).observe(time.perf_counter() - run.arrived)
                 if chunk.finish_reason == "abort" and not run.cancelled:
                     raise WorkerLost(f"worker {worker} aborted the job by itself")
                 run.delivered_ids.extend(chunk.token_ids)
@@ -229,6 +239,7 @@ class Dispatcher:
                         run.job_id, len(run.delivered_ids), time.time()))
         finally:
             run.worker = None
+            inflight.dec()
             await stream.aclose()
 
     def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
@@ -315,7 +326,7 @@ class _Part:
 
 def _spec_totals(segments) -> dict:
     return {k: sum(getattr(s, k) for s in segments)
-            for k in ("draft_tokens", "verified_tokens", "accepted_tokens")}
+            for k in ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")}
 
 
 class LedgerWriter:

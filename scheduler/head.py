@@ -30,6 +30,7 @@ from scheduler.errors import StoreUnavailable
 from scheduler.interceptors import ApiInterceptor
 from scheduler.jobs import JobState
 from scheduler.ledger import Bill, Segment
+from scheduler.metrics import Metrics
 from scheduler.prices import DEFAULT_BOOK, PriceBook
 from scheduler.redis_store import RedisStore
 from scheduler.server import InferenceServicer
@@ -50,8 +51,10 @@ class Scheduler:
                                config.discovery_interval_s, config.stall_timeout_s)
         self.ledger = LedgerWriter(self.store, config.ledger_retry_s)
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
+        self.metrics = Metrics(config.policy)
         self.dispatcher = Dispatcher(config, self.pool, self.store, self.ledger, self.owner,
-                                     self.prices)
+                                     self.prices, self.metrics)
+        self.metrics_server = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -65,7 +68,7 @@ class Scheduler:
         await self._settle_orphans()
         self._time_task = asyncio.create_task(self._record_worker_time())
         self.server = grpc.aio.server(
-            interceptors=[ApiInterceptor(self.store.authenticate)],
+            interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_InferenceServicer_to_server(
@@ -82,6 +85,8 @@ class Scheduler:
         else:
             self.port = self.server.add_insecure_port(address)
         await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -101,6 +106,9 @@ class Scheduler:
             await self._flush_worker_time()
         await self.pool.stop()
         await self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
     async def _record_worker_time(self) -> None:
         while True:

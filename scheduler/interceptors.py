@@ -12,9 +12,11 @@ Knows: gRPC metadata, status codes. Does not know: how keys are stored, what met
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import secrets
+import time
 
 import grpc
 
@@ -52,50 +54,81 @@ def bearer_key(metadata) -> str:
 class ApiInterceptor(grpc.aio.ServerInterceptor):
     """`authenticate(api_key) -> tenant` (async) raises Unauthenticated or StoreUnavailable."""
 
-    def __init__(self, authenticate):
+    def __init__(self, authenticate, metrics=None):
         self._authenticate = authenticate
+        self._metrics = metrics
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         public = details.method.startswith(PUBLIC_SERVICES)
+        method = details.method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, public),
+                self._unary(handler.unary_unary, public, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, public),
+                self._stream(handler.unary_stream, public, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # streaming requests: only reflection has them, and it is public
 
-    def _unary(self, behavior, public: bool):
+    def _unary(self, behavior, public: bool, method: str):
         async def call(request, context):
+            outcome = _Outcome(self._metrics, method)
             try:
                 if not public:
                     TENANT.set(await self._authenticate(bearer_key(context.invocation_metadata())))
                 return await behavior(request, context)
             except SchedulerError as err:
+                outcome.code = status_of(err)
                 await _abort(context, err)
+            except asyncio.CancelledError:
+                outcome.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as err:  # noqa: BLE001 - the client must get a status, not a hang
+                outcome.code = grpc.StatusCode.INTERNAL
                 await _internal(context, err)
+            finally:
+                outcome.record()
         return call
 
-    def _stream(self, behavior, public: bool):
+    def _stream(self, behavior, public: bool, method: str):
         async def call(request, context):
+            outcome = _Outcome(self._metrics, method)
             try:
                 if not public:
                     TENANT.set(await self._authenticate(bearer_key(context.invocation_metadata())))
                 async for item in behavior(request, context):
                     yield item
             except SchedulerError as err:
+                outcome.code = status_of(err)
                 await _abort(context, err)
+            except asyncio.CancelledError:
+                outcome.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as err:  # noqa: BLE001
+                outcome.code = grpc.StatusCode.INTERNAL
                 await _internal(context, err)
+            finally:
+                outcome.record()
         return call
+
+
+class _Outcome:
+    """One call's status code and duration, for the metrics (OK unless set otherwise)."""
+
+    def __init__(self, metrics, method: str):
+        self.metrics, self.method = metrics, method
+        self.code = grpc.StatusCode.OK
+        self.start = time.perf_counter()
+
+    def record(self) -> None:
+        if self.metrics is not None:
+            self.metrics.call(self.method, self.code.name, time.perf_counter() - self.start)
 
 
 async def _abort(context, err: SchedulerError) -> None:

@@ -126,7 +126,7 @@ def _job(record: dict) -> pb.Job:
         usage=pb.Usage(prompt_tokens=record.get("prompt_tokens") or 0,
                        completion_tokens=record.get("completion_tokens") or 0),
         spec=pb.SpecStats(**{k: spec.get(k, 0) for k in
-                             ("draft_tokens", "verified_tokens", "accepted_tokens")}),
+                             ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")}),
         created_at=record.get("created_at") or 0.0, finished_at=record.get("finished_at") or 0.0,
         error=record.get("error", ""))
 

@@ -158,8 +158,8 @@ class WorkerPool:
         w = self._workers.get(worker)
         if w is None:
             raise WorkerLost(f"worker {worker} is gone")
-        entry = [job_id, budget_tokens]
-        w.sent.append(entry)
+        entry = next((e for e in w.sent if e[0] == job_id), None) or self.note_dispatch(
+            worker, job_id, budget_tokens)
         stream = w.handle.generate.remote(job_id, prompt_ids, params, resume)
         finished = started = False
         try:
@@ -177,6 +177,16 @@ class WorkerPool:
             if not finished:
                 ray.cancel(stream)
                 asyncio.ensure_future(self.cancel(worker, job_id))
+
+    def note_dispatch(self, worker: str, job_id: str, budget_tokens: int) -> list | None:
+        """Count a job as sent to `worker` from the moment it is routed there, so that the
+        routing decisions of a burst see each other (before any of them reaches the worker)."""
+        w = self._workers.get(worker)
+        if w is None:
+            return None
+        entry = [job_id, budget_tokens]
+        w.sent.append(entry)
+        return entry
 
     async def _next_chunk(self, worker: str, stream):
         try:

@@ -4,9 +4,9 @@
 main job (a small generation run of the DSpark engine on this machine, streaming every
 request's text), `worker` (a node operator's GPU joins the Ray cluster; `worker/launcher.py`),
 `calibrate` (fit STS temperatures for a draft from its own verification logs), and the
-scheduler's `head`, `keys`, `generate`, `workers` (`scheduler/cli.py`) and `report`
-(`scheduler/report_cli.py`). The other commands of the design (up, demo) join the table as
-they are built.
+scheduler's `head`, `keys`, `generate`, `workers` (`scheduler/cli.py`), `report`
+(`scheduler/report_cli.py`), and `up` and `demo`, the whole stack on one machine
+(`scheduler/up_cli.py`).
 
 A user error (a missing directory, a bad option value, an input the engine refuses) prints
 `error: <what to fix>` to stderr and exits 2, never a traceback.
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from scheduler import cli as scheduler_cli
-from scheduler import report_cli
+from scheduler import report_cli, up_cli
 from worker import launcher
 from worker.models import shipped_pair
 
@@ -408,6 +408,7 @@ COMMANDS = {  # name: (help, add options, run)
                   _calibrate_args, _run_calibrate),
     **scheduler_cli.COMMANDS,
     **report_cli.COMMANDS,
+    **up_cli.COMMANDS,
 }
 
 

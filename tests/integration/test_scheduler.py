@@ -398,6 +398,31 @@ def test_reconciliation_over_200_mixed_requests(head, tenant_keys, make_worker):
         c.close()
 
 
+def test_cost_reports_agree_with_get_usage_and_with_each_other(head, tenant_keys):
+    """After the real requests above (two tenants, several workers, failovers): every report's
+    totals equal what GetUsage says each tenant received, and the reports agree."""
+    from scheduler.reports import build_reports
+
+    head.call(head.scheduler._flush_worker_time())  # the workers' time so far, into the ledger
+    reports = head.call(build_reports(head.scheduler.store, *TODAY))
+    tenants = {r["tenant"]: r for r in reports["tenant"].rows}
+    for name in ("acme", "globex"):
+        with Client(head.endpoint, tenant_keys[name][1]) as c:
+            got = c.usage(since=TODAY[0], until=TODAY[1])
+        row = tenants[name]
+        assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == \
+               (got.jobs, got.prompt_tokens, got.completion_tokens)
+    totals = {by: r.totals for by, r in reports.items()}
+    served = sum(r["completion_tokens"] for r in reports["tenant"].rows)
+    assert totals["tenant"]["completion_tokens"] == served == totals["day"]["completion_tokens"]
+    assert totals["worker"]["tokens_served"] == served == totals["gpu"]["tokens_served"]
+    assert totals["tenant"]["charges_usd"] == totals["day"]["charges_usd"] > 0
+    assert totals["worker"]["revenue_usd"] == totals["tenant"]["charges_usd"]
+    assert totals["worker"]["gpu_cost_usd"] == totals["tenant"]["gpu_cost_usd"] == \
+           totals["day"]["gpu_cost_usd"] == totals["gpu"]["gpu_cost_usd"]
+    assert totals["worker"]["online_hours"] > 0 and 0 < totals["worker"]["utilisation"] <= 1
+
+
 # -- the `sparkgrid head`, `keys`, `generate` and `workers` commands; a scheduler that dies --------
 def _sparkgrid(*args, home, timeout_s=120) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).with_name("sparkgrid")), *args],

@@ -37,12 +37,16 @@ class FakePool:
         self.queued = queued
         self.calls = []
         self.closed = []
+        self.noted = []
 
     def snapshots(self):
         return [snapshot(n, self.queued) for n in self.scripts if n not in self.closed_for_good()]
 
     def closed_for_good(self):
         return {c["worker"] for c in self.calls}  # one attempt per worker in these tests
+
+    def note_dispatch(self, worker, job_id, budget_tokens):
+        self.noted.append((worker, job_id, budget_tokens))
 
     def worker_stats(self, name):
         return {"gpu_type": f"gpu-{name}"}
@@ -151,7 +155,8 @@ def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
            [("a", 3, 3), ("b", 2, 6)]
     # A chunk's spec figures are the worker's running totals: each part's last one counts.
     assert record["fields"]["spec"] == {"draft_tokens": 4 + 4, "verified_tokens": 2 + 2,
-                                        "accepted_tokens": 1 + 1}
+                                        "accepted_tokens": 1 + 1, "spec_steps": 0}
+    assert [n[0] for n in pool.noted] == ["a", "b"]  # each routing counted at once, pending
 
 
 def test_after_max_attempts_the_job_fails_naming_each_failure_and_bills_what_was_delivered():

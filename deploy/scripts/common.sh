@@ -1,0 +1,215 @@
+# shellcheck shell=bash
+# Shared by start-head.sh and start-worker.sh (sourced, not run). Knows: how to find the
+# installation, Ray's token authentication, and how to supervise the two long-running
+# processes of a node (Ray, then sparkgrid) so that a stop drains sparkgrid before Ray goes.
+#
+# Every setting is an environment variable; `SG_ROLE` (head or worker) names the caller in
+# messages. Nothing here prints a secret: Redis URLs are shown without their password.
+
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+    echo "error: ${0##*/} needs bash >= 5.1 (for 'wait -n -p'); this is bash $BASH_VERSION" >&2
+    exit 1
+fi
+
+SG_ROLE=${SG_ROLE:-node}
+SG_STOP_REQUESTED=0
+
+sg_log() { printf '[sparkgrid %s] %s\n' "$SG_ROLE" "$*" >&2; }
+sg_die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# A trapped signal only sets a flag; the supervisor acts on it. Installed before any child
+# starts, so that a stop that arrives during start-up is not lost.
+sg_on_signal() { SG_STOP_REQUESTED=1; }
+sg_install_traps() { trap sg_on_signal TERM INT HUP; }
+
+# sg_require_uint NAME VALUE: VALUE is a whole number (a port, a timeout).
+sg_require_uint() {
+    [[ $2 =~ ^[0-9]+$ ]] || sg_die "$1: expected a whole number, got '$2'"
+}
+
+# sg_require_port NAME VALUE
+sg_require_port() {
+    sg_require_uint "$1" "$2"
+    (($2 >= 1 && $2 <= 65535)) || sg_die "$1: expected a port in 1..65535, got $2"
+}
+
+# sg_words NAME STRING: split STRING on whitespace into the array NAME (for *_EXTRA_ARGS).
+# Quotes inside STRING are not interpreted: pass no value that contains spaces.
+sg_words() {
+    local -n _out=$1
+    _out=()
+    if [[ -n ${2:-} ]]; then
+        read -r -a _out <<<"$2"
+    fi
+}
+
+# Put $SPARKGRID_VENV/bin first on PATH (the virtual environment sparkgrid is installed in),
+# check that `ray` and `sparkgrid` are there, and pick the Python that sparkgrid runs on.
+sg_setup_path() {
+    if [[ -n ${SPARKGRID_VENV:-} ]]; then
+        [[ -x $SPARKGRID_VENV/bin/sparkgrid ]] ||
+            sg_die "SPARKGRID_VENV=$SPARKGRID_VENV has no bin/sparkgrid; install sparkgrid there (pip install .)"
+        PATH=$SPARKGRID_VENV/bin:$PATH
+        export PATH
+    fi
+    command -v sparkgrid >/dev/null ||
+        sg_die "'sparkgrid' is not on PATH; install it (pip install .) or set SPARKGRID_VENV"
+    command -v ray >/dev/null ||
+        sg_die "'ray' is not on PATH; sparkgrid's dependencies are incomplete (pip install 'ray[default]==2.60.*')"
+    if [[ -z ${SPARKGRID_PYTHON:-} ]]; then
+        # The interpreter of the sparkgrid console script: the one that has sparkgrid's modules.
+        local shebang
+        IFS= read -r shebang <"$(command -v sparkgrid)" || true
+        shebang=${shebang#\#!}
+        if [[ $shebang == /* && -x $shebang ]]; then
+            SPARKGRID_PYTHON=$shebang
+        else
+            SPARKGRID_PYTHON=python3
+        fi
+    fi
+    "$SPARKGRID_PYTHON" -c 'import redis, ray, worker, scheduler' 2>/dev/null ||
+        sg_die "$SPARKGRID_PYTHON cannot import sparkgrid's modules; set SPARKGRID_PYTHON to the Python sparkgrid is installed in"
+}
+
+# Ray token authentication: always on. The token comes, in Ray's own order, from
+# RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. Every node and
+# every driver of the cluster needs the same token. `generate` (the head only) creates
+# ~/.ray/auth_token when no token is configured at all.
+sg_setup_ray_auth() {
+    local may_generate=${1:-no}
+    if [[ -n ${RAY_AUTH_MODE:-} && $RAY_AUTH_MODE != token ]]; then
+        sg_die "RAY_AUTH_MODE=$RAY_AUTH_MODE: sparkgrid nodes run with Ray token authentication only" \
+            "(a Ray node lets its cluster run any code on it); unset RAY_AUTH_MODE or set it to 'token'"
+    fi
+    export RAY_AUTH_MODE=token
+    if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then
+        sg_log "Ray token: from RAY_AUTH_TOKEN"
+        return
+    fi
+    local file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+    if [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]]; then
+        [[ -r $file && -s $file ]] ||
+            sg_die "RAY_AUTH_TOKEN_PATH=$file is not a readable, non-empty file (the cluster's Ray token)"
+    elif [[ ! -s $file ]]; then
+        if [[ $may_generate != generate ]]; then
+            sg_die "no Ray token on this node: copy the head's token (its ~/.ray/auth_token) to $file" \
+                "(mode 600), or set RAY_AUTH_TOKEN_PATH to a file holding it"
+        fi
+        sg_log "no Ray token yet: generating $file (copy it to every worker node, mode 600)"
+        (umask 077 && ray get-auth-token --generate >/dev/null) ||
+            sg_die "could not generate a Ray token with 'ray get-auth-token --generate'"
+    fi
+    local mode
+    mode=$(stat -c '%a' "$file" 2>/dev/null || true)
+    if [[ ${#mode} -ge 3 && ${mode: -2} != 00 ]]; then
+        sg_log "warning: $file can be read by other users (mode $mode); chmod 600 it"
+    fi
+    sg_log "Ray token: from $file"
+}
+
+# Raise the soft limit of open files: Ray keeps a connection per worker process and node.
+sg_raise_nofile() {
+    local want=65536 hard
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < want)); then
+        want=$hard
+    fi
+    ulimit -Sn "$want" 2>/dev/null || sg_log "warning: could not raise the open-files limit to $want"
+}
+
+# sg_tcp_open HOST PORT [SECONDS]: something accepts TCP connections there.
+sg_tcp_open() {
+    # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
+    timeout "${3:-3}" bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# sg_alive PID
+sg_alive() { kill -0 "$1" 2>/dev/null; }
+
+# sg_stop_child PID NAME: SIGTERM, then wait until it has exited (however long it drains;
+# whoever stops this script, systemd, Docker or Kubernetes, bounds that with its own timeout).
+sg_stop_child() {
+    local pid=$1 name=$2
+    if sg_alive "$pid"; then
+        sg_log "stopping $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+    fi
+    while sg_alive "$pid"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+# sg_supervise RAY_PID APP_PID APP_NAME: run until a stop is asked for (SIGTERM, SIGINT,
+# SIGHUP) or either process exits; then stop the application first (a worker drains its
+# running jobs, the scheduler lets its streams end) and Ray second. Exits 0 after a stop that
+# was asked for, else with the status of the process that ended on its own.
+sg_supervise() {
+    local ray_pid=$1 app_pid=$2 app_name=$3
+    local status=0 ended=""
+    if ((!SG_STOP_REQUESTED)); then
+        wait -n -p ended "$ray_pid" "$app_pid" || status=$?
+    fi
+    if ((SG_STOP_REQUESTED)); then
+        sg_log "stop requested"
+        status=0
+    elif [[ $ended == "$ray_pid" ]]; then
+        sg_log "Ray exited (status $status); stopping $app_name"
+    else
+        sg_log "$app_name exited (status $status); stopping Ray"
+    fi
+    sg_stop_child "$app_pid" "$app_name"
+    sg_stop_child "$ray_pid" "Ray"
+    sg_log "stopped"
+    exit "$status"
+}
+
+# sg_wait_until SECONDS PID WHAT CMD...: run CMD every second until it succeeds; fail when PID
+# (the Ray process) has died, a stop was asked for, or SECONDS have passed.
+sg_wait_until() {
+    local limit=$1 pid=$2 what=$3
+    shift 3
+    local waited=0
+    until "$@"; do
+        if ((SG_STOP_REQUESTED)); then
+            sg_stop_child "$pid" "Ray"
+            exit 0
+        fi
+        sg_alive "$pid" || sg_die "Ray exited while waiting for $what; see its output above"
+        ((waited < limit)) || {
+            sg_stop_child "$pid" "Ray"
+            sg_die "$what: not ready after ${limit} s"
+        }
+        sleep 1
+        waited=$((waited + 1))
+    done
+}
+
+# sg_settle PID SECONDS WHAT: give PID (the Ray process) SECONDS to fail; fail if it does.
+sg_settle() {
+    local pid=$1 left=$2 what=$3
+    while ((left > 0)); do
+        if ((SG_STOP_REQUESTED)); then
+            sg_stop_child "$pid" "Ray"
+            exit 0
+        fi
+        sg_alive "$pid" || sg_die "Ray exited while $what; see its output above (a wrong token?)"
+        sleep 1
+        left=$((left - 1))
+    done
+}
+
+# sg_kuberay_ray_cmd NAME: in a KubeRay pod, the `ray start` command KubeRay generated for it
+# (with --block) into the array NAME; returns 1 elsewhere. Set SPARKGRID_USE_KUBERAY_CMD=0 to
+# build the command from this script's variables instead.
+sg_kuberay_ray_cmd() {
+    local -n _cmd=$1
+    if [[ -z ${KUBERAY_GEN_RAY_START_CMD:-} || ${SPARKGRID_USE_KUBERAY_CMD:-1} == 0 ]]; then
+        return 1
+    fi
+    sg_words "$1" "$KUBERAY_GEN_RAY_START_CMD"
+    [[ " ${_cmd[*]} " == *" --block "* ]] || _cmd+=(--block)
+    return 0
+}

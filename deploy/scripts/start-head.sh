@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# start-head.sh: the platform's head node. Starts the Ray head (dashboard, metrics export),
+# checks Redis, then runs the sparkgrid scheduler (`sparkgrid head`) in the foreground of this
+# script. SIGTERM or Ctrl-C stops the scheduler first (running streams get up to 10 s), then
+# Ray. Meant to be run by systemd (deploy/systemd/sparkgrid-head.service), a container
+# (deploy/docker/Dockerfile.head) or a KubeRay head pod; fine by hand too.
+#
+# Settings (environment variables; defaults in brackets):
+#   SPARKGRID_REDIS_URL         Redis of jobs, keys and the ledger, e.g.
+#                               redis://:PASSWORD@127.0.0.1:6380/0 (required, or:)
+#   SPARKGRID_REDIS_URL_FILE    a file holding that URL (keeps the password out of the env)
+#   SPARKGRID_REDIS_WAIT_S      how long to wait for Redis to answer [30]
+#   SPARKGRID_NODE_IP           this node's private address, e.g. its WireGuard address
+#                               (Ray's --node-ip-address) [Ray's guess: the default route's]
+#   SPARKGRID_RAY_PORT          Ray's GCS port, the address workers join [6379]
+#   SPARKGRID_DASHBOARD_HOST    where the Ray dashboard listens [SPARKGRID_NODE_IP, else 0.0.0.0]
+#   SPARKGRID_DASHBOARD_PORT    [8265]
+#   SPARKGRID_RAY_METRICS_PORT  Ray's Prometheus endpoint on this node [8080]
+#   SPARKGRID_RAY_EXTRA_ARGS    more `ray start` options, space-separated []
+#   SPARKGRID_RAY_WAIT_S        how long Ray may take to start [60]
+#   SPARKGRID_GRPC_HOST         where the scheduler's gRPC API listens [0.0.0.0]
+#   SPARKGRID_GRPC_PORT         [50051]
+#   SPARKGRID_METRICS_PORT      the scheduler's Prometheus /metrics port [9464]
+#   SPARKGRID_TLS_CERT, SPARKGRID_TLS_KEY   PEM files: serve the API over TLS only []
+#   SPARKGRID_PRICES            the price book (TOML) [the shipped scheduler/prices.toml]
+#   SPARKGRID_POLICY            routing policy: fastest, round_robin, jsq, p2c [fastest]
+#   SPARKGRID_HEAD_EXTRA_ARGS   more `sparkgrid head` options, space-separated []
+#   SPARKGRID_VENV              the virtual environment sparkgrid is installed in [PATH's]
+#   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN    the cluster's Ray token [~/.ray/auth_token,
+#                               generated on first start when there is none]
+#   RAY_PROMETHEUS_HOST         Prometheus URL for the dashboard's Metrics page, e.g.
+#                               http://127.0.0.1:9090 (read by Ray itself) []
+set -euo pipefail
+
+SG_ROLE="head"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+sg_install_traps
+
+node_ip=${SPARKGRID_NODE_IP:-}
+ray_port=${SPARKGRID_RAY_PORT:-6379}
+dashboard_host=${SPARKGRID_DASHBOARD_HOST:-${node_ip:-0.0.0.0}}
+dashboard_port=${SPARKGRID_DASHBOARD_PORT:-8265}
+ray_metrics_port=${SPARKGRID_RAY_METRICS_PORT:-8080}
+ray_wait_s=${SPARKGRID_RAY_WAIT_S:-60}
+redis_wait_s=${SPARKGRID_REDIS_WAIT_S:-30}
+grpc_host=${SPARKGRID_GRPC_HOST:-0.0.0.0}
+grpc_port=${SPARKGRID_GRPC_PORT:-50051}
+metrics_port=${SPARKGRID_METRICS_PORT:-9464}
+tls_cert=${SPARKGRID_TLS_CERT:-}
+tls_key=${SPARKGRID_TLS_KEY:-}
+prices=${SPARKGRID_PRICES:-}
+policy=${SPARKGRID_POLICY:-fastest}
+
+# -- check everything before starting anything ------------------------------------------------
+sg_require_port SPARKGRID_RAY_PORT "$ray_port"
+sg_require_port SPARKGRID_DASHBOARD_PORT "$dashboard_port"
+sg_require_port SPARKGRID_RAY_METRICS_PORT "$ray_metrics_port"
+sg_require_port SPARKGRID_GRPC_PORT "$grpc_port"
+sg_require_port SPARKGRID_METRICS_PORT "$metrics_port"
+sg_require_uint SPARKGRID_RAY_WAIT_S "$ray_wait_s"
+sg_require_uint SPARKGRID_REDIS_WAIT_S "$redis_wait_s"
+case $policy in
+fastest | round_robin | jsq | p2c) ;;
+*) sg_die "SPARKGRID_POLICY: expected fastest, round_robin, jsq or p2c, got '$policy'" ;;
+esac
+if [[ -n $tls_cert || -n $tls_key ]]; then
+    [[ -n $tls_cert && -n $tls_key ]] || sg_die "SPARKGRID_TLS_CERT and SPARKGRID_TLS_KEY go together: set both or neither"
+    [[ -r $tls_cert ]] || sg_die "SPARKGRID_TLS_CERT=$tls_cert is not a readable file"
+    [[ -r $tls_key ]] || sg_die "SPARKGRID_TLS_KEY=$tls_key is not a readable file"
+fi
+if [[ -n $prices && ! -r $prices ]]; then
+    sg_die "SPARKGRID_PRICES=$prices is not a readable file (the price book, TOML)"
+fi
+
+if [[ -n ${SPARKGRID_REDIS_URL_FILE:-} ]]; then
+    [[ -r $SPARKGRID_REDIS_URL_FILE ]] || sg_die "SPARKGRID_REDIS_URL_FILE=$SPARKGRID_REDIS_URL_FILE is not a readable file"
+    IFS= read -r SPARKGRID_REDIS_URL <"$SPARKGRID_REDIS_URL_FILE" || true
+fi
+[[ -n ${SPARKGRID_REDIS_URL:-} ]] ||
+    sg_die "SPARKGRID_REDIS_URL is not set: the Redis of the ledger, e.g. redis://:PASSWORD@127.0.0.1:6380/0 (see deploy/redis/redis.conf)"
+[[ $SPARKGRID_REDIS_URL == redis://* || $SPARKGRID_REDIS_URL == rediss://* || $SPARKGRID_REDIS_URL == unix://* ]] ||
+    sg_die "SPARKGRID_REDIS_URL: expected redis://, rediss:// or unix://"
+[[ $SPARKGRID_REDIS_URL != *CHANGE-ME* ]] ||
+    sg_die "SPARKGRID_REDIS_URL still has the placeholder password: set the one of requirepass in redis.conf"
+# The scheduler reads it from the environment: the password never shows in `ps`.
+export SPARKGRID_REDIS_URL
+
+sg_setup_path
+sg_setup_ray_auth generate
+if [[ -z $node_ip ]]; then
+    sg_log "note: SPARKGRID_NODE_IP is not set; Ray advertises the address of the default route." \
+        "Across providers set it to the head's private (WireGuard) address."
+fi
+if [[ -z $tls_cert && $grpc_host != 127.0.0.1 && $grpc_host != localhost ]]; then
+    sg_log "note: the gRPC API is served in plaintext on $grpc_host:$grpc_port; API keys cross" \
+        "the network in clear unless a TLS proxy fronts it (or set SPARKGRID_TLS_CERT/KEY)"
+fi
+
+# -- Redis: answers, with the password; warn when it is not set up for a ledger ---------------
+sg_log "checking Redis (up to ${redis_wait_s} s)"
+waited=0
+while :; do
+    rc=0
+    "$SPARKGRID_PYTHON" - <<'PY' || rc=$?
+import os
+import re
+import sys
+
+import redis
+
+url = os.environ["SPARKGRID_REDIS_URL"]
+shown = re.sub(r"//[^@/]*@", "//***@", url)
+try:
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    client.ping()
+except redis.AuthenticationError as err:
+    print(f"error: Redis at {shown} refused the password ({err}); the URL's password must be "
+          "redis.conf's requirepass", file=sys.stderr)
+    sys.exit(2)
+except redis.ResponseError as err:
+    print(f"error: Redis at {shown}: {err}", file=sys.stderr)
+    sys.exit(2)
+except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
+    print(f"Redis at {shown} does not answer yet ({err})", file=sys.stderr)
+    sys.exit(1)
+try:  # CONFIG may be renamed or denied by an ACL: then these checks are skipped
+    aof = client.config_get("appendonly").get("appendonly")
+    policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+except redis.RedisError:
+    aof = policy = None
+if aof == "no":
+    print(f"warning: Redis at {shown} runs without the append-only file: a crash loses the "
+          "ledger's last writes (see deploy/redis/redis.conf)", file=sys.stderr)
+if policy not in (None, "noeviction"):
+    print(f"warning: Redis at {shown} has maxmemory-policy {policy}: it may evict jobs and "
+          "ledger keys when full; use noeviction", file=sys.stderr)
+print(f"Redis at {shown} answers", file=sys.stderr)
+PY
+    case $rc in
+    0) break ;;
+    1) ;;
+    *) exit 1 ;;
+    esac
+    ((SG_STOP_REQUESTED)) && exit 0
+    ((waited < redis_wait_s)) || sg_die "Redis did not answer within ${redis_wait_s} s; is it running, and is SPARKGRID_REDIS_URL right?"
+    sleep 2
+    waited=$((waited + 2))
+done
+
+# -- the Ray head -----------------------------------------------------------------------------
+sg_raise_nofile
+ray_cmd=()
+extra=()
+if ! sg_kuberay_ray_cmd ray_cmd; then
+    ray_cmd=(ray start --head --port "$ray_port"
+        --dashboard-host "$dashboard_host" --dashboard-port "$dashboard_port"
+        --metrics-export-port "$ray_metrics_port" --block)
+    if [[ -n $node_ip ]]; then
+        ray_cmd+=(--node-ip-address "$node_ip")
+    fi
+    sg_words extra "${SPARKGRID_RAY_EXTRA_ARGS:-}"
+    ray_cmd+=("${extra[@]}")
+fi
+sg_log "starting Ray: ${ray_cmd[*]}"
+"${ray_cmd[@]}" &
+ray_pid=$!
+
+gcs_host=${node_ip:-127.0.0.1}
+sg_wait_until "$ray_wait_s" "$ray_pid" "Ray's GCS at $gcs_host:$ray_port" sg_tcp_open "$gcs_host" "$ray_port"
+sg_log "Ray head is up: workers join $gcs_host:$ray_port; dashboard on $dashboard_host:$dashboard_port"
+
+# -- the scheduler ----------------------------------------------------------------------------
+head_cmd=(sparkgrid head --ray-address "$gcs_host:$ray_port" --host "$grpc_host"
+    --grpc-port "$grpc_port" --metrics-port "$metrics_port" --policy "$policy")
+if [[ -n $tls_cert ]]; then
+    head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
+fi
+if [[ -n $prices ]]; then
+    head_cmd+=(--prices "$prices")
+fi
+sg_words extra "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
+head_cmd+=("${extra[@]}")
+sg_log "starting the scheduler: ${head_cmd[*]}"
+"${head_cmd[@]}" &
+head_pid=$!
+
+sg_supervise "$ray_pid" "$head_pid" "the scheduler"

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# start-worker.sh: a node operator's GPU joins the network. Joins the platform's Ray cluster
+# (`ray start --address HEAD:6379`, with the cluster's token), then runs `sparkgrid worker
+# ... --foreground`: a named worker actor pinned to this node, health-checked every 5 s.
+# SIGTERM or Ctrl-C drains the worker (running jobs finish, up to 120 s) and removes it, then
+# stops Ray on this node; give the whole stop 180 s before killing (systemd TimeoutStopSec,
+# docker --stop-timeout, Kubernetes terminationGracePeriodSeconds).
+#
+# Settings (environment variables; defaults in brackets):
+#   SPARKGRID_HEAD              the head's Ray address HOST:PORT, over the private network,
+#                               e.g. 10.8.0.1:6379 (required; in a KubeRay pod: KubeRay's)
+#   SPARKGRID_DEVICE            torch device: cuda, cuda:1, cpu [cuda]
+#   SPARKGRID_GPU_TYPE          what the device is, e.g. "RTX 4090" [detected: Ray's
+#                               accelerator type, else the CUDA device name]
+#   SPARKGRID_PRICE_PER_HOUR    what this device costs per hour, USD [0]
+#   SPARKGRID_WORKER_NAME       unique in the cluster, e.g. gpu-7 [<host>-<device>]
+#   SPARKGRID_TARGET            target model directory (Qwen3/Llama) [the shipped pair's]
+#   SPARKGRID_DRAFT             its DSpark draft directory [the shipped pair's]
+#   SPARKGRID_MAX_BATCH_TOKENS  most tokens in one verify forward [sparkgrid's default, 512]
+#   SPARKGRID_WORKER_EXTRA_ARGS more `sparkgrid worker` options, space-separated []
+#   SPARKGRID_NODE_IP           this node's private address (Ray's --node-ip-address) [Ray's
+#                               guess: the address it reaches the head from]
+#   SPARKGRID_RAY_METRICS_PORT  Ray's Prometheus endpoint on this node [8080]
+#   SPARKGRID_RAY_EXTRA_ARGS    more `ray start` options, space-separated []
+#   SPARKGRID_RAY_WAIT_S        how long the head may take to answer [60]
+#   SPARKGRID_VENV              the virtual environment sparkgrid is installed in [PATH's]
+#   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN    the cluster's Ray token, a copy of the head's
+#                               [~/.ray/auth_token]
+set -euo pipefail
+
+SG_ROLE="worker"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+sg_install_traps
+
+device=${SPARKGRID_DEVICE:-cuda}
+gpu_type=${SPARKGRID_GPU_TYPE:-}
+price=${SPARKGRID_PRICE_PER_HOUR:-0}
+name=${SPARKGRID_WORKER_NAME:-}
+target=${SPARKGRID_TARGET:-}
+draft=${SPARKGRID_DRAFT:-}
+max_batch_tokens=${SPARKGRID_MAX_BATCH_TOKENS:-}
+node_ip=${SPARKGRID_NODE_IP:-}
+ray_metrics_port=${SPARKGRID_RAY_METRICS_PORT:-8080}
+ray_wait_s=${SPARKGRID_RAY_WAIT_S:-60}
+
+# -- check everything before starting anything ------------------------------------------------
+ray_cmd=()
+extra=()
+if sg_kuberay_ray_cmd ray_cmd; then
+    # KubeRay generated `ray start --address=<head service>:6379 ...`: join the same address.
+    head=${SPARKGRID_HEAD:-}
+    if [[ -z $head && " ${ray_cmd[*]} " =~ \ --address=([^ ]+)\  ]]; then
+        head=${BASH_REMATCH[1]}
+    fi
+    head=${head:-auto}
+else
+    head=${SPARKGRID_HEAD:-}
+    [[ -n $head ]] || sg_die "SPARKGRID_HEAD is not set: the head's Ray address, HOST:6379 over the private network"
+fi
+if [[ $head != auto ]]; then
+    [[ $head =~ ^(.+):([0-9]+)$ ]] || sg_die "SPARKGRID_HEAD=$head: expected HOST:PORT, e.g. 10.8.0.1:6379"
+    head_host=${BASH_REMATCH[1]}
+    head_port=${BASH_REMATCH[2]}
+    sg_require_port "SPARKGRID_HEAD's port" "$head_port"
+fi
+[[ $device =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || sg_die "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu, got '$device'"
+[[ $price =~ ^[0-9]+([.][0-9]+)?$ ]] || sg_die "SPARKGRID_PRICE_PER_HOUR: expected USD per hour such as 0.45, got '$price'"
+if [[ -n $name && ! $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]]; then
+    sg_die "SPARKGRID_WORKER_NAME: expected up to 63 of A-Z a-z 0-9 . _ -, got '$name'"
+fi
+if [[ -n $max_batch_tokens ]]; then
+    sg_require_uint SPARKGRID_MAX_BATCH_TOKENS "$max_batch_tokens"
+fi
+sg_require_port SPARKGRID_RAY_METRICS_PORT "$ray_metrics_port"
+sg_require_uint SPARKGRID_RAY_WAIT_S "$ray_wait_s"
+
+sg_setup_path
+sg_setup_ray_auth
+
+# The models: both given, or neither (the pair shipped inside the package).
+if [[ -z $target && -z $draft ]]; then
+    pair=$("$SPARKGRID_PYTHON" -c 'from worker.models import shipped_pair
+p = shipped_pair()
+print(f"{p[0]}\n{p[1]}" if p else "")') || sg_die "could not look up the shipped model pair"
+    [[ -n $pair ]] || sg_die "this installation has no shipped model pair; set SPARKGRID_TARGET and SPARKGRID_DRAFT"
+    target=${pair%%$'\n'*}
+    draft=${pair#*$'\n'}
+    sg_log "models: the shipped pair (target $target, draft $draft)"
+elif [[ -z $target || -z $draft ]]; then
+    sg_die "set both SPARKGRID_TARGET and SPARKGRID_DRAFT, or neither (the shipped pair)"
+fi
+[[ -f $target/config.json ]] || sg_die "SPARKGRID_TARGET=$target: no config.json there (a target model directory)"
+[[ -f $draft/config.json ]] || sg_die "SPARKGRID_DRAFT=$draft: no config.json there (a DSpark draft directory)"
+
+# The head must answer before this node joins: a clear message beats Ray's retries.
+if [[ $head != auto ]]; then
+    sg_log "checking the head at $head (up to ${ray_wait_s} s)"
+    waited=0
+    until sg_tcp_open "$head_host" "$head_port"; do
+        ((SG_STOP_REQUESTED)) && exit 0
+        ((waited < ray_wait_s)) ||
+            sg_die "nothing answers at SPARKGRID_HEAD=$head; is the head up, and is this node on its private network (WireGuard)?"
+        sleep 2
+        waited=$((waited + 2))
+    done
+fi
+
+# -- join the Ray cluster ---------------------------------------------------------------------
+sg_raise_nofile
+if ((${#ray_cmd[@]} == 0)); then
+    ray_cmd=(ray start --address "$head" --metrics-export-port "$ray_metrics_port" --block)
+    if [[ -n $node_ip ]]; then
+        ray_cmd+=(--node-ip-address "$node_ip")
+    fi
+    sg_words extra "${SPARKGRID_RAY_EXTRA_ARGS:-}"
+    ray_cmd+=("${extra[@]}")
+fi
+sg_log "joining the Ray cluster: ${ray_cmd[*]}"
+"${ray_cmd[@]}" &
+ray_pid=$!
+# A refused token or a wrong address makes `ray start` fail within seconds; the worker itself
+# waits for this node's raylet to register.
+sg_settle "$ray_pid" 5 "joining the cluster at $head"
+
+# -- the worker -------------------------------------------------------------------------------
+worker_cmd=(sparkgrid worker --ray-address "$head" --target "$target" --draft "$draft"
+    --device "$device" --price-per-hour "$price" --foreground)
+if [[ -n $gpu_type ]]; then
+    worker_cmd+=(--gpu-type "$gpu_type")
+fi
+if [[ -n $name ]]; then
+    worker_cmd+=(--name "$name")
+fi
+if [[ -n $max_batch_tokens ]]; then
+    worker_cmd+=(--max-batch-tokens "$max_batch_tokens")
+fi
+sg_words extra "${SPARKGRID_WORKER_EXTRA_ARGS:-}"
+worker_cmd+=("${extra[@]}")
+sg_log "starting the worker: ${worker_cmd[*]}"
+"${worker_cmd[@]}" &
+worker_pid=$!
+
+sg_supervise "$ray_pid" "$worker_pid" "the worker"

@@ -1,0 +1,237 @@
+"""The whole stack on one machine: what `sparkgrid up` and `sparkgrid demo` run.
+
+`Stack(options).start()` takes a lock in `$SPARKGRID_HOME` (a second stack there is refused,
+naming the running one), then starts, in order: Redis (the URL given, else a private real
+`redis-server` with append-only persistence in `$SPARKGRID_HOME/redis`, a random password,
+loopback only), a local Ray cluster with its dashboard, N worker actors on the shipped model
+pair, and the scheduler; creates an API key for the tenant `local`; and writes
+`$SPARKGRID_HOME/up.json` (mode 0600: it holds the key and the Redis password). `stop()` undoes
+all of it in reverse order, so nothing it started is left running.
+
+Knows: start-up order, the local processes. Does not know: what the parts do inside.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+UP_FILE = "up.json"
+LOCK_FILE = "up.lock"
+TENANT = "local"
+
+
+class StackError(RuntimeError):
+    """The stack cannot start; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    home: Path
+    """`$SPARKGRID_HOME`: up.json, the lock, Redis's data, SPS caches."""
+    workers: int = 2
+    grpc_port: int = 50051
+    redis_url: str | None = None
+    """None: a private redis-server this stack starts and stops."""
+    metrics_port: int | None = 9464
+    dashboard_port: int = 8265
+    price_per_hour: float = 0.10
+    """The workers' asked price, USD per hour (a notional one for this machine's CPU, so that
+    cost reports have GPU costs to show)."""
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or not 1 <= self.workers <= 16:
+            raise ValueError(f"--workers: expected 1 to 16, got {self.workers!r}")
+
+
+class Stack:
+    def __init__(self, options: StackOptions):
+        self.options = options
+        self.home = Path(options.home)
+        self.info: dict = {}
+        self._lock = None
+        self._redis = None
+        self._ray_started = False
+        self._workers: list[str] = []
+        self._head = None
+
+    def start(self, log=print) -> dict:
+        """Start everything; returns what up.json holds. On failure, stops what it started."""
+        try:
+            self._take_lock()
+            redis_url = self._start_redis(log)
+            dashboard = self._start_ray(log)
+            self._start_workers(log)
+            endpoint, api_key = self._start_scheduler(redis_url, log)
+            self.info = {"endpoint": endpoint, "api_key": api_key, "tenant": TENANT,
+                         "redis_url": redis_url, "dashboard_url": dashboard,
+                         "metrics_url": (f"http://127.0.0.1:{self.options.metrics_port}/metrics"
+                                         if self.options.metrics_port is not None else None),
+                         "ray_address": self._ray_address(), "workers": list(self._workers),
+                         "ray_session_dir": self._ray_session_dir(), "pid": os.getpid(),
+                         "started_at": time.time()}
+            self._write_up_file()
+            return self.info
+        except BaseException:
+            self.stop(log=lambda *a, **k: None)
+            raise
+
+    def stop(self, log=print) -> None:
+        """Stop all this stack started, newest first; safe to call twice."""
+        if self._lock is not None:  # up.json is ours only while we hold the lock
+            (self.home / UP_FILE).unlink(missing_ok=True)
+        if self._head is not None:
+            log("stopping the scheduler")
+            self._head.stop(grace_s=5)
+            self._head = None
+        if self._ray_started:
+            import ray
+
+            from worker import actor
+
+            for name in self._workers:
+                if (handle := actor.find_worker(name)) is not None:
+                    actor.kill(handle)
+            self._workers.clear()
+            log("stopping the Ray cluster")
+            ray.shutdown()
+            self._ray_started = False
+        if self._redis is not None:
+            log("stopping Redis")
+            self._redis.stop()
+            self._redis = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # -- parts ----------------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        lock = open(self.home / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            running = _read_up_file(self.home)
+            where = (f" (pid {running.get('pid')}, endpoint {running.get('endpoint')})"
+                     if running else "")
+            raise StackError(f"another `sparkgrid up` is running with SPARKGRID_HOME={self.home}"
+                             f"{where}; stop it first (Ctrl-C in its terminal), or use another "
+                             "SPARKGRID_HOME") from None
+        self._lock = lock
+
+    def _start_redis(self, log) -> str:
+        from scheduler.local_redis import LocalRedis
+
+        if self.options.redis_url:
+            log(f"Redis: using {self.options.redis_url.split('@')[-1]}")
+            return self.options.redis_url
+        self._redis = LocalRedis(self.home / "redis", persistent=True,
+                                 password=secrets.token_urlsafe(24))
+        try:
+            self._redis.start()
+        except FileNotFoundError as err:
+            self._redis = None
+            raise StackError(f"{err}; or pass --redis-url of a Redis you run") from None
+        log(f"Redis: a private redis-server on 127.0.0.1:{self._redis.port} "
+            f"(append-only, data in {self.home / 'redis'})")
+        return self._redis.url
+
+    def _start_ray(self, log) -> str:
+        import ray
+
+        from worker import actor
+
+        if ray.is_initialized():
+            raise StackError("this process is already connected to a Ray cluster")
+        ctx = ray.init(namespace=actor.NAMESPACE, include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=self.options.dashboard_port,
+                       num_cpus=max(4, self.options.workers + 2), logging_level="ERROR",
+                       log_to_driver=False)
+        self._ray_started = True
+        url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else ""
+        log(f"Ray: a local cluster at {self._ray_address()}; dashboard {url or '(off)'}")
+        return url
+
+    def _start_workers(self, log) -> None:
+        from worker.launcher import LaunchOptions, launch
+        from worker.models import shipped_pair
+        from worker.worker_config import WorkerConfig
+
+        pair = shipped_pair()
+        if pair is None:
+            raise StackError("the shipped model pair is not installed (worker/models/stdlib-pair)")
+        for i in range(1, self.options.workers + 1):
+            name = f"up-{i}"
+            config = WorkerConfig(name=name, target=str(pair[0]), draft=str(pair[1]),
+                                  gpu_type="cpu", sps_cache_dir=str(self.home / "sps"),
+                                  price_per_hour=self.options.price_per_hour)
+            out = io.StringIO()
+            if launch(LaunchOptions(self._ray_address(), config), out=out) != 0:
+                raise StackError(f"worker {name} did not start: {out.getvalue().strip()}")
+            self._workers.append(name)
+            log(f"worker {name} ready")
+
+    def _start_scheduler(self, redis_url: str, log) -> tuple[str, str]:
+        from scheduler.config import SchedulerConfig
+        from scheduler.head import SchedulerThread
+
+        config = SchedulerConfig(redis_url=redis_url, host="127.0.0.1",
+                                 grpc_port=self.options.grpc_port,
+                                 metrics_port=self.options.metrics_port)
+        try:
+            self._head = SchedulerThread(config)
+        except OSError as err:
+            raise StackError(f"--grpc-port {self.options.grpc_port}: cannot serve there ({err}); "
+                             "choose another port") from None
+        deadline = time.monotonic() + 30
+        while len(self._head.scheduler.pool.stats()) < len(self._workers):
+            if time.monotonic() > deadline:
+                raise StackError("the scheduler did not see the workers within 30 s")
+            time.sleep(0.1)
+        _, api_key = self._head.call(self._head.scheduler.store.create_key(TENANT))
+        log(f"scheduler: sparkgrid.v1.Inference on {self._head.endpoint}")
+        return self._head.endpoint, api_key
+
+    @property
+    def scheduler(self):
+        return None if self._head is None else self._head.scheduler
+
+    def call(self, coro, timeout_s: float = 60.0):
+        """Run a coroutine on the scheduler's event loop (reports, key management)."""
+        return self._head.call(coro, timeout_s)
+
+    def _write_up_file(self) -> None:
+        path = self.home / UP_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.info, f, indent=2)
+
+    @staticmethod
+    def _ray_address() -> str:
+        import ray
+
+        return ray.get_runtime_context().gcs_address
+
+    @staticmethod
+    def _ray_session_dir() -> str | None:
+        """Where this cluster's processes keep their logs (Ray has no public call for it)."""
+        import ray
+
+        try:
+            return ray._private.worker._global_node.get_session_dir_path()
+        except AttributeError:
+            return None
+
+
+def _read_up_file(home: Path) -> dict:
+    try:
+        return json.loads((home / UP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
