@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up (scripts/bootstrap.sh) and runs the main job: for now a small generation run of the
-# DSpark engine on locally built tiny models. Arguments go to `sparkgrid engine`.
+# Sets up (scripts/bootstrap.sh) and runs the main job: `sparkgrid demo`, the whole stack on
+# this machine (a private Redis, a local Ray cluster, two workers on the shipped model pair, the
+# scheduler), a few real requests streamed to the terminal, a cost report, and a clean stop.
+# Arguments go to `sparkgrid demo` (e.g. --workers 3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/sparkgrid engine "$@"
+exec .venv/bin/sparkgrid demo "$@"

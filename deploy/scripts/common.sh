@@ -6,8 +6,9 @@
 # Every setting is an environment variable; `SG_ROLE` (head or worker) names the caller in
 # messages. Nothing here prints a secret: Redis URLs are shown without their password.
 
-if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
-    echo "error: ${0##*/} needs bash >= 5.1 (for 'wait -n -p'); this is bash $BASH_VERSION" >&2
+# bash >= 4.4: empty arrays under `set -u`, and namerefs.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+    echo "error: ${0##*/} needs bash >= 4.4; this is bash $BASH_VERSION" >&2
     exit 1
 fi
 
@@ -145,19 +146,21 @@ sg_stop_child() {
 # sg_supervise RAY_PID APP_PID APP_NAME: run until a stop is asked for (SIGTERM, SIGINT,
 # SIGHUP) or either process exits; then stop the application first (a worker drains its
 # running jobs, the scheduler lets its streams end) and Ray second. Exits 0 after a stop that
-# was asked for, else with the status of the process that ended on its own.
+# was asked for, else with the status of the process that ended on its own. (It polls: bash's
+# `wait -n` misses a child that ended before it was called.)
 sg_supervise() {
     local ray_pid=$1 app_pid=$2 app_name=$3
-    local status=0 ended=""
-    if ((!SG_STOP_REQUESTED)); then
-        wait -n -p ended "$ray_pid" "$app_pid" || status=$?
-    fi
+    local status=0
+    while ((!SG_STOP_REQUESTED)) && sg_alive "$ray_pid" && sg_alive "$app_pid"; do
+        sleep 1 || true
+    done
     if ((SG_STOP_REQUESTED)); then
         sg_log "stop requested"
-        status=0
-    elif [[ $ended == "$ray_pid" ]]; then
+    elif ! sg_alive "$ray_pid"; then
+        wait "$ray_pid" || status=$?
         sg_log "Ray exited (status $status); stopping $app_name"
     else
+        wait "$app_pid" || status=$?
         sg_log "$app_name exited (status $status); stopping Ray"
     fi
     sg_stop_child "$app_pid" "$app_name"
@@ -182,7 +185,7 @@ sg_wait_until() {
             sg_stop_child "$pid" "Ray"
             sg_die "$what: not ready after ${limit} s"
         }
-        sleep 1
+        sleep 1 || true
         waited=$((waited + 1))
     done
 }
@@ -196,7 +199,7 @@ sg_settle() {
             exit 0
         fi
         sg_alive "$pid" || sg_die "Ray exited while $what; see its output above (a wrong token?)"
-        sleep 1
+        sleep 1 || true
         left=$((left - 1))
     done
 }

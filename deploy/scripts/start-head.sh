@@ -138,14 +138,14 @@ if policy not in (None, "noeviction"):
           "ledger keys when full; use noeviction", file=sys.stderr)
 print(f"Redis at {shown} answers", file=sys.stderr)
 PY
+    ((SG_STOP_REQUESTED)) && exit 0
     case $rc in
     0) break ;;
     1) ;;
     *) exit 1 ;;
     esac
-    ((SG_STOP_REQUESTED)) && exit 0
     ((waited < redis_wait_s)) || sg_die "Redis did not answer within ${redis_wait_s} s; is it running, and is SPARKGRID_REDIS_URL right?"
-    sleep 2
+    sleep 2 || true
     waited=$((waited + 2))
 done
 
@@ -169,7 +169,8 @@ ray_pid=$!
 
 gcs_host=${node_ip:-127.0.0.1}
 sg_wait_until "$ray_wait_s" "$ray_pid" "Ray's GCS at $gcs_host:$ray_port" sg_tcp_open "$gcs_host" "$ray_port"
-sg_log "Ray head is up: workers join $gcs_host:$ray_port; dashboard on $dashboard_host:$dashboard_port"
+sg_log "Ray head is up: workers join ${node_ip:-<this node's private address>}:$ray_port;" \
+    "dashboard on $dashboard_host:$dashboard_port"
 
 # -- the scheduler ----------------------------------------------------------------------------
 head_cmd=(sparkgrid head --ray-address "$gcs_host:$ray_port" --host "$grpc_host"

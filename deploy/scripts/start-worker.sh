@@ -48,7 +48,9 @@ ray_wait_s=${SPARKGRID_RAY_WAIT_S:-60}
 # -- check everything before starting anything ------------------------------------------------
 ray_cmd=()
 extra=()
+kuberay=0
 if sg_kuberay_ray_cmd ray_cmd; then
+    kuberay=1
     # KubeRay generated `ray start --address=<head service>:6379 ...`: join the same address.
     head=${SPARKGRID_HEAD:-}
     if [[ -z $head && " ${ray_cmd[*]} " =~ \ --address=([^ ]+)\  ]]; then
@@ -94,15 +96,16 @@ fi
 [[ -f $target/config.json ]] || sg_die "SPARKGRID_TARGET=$target: no config.json there (a target model directory)"
 [[ -f $draft/config.json ]] || sg_die "SPARKGRID_DRAFT=$draft: no config.json there (a DSpark draft directory)"
 
-# The head must answer before this node joins: a clear message beats Ray's retries.
-if [[ $head != auto ]]; then
+# The head must answer before this node joins: a clear message beats Ray's retries. (KubeRay
+# runs its own wait for the head's GCS in an init container.)
+if [[ $head != auto && $kuberay == 0 ]]; then
     sg_log "checking the head at $head (up to ${ray_wait_s} s)"
     waited=0
     until sg_tcp_open "$head_host" "$head_port"; do
         ((SG_STOP_REQUESTED)) && exit 0
         ((waited < ray_wait_s)) ||
             sg_die "nothing answers at SPARKGRID_HEAD=$head; is the head up, and is this node on its private network (WireGuard)?"
-        sleep 2
+        sleep 2 || true
         waited=$((waited + 2))
     done
 fi
