@@ -79,13 +79,17 @@ sg_setup_path() {
 # RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. Every node and
 # every driver of the cluster needs the same token. `generate` (the head only) creates
 # ~/.ray/auth_token when no token is configured at all.
-sg_setup_ray_auth() {
-    local may_generate=${1:-no}
+sg_require_token_auth() {
     if [[ -n ${RAY_AUTH_MODE:-} && $RAY_AUTH_MODE != token ]]; then
         sg_die "RAY_AUTH_MODE=$RAY_AUTH_MODE: sparkgrid nodes run with Ray token authentication only" \
             "(a Ray node lets its cluster run any code on it); unset RAY_AUTH_MODE or set it to 'token'"
     fi
     export RAY_AUTH_MODE=token
+}
+
+sg_setup_ray_auth() {
+    local may_generate=${1:-no}
+    sg_require_token_auth
     if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then
         sg_log "Ray token: from RAY_AUTH_TOKEN"
         return
@@ -105,16 +109,20 @@ sg_setup_ray_auth() {
     fi
     local mode
     mode=$(stat -c '%a' "$file" 2>/dev/null || true)
-    if [[ ${#mode} -ge 3 && ${mode: -2} != 00 ]]; then
-        sg_log "warning: $file can be read by other users (mode $mode); chmod 600 it"
+    if [[ ${#mode} -ge 3 && ${mode: -1} != 0 ]]; then
+        sg_log "warning: every user of this machine can read $file (mode $mode); chmod o-rwx it"
     fi
     sg_log "Ray token: from $file"
 }
 
 # Raise the soft limit of open files: Ray keeps a connection per worker process and node.
 sg_raise_nofile() {
-    local want=65536 hard
+    local want=65536 soft hard
+    soft=$(ulimit -Sn)
     hard=$(ulimit -Hn)
+    if [[ $soft == unlimited ]] || ((soft >= want)); then
+        return 0
+    fi
     if [[ $hard != unlimited ]] && ((hard < want)); then
         want=$hard
     fi
@@ -191,6 +199,7 @@ sg_wait_until() {
 }
 
 # sg_settle PID SECONDS WHAT: give PID (the Ray process) SECONDS to fail; fail if it does.
+# (A refused token or a wrong address makes `ray start` fail within seconds.)
 sg_settle() {
     local pid=$1 left=$2 what=$3
     while ((left > 0)); do

@@ -37,6 +37,7 @@ SG_ROLE="head"
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sg_install_traps
+sg_require_token_auth
 
 node_ip=${SPARKGRID_NODE_IP:-}
 ray_port=${SPARKGRID_RAY_PORT:-6379}
@@ -84,8 +85,9 @@ fi
     sg_die "SPARKGRID_REDIS_URL: expected redis://, rediss:// or unix://"
 [[ $SPARKGRID_REDIS_URL != *CHANGE-ME* ]] ||
     sg_die "SPARKGRID_REDIS_URL still has the placeholder password: set the one of requirepass in redis.conf"
-# The scheduler reads it from the environment: the password never shows in `ps`.
-export SPARKGRID_REDIS_URL
+# Handed to the scheduler (and the check below) in their environment alone: it shows in no
+# command line, and Ray's processes, which run whatever the cluster sends them, never see it.
+export -n SPARKGRID_REDIS_URL
 
 sg_setup_path
 sg_setup_ray_auth generate
@@ -103,7 +105,7 @@ sg_log "checking Redis (up to ${redis_wait_s} s)"
 waited=0
 while :; do
     rc=0
-    "$SPARKGRID_PYTHON" - <<'PY' || rc=$?
+    SPARKGRID_REDIS_URL=$SPARKGRID_REDIS_URL "$SPARKGRID_PYTHON" - <<'PY' || rc=$?
 import os
 import re
 import sys
@@ -169,7 +171,7 @@ ray_pid=$!
 
 gcs_host=${node_ip:-127.0.0.1}
 sg_wait_until "$ray_wait_s" "$ray_pid" "Ray's GCS at $gcs_host:$ray_port" sg_tcp_open "$gcs_host" "$ray_port"
-sg_log "Ray head is up: workers join ${node_ip:-<this node's private address>}:$ray_port;" \
+sg_log "Ray head is up: workers join ${node_ip:-this host}:$ray_port;" \
     "dashboard on $dashboard_host:$dashboard_port"
 
 # -- the scheduler ----------------------------------------------------------------------------
@@ -184,7 +186,7 @@ fi
 sg_words extra "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
 head_cmd+=("${extra[@]}")
 sg_log "starting the scheduler: ${head_cmd[*]}"
-"${head_cmd[@]}" &
+SPARKGRID_REDIS_URL=$SPARKGRID_REDIS_URL "${head_cmd[@]}" &
 head_pid=$!
 
 sg_supervise "$ray_pid" "$head_pid" "the scheduler"

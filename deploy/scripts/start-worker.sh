@@ -24,6 +24,7 @@
 #   SPARKGRID_RAY_METRICS_PORT  Ray's Prometheus endpoint on this node [8080]
 #   SPARKGRID_RAY_EXTRA_ARGS    more `ray start` options, space-separated []
 #   SPARKGRID_RAY_WAIT_S        how long the head may take to answer [60]
+#   SPARKGRID_RAY_SETTLE_S      how long `ray start` must survive before the worker starts [5]
 #   SPARKGRID_VENV              the virtual environment sparkgrid is installed in [PATH's]
 #   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN    the cluster's Ray token, a copy of the head's
 #                               [~/.ray/auth_token]
@@ -33,6 +34,7 @@ SG_ROLE="worker"
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sg_install_traps
+sg_require_token_auth
 
 device=${SPARKGRID_DEVICE:-cuda}
 gpu_type=${SPARKGRID_GPU_TYPE:-}
@@ -44,6 +46,7 @@ max_batch_tokens=${SPARKGRID_MAX_BATCH_TOKENS:-}
 node_ip=${SPARKGRID_NODE_IP:-}
 ray_metrics_port=${SPARKGRID_RAY_METRICS_PORT:-8080}
 ray_wait_s=${SPARKGRID_RAY_WAIT_S:-60}
+settle_s=${SPARKGRID_RAY_SETTLE_S:-5}
 
 # -- check everything before starting anything ------------------------------------------------
 ray_cmd=()
@@ -77,6 +80,7 @@ if [[ -n $max_batch_tokens ]]; then
 fi
 sg_require_port SPARKGRID_RAY_METRICS_PORT "$ray_metrics_port"
 sg_require_uint SPARKGRID_RAY_WAIT_S "$ray_wait_s"
+sg_require_uint SPARKGRID_RAY_SETTLE_S "$settle_s"
 
 sg_setup_path
 sg_setup_ray_auth
@@ -123,9 +127,8 @@ fi
 sg_log "joining the Ray cluster: ${ray_cmd[*]}"
 "${ray_cmd[@]}" &
 ray_pid=$!
-# A refused token or a wrong address makes `ray start` fail within seconds; the worker itself
-# waits for this node's raylet to register.
-sg_settle "$ray_pid" 5 "joining the cluster at $head"
+# The worker itself waits for this node's raylet to register.
+sg_settle "$ray_pid" "$settle_s" "joining the cluster at $head"
 
 # -- the worker -------------------------------------------------------------------------------
 worker_cmd=(sparkgrid worker --ray-address "$head" --target "$target" --draft "$draft"

@@ -115,7 +115,7 @@ def test_calibrate_writes_sts_json_beside_the_draft(run, tmp_path):
     (["engine", "--draft", "{tmp}"], "--draft"),
     (["engine", "--prompts-file", "{tmp}/missing.jsonl"], "--prompts-file"),
     (["calibrate", "--target", "{tmp}"], "--draft"),
-    (["up"], "command"),  # not built yet
+    (["teleport"], "command"),  # no such command
 ])
 def test_user_errors_exit_2_naming_the_option(run, tmp_path, argv, option):
     code, out, err = run(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
