@@ -62,6 +62,7 @@ async def _serve(scheduler) -> int:
     try:
         port = await scheduler.start()
     except (SchedulerError, ConnectionError, OSError) as err:
+        await scheduler.stop(grace_s=0)
         raise ValueError(str(err)) from None
     c = scheduler.config
     print(f"sparkgrid scheduler {scheduler.owner} serving sparkgrid.v1.Inference on "

@@ -70,26 +70,39 @@ class Scheduler:
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # gRPC shares a port with another server by default (SO_REUSEPORT): a
+                     # second scheduler on a taken port must fail, not split the traffic.
+                     ("grpc.so_reuseport", 0)])
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.config, self.dispatcher, self.pool, self.store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        address = f"{self.config.host}:{self.config.grpc_port}"
-        if self.config.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        self.port = self._listen()
         await self.server.start()
         if self.config.metrics_port is not None:
-            self.metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
+            try:
+                self.metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
+            except OSError as err:
+                raise OSError(f"--metrics-port {self.config.metrics_port}: cannot serve there "
+                              f"({err}); choose another port, or -1 for none") from None
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    def _listen(self) -> int:
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            if self.config.tls_cert:
+                credentials = grpc.ssl_server_credentials([(Path(self.config.tls_key).read_bytes(),
+                                                            Path(self.config.tls_cert).read_bytes())])
+                return self.server.add_secure_port(address, credentials)
+            return self.server.add_insecure_port(address)
+        except RuntimeError as err:  # grpc: "Failed to bind to address ..."
+            raise OSError(f"--grpc-port {self.config.grpc_port}: cannot serve on {address} ({err}); "
+                          "is another server there? --grpc-port 0 picks a free port") from None
 
     async def stop(self, grace_s: float = 10.0) -> None:
         for service in ("", SERVICE_NAME):
@@ -167,7 +180,10 @@ class SchedulerThread:
         try:
             self.port = self.call(self.scheduler.start())
         except BaseException:
-            self._end_loop()
+            try:  # what did start (the API server, the pool's tasks) stops with it
+                self.call(self.scheduler.stop(grace_s=0), timeout_s=30)
+            finally:
+                self._end_loop()
             raise
         self.endpoint = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{self.port}"
 

@@ -83,15 +83,11 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 if not public:
                     TENANT.set(await self._authenticate(bearer_key(context.invocation_metadata())))
                 return await behavior(request, context)
-            except SchedulerError as err:
-                outcome.code = status_of(err)
-                await _abort(context, err)
             except asyncio.CancelledError:
                 outcome.code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as err:  # noqa: BLE001 - the client must get a status, not a hang
-                outcome.code = grpc.StatusCode.INTERNAL
-                await _internal(context, err)
+                await _fail(context, outcome, err)
             finally:
                 outcome.record()
         return call
@@ -104,15 +100,11 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     TENANT.set(await self._authenticate(bearer_key(context.invocation_metadata())))
                 async for item in behavior(request, context):
                     yield item
-            except SchedulerError as err:
-                outcome.code = status_of(err)
-                await _abort(context, err)
             except asyncio.CancelledError:
                 outcome.code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as err:  # noqa: BLE001
-                outcome.code = grpc.StatusCode.INTERNAL
-                await _internal(context, err)
+                await _fail(context, outcome, err)
             finally:
                 outcome.record()
         return call
@@ -129,6 +121,15 @@ class _Outcome:
     def record(self) -> None:
         if self.metrics is not None:
             self.metrics.call(self.method, self.code.name, time.perf_counter() - self.start)
+
+
+async def _fail(context, outcome: _Outcome, err: Exception) -> None:
+    """End the call with the error's status: a domain error's own, else INTERNAL."""
+    if isinstance(err, SchedulerError):
+        outcome.code = status_of(err)
+        await _abort(context, err)
+    outcome.code = grpc.StatusCode.INTERNAL
+    await _internal(context, err)
 
 
 async def _abort(context, err: SchedulerError) -> None:

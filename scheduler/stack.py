@@ -187,9 +187,8 @@ class Stack:
                                  metrics_port=self.options.metrics_port)
         try:
             self._head = SchedulerThread(config)
-        except OSError as err:
-            raise StackError(f"--grpc-port {self.options.grpc_port}: cannot serve there ({err}); "
-                             "choose another port") from None
+        except OSError as err:  # a port taken: the message names the option
+            raise StackError(str(err)) from None
         deadline = time.monotonic() + 30
         while len(self._head.scheduler.pool.stats()) < len(self._workers):
             if time.monotonic() > deadline:

@@ -71,26 +71,32 @@ def _say(*parts) -> None:
     print(*parts, flush=True)
 
 
-def run_up(args) -> int:
+def _run_stack(stack, body, on_stop: str, done: str) -> int:
+    """Start the stack, run `body(stack, info)`, and stop all of it, whatever happens."""
     from scheduler.stack import StackError
 
-    stack = _stack(args)
     _catch_signals()
     try:
         info = stack.start(log=_say)
         _catch_signals()
         _print_info(stack, info)
-        _say("running; Ctrl-C (or SIGTERM) stops everything started here")
-        while True:
-            time.sleep(3600)
+        body(stack, info)
     except StackError as err:
         raise ValueError(str(err)) from None
     except _Stop:
-        _say("stopping")
+        _say(on_stop)
     finally:
         stack.stop(log=_say)
-    _say("stopped")
+    _say(done)
     return 0
+
+
+def run_up(args) -> int:
+    def serve(stack, info):
+        _say("running; Ctrl-C (or SIGTERM) stops everything started here")
+        while True:
+            time.sleep(3600)
+    return _run_stack(_stack(args), serve, "stopping", "stopped")
 
 
 def _print_info(stack, info: dict) -> None:
@@ -106,24 +112,11 @@ def _print_info(stack, info: dict) -> None:
 
 
 def run_demo(args) -> int:
-    from scheduler.stack import StackError
-
-    stack = _stack(args, grpc_port=0, metrics_port=None)
-    _catch_signals()
-    try:
-        info = stack.start(log=_say)
-        _catch_signals()
-        _print_info(stack, info)
+    def demo(stack, info):
         _demo_requests(info)
         _demo_report(stack)
-    except StackError as err:
-        raise ValueError(str(err)) from None
-    except _Stop:
-        _say("interrupted")
-    finally:
-        stack.stop(log=_say)
-    _say("demo finished; everything it started is stopped")
-    return 0
+    return _run_stack(_stack(args, grpc_port=0, metrics_port=None), demo, "interrupted",
+                      "demo finished; everything it started is stopped")
 
 
 def _demo_requests(info: dict) -> None:

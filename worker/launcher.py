@@ -175,7 +175,10 @@ def _print_ready(stats: dict, out) -> None:
 
 def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
     """Watch the worker until Ctrl-C / SIGTERM, then drain and remove it."""
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (systemd, docker stop) stops it like Ctrl-C
+    # SIGTERM (systemd, docker stop) stops it like Ctrl-C; SIGINT is set too, because a
+    # process started in the background by a shell inherits SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     print(f"worker {name} serving in the foreground; Ctrl-C drains and removes it", file=out)
     try:
         while True:

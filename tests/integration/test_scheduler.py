@@ -203,6 +203,25 @@ def test_health_and_reflection_answer_without_a_key(head):
     assert "sparkgrid.v1.Inference" in names and "grpc.health.v1.Health" in names
 
 
+def test_a_taken_port_is_refused_naming_the_option(head, persistent_redis):
+    for changes, option in (({"grpc_port": head.port}, "--grpc-port"),
+                            ({"grpc_port": 0, "metrics_port": _listening_port()}, "--metrics-port")):
+        config = SchedulerConfig(redis_url=persistent_redis.url, redis_prefix="sched-test", **changes)
+        with pytest.raises(OSError, match=f"^{option} \\d+: cannot serve"):
+            SchedulerThread(config)
+
+
+def _listening_port() -> int:
+    """A port something already listens on (a socket of this test's own)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen(1)
+    _listening_port.keep = sock  # open until the next call
+    return sock.getsockname()[1]
+
+
 def test_list_workers_reports_each_workers_figures(client):
     workers = {w.name: w for w in client.workers()}
     assert set(workers) == {"w-1", "w-2"}
@@ -433,7 +452,7 @@ def _sparkgrid(*args, home, timeout_s=120) -> subprocess.CompletedProcess:
 def _start_head(cluster, redis_url: str, home) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "head", "--ray-address",
            ray.get_runtime_context().gcs_address, "--redis-url", redis_url, "--redis-prefix",
-           "cli-test", "--host", "127.0.0.1", "--grpc-port", "0"]
+           "cli-test", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SPARKGRID_HOME": str(home)})
     line = Lines(proc).until("serving sparkgrid.v1.Inference", 120)[-1]
