@@ -50,7 +50,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="the Ray cluster's GCS address (host:port), or 'auto' on a node of it")
     p.add_argument("--target", metavar="DIR", help="target model directory (required unless --stop)")
     p.add_argument("--draft", metavar="DIR", help="DSpark draft checkpoint directory (required unless --stop)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU Ray assigns this worker; default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--gpu-type", metavar="G", help="what the device is, e.g. 'RTX 4090' (default: detected)")
@@ -93,11 +93,17 @@ def _check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise LaunchError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+        raise LaunchError(f"--device {device}: expected cpu or cuda") from None
     if dev.type == "cpu":
         return "cpu"
     if dev.type != "cuda":
         raise LaunchError(f"--device {device}: only cpu and cuda devices are supported")
+    if dev.index not in (None, 0):
+        # The actor asks Ray for one GPU, and Ray shows it only that one (CUDA_VISIBLE_DEVICES),
+        # which it calls cuda:0 whichever physical GPU it is.
+        raise LaunchError(f"--device {device}: a worker uses the one GPU Ray assigns it, which "
+                          "it sees as cuda; pass --device cuda and start one worker per GPU "
+                          "(Ray gives each a different one)")
     if not torch.cuda.is_available():
         raise LaunchError(f"--device {device}: this node has no CUDA device that torch "
                           f"{torch.__version__} can use; use --device cpu or fix the driver")

@@ -45,6 +45,11 @@ def test_target_is_required(capsys):
     assert "--target is required" in _error(capsys, ["worker", "--ray-address", "auto"])
 
 
+def test_a_gpu_index_is_refused_because_ray_assigns_the_gpu(capsys, models):
+    err = _error(capsys, ["worker", "--ray-address", "auto", *models, "--device", "cuda:1"])
+    assert "--device cuda:1" in err and "pass --device cuda" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_asked_on_a_node_without_one(capsys, models):
     err = _error(capsys, ["worker", "--ray-address", "auto", *models, "--device", "cuda"])
