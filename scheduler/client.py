@@ -23,7 +23,8 @@ ENDPOINT_ENV = "SPARKGRID_ENDPOINT"
 
 
 def home() -> Path:
-    return Path(os.environ.get("SPARKGRID_HOME", Path.home() / ".sparkgrid"))
+    """Where sparkgrid keeps its state: `$SPARKGRID_HOME`, default `~/.sparkgrid`."""
+    return Path(os.environ.get("SPARKGRID_HOME") or Path.home() / ".sparkgrid")
 
 
 def connection_from_home(endpoint: str | None, api_key: str | None) -> tuple[str, str]:

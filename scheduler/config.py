@@ -75,7 +75,7 @@ class SchedulerConfig:
         _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                  "given together with tls_key", self.tls_cert)
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
-                 "a redis://, rediss:// or unix:// URL", _without_password(self.redis_url))
+                 "a redis://, rediss:// or unix:// URL", shown_url(self.redis_url))
         for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_chars", "max_stop_strings",
                      "max_stop_chars", "max_request_id_chars", "max_queue_per_worker", "max_attempts"):
             value = getattr(self, name)
@@ -92,7 +92,7 @@ def _require(ok: bool, field: str, expected: str, value) -> None:
         raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
-def _without_password(url: str) -> str:
+def shown_url(url: str) -> str:
     """The URL as it may be shown: `redis://:secret@host` becomes `redis://:***@host`."""
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
@@ -101,5 +101,3 @@ def _without_password(url: str) -> str:
         return f"{scheme}://{user}:***@{host}"
     return url
 
-
-shown_url = _without_password

@@ -81,11 +81,17 @@ class _Run:
     worker: str | None = None
     cancelled: bool = False
     delivered_ids: list[int] = field(default_factory=list)
-    delivered_chars: int = 0
     text: list[str] = field(default_factory=list)
-    segments: list[Segment] = field(default_factory=list)
+    parts: list[_Part] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def delivered_chars(self) -> int:
+        return sum(map(len, self.text))
+
+    def segments(self) -> list[Segment]:
+        """Each worker's part so far, as the ledger books it."""
+        return [part.segment() for part in self.parts]
 
 
 class Dispatcher:
@@ -155,7 +161,7 @@ class Dispatcher:
         if run is None:
             return None
         return {"workers": list(run.workers), "completion_tokens": len(run.delivered_ids),
-                "prompt_tokens": len(run.request.prompt_ids), "spec": _spec_totals(run.segments)}
+                "prompt_tokens": len(run.request.prompt_ids), "spec": _spec_totals(run.segments())}
 
     # -- running ------------------------------------------------------------------------------
     async def _attempts(self, run: _Run):
@@ -204,7 +210,7 @@ class Dispatcher:
     async def _one_part(self, run: _Run, worker: str):
         req = run.request
         budget = req.max_tokens - len(run.delivered_ids)
-        resume = ({"token_ids": list(run.delivered_ids), "num_chars": run.delivered_chars}
+        resume = ({"token_ids": list(run.delivered_ids), "num_chars": run.delivered_chars()}
                   if run.delivered_ids else None)
         run.worker = worker
         run.workers.append(worker)
@@ -212,7 +218,7 @@ class Dispatcher:
         stats = self.pool.worker_stats(worker) or {}
         part = _Part(worker, stats.get("gpu_type", "unknown"),
                      len(req.prompt_ids) + len(run.delivered_ids))
-        run.segments.append(part.segment())
+        run.parts.append(part)
         last_progress = time.monotonic()
         stream = self.pool.generate(worker, run.job_id, list(req.prompt_ids), req.params(budget),
                                     resume, budget)
@@ -225,10 +231,8 @@ class Dispatcher:
                 if chunk.finish_reason == "abort" and not run.cancelled:
                     raise WorkerLost(f"worker {worker} aborted the job by itself")
                 run.delivered_ids.extend(chunk.token_ids)
-                run.delivered_chars += len(chunk.text)
                 run.text.append(chunk.text)
                 part.add(chunk)
-                run.segments[-1] = part.segment()
                 if chunk.finish_reason is not None:
                     yield self._last_piece(run, chunk.finish_reason, chunk.text, chunk.token_ids)
                     return
@@ -272,13 +276,14 @@ class Dispatcher:
         now = time.time()
         charge = self.prices.charge_uusd(run.plan, run.request.model, usage["prompt_tokens"],
                                          usage["completion_tokens"])
+        segments = tuple(run.segments())
         bill = Bill(run.job_id, run.tenant, run.request.model, now, usage["prompt_tokens"],
-                    usage["completion_tokens"], tuple(run.segments), charge)
+                    usage["completion_tokens"], segments, charge)
         fields = {"finish_reason": finish_reason or "", "finished_at": now,
                   "charge_uusd": charge, "plan": run.plan.name, "price_version": self.prices.version,
                   "error": "; ".join(run.errors) if state is JobState.FAILED else "",
-                  "workers": list(run.workers), "segments": [s.__dict__ for s in run.segments],
-                  "spec": _spec_totals(run.segments), "text": "".join(run.text),
+                  "workers": list(run.workers), "segments": [s.__dict__ for s in segments],
+                  "spec": _spec_totals(segments), "text": "".join(run.text),
                   "token_ids": list(run.delivered_ids), **usage}
         return {"job_id": run.job_id, "state": state, "fields": fields, "bill": bill}
 

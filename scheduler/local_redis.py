@@ -73,7 +73,3 @@ class LocalRedis:
                 self._proc.kill()
                 self._proc.wait(5)
             self._proc = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None

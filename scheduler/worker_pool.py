@@ -317,9 +317,6 @@ class WorkerPool:
             log.info("worker %s left", name)
             self._changed.set()
 
-    def is_live(self, name: str) -> bool:
-        return name in self._workers
-
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

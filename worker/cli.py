@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from scheduler import cli as scheduler_cli
 from scheduler import report_cli, up_cli
+from scheduler.client import home as sparkgrid_home
 from worker import launcher
 from worker.models import shipped_pair
 
@@ -125,11 +125,6 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- models and prompts ------------------------------------------------------------------------
-def sparkgrid_home() -> Path:
-    """Where sparkgrid keeps its state: `$SPARKGRID_HOME`, default `~/.sparkgrid`."""
-    return Path(os.environ.get("SPARKGRID_HOME") or Path.home() / ".sparkgrid")
-
-
 def _model_dirs(args) -> tuple[str, str | None]:
     if args.target is None:
         if args.draft is not None:
