@@ -37,7 +37,14 @@ from worker import actor  # noqa: E402
 
 pytestmark = pytest.mark.integration
 PROMPT = "def parse_args(argv):\n"
-TODAY = (time.strftime("%Y-%m-%d", time.gmtime()),) * 2
+_FIRST_DAY = time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def _days() -> tuple[str, str]:
+    """The UTC days this test module has run on so far (a run may cross midnight)."""
+    return _FIRST_DAY, time.strftime("%Y-%m-%d", time.gmtime())
+
+
 # Greedy, the shipped pair continues PROMPT for 400 tokens with no end-of-sequence token, so
 # the tests that act on a running job use it with max_tokens=400: the job surely still runs.
 
@@ -150,7 +157,7 @@ def test_every_bad_field_is_refused_naming_it_before_any_work(client, head):
         (dict(request_id="has space"), "request_id"),
         (dict(model="no/such-model"), "model"),
     ]
-    jobs_before = head.call(head.scheduler.store.usage("tenant", "acme", *TODAY))
+    jobs_before = head.call(head.scheduler.store.usage("tenant", "acme", *_days()))
     for fields, field in cases:
         fields = {"prompt": PROMPT, **fields}
         prompt = fields.pop("prompt")
@@ -159,7 +166,7 @@ def test_every_bad_field_is_refused_naming_it_before_any_work(client, head):
                 call(prompt, **fields, timeout_s=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value)
             assert err.value.details().startswith(f"{field}:"), err.value.details()
-    jobs_after = head.call(head.scheduler.store.usage("tenant", "acme", *TODAY))
+    jobs_after = head.call(head.scheduler.store.usage("tenant", "acme", *_days()))
     assert jobs_after == jobs_before  # refused requests were never recorded nor billed
     for bad_job_id in ("", "x" * 65):
         with pytest.raises(grpc.RpcError) as err:
@@ -260,7 +267,7 @@ def test_a_deadline_is_honoured_and_frees_the_slot(client, head):
 
 
 def test_a_repeated_request_id_returns_the_first_result_and_bills_once(client, head, tenant_keys):
-    usage = lambda: head.call(head.scheduler.store.usage("tenant", "acme", *TODAY))  # noqa: E731
+    usage = lambda: head.call(head.scheduler.store.usage("tenant", "acme", *_days()))  # noqa: E731
     before = sum(d["jobs"] for _, d in usage())
     first = client.complete(PROMPT, max_tokens=24, temperature=1.0, request_id="order-17")
     again = client.complete(PROMPT, max_tokens=24, temperature=1.0, request_id="order-17")
@@ -423,11 +430,12 @@ def test_cost_reports_agree_with_get_usage_and_with_each_other(head, tenant_keys
     from scheduler.reports import build_reports
 
     head.call(head.scheduler._flush_worker_time())  # the workers' time so far, into the ledger
-    reports = head.call(build_reports(head.scheduler.store, *TODAY))
+    days = _days()
+    reports = head.call(build_reports(head.scheduler.store, *days))
     tenants = {r["tenant"]: r for r in reports["tenant"].rows}
     for name in ("acme", "globex"):
         with Client(head.endpoint, tenant_keys[name][1]) as c:
-            got = c.usage(since=TODAY[0], until=TODAY[1])
+            got = c.usage(since=days[0], until=days[1])
         row = tenants[name]
         assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == \
                (got.jobs, got.prompt_tokens, got.completion_tokens)
