@@ -8,6 +8,7 @@ import torch
 from worker.engine.prefix_scheduler import (
     Policy,
     SPSTable,
+    drafting_pays,
     fixed_lengths,
     parse_policy,
     prefix_lengths,
@@ -233,3 +234,38 @@ def test_the_scalar_sps_lookup_agrees_with_the_tensor_one():
     assert SPSTable([1], [7.0])(123) == 7.0
     with pytest.raises(ValueError, match=">= 1 token"):
         sps(0.5)
+
+
+# -- the draft gate: is drafting worth its own time? -----------------------------------------
+def test_drafting_pays_hand_computed_case():
+    # one request; verifying B tokens takes 1 + 0.1 (B - 1) s; a = (0.9, 0.5)
+    sps = _table_from_times([1.0, 1.1, 1.2])
+    est = torch.tensor([[0.9, 0.5]])
+    # plain: 1 token / 1.0 s. Alg. 1 reaches n = 2: (1 + 0.9) / 1.1 = 1.727, 2.4 / 1.2 = 2.0.
+    # with draft time d: best of 1.9 / (1.1 + d) and 2.4 / (1.2 + d); 2.4 / (1.2 + d) > 1 iff d < 1.2
+    assert drafting_pays(est, sps, draft_seconds=1.19)
+    assert not drafting_pays(est, sps, draft_seconds=1.21)
+
+
+def test_drafting_never_pays_when_alg_1_would_verify_nothing():
+    sps = _table_from_times([1.0, 2.0, 3.0])  # every extra token doubles the step: no rise
+    assert not drafting_pays(torch.tensor([[0.9, 0.8]]), sps, draft_seconds=0.0)
+    assert not drafting_pays(torch.zeros(3, 4), _table_from_times([1.0]), draft_seconds=0.0)
+    assert not drafting_pays(torch.zeros(0, 4), _table_from_times([1.0]), draft_seconds=0.0)
+
+
+def test_rows_that_do_not_draft_raise_the_bar():
+    # a flat table: drafting gains a / (1 + d) per row of survival a, but plain decoding of the
+    # other rows is part of both sides, so the same draft time pays for fewer rows in total
+    sps = _table_from_times([1.0])
+    est = torch.tensor([[0.5]])
+    assert drafting_pays(est, sps, draft_seconds=0.4)           # 1.5 / 1.4 > 1
+    assert not drafting_pays(est, sps, draft_seconds=0.4, other_rows=3)  # 4.5 / 1.4 < 4
+
+
+def test_drafting_pays_rejects_bad_arguments():
+    sps = _table_from_times([1.0])
+    with pytest.raises(ValueError, match="draft_seconds"):
+        drafting_pays(torch.tensor([[0.5]]), sps, draft_seconds=-1.0)
+    with pytest.raises(ValueError, match="non-increasing"):
+        drafting_pays(torch.tensor([[0.5, 0.9]]), sps, draft_seconds=0.0)

@@ -11,6 +11,7 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from worker.engine.profiler import load_or_profile
 from worker.engine.rejection import verify
 from worker.engine.request import Request, RequestOutput, Status
 from worker.engine.sampling import sample, warp_probs
-from worker.engine.spec_step import DraftProposal, choose_lengths, pad_rows
+from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths, pad_rows
 from worker.engine.sts import load_sts
 
 
@@ -56,6 +57,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.draft = draft
+        self.shared_with_target = share_frozen_copies(draft, target) if draft is not None else []
+        """The drafter's tensors that now point at the target's (equal frozen copies)."""
         self.gamma = draft.gamma if draft is not None else 0
         self.sts = sts_temperatures
         self.device, self.dtype = config.torch_device, config.torch_dtype
@@ -75,6 +78,8 @@ class LLMEngine:
                                        ctx_len=config.sps_context_len, gamma=self.gamma,
                                        cache_dir=config.sps_cache_dir)
         self._check_policy(parse_policy(config.policy), "policy")
+        self.gate = DraftGate(self.gamma, self.sts)
+        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -217,15 +222,18 @@ class LLMEngine:
 
     # -- decoding ----------------------------------------------------------------------------
     def _decode(self, reqs: list[Request]) -> None:
-        spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]
+        spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]  # keep draft context
         gamma = self.gamma
         uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
-        proposal = self._propose([reqs[i] for i in spec_idx], uniforms[spec_idx, :gamma]) \
-            if spec_idx else None
-        lengths = choose_lengths(reqs, spec_idx, proposal, gamma=gamma, sps=self.sps,
+        draft_idx = self.gate.rows(reqs, spec_idx, self.sps, self.config.max_batch_tokens)
+        started = time.perf_counter()
+        proposal = self._propose([reqs[i] for i in draft_idx], uniforms[draft_idx, :gamma]) \
+            if draft_idx else None
+        lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=self.sps,
                                  threshold=self.config.threshold, sts=self.sts,
                                  max_batch_tokens=self.config.max_batch_tokens)
-        draft_ids = pad_rows(proposal.ids if proposal else None, spec_idx, len(reqs), gamma,
+        self.gate.observe(reqs, draft_idx, proposal, time.perf_counter() - started)
+        draft_ids = pad_rows(proposal.ids if proposal else None, draft_idx, len(reqs), gamma,
                              self.device)
         inputs = [[r.last_token] + draft_ids[i, :lengths[i]].tolist() for i, r in enumerate(reqs)]
         num_new = [len(x) for x in inputs]
@@ -236,21 +244,21 @@ class LLMEngine:
         logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
-        if not spec_idx:  # plain decoding: sample the next token directly
+        if not draft_idx:  # plain decoding: sample the next token directly
             nxt = self._next_tokens(reqs, logits, num_new, uniforms[:, 2 * gamma])
-            return self._commit(reqs, [], draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
-                                feats, starts, num_new)
+            return self._commit(reqs, spec_idx, draft_ids, lengths, [0] * len(reqs),
+                                nxt.tolist(), feats, starts, num_new)
         target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
-        draft_probs = pad_rows(proposal.probs if proposal else None, spec_idx, len(reqs), gamma,
-                               self.device, self.vocab_size)
+        draft_probs = pad_rows(proposal.probs, draft_idx, len(reqs), gamma, self.device,
+                               self.vocab_size)
         n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0),
                             torch.tensor(lengths, device=self.device),
                             uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
         self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
                      starts, num_new)
-        if self.config.record_confidence and proposal and proposal.conf_logits is not None:
-            self._record_confidence(proposal.conf_logits, [lengths[i] for i in spec_idx],
-                                    [int(n_acc[i]) for i in spec_idx])
+        if self.config.record_confidence and proposal.conf_logits is not None:
+            self._record_confidence(proposal.conf_logits, [lengths[i] for i in draft_idx],
+                                    [int(n_acc[i]) for i in draft_idx])
 
     def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
         """One draft backbone forward for all drafting requests, then the Markov stage."""
@@ -352,6 +360,7 @@ class LLMEngine:
         if self.draft_kv is not None:
             self.draft_kv.allocator.free(req.req_id)
         self.requests.pop(req.req_id, None)
+        self.gate.forget(req.req_id)
         if was_waiting:
             self.running.remove(req)
         else:  # never admitted (aborted while queued)
@@ -399,3 +408,21 @@ class LLMEngine:
             if value is not None:
                 ids.update(value if isinstance(value, (list, tuple)) else [value])
         return frozenset(ids)
+
+
+def share_frozen_copies(draft: DSparkDraft, target) -> list[str]:
+    """Point the drafter's embedding and ``lm_head`` at the target's when they hold the same
+    values (DSPARK.md 2: the released drafters ship frozen copies of them). A copy costs memory
+    (about 0.8 GB for Qwen3-4B in bf16) and, on a CPU, cache room on every step. Returns the
+    names of the shared tensors; a drafter trained with its own ones keeps them."""
+    pairs = (("embed_tokens", target.get_input_embeddings()),
+             ("lm_head", target.get_output_embeddings()))
+    shared = []
+    for name, target_module in pairs:
+        mine = getattr(draft, name).weight
+        theirs = getattr(target_module, "weight", None)
+        if (theirs is not None and mine.shape == theirs.shape and mine.dtype == theirs.dtype
+                and mine.device == theirs.device and torch.equal(mine, theirs)):
+            getattr(draft, name).weight = theirs
+            shared.append(name)
+    return shared

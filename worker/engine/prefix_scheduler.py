@@ -182,3 +182,35 @@ def _check_survival(survival: torch.Tensor) -> None:
         raise ValueError("survival probabilities must be finite and in [0, 1]")
     if not bool((a[:, 1:] <= a[:, :-1]).all()):
         raise ValueError("survival must be non-increasing along each row (a cumulative product)")
+
+
+def drafting_pays(
+    estimates: torch.Tensor,  # [D, G] expected survival a_{r,j} of the rows that would draft
+    sps: SPSTable,
+    *,
+    draft_seconds: float,
+    other_rows: int = 0,
+) -> bool:
+    """Whether drafting this step is expected to beat plain decoding, draft time included.
+
+    Alg. 1 weighs verify cost only: once a block is drafted its cost is spent. Before drafting,
+    the engine asks this with survival estimates from earlier blocks (never this step's tokens,
+    so the choice stays lossless, like the production variant's capacity from old confidence):
+    plain decoding commits one token per row in step_time(rows); drafting commits
+    tau*(n) = rows + the n best a's in step_time(rows + n) + `draft_seconds`, for the n that
+    Alg. 1's early-stopping scan would reach. `other_rows` decode alongside without drafting.
+    """
+    _check_survival(estimates)
+    if draft_seconds < 0 or not math.isfinite(draft_seconds):
+        raise ValueError(f"draft_seconds must be finite and >= 0; got {draft_seconds}")
+    rows = estimates.shape[0] + other_rows
+    if estimates.numel() == 0:
+        return False
+    a = torch.sort(estimates.detach().double().cpu().reshape(-1), descending=True).values
+    steps = torch.arange(0, len(a) + 1, dtype=torch.float64)
+    tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a, 0)])
+    verify_time = sps.step_time(rows + steps)  # [N+1]
+    theta = tau / verify_time
+    reach = 1 + int(torch.cumprod((theta[1:] > theta[:-1]).int(), 0).sum())  # Alg. 1's stop
+    with_draft = tau[1:reach] / (verify_time[1:reach] + draft_seconds)
+    return bool(with_draft.numel()) and float(with_draft.max()) > float(theta[0])

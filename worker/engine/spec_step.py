@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.prefix_scheduler import (Policy, SPSTable, prefix_lengths,
+from worker.engine.prefix_scheduler import (Policy, SPSTable, drafting_pays, prefix_lengths,
                                             threshold_lengths)
 from worker.engine.sts import apply_sts, survival
 
@@ -84,3 +84,73 @@ def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma:
     if values is not None:
         out[torch.tensor(rows, device=device)] = values
     return out
+
+
+class DraftGate:
+    """Skips drafting in steps where the `prefix` policy expects it not to pay.
+
+    On a fast accelerator a draft pass costs little next to a verify forward; on a CPU, or a
+    small GPU serving a big batch, it can cost more than the tokens it saves. Before each step
+    the gate compares plain decoding with drafting (`drafting_pays`), from each request's
+    survival estimate (a running mean of its calibrated a_{r,j} over its earlier blocks) and the
+    measured seconds of a draft pass for that many rows. A request without an estimate, or one
+    that has not drafted for `refresh_steps` steps, makes the step draft, so estimates follow
+    the text. The choice uses no token of the current step, so verification stays lossless.
+    """
+
+    def __init__(self, gamma: int, sts: list[float] | None, *, refresh_steps: int = 8,
+                 smoothing: float = 0.3):
+        self.gamma, self.sts = gamma, sts
+        self.refresh_steps, self.smoothing = refresh_steps, smoothing
+        self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
+        self._skipped: dict[str, int] = {}
+        self._draft_seconds: dict[int, float] = {}  # rows, as a power of two -> seconds
+        self.skipped_steps = 0
+        """Steps in which the gate kept every drafting-capable request from drafting."""
+
+    def rows(self, reqs, spec_idx: list[int], sps: SPSTable | None,
+             max_batch_tokens: int) -> list[int]:
+        """The subset of `spec_idx` that drafts this step: all of it, or none of it."""
+        if (not spec_idx or sps is None
+                or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
+            return spec_idx
+        draft_seconds = self._draft_seconds.get(_bucket(len(spec_idx)))
+        ids = [reqs[i].req_id for i in spec_idx]
+        if draft_seconds is None or any(
+                r not in self._estimate or self._skipped[r] >= self.refresh_steps for r in ids):
+            return spec_idx
+        share = max(0, max_batch_tokens // len(reqs) - 1)
+        caps = torch.tensor([min(self.gamma, reqs[i].remaining - 1, share) for i in spec_idx])
+        est = torch.stack([self._estimate[r] for r in ids])
+        est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
+        if drafting_pays(est, sps, draft_seconds=draft_seconds,
+                         other_rows=len(reqs) - len(spec_idx)):
+            return spec_idx
+        for r in ids:
+            self._skipped[r] += 1
+        self.skipped_steps += 1
+        return []
+
+    def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None,
+                seconds: float) -> None:
+        """After a draft pass: the time it took, and each drafted request's new block."""
+        if not drafted or proposal is None or proposal.conf_logits is None:
+            return
+        key = _bucket(len(drafted))
+        old = self._draft_seconds.get(key)
+        self._draft_seconds[key] = seconds if old is None else \
+            old + self.smoothing * (seconds - old)
+        a = survival(confidence(proposal.conf_logits, self.sts)).double().cpu()  # [D, G]
+        for k, i in enumerate(drafted):
+            rid = reqs[i].req_id
+            old = self._estimate.get(rid)
+            self._estimate[rid] = a[k] if old is None else old + self.smoothing * (a[k] - old)
+            self._skipped[rid] = 0
+
+    def forget(self, req_id: str) -> None:
+        self._estimate.pop(req_id, None)
+        self._skipped.pop(req_id, None)
+
+
+def _bucket(rows: int) -> int:
+    return 1 << max(0, rows - 1).bit_length()

@@ -66,7 +66,7 @@ class DraftTrainConfig:
     """Sequences per step."""
     num_anchors: int = 24
     """Anchor blocks per sequence per step (fewer when a sequence has fewer label positions)."""
-    steps: int = 1200
+    steps: int = 1600
     """Optimizer steps."""
     lr: float = 1e-3
     """Peak learning rate."""
