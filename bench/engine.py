@@ -205,6 +205,8 @@ def _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> di
         "verify_tokens_per_step": delta["verify_tokens"] / max(1, delta["verify_forwards"]),
         "verify_tokens_per_request_step": delta["verify_tokens"] / max(1, anchors),
         "steps": delta["steps"],
+        # decode steps in which no draft pass ran (plain decoding, or the draft gate's choice)
+        "steps_without_draft": delta["verify_forwards"] - delta["draft_forwards"],
         "wall_s": wall,
         "outputs": [tokens[r] for r in sorted(tokens, key=index.get)],
     }

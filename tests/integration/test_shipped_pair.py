@@ -64,3 +64,6 @@ def test_greedy_output_equals_the_targets_own_generate(pair, heldout_prompts, dr
         assert result["token_ids"] == want.tolist()
     accepted = sum(r["stats"]["tokens_accepted"] for r in got)
     assert accepted > 0  # the drafter really drafts for this target: the acceptance path ran
+    # its frozen copies of the target's embedding and lm_head were shared, not kept twice
+    assert engine.shared_with_target == ["embed_tokens", "lm_head"]
+    assert engine.draft.lm_head.weight.data_ptr() == engine.runner.model.lm_head.weight.data_ptr()

@@ -83,3 +83,16 @@ def test_demo_pair_draft_uses_the_tokenizers_mask_token(tmp_path):
     AutoModelForCausalLM.from_pretrained(target_dir)
     draft_config = json.loads((draft_dir / "config.json").read_text())
     assert draft_config["mask_token_id"] == tokenizer.mask_token_id
+
+
+def test_a_drafter_shares_the_targets_embedding_and_head_only_when_equal(tmp_path):
+    from worker.engine.drafter import DSparkDraft
+    from worker.engine.engine import share_frozen_copies
+
+    target_dir, draft_dir = build_demo_pair(tmp_path, seed=0)  # the draft copies both
+    target = AutoModelForCausalLM.from_pretrained(target_dir)
+    draft = DSparkDraft.from_pretrained(draft_dir, target.config, dtype=torch.float32)
+    draft.lm_head.weight = torch.nn.Parameter(draft.lm_head.weight + 1e-3, requires_grad=False)
+    assert share_frozen_copies(draft, target) == ["embed_tokens"]  # an lm_head of its own stays
+    assert draft.embed_tokens.weight is target.get_input_embeddings().weight
+    assert draft.lm_head.weight is not target.get_output_embeddings().weight

@@ -46,7 +46,7 @@ class DraftPipelineConfig:
     """`DraftDataConfig` overrides (layer ids are filled in here)."""
     train: DraftTrainConfig = DraftTrainConfig()
     """The DSpark drafter's training; the DFlash baseline is `dflash_variant` of it."""
-    sts_prompts: int = 96
+    sts_prompts: int = 256
     """Held-out prefixes verified under `fixed` to fit STS."""
     sts_max_tokens: int = 96
     """Tokens generated per STS prompt."""
