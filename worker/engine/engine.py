@@ -274,9 +274,12 @@ class LLMEngine:
         h = self.draft.backbone(anchors, anchor_pos, ctx_k, ctx_v, ctx_pos < anchor_pos[:, None])
         self.counters.draft_forwards += 1
         temps, top_k, top_p = self._sampling_tensors(reqs, [1] * len(reqs))
+        greedy = all(r.params.temperature == 0 for r in reqs)
 
         def sample_fn(k: int, logits: torch.Tensor):
             probs = warp_probs(logits, temps, top_k, top_p)
+            if greedy:  # one-hot rows: their argmax is what `sample` would draw
+                return probs.argmax(dim=-1), probs
             return sample(probs, uniforms[:, k - 1]), probs
 
         ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn)
