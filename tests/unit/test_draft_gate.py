@@ -27,12 +27,32 @@ def test_a_request_without_an_estimate_drafts():
     assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]
 
 
-def test_costly_drafting_of_unlikely_tokens_is_skipped_then_refreshed():
-    gate = DraftGate(gamma=2, sts=None, refresh_steps=3)
+def test_costly_drafting_of_unlikely_tokens_is_skipped_then_refreshed_less_often():
+    gate = DraftGate(gamma=2, sts=None, refresh_steps=3, max_refresh_steps=6)
     reqs = _reqs("prefix")
-    gate.observe(reqs, [0], _proposal([[-4.0, -4.0]]), seconds=5.0)  # a ~ 0.018: 5 s draft
-    assert [gate.rows(reqs, [0], FLAT, 512) for _ in range(4)] == [[], [], [], [0]]
-    assert gate.skipped_steps == 3  # after refresh_steps skips the estimate is refreshed
+    unlikely = _proposal([[-4.0, -4.0]])  # a ~ 0.018, and a draft pass takes 5 s
+    drafted_at = []
+    for step in range(20):
+        rows = gate.rows(reqs, [0], FLAT, 512) if step else [0]
+        if rows:
+            drafted_at.append(step)
+            gate.observe(reqs, rows, unlikely, seconds=5.0)
+    # skips 3, then 6 (doubled, the cap), then 6 again, between refreshing drafts
+    assert drafted_at == [0, 4, 11, 18]
+    assert gate.skipped_steps == 20 - len(drafted_at)
+
+
+def test_the_refresh_interval_resets_when_drafting_pays_again():
+    gate = DraftGate(gamma=2, sts=None, refresh_steps=2, max_refresh_steps=16)
+    reqs = _reqs("prefix")
+    gate.observe(reqs, [0], _proposal([[-4.0, -4.0]]), seconds=5.0)
+    for _ in range(2):
+        assert gate.rows(reqs, [0], FLAT, 512) == []
+    assert gate.rows(reqs, [0], FLAT, 512) == [0]  # refresh: the text got easy, drafts are cheap
+    for _ in range(10):  # running means: the old estimate and draft time fade
+        gate.observe(reqs, [0], _proposal([[6.0, 6.0]]), seconds=0.0)
+    assert gate.rows(reqs, [0], FLAT, 512) == [0]
+    assert gate._interval["r0"] == 2
 
 
 def test_cheap_drafting_of_likely_tokens_goes_ahead():

@@ -94,16 +94,21 @@ class DraftGate:
     the gate compares plain decoding with drafting (`drafting_pays`), from each request's
     survival estimate (a running mean of its calibrated a_{r,j} over its earlier blocks) and the
     measured seconds of a draft pass for that many rows. A request without an estimate, or one
-    that has not drafted for `refresh_steps` steps, makes the step draft, so estimates follow
-    the text. The choice uses no token of the current step, so verification stays lossless.
+    that has not drafted for its refresh interval, makes the step draft, so estimates follow the
+    text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`) each
+    time a refreshed estimate still says skip. The choice uses no token of the current step, so
+    verification stays lossless.
     """
 
     def __init__(self, gamma: int, sts: list[float] | None, *, refresh_steps: int = 8,
-                 smoothing: float = 0.3):
+                 max_refresh_steps: int = 64, smoothing: float = 0.3):
         self.gamma, self.sts = gamma, sts
-        self.refresh_steps, self.smoothing = refresh_steps, smoothing
+        self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
+        self.smoothing = smoothing
         self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
-        self._skipped: dict[str, int] = {}
+        self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
+        self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
+        self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
         self._draft_seconds: dict[int, float] = {}  # rows, as a power of two -> seconds
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
@@ -116,8 +121,11 @@ class DraftGate:
             return spec_idx
         draft_seconds = self._draft_seconds.get(_bucket(len(spec_idx)))
         ids = [reqs[i].req_id for i in spec_idx]
-        if draft_seconds is None or any(
-                r not in self._estimate or self._skipped[r] >= self.refresh_steps for r in ids):
+        if draft_seconds is None or any(r not in self._estimate for r in ids):
+            return spec_idx
+        due = [r for r in ids if self._skipped[r] >= self._interval[r]]
+        if due:
+            self._refreshing.update(due)
             return spec_idx
         share = max(0, max_batch_tokens // len(reqs) - 1)
         caps = torch.tensor([min(self.gamma, reqs[i].remaining - 1, share) for i in spec_idx])
@@ -125,8 +133,14 @@ class DraftGate:
         est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
         if drafting_pays(est, sps, draft_seconds=draft_seconds,
                          other_rows=len(reqs) - len(spec_idx)):
+            for r in ids:
+                self._interval[r] = self.refresh_steps
+                self._refreshing.discard(r)
             return spec_idx
         for r in ids:
+            if r in self._refreshing:  # refreshed, and drafting still does not pay
+                self._interval[r] = min(2 * self._interval[r], self.max_refresh_steps)
+                self._refreshing.discard(r)
             self._skipped[r] += 1
         self.skipped_steps += 1
         return []
@@ -146,10 +160,13 @@ class DraftGate:
             old = self._estimate.get(rid)
             self._estimate[rid] = a[k] if old is None else old + self.smoothing * (a[k] - old)
             self._skipped[rid] = 0
+            self._interval.setdefault(rid, self.refresh_steps)
 
     def forget(self, req_id: str) -> None:
         self._estimate.pop(req_id, None)
         self._skipped.pop(req_id, None)
+        self._interval.pop(req_id, None)
+        self._refreshing.discard(req_id)
 
 
 def _bucket(rows: int) -> int:
