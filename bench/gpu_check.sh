@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The checks to run on a lent GPU host (one H200), in under 8 minutes: set up, the lossless
-# tests on CUDA, then the engine benchmark in bfloat16 (bench/results/gpu_engine.json).
-# Both checks run even if the first fails; the exit status is nonzero if either did.
+# The checks to run on a lent GPU host (one H200), in under 11 minutes: set up, the lossless
+# tests on CUDA, then the engine benchmark in bfloat16 on the tiny random pair
+# (bench/results/gpu_engine.json) and on the shipped pair (gpu_engine_pair.json).
+# Every check runs even if an earlier one fails; the exit status is nonzero if any did.
 #
 # Torch: SPARKGRID_TORCH_SPEC, if set, is used as is (see scripts/bootstrap.sh). If not set and
 # the system python3 already imports a torch that sees CUDA, that torch is reused
@@ -32,4 +33,8 @@ status=0
 timeout 150 .venv/bin/python -m pytest -q tests/integration/test_lossless.py tests/integration/test_engine_behaviour.py::test_engine_serves_in_bfloat16_on_the_chosen_device --device cuda || status=1
 mkdir -p bench/results
 timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 --out bench/results/gpu_engine.json || status=1
+# the shipped pair: the policies side by side at concurrency 1, 4 and 16 (issue 3's figures)
+timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 \
+    --target worker/models/stdlib-pair/target --draft worker/models/stdlib-pair/dspark \
+    --out bench/results/gpu_engine_pair.json || status=1
 exit "$status"

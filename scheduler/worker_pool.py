@@ -35,6 +35,10 @@ from worker.engine.prefix_scheduler import SPSTable
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
+JOB_LEASE_S = 10.0
+"""A worker aborts a job of ours that it has not heard about for this long: every read of the
+worker renews the leases of the jobs streaming from it, so only a scheduler that died (or
+stalled this long) loses them. Ray itself would let an orphaned job run to `max_tokens`."""
 MAX_READ_GAP_S = 5.0
 
 
@@ -67,6 +71,7 @@ class _Worker:
     accepted: int = 0  # the worker's `requests` counter at the last read
     sps: SPSTable | None = None
     last_read: float | None = None  # monotonic time of the last good read
+    streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
 
     def __post_init__(self):
         self.update(self.stats)
@@ -160,7 +165,8 @@ class WorkerPool:
             raise WorkerLost(f"worker {worker} is gone")
         entry = next((e for e in w.sent if e[0] == job_id), None) or self.note_dispatch(
             worker, job_id, budget_tokens)
-        stream = w.handle.generate.remote(job_id, prompt_ids, params, resume)
+        stream = w.handle.generate.remote(job_id, prompt_ids, params, resume, JOB_LEASE_S)
+        w.streaming.add(job_id)
         finished = started = False
         try:
             while not finished:
@@ -170,6 +176,7 @@ class WorkerPool:
                 started, finished = True, chunk.finish_reason is not None
                 yield chunk
         finally:
+            w.streaming.discard(job_id)
             if entry in w.sent:  # not yet seen in the worker's figures
                 w.sent.remove(entry)
                 if started:  # it was accepted: its next figures count it, which is accounted here
@@ -263,6 +270,9 @@ class WorkerPool:
 
     async def _read(self, w: _Worker) -> None:
         try:
+            if w.streaming:  # keep this scheduler's jobs alive there (see JOB_LEASE_S)
+                await asyncio.wait_for(w.handle.renew.remote(list(w.streaming), JOB_LEASE_S),
+                                       CALL_TIMEOUT_S)
             stats = await asyncio.wait_for(w.handle.stats.remote(), CALL_TIMEOUT_S)
             await asyncio.wait_for(w.handle.check_health.remote(), CALL_TIMEOUT_S)
         except RayActorError:

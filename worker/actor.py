@@ -4,7 +4,10 @@ and the few Ray calls the launcher makes. The only module of `worker/` that impo
 The actor is asynchronous: its methods run on an event loop while the engine steps on the
 loop's own thread, so `stats()`, `cancel()` and health checks answer during a long step.
 `generate` is a Ray streaming generator: the caller reads `Chunk`s as the engine makes them;
-cancelling the generator (`ray.cancel`) cancels the job.
+cancelling the generator (`ray.cancel`) cancels the job. Ray does not stop a generator whose
+caller died (its items are dropped and it runs on), so a caller may hold a job on a lease
+(`lease_s`, renewed with `renew`): a job whose lease lapses is aborted, and a scheduler that
+crashes leaves no job running for nobody.
 
 Knows: Ray (actors, names, node affinity, metrics). Does not know: how the engine works, how
 jobs are routed.
@@ -35,6 +38,8 @@ WorkerDied = RayActorError
 """What a caller gets from a worker that died or was killed (catch this, then fail over)."""
 CallTimeout = GetTimeoutError
 TAG_KEYS = ("worker", "gpu_type")
+LEASE_CHECK_S = 0.5
+"""How often the worker looks for jobs whose lease lapsed."""
 
 
 class _Metrics:
@@ -87,22 +92,31 @@ class WorkerActor:
                                 on_step=self._metrics.record_step,
                                 on_publish=self._metrics.record_figures)
         self._loop.start()
+        self._leases: dict[str, float] = {}  # job id -> monotonic time its lease lapses
+        self._reaper: asyncio.Task | None = None
 
     @ray.method(num_returns="streaming")
     async def generate(self, job_id: str, prompt: str | list[int], params: dict | None = None,
-                       resume: dict | None = None):
+                       resume: dict | None = None, lease_s: float | None = None):
         """Stream a job's `Chunk`s; the last has the finish reason and usage. `params` holds
         `SamplingParams` fields; `resume` (`Resume` fields) continues a job another worker
-        began. Bad input raises ValueError naming the field; a draining worker raises
+        began; with `lease_s` the job is aborted unless `renew` extends its lease in time.
+        Bad input raises ValueError naming the field; a draining worker raises
         WorkerDraining."""
         sampling = _sampling_params(params)
         resume = Resume(**_known_fields(resume, Resume, "resume"))
+        if lease_s is not None:
+            _check_lease(lease_s)
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         accepted = self._loop.submit(job_id, prompt, sampling,
                                      lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item),
                                      resume)
         await asyncio.wrap_future(accepted)
+        if lease_s is not None:
+            self._leases[job_id] = time.monotonic() + lease_s
+            if self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_lapsed())
         done = False
         try:
             while not done:
@@ -112,8 +126,30 @@ class WorkerActor:
                 done = item.finish_reason is not None
                 yield item
         finally:
+            self._leases.pop(job_id, None)
             if not done:  # the caller cancelled or went away: free the slot
                 self._loop.cancel(job_id)
+
+    async def renew(self, job_ids: list[str], lease_s: float) -> list[str]:
+        """Extend the leases of `job_ids` to `lease_s` from now; returns those this worker
+        holds no lease for (finished, aborted, or never seen)."""
+        _check_lease(lease_s)
+        deadline, unknown = time.monotonic() + lease_s, []
+        for job_id in job_ids:
+            if job_id in self._leases:
+                self._leases[job_id] = deadline
+            else:
+                unknown.append(job_id)
+        return unknown
+
+    async def _reap_lapsed(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            now = time.monotonic()
+            for job_id, deadline in list(self._leases.items()):
+                if deadline < now:  # its caller is gone: no one reads this job any more
+                    del self._leases[job_id]
+                    self._loop.cancel(job_id)
 
     async def cancel(self, job_id: str) -> bool:
         """Abort a job; True if it was in the engine. Its stream ends with reason `abort`."""
@@ -284,3 +320,8 @@ def call(ref, timeout_s: float | None = None):
 
 def kill(handle) -> None:
     ray.kill(handle, no_restart=True)
+
+
+def _check_lease(lease_s) -> None:
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s < 3600:
+        raise ValueError(f"lease_s: expected seconds in (0, 3600), got {lease_s!r}")

@@ -509,7 +509,9 @@ def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
     finally:
         if proc.poll() is None:
             proc.kill()
-    _wait(lambda: _running_on_workers() == 0, 15, "the orphaned job freed on its worker")
+    # Ray would let the orphan run on to its 1,500 tokens (about 15 s here); its lease, no
+    # longer renewed, lapses 10 s after the last read (JOB_LEASE_S) and the worker aborts it
+    _wait(lambda: _running_on_workers() == 0, 20, "the orphaned job freed on its worker")
 
     for restart in range(2):  # a restarted scheduler settles it; a second restart bills nothing more
         proc, endpoint = _start_head(cluster, persistent_redis.url, tmp_path)

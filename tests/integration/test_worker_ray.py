@@ -106,6 +106,30 @@ def test_cancel_frees_the_slot(slow_worker):
     _wait(lambda: ray.get(handle.stats.remote())["num_running"] == 0, 30)
 
 
+def test_a_job_whose_lease_lapses_is_aborted_and_a_renewed_one_runs_on(slow_worker):
+    """A caller that dies cannot cancel; Ray would run its job on to max_tokens. On a lease,
+    the job ends (reason `abort`) once nobody renews it."""
+    handle = slow_worker[0]
+    params = {"max_tokens": 500, "ignore_eos": True}
+    orphan = handle.generate.remote("orphan", "x = 1\n", params, None, 1.0)
+    kept = handle.generate.remote("kept", "x = 2\n", params, None, 1.0)
+    ray.get(next(orphan))
+    ray.get(next(kept))
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # renew only `kept`, as a live scheduler would
+        assert ray.get(handle.renew.remote(["kept", "never-seen"], 1.0)) == ["never-seen"]
+        time.sleep(0.3)
+    orphan_chunks = [ray.get(ref) for ref in orphan]
+    assert orphan_chunks[-1].finish_reason == "abort"
+    assert sum(len(c.token_ids) for c in orphan_chunks) < 499  # stopped, not run to the end
+    assert ray.get(handle.stats.remote())["num_running"] == 1  # `kept` still runs
+    assert ray.get(handle.cancel.remote("kept")) is True
+    assert [ray.get(ref) for ref in kept][-1].finish_reason == "abort"
+    assert ray.get(handle.renew.remote(["kept"], 1.0)) == ["kept"]  # no lease once it ended
+    with pytest.raises(ValueError, match="lease_s"):
+        ray.get(handle.renew.remote(["kept"], 0))
+
+
 def test_two_workers_report_their_own_speeds(worker_a, worker_b):
     for handle in (worker_a[0], worker_b[0]):
         _stream(handle, "speed", "def h():\n", max_tokens=32, ignore_eos=True, temperature=0)
