@@ -10,6 +10,7 @@ import pytest
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
 from worker.engine.kv_cache import CacheBudgetError
+from worker.engine.prefix_scheduler import SPSTable
 
 pytestmark = pytest.mark.integration
 
@@ -187,8 +188,8 @@ def test_the_draft_gate_skips_costly_drafting_and_stays_lossless(structured_pair
     prompts = [list(range(i, i + 5)) for i in range(4)]
     want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
     engine = make_engine(pair, tmp_path, policy="prefix")
-    observe = engine.gate.observe
-    engine.gate.observe = lambda reqs, rows, proposal, seconds: observe(reqs, rows, proposal, 60.0)
+    assert engine.gate.draft_cost is not None  # profiled at start, beside SPS(B)
+    engine.gate.draft_cost = SPSTable([1], [1 / 60.0])  # as if a draft pass took a minute
     got = engine.generate(prompts, params)
     assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
     c = engine.counters

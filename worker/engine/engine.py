@@ -11,6 +11,7 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
 from worker.engine.prefix_scheduler import Policy, parse_policy
-from worker.engine.profiler import load_or_profile
+from worker.engine.profiler import device_name, load_or_profile, load_or_profile_draft
 from worker.engine.rejection import verify
-from worker.engine.request import Request, RequestOutput, Status
+from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
 from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths, pad_rows
 from worker.engine.sts import load_sts
@@ -78,8 +79,6 @@ class LLMEngine:
                                        ctx_len=config.sps_context_len, gamma=self.gamma,
                                        cache_dir=config.sps_cache_dir)
         self._check_policy(parse_policy(config.policy), "policy")
-        self.gate = DraftGate(self.gamma, self.sts)
-        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -87,6 +86,19 @@ class LLMEngine:
         self.confidence_records: list[tuple[torch.Tensor, torch.Tensor]] = []
         """(raw confidence logits [G], acceptance [G] int8: 1 accepted, 0 rejected, -1 not
         verified) per drafted block, when `config.record_confidence` is on."""
+        draft_cost = None
+        if self.sps is not None:
+            alloc = self.draft_kv.allocator  # a small cache cannot profile many rows
+            fit = (alloc.num_blocks - alloc.num_reserved_blocks) // alloc.blocks_for(1 + self.gamma)
+            draft_cost = load_or_profile_draft(
+                self._time_draft, max_rows=max(1, min(config.max_num_seqs, fit)),
+                cache_dir=config.sps_cache_dir,
+                ident={"device": device_name(self.device), "torch": torch.__version__,
+                       "dtype": str(self.dtype), "ctx_len": config.sps_context_len,
+                       "target": tcfg.to_json_string(use_diff=False),
+                       "draft": repr(draft.config)})
+        self.gate = DraftGate(self.gamma, self.sts, draft_cost)
+        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
 
     @classmethod
     def from_pretrained(cls, target: str, draft: str | None = None,
@@ -226,13 +238,12 @@ class LLMEngine:
         gamma = self.gamma
         uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
         draft_idx = self.gate.rows(reqs, spec_idx, self.sps, self.config.max_batch_tokens)
-        started = time.perf_counter()
         proposal = self._propose([reqs[i] for i in draft_idx], uniforms[draft_idx, :gamma]) \
             if draft_idx else None
         lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=self.sps,
                                  threshold=self.config.threshold, sts=self.sts,
                                  max_batch_tokens=self.config.max_batch_tokens)
-        self.gate.observe(reqs, draft_idx, proposal, time.perf_counter() - started)
+        self.gate.observe(reqs, draft_idx, proposal)
         draft_ids = pad_rows(proposal.ids if proposal else None, draft_idx, len(reqs), gamma,
                              self.device)
         inputs = [[r.last_token] + draft_ids[i, :lengths[i]].tolist() for i, r in enumerate(reqs)]
@@ -331,6 +342,33 @@ class LLMEngine:
             self.confidence_records.append((row, labels))
 
     # -- helpers -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _time_draft(self, rows: int, repeats: int = 3) -> float:
+        """Median seconds of one greedy draft pass for `rows` requests on a profiling context."""
+        alloc = self.draft_kv.allocator
+        free = alloc.num_blocks - alloc.num_reserved_blocks
+        ctx_len = max(1, min(self.config.sps_context_len,
+                             free // rows * alloc.block_size - self.gamma))
+        stand_ins = [_DraftProfileRow(f"__draft_profile_{i}", ctx_len) for i in range(rows)]
+        try:
+            for row in stand_ins:
+                alloc.reserve(row.req_id, ctx_len + self.gamma)
+                alloc.grow(row.req_id, ctx_len)
+            uniforms = torch.zeros(rows, self.gamma, device=self.device)
+            forwards, times = self.counters.draft_forwards, []
+            for i in range(repeats + 1):  # the first run warms up
+                _sync(self.device)
+                started = time.perf_counter()
+                self._propose(stand_ins, uniforms)
+                _sync(self.device)
+                if i:
+                    times.append(time.perf_counter() - started)
+            self.counters.draft_forwards = forwards  # profiling is not work done
+        finally:
+            for row in stand_ins:
+                alloc.free(row.req_id)
+        return max(statistics.median(times), 1e-9)
+
     def _uniforms(self, req: Request, n: int) -> torch.Tensor:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
             return torch.zeros(n, device=self.device)
@@ -429,3 +467,16 @@ def share_frozen_copies(draft: DSparkDraft, target) -> list[str]:
             getattr(draft, name).weight = theirs
             shared.append(name)
     return shared
+
+
+class _DraftProfileRow:
+    """What `_propose` reads of a request, for timing a draft pass with no real request."""
+
+    def __init__(self, req_id: str, ctx_len: int):
+        self.req_id, self.last_token, self.num_tokens = req_id, 0, ctx_len + 1
+        self.params, self.stats = SamplingParams(temperature=0), SpecStats()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -121,3 +121,36 @@ def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def draft_row_grid(max_rows: int) -> list[int]:
+    """Powers of two up to `max_rows`, and `max_rows` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_rows:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [max_rows] if max_rows > 1 else sizes
+
+
+def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
+                          cache_dir: str | None) -> SPSTable:
+    """Draft passes per second by the number of drafting requests (rows), as an `SPSTable`
+    over rows: `time_draft(rows)` times one pass. Cached on disk like SPS(B), so the engine's
+    choices depend on the table, not on the timing noise of the moment."""
+    sizes = draft_row_grid(max_rows)
+    key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": "draft"},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
+    path = root / f"draft-{key}.json"
+    if path.exists():
+        try:
+            return SPSTable.from_json(path.read_text())
+        except ValueError:
+            pass  # a damaged cache file is re-measured and overwritten
+    times = [time_draft(rows) for rows in sizes]
+    monotone = torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
+    table = SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / monotone).tolist())
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(table.to_json())
+    tmp.replace(path)
+    return table

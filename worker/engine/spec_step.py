@@ -93,35 +93,34 @@ class DraftGate:
     small GPU serving a big batch, it can cost more than the tokens it saves. Before each step
     the gate compares plain decoding with drafting (`drafting_pays`), from each request's
     survival estimate (a running mean of its calibrated a_{r,j} over its earlier blocks) and the
-    measured seconds of a draft pass for that many rows. A request without an estimate, or one
+    profiled seconds of a draft pass for that many rows (`draft_cost`, draft passes per second
+    by rows; no gate without it). A request without an estimate, or one
     that has not drafted for its refresh interval, makes the step draft, so estimates follow the
     text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`) each
     time a refreshed estimate still says skip. The choice uses no token of the current step, so
     verification stays lossless.
     """
 
-    def __init__(self, gamma: int, sts: list[float] | None, *, refresh_steps: int = 8,
-                 max_refresh_steps: int = 64, smoothing: float = 0.3):
-        self.gamma, self.sts = gamma, sts
+    def __init__(self, gamma: int, sts: list[float] | None, draft_cost: SPSTable | None, *,
+                 refresh_steps: int = 8, max_refresh_steps: int = 64, smoothing: float = 0.3):
+        self.gamma, self.sts, self.draft_cost = gamma, sts, draft_cost
         self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
         self.smoothing = smoothing
         self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
-        self._draft_seconds: dict[int, float] = {}  # rows, as a power of two -> seconds
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
 
     def rows(self, reqs, spec_idx: list[int], sps: SPSTable | None,
              max_batch_tokens: int) -> list[int]:
         """The subset of `spec_idx` that drafts this step: all of it, or none of it."""
-        if (not spec_idx or sps is None
+        if (not spec_idx or sps is None or self.draft_cost is None
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
-        draft_seconds = self._draft_seconds.get(_bucket(len(spec_idx)))
         ids = [reqs[i].req_id for i in spec_idx]
-        if draft_seconds is None or any(r not in self._estimate for r in ids):
+        if any(r not in self._estimate for r in ids):
             return spec_idx
         due = [r for r in ids if self._skipped[r] >= self._interval[r]]
         if due:
@@ -131,7 +130,7 @@ class DraftGate:
         caps = torch.tensor([min(self.gamma, reqs[i].remaining - 1, share) for i in spec_idx])
         est = torch.stack([self._estimate[r] for r in ids])
         est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
-        if drafting_pays(est, sps, draft_seconds=draft_seconds,
+        if drafting_pays(est, sps, draft_seconds=1.0 / self.draft_cost(len(spec_idx)),
                          other_rows=len(reqs) - len(spec_idx)):
             for r in ids:
                 self._interval[r] = self.refresh_steps
@@ -145,15 +144,10 @@ class DraftGate:
         self.skipped_steps += 1
         return []
 
-    def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None,
-                seconds: float) -> None:
-        """After a draft pass: the time it took, and each drafted request's new block."""
+    def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
+        """After a draft pass: each drafted request's new block updates its estimate."""
         if not drafted or proposal is None or proposal.conf_logits is None:
             return
-        key = _bucket(len(drafted))
-        old = self._draft_seconds.get(key)
-        self._draft_seconds[key] = seconds if old is None else \
-            old + self.smoothing * (seconds - old)
         a = survival(confidence(proposal.conf_logits, self.sts)).double().cpu()  # [D, G]
         for k, i in enumerate(drafted):
             rid = reqs[i].req_id
@@ -167,7 +161,3 @@ class DraftGate:
         self._skipped.pop(req_id, None)
         self._interval.pop(req_id, None)
         self._refreshing.discard(req_id)
-
-
-def _bucket(rows: int) -> int:
-    return 1 << max(0, rows - 1).bit_length()
