@@ -11,8 +11,6 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
-import statistics
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,8 @@ from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
 from worker.engine.prefix_scheduler import Policy, parse_policy
-from worker.engine.profiler import device_name, load_or_profile, load_or_profile_draft
+from worker.engine.profiler import (device_name, load_or_profile, load_or_profile_draft,
+                                    median_seconds)
 from worker.engine.rejection import verify
 from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
@@ -355,19 +354,14 @@ class LLMEngine:
                 alloc.reserve(row.req_id, ctx_len + self.gamma)
                 alloc.grow(row.req_id, ctx_len)
             uniforms = torch.zeros(rows, self.gamma, device=self.device)
-            forwards, times = self.counters.draft_forwards, []
-            for i in range(repeats + 1):  # the first run warms up
-                _sync(self.device)
-                started = time.perf_counter()
-                self._propose(stand_ins, uniforms)
-                _sync(self.device)
-                if i:
-                    times.append(time.perf_counter() - started)
+            forwards = self.counters.draft_forwards
+            seconds = median_seconds(lambda: self._propose(stand_ins, uniforms), self.device,
+                                     repeats)
             self.counters.draft_forwards = forwards  # profiling is not work done
         finally:
             for row in stand_ins:
                 alloc.free(row.req_id)
-        return max(statistics.median(times), 1e-9)
+        return seconds
 
     def _uniforms(self, req: Request, n: int) -> torch.Tensor:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
@@ -475,8 +469,3 @@ class _DraftProfileRow:
     def __init__(self, req_id: str, ctx_len: int):
         self.req_id, self.last_token, self.num_tokens = req_id, 0, ctx_len + 1
         self.params, self.stats = SamplingParams(temperature=0), SpecStats()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

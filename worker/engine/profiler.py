@@ -51,19 +51,42 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
 def load_or_profile(runner: TargetRunner, *, dtype: torch.dtype, max_tokens: int, ctx_len: int,
                     gamma: int, cache_dir: str | None) -> SPSTable:
     sizes = batch_token_grid(max_tokens)
+    return _cached(cache_dir, f"{cache_key(runner, dtype, sizes, ctx_len, gamma)}.json",
+                   lambda: profile_sps(runner, sizes, ctx_len=ctx_len, block=gamma + 1))
+
+
+def _cached(cache_dir: str | None, name: str, build) -> SPSTable:
+    """The table cached as `name`, or `build()` written there (atomically) first."""
     root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
-    path = root / f"{cache_key(runner, dtype, sizes, ctx_len, gamma)}.json"
+    path = root / name
     if path.exists():
         try:
             return SPSTable.from_json(path.read_text())
         except ValueError:
             pass  # a damaged cache file is re-measured and overwritten
-    table = profile_sps(runner, sizes, ctx_len=ctx_len, block=gamma + 1)
+    table = build()
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(table.to_json())
     tmp.replace(path)
     return table
+
+
+def median_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
+    """Median wall time of `fn()` over `repeats` runs after one warm-up run; `after()` runs
+    after each, untimed."""
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        if after is not None:
+            after()
+    times.sort()
+    return max(times[len(times) // 2], 1e-9)
 
 
 @torch.inference_mode()
@@ -104,18 +127,12 @@ def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
     ids = torch.randint(0, runner.vocab_size, (size,), generator=gen).to(runner.device)
     rows = torch.arange(size, device=runner.device)
     batch = ForwardBatch(sids, [ctx_len] * len(sids), counts, ids, rows)
-    times = []
-    for i in range(repeats + 1):  # the first run warms up
-        _sync(runner.device)
-        t0 = time.perf_counter()
-        runner.forward(batch, True)
-        _sync(runner.device)
-        if i:
-            times.append(time.perf_counter() - t0)
+
+    def roll_back():
         for sid in sids:
             runner.kv.allocator.truncate(sid, ctx_len)
-    times.sort()
-    return max(times[len(times) // 2], 1e-9)
+
+    return median_seconds(lambda: runner.forward(batch, True), runner.device, repeats, roll_back)
 
 
 def _sync(device: torch.device) -> None:
@@ -139,18 +156,10 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
     sizes = draft_row_grid(max_rows)
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": "draft"},
                                     sort_keys=True).encode()).hexdigest()[:24]
-    root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
-    path = root / f"draft-{key}.json"
-    if path.exists():
-        try:
-            return SPSTable.from_json(path.read_text())
-        except ValueError:
-            pass  # a damaged cache file is re-measured and overwritten
-    times = [time_draft(rows) for rows in sizes]
-    monotone = torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
-    table = SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / monotone).tolist())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(table.to_json())
-    tmp.replace(path)
-    return table
+
+    def build() -> SPSTable:
+        times = [time_draft(rows) for rows in sizes]
+        monotone = torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
+        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / monotone).tolist())
+
+    return _cached(cache_dir, f"draft-{key}.json", build)
