@@ -4,6 +4,7 @@ greedy comparisons against `transformers` are exact rather than tie-prone."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,14 @@ def cluster(request):
 
     from worker import actor
 
-    ctx = ray.init(num_cpus=8, namespace=actor.NAMESPACE, logging_level="ERROR",
+    options = dict(num_cpus=8, namespace=actor.NAMESPACE, logging_level="ERROR",
                    include_dashboard=getattr(request.module, "RAY_DASHBOARD", False))
+    try:
+        ctx = ray.init(**options)
+    except RuntimeError as err:  # a daemon that failed to start (seen once under load): again
+        warnings.warn(f"ray.init failed, retrying once: {err}")
+        ray.shutdown()
+        ctx = ray.init(**options)
     yield ctx
     ray.shutdown()
 
