@@ -47,6 +47,22 @@ sg_words() {
     fi
 }
 
+# sg_add_opt NAME FLAG VALUE: append FLAG VALUE to the array NAME unless VALUE is empty.
+sg_add_opt() {
+    local -n _opt_to=$1
+    if [[ -n $3 ]]; then
+        _opt_to+=("$2" "$3")
+    fi
+}
+
+# sg_add_words NAME STRING: append the words of STRING (an *_EXTRA_ARGS value) to the array NAME.
+sg_add_words() {
+    local -n _words_to=$1
+    local _words
+    sg_words _words "$2"
+    _words_to+=("${_words[@]}")
+}
+
 # Put $SPARKGRID_VENV/bin first on PATH (the virtual environment sparkgrid is installed in),
 # check that `ray` and `sparkgrid` are there, and pick the Python that sparkgrid runs on.
 sg_setup_path() {

@@ -154,16 +154,12 @@ done
 # -- the Ray head -----------------------------------------------------------------------------
 sg_raise_nofile
 ray_cmd=()
-extra=()
 if ! sg_kuberay_ray_cmd ray_cmd; then
     ray_cmd=(ray start --head --port "$ray_port"
         --dashboard-host "$dashboard_host" --dashboard-port "$dashboard_port"
         --metrics-export-port "$ray_metrics_port" --block)
-    if [[ -n $node_ip ]]; then
-        ray_cmd+=(--node-ip-address "$node_ip")
-    fi
-    sg_words extra "${SPARKGRID_RAY_EXTRA_ARGS:-}"
-    ray_cmd+=("${extra[@]}")
+    sg_add_opt ray_cmd --node-ip-address "$node_ip"
+    sg_add_words ray_cmd "${SPARKGRID_RAY_EXTRA_ARGS:-}"
 fi
 sg_log "starting Ray: ${ray_cmd[*]}"
 "${ray_cmd[@]}" &
@@ -180,11 +176,8 @@ head_cmd=(sparkgrid head --ray-address "$gcs_host:$ray_port" --host "$grpc_host"
 if [[ -n $tls_cert ]]; then
     head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
 fi
-if [[ -n $prices ]]; then
-    head_cmd+=(--prices "$prices")
-fi
-sg_words extra "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
-head_cmd+=("${extra[@]}")
+sg_add_opt head_cmd --prices "$prices"
+sg_add_words head_cmd "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
 sg_log "starting the scheduler: ${head_cmd[*]}"
 SPARKGRID_REDIS_URL=$SPARKGRID_REDIS_URL "${head_cmd[@]}" &
 head_pid=$!

@@ -50,7 +50,6 @@ settle_s=${SPARKGRID_RAY_SETTLE_S:-5}
 
 # -- check everything before starting anything ------------------------------------------------
 ray_cmd=()
-extra=()
 kuberay=0
 if sg_kuberay_ray_cmd ray_cmd; then
     kuberay=1
@@ -118,11 +117,8 @@ fi
 sg_raise_nofile
 if ((${#ray_cmd[@]} == 0)); then
     ray_cmd=(ray start --address "$head" --metrics-export-port "$ray_metrics_port" --block)
-    if [[ -n $node_ip ]]; then
-        ray_cmd+=(--node-ip-address "$node_ip")
-    fi
-    sg_words extra "${SPARKGRID_RAY_EXTRA_ARGS:-}"
-    ray_cmd+=("${extra[@]}")
+    sg_add_opt ray_cmd --node-ip-address "$node_ip"
+    sg_add_words ray_cmd "${SPARKGRID_RAY_EXTRA_ARGS:-}"
 fi
 sg_log "joining the Ray cluster: ${ray_cmd[*]}"
 "${ray_cmd[@]}" &
@@ -133,17 +129,10 @@ sg_settle "$ray_pid" "$settle_s" "joining the cluster at $head"
 # -- the worker -------------------------------------------------------------------------------
 worker_cmd=(sparkgrid worker --ray-address "$head" --target "$target" --draft "$draft"
     --device "$device" --price-per-hour "$price" --foreground)
-if [[ -n $gpu_type ]]; then
-    worker_cmd+=(--gpu-type "$gpu_type")
-fi
-if [[ -n $name ]]; then
-    worker_cmd+=(--name "$name")
-fi
-if [[ -n $max_batch_tokens ]]; then
-    worker_cmd+=(--max-batch-tokens "$max_batch_tokens")
-fi
-sg_words extra "${SPARKGRID_WORKER_EXTRA_ARGS:-}"
-worker_cmd+=("${extra[@]}")
+sg_add_opt worker_cmd --gpu-type "$gpu_type"
+sg_add_opt worker_cmd --name "$name"
+sg_add_opt worker_cmd --max-batch-tokens "$max_batch_tokens"
+sg_add_words worker_cmd "${SPARKGRID_WORKER_EXTRA_ARGS:-}"
 sg_log "starting the worker: ${worker_cmd[*]}"
 "${worker_cmd[@]}" &
 worker_pid=$!

@@ -419,28 +419,17 @@ def test_start_worker_refuses_bad_settings(fake_node, setting, value, message):
     assert "ray start" not in log.read_text()  # nothing was started
 
 
-def test_start_worker_needs_the_head_address(fake_node):
+@pytest.mark.parametrize("missing, message", [
+    ("KUBERAY_GEN_RAY_START_CMD", "error: SPARKGRID_HEAD is not set"),  # the head's address
+    ("RAY_AUTH_TOKEN", "error: no Ray token on this node"),
+    ("SPARKGRID_DRAFT", "set both SPARKGRID_TARGET and SPARKGRID_DRAFT, or neither"),
+])
+def test_start_worker_refuses_a_missing_setting(fake_node, missing, message):
     env, _ = fake_node
-    del env["KUBERAY_GEN_RAY_START_CMD"]
+    del env[missing]
     result = _run("start-worker.sh", env)
     assert result.returncode == 1
-    assert "error: SPARKGRID_HEAD is not set" in result.stderr
-
-
-def test_start_worker_needs_the_ray_token(fake_node):
-    env, _ = fake_node
-    del env["RAY_AUTH_TOKEN"]
-    result = _run("start-worker.sh", env)
-    assert result.returncode == 1
-    assert "error: no Ray token on this node" in result.stderr
-
-
-def test_start_worker_needs_both_model_directories(fake_node):
-    env, _ = fake_node
-    del env["SPARKGRID_DRAFT"]
-    result = _run("start-worker.sh", env)
-    assert result.returncode == 1
-    assert "set both SPARKGRID_TARGET and SPARKGRID_DRAFT, or neither" in result.stderr
+    assert message in result.stderr
 
 
 def test_start_head_needs_a_redis_url_with_a_real_password(fake_node):

@@ -42,9 +42,7 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
-    # caps known before drafting: tokens left to generate, and a fair share of the batch
-    share = max(0, max_batch_tokens // len(reqs) - 1)
-    caps = torch.tensor([min(gamma, reqs[i].remaining - 1, share) for i in spec_idx])
+    caps = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
     conf = confidence(proposal.conf_logits, sts).cpu() if proposal.conf_logits is not None \
         else None
     policies = [reqs[i].policy for i in spec_idx]
@@ -71,6 +69,13 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     for k, i in enumerate(spec_idx):
         lengths[i] = int(chosen[k])
     return lengths
+
+
+def verify_caps(reqs, spec_idx: list[int], gamma: int, max_batch_tokens: int) -> torch.Tensor:
+    """[S] the most draft tokens each request of `spec_idx` may verify, known before drafting:
+    gamma, the tokens it has left to generate, and a fair share of the batch."""
+    share = max(0, max_batch_tokens // len(reqs) - 1)
+    return torch.tensor([min(gamma, reqs[i].remaining - 1, share) for i in spec_idx])
 
 
 def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma: int,
@@ -126,8 +131,7 @@ class DraftGate:
         if due:
             self._refreshing.update(due)
             return spec_idx
-        share = max(0, max_batch_tokens // len(reqs) - 1)
-        caps = torch.tensor([min(self.gamma, reqs[i].remaining - 1, share) for i in spec_idx])
+        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
         est = torch.stack([self._estimate[r] for r in ids])
         est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
         if drafting_pays(est, sps, draft_seconds=1.0 / self.draft_cost(len(spec_idx)),
