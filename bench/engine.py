@@ -317,7 +317,17 @@ def sps_summary(engine: LLMEngine) -> dict | None:
     return {"steps_per_second": {str(b): round(table(b), 1) for b in points},
             "tokens_per_second": {str(b): round(b * table(b)) for b in points},
             "batch_tokens": table.batch_tokens,
-            "steps_per_second_all": [round(s, 2) for s in table.steps_per_second]}
+            "steps_per_second_all": [round(s, 2) for s in table.steps_per_second],
+            "step_ms_by_rows": step_cost_summary(engine)}
+
+
+def step_cost_summary(engine: LLMEngine) -> dict | None:
+    """The profiled step cost by sequences: one token each ('plain') and 1 + gamma ('full')."""
+    rows = engine.step_cost
+    if rows is None:
+        return None
+    return {"rows": rows.rows, "plain": [round(1e3 * t, 2) for t in rows.plain_seconds],
+            "full": [round(1e3 * t, 2) for t in rows.full_seconds]}
 
 
 def plot(table: dict, hf_point: tuple[float, float], title: str, path: Path) -> None:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from worker.engine.config import EngineConfig, Resume, SamplingParams
-from worker.engine.prefix_scheduler import SPSTable
+from worker.engine.prefix_scheduler import RowCostTable, SPSTable
 from worker.worker_config import WorkerConfig
 
 RECENT_REQUESTS = 256
@@ -44,6 +44,10 @@ def build_engine(config: WorkerConfig):
         # (which the prefix policy then plans with, as it would on such a device).
         engine.sps = SPSTable(engine.sps.batch_tokens,
                               [s / config.emulate_slowdown for s in engine.sps.steps_per_second])
+        rows = engine.step_cost
+        engine.step_cost = RowCostTable(
+            rows.rows, [t * config.emulate_slowdown for t in rows.plain_seconds],
+            [t * config.emulate_slowdown for t in rows.full_seconds], rows.gamma)
     return engine
 
 

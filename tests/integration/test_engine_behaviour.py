@@ -195,3 +195,17 @@ def test_the_draft_gate_skips_costly_drafting_and_stays_lossless(structured_pair
     c = engine.counters
     assert engine.gate.skipped_steps > 0 and c.draft_forwards >= 1
     assert c.verify_forwards == c.draft_forwards + engine.gate.skipped_steps
+
+
+def test_the_step_cost_by_sequences_is_profiled_with_sps_and_read_back(structured_pairs,
+                                                                        tmp_path):
+    pair = structured_pairs("qwen3", "vanilla")
+    engine = make_engine(pair, tmp_path, policy="prefix", max_num_seqs=8)
+    table = engine.step_cost
+    assert table.rows == [1, 2, 4, 8] and table.gamma == engine.gamma
+    assert all(b >= a for a, b in zip(table.plain_seconds, table.plain_seconds[1:]))
+    assert all(f >= p for f, p in zip(table.full_seconds, table.plain_seconds))
+    assert len(list(tmp_path.glob("rows-*.json"))) == 1
+    assert engine.kv.allocator.num_used_blocks == 0  # the profiling sequences are gone
+    again = make_engine(pair, tmp_path, policy="prefix", max_num_seqs=8)
+    assert again.step_cost == table  # read from the cache, not measured again

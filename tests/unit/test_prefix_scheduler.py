@@ -7,6 +7,7 @@ import torch
 
 from worker.engine.prefix_scheduler import (
     Policy,
+    RowCostTable,
     SPSTable,
     drafting_pays,
     fixed_lengths,
@@ -269,3 +270,58 @@ def test_drafting_pays_rejects_bad_arguments():
         drafting_pays(torch.tensor([[0.5]]), sps, draft_seconds=-1.0)
     with pytest.raises(ValueError, match="non-increasing"):
         drafting_pays(torch.tensor([[0.5, 0.9]]), sps, draft_seconds=0.0)
+
+
+# -- RowCostTable: step cost by sequences and tokens ------------------------------------------
+ROWS = RowCostTable(rows=[1, 4], plain_seconds=[1.0, 2.0], full_seconds=[2.0, 5.0], gamma=2)
+
+
+def test_row_cost_interpolates_between_row_counts_then_between_token_counts():
+    at2 = ROWS.at_rows(2)  # plain 1 + 1/3, full 2 + 1 (a third of the way from 1 to 4 rows)
+    times = at2.step_time(torch.tensor([2.0, 4.0, 6.0])).tolist()
+    assert times == pytest.approx([4 / 3, 4 / 3 + (3.0 - 4 / 3) / 2, 3.0])
+    assert at2(6) == pytest.approx(1 / 3.0)  # the scalar form gives forwards per second
+    assert ROWS.at_rows(1).step_time(torch.tensor([1.0, 3.0])).tolist() == [1.0, 2.0]
+
+
+def test_row_cost_extrapolates_rows_with_a_slope_of_at_least_zero():
+    at8 = ROWS.at_rows(8)  # slopes per row: plain 1/3, full 1
+    assert at8.step_time(torch.tensor([8.0, 24.0])).tolist() == pytest.approx([2 + 4 / 3, 9.0])
+    noisy = RowCostTable(rows=[1, 2], plain_seconds=[2.0, 1.0], full_seconds=[3.0, 3.0], gamma=1)
+    assert noisy.at_rows(5).step_time(torch.tensor([5.0])).tolist() == [1.0]
+
+
+def test_row_cost_never_prices_extra_tokens_below_zero():
+    flat = RowCostTable(rows=[1], plain_seconds=[2.0], full_seconds=[1.5], gamma=3)
+    assert flat.at_rows(3).step_time(torch.tensor([3.0, 12.0])).tolist() == [2.0, 2.0]
+
+
+def test_row_cost_json_round_trip_and_bad_tables_name_the_problem():
+    assert RowCostTable.from_json(ROWS.to_json()) == ROWS
+    with pytest.raises(ValueError, match="exactly"):
+        RowCostTable.from_json(json.dumps({"rows": [1]}))
+    with pytest.raises(ValueError, match="rows must be integers starting at 1"):
+        RowCostTable(rows=[2, 4], plain_seconds=[1.0, 2.0], full_seconds=[2.0, 3.0], gamma=1)
+    with pytest.raises(ValueError, match="finite and positive"):
+        RowCostTable(rows=[1], plain_seconds=[0.0], full_seconds=[2.0], gamma=1)
+    with pytest.raises(ValueError, match="equal, non-zero length"):
+        RowCostTable(rows=[1, 2], plain_seconds=[1.0], full_seconds=[2.0], gamma=1)
+    with pytest.raises(ValueError, match="gamma must be an integer >= 1"):
+        RowCostTable(rows=[1], plain_seconds=[1.0], full_seconds=[2.0], gamma=0)
+    with pytest.raises(ValueError, match=">= 1 sequence"):
+        ROWS.at_rows(0)
+
+
+def test_a_large_cost_per_sequence_makes_alg_1_verify_more():
+    """The same step priced two ways: by tokens alone (16 tokens cost 2x one token), or with a
+    fixed cost per sequence that extra tokens barely add to (16 sequences: 16 s, 16 + 16
+    tokens: 18 s). Survival 0.5 at the first position of each of the 16 requests."""
+    survival = torch.tensor([[0.5, 0.0]] * 16)
+    by_tokens = _table_from_times([1.0 + i / 15 for i in range(48)])
+    by_rows = RowCostTable(rows=[1, 16], plain_seconds=[1.0, 16.0], full_seconds=[1.25, 20.0],
+                           gamma=2)
+    assert prefix_lengths(survival, by_tokens).tolist() == [0] * 16
+    assert prefix_lengths(survival, by_rows.at_rows(16)).tolist() == [1] * 16
+    assert not drafting_pays(survival, by_tokens, draft_seconds=0.5)
+    assert drafting_pays(survival, by_rows.at_rows(16), draft_seconds=0.5)
+

@@ -25,6 +25,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from worker.engine.draft_config import DraftCheckpointError, DraftConfig, check_fits_target
 from worker.engine.markov import MARKOV_HEADS, ConfidenceHead
+from worker.engine.model_runner import sdpa
 
 # sample_fn(k, logits_k [R, V]) -> (ids [R], probs [R, V]); k counts block positions from 1.
 SampleFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -84,7 +85,7 @@ class DraftAttention(nn.Module):
         k, v = self.keys_values(x, cos, sin)  # [R, G, kv_heads, hd]
         k = torch.cat([ctx_k, k], dim=1)  # [R, C + G, kv_heads, hd]
         v = torch.cat([ctx_v, v], dim=1)
-        out = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as Qwen3
+        out = sdpa(  # scale 1/sqrt(head_dim), as Qwen3
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             enable_gqa=self.num_heads != self.num_kv_heads)  # [R, heads, G, hd]
         return self.o_proj(out.transpose(1, 2).flatten(-2))

@@ -25,7 +25,7 @@ from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
 from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import (device_name, load_or_profile, load_or_profile_draft,
-                                    median_seconds)
+                                    load_or_profile_rows, median_seconds)
 from worker.engine.rejection import verify
 from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
@@ -77,6 +77,13 @@ class LLMEngine:
             self.sps = load_or_profile(self.runner, dtype=self.dtype, max_tokens=config.max_batch_tokens,
                                        ctx_len=config.sps_context_len, gamma=self.gamma,
                                        cache_dir=config.sps_cache_dir)
+        self.step_cost = None
+        """The target's step cost by sequences and tokens (`RowCostTable`), which the `prefix`
+        policy plans with; profiled with SPS(B), or set by the owner."""
+        if self.sps is not None:
+            self.step_cost = load_or_profile_rows(
+                self.runner, dtype=self.dtype, max_rows=config.max_num_seqs,
+                ctx_len=config.sps_context_len, gamma=self.gamma, cache_dir=config.sps_cache_dir)
         self._check_policy(parse_policy(config.policy), "policy")
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -236,10 +243,11 @@ class LLMEngine:
         spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]  # keep draft context
         gamma = self.gamma
         uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
-        draft_idx = self.gate.rows(reqs, spec_idx, self.sps, self.config.max_batch_tokens)
+        cost = self.step_cost or self.sps
+        draft_idx = self.gate.rows(reqs, spec_idx, cost, self.config.max_batch_tokens)
         proposal = self._propose([reqs[i] for i in draft_idx], uniforms[draft_idx, :gamma]) \
             if draft_idx else None
-        lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=self.sps,
+        lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=cost,
                                  threshold=self.config.threshold, sts=self.sts,
                                  max_batch_tokens=self.config.max_batch_tokens)
         self.gate.observe(reqs, draft_idx, proposal)

@@ -5,8 +5,9 @@ prefix survival probability a_{r,j} while the expected throughput
 theta = tau* x SPS(B) keeps rising, where tau* counts expected committed tokens and B the tokens
 the target forward will process. `SPSTable` is the profiled cost model SPS(B).
 
-Scope: pure functions over survival / confidence tensors and a cost table.
-Not here: profiling the target (the engine measures and builds the `SPSTable`), computing
+Scope: pure functions over survival / confidence tensors and a cost table (`SPSTable` by
+tokens, `RowCostTable` by sequences and tokens).
+Not here: profiling the target (the engine measures and builds the tables), computing
 confidence (the drafter, then `sts`), or deciding which requests run this step.
 """
 
@@ -98,6 +99,11 @@ class SPSTable:
         beyond = ts[-1] + slope.clamp(min=0) * (tokens - xs[-1])  # never faster than measured
         return torch.where(tokens > xs[-1], beyond, inside)
 
+    def at_rows(self, rows: int) -> "SPSTable":
+        """The cost of a forward of `rows` sequences by its tokens: this table itself, which
+        knows only tokens (see `RowCostTable` for one that also knows sequences)."""
+        return self
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -117,9 +123,99 @@ class SPSTable:
         return cls(data["batch_tokens"], data["steps_per_second"])
 
 
+@dataclass(frozen=True)
+class RowCostTable:
+    """Seconds of one decode forward by its sequences R and its tokens B (R <= B <= R(1+gamma)).
+
+    SPS(B) alone misses what every sequence adds whatever its tokens: reading its cached
+    context and attending over it. On a CPU that dominates a wide step (measured on the shipped
+    pair in bfloat16: 64 sequences of one token take 3x the time of 64 tokens in 8 sequences),
+    so a table by tokens alone overprices the extra draft tokens of a step with many
+    sequences, and underprices its fixed cost. Profiled at each R of `rows`: `plain_seconds`,
+    one new token per sequence; `full_seconds`, 1 + gamma per sequence. Between two row counts
+    both are interpolated linearly (past the last, extrapolated with a slope of at least 0);
+    between 1 and 1 + gamma tokens per sequence, linearly in B.
+    """
+
+    rows: list[int]  # strictly increasing sequence counts, the first one 1
+    plain_seconds: list[float]  # one token per sequence
+    full_seconds: list[float]  # 1 + gamma tokens per sequence
+    gamma: int
+
+    def __post_init__(self) -> None:
+        rows, plain, full = self.rows, self.plain_seconds, self.full_seconds
+        if not rows or not len(rows) == len(plain) == len(full):
+            raise ValueError("RowCostTable needs rows, plain_seconds and full_seconds of equal, "
+                             f"non-zero length; got {len(rows)}, {len(plain)} and {len(full)}")
+        if (any(isinstance(r, bool) or not isinstance(r, int) for r in rows) or rows[0] != 1
+                or any(b <= a for a, b in zip(rows, rows[1:]))):
+            raise ValueError(f"RowCostTable rows must be integers starting at 1 and strictly "
+                             f"increasing; got {rows}")
+        if any(not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+               for t in plain + full):
+            raise ValueError(f"RowCostTable seconds must be finite and positive; got {plain}, "
+                             f"{full}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 1:
+            raise ValueError(f"RowCostTable gamma must be an integer >= 1; got {self.gamma!r}")
+
+    def at_rows(self, rows: int) -> "_RowsCost":
+        """The cost of a forward of `rows` sequences, as a function of its tokens."""
+        if rows < 1:
+            raise ValueError(f"RowCostTable covers forwards of >= 1 sequence; got {rows}")
+        return _RowsCost(rows, _interpolate(self.rows, self.plain_seconds, rows),
+                         _interpolate(self.rows, self.full_seconds, rows), self.gamma)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RowCostTable":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"RowCostTable JSON is not valid JSON: {err}") from None
+        fields = {"rows", "plain_seconds", "full_seconds", "gamma"}
+        if not isinstance(data, dict) or set(data) != fields:
+            raise ValueError(f"RowCostTable JSON must be an object with exactly {sorted(fields)}; "
+                             f"got {text[:200]!r}")
+        return cls(**data)
+
+
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear y(x) through the points; past the last, the last slope (at least 0)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    if x > xs[-1]:
+        return ys[-1] + max(slope, 0.0) * (x - xs[-1])
+    return ys[i] + slope * (x - xs[i])
+
+
+@dataclass(frozen=True)
+class _RowsCost:
+    """`RowCostTable` at one sequence count: seconds by tokens, in `SPSTable`'s interface."""
+
+    rows: int
+    plain: float
+    full: float
+    gamma: int
+
+    def step_time(self, num_tokens: torch.Tensor) -> torch.Tensor:  # [N] -> [N] float64
+        """A forward of `num_tokens` tokens over the `rows` sequences (more tokens never cost
+        less: a noisy profile's negative slope counts as 0)."""
+        per_token = max(self.full - self.plain, 0.0) / (self.rows * self.gamma)
+        extra = (num_tokens.double().cpu() - self.rows).clamp(min=0)
+        return self.plain + per_token * extra
+
+    def __call__(self, num_tokens: float) -> float:
+        """Forwards per second at `num_tokens`, like `SPSTable.__call__`."""
+        return 1.0 / float(self.step_time(torch.tensor([float(num_tokens)]))[0])
+
+
 def prefix_lengths(
     survival: torch.Tensor,  # [R, G] a_{r,j}, non-increasing in j, in [0, 1]
-    sps: SPSTable,
+    sps: "SPSTable | _RowsCost",  # seconds by tokens (a `RowCostTable` at the step's rows)
     *,
     extra_tokens: int = 0,
     extra_tau: float = 0.0,
@@ -186,7 +282,7 @@ def _check_survival(survival: torch.Tensor) -> None:
 
 def drafting_pays(
     estimates: torch.Tensor,  # [D, G] expected survival a_{r,j} of the rows that would draft
-    sps: SPSTable,
+    sps: "SPSTable | _RowsCost",  # seconds by tokens (a `RowCostTable` at the step's rows)
     *,
     draft_seconds: float,
     other_rows: int = 0,

@@ -1,4 +1,5 @@
-"""SPS(B): the target's forward steps per second for a forward of B new tokens, profiled once.
+"""SPS(B): the target's forward steps per second for a forward of B new tokens, profiled once;
+also the cost by sequences and tokens (`RowCostTable`) and the draft cost by rows.
 
 DSpark Alg. 1 weighs expected accepted tokens against this cost table. It is measured at
 engine start with the engine's own runner and cache (verify-shaped batches: sequences of
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from worker.engine.model_runner import ForwardBatch, TargetRunner
-from worker.engine.prefix_scheduler import SPSTable
+from worker.engine.prefix_scheduler import RowCostTable, SPSTable
 
 
 def batch_token_grid(max_tokens: int) -> list[int]:
@@ -55,13 +56,13 @@ def load_or_profile(runner: TargetRunner, *, dtype: torch.dtype, max_tokens: int
                    lambda: profile_sps(runner, sizes, ctx_len=ctx_len, block=gamma + 1))
 
 
-def _cached(cache_dir: str | None, name: str, build) -> SPSTable:
+def _cached(cache_dir: str | None, name: str, build, table_type=SPSTable):
     """The table cached as `name`, or `build()` written there (atomically) first."""
     root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
     path = root / name
     if path.exists():
         try:
-            return SPSTable.from_json(path.read_text())
+            return table_type.from_json(path.read_text())
         except ValueError:
             pass  # a damaged cache file is re-measured and overwritten
     table = build()
@@ -104,11 +105,7 @@ def profile_sps(runner: TargetRunner, sizes: list[int], *, ctx_len: int, block: 
     seq_ids = [f"__sps_profile_{i}" for i in range(num_seqs)]
     gen = torch.Generator(device="cpu").manual_seed(0)
     try:
-        for sid in seq_ids:
-            alloc.reserve(sid, ctx_len + block)
-        for sid in seq_ids:  # one at a time: profiling must fit a small prefill budget too
-            ids = torch.randint(0, runner.vocab_size, (ctx_len,), generator=gen).to(runner.device)
-            runner.forward(ForwardBatch([sid], [0], [ctx_len], ids, ids.new_zeros(1)), False)
+        _prefill_profile_context(runner, seq_ids, ctx_len, block, gen)
         times = [_time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen)
                  for size in sizes]
     finally:
@@ -120,8 +117,58 @@ def profile_sps(runner: TargetRunner, sizes: list[int], *, ctx_len: int, block: 
     return SPSTable(batch_tokens=list(sizes), steps_per_second=(1.0 / monotone).tolist())
 
 
+def load_or_profile_rows(runner: TargetRunner, *, dtype: torch.dtype, max_rows: int,
+                         ctx_len: int, gamma: int, cache_dir: str | None) -> RowCostTable:
+    """The `RowCostTable` of the runner's target for up to `max_rows` sequences, cached on
+    disk beside SPS(B)."""
+    rows = draft_row_grid(max_rows)
+    key = cache_key(runner, dtype, rows, ctx_len, gamma)
+    return _cached(cache_dir, f"rows-{key}.json",
+                   lambda: profile_rows(runner, rows, ctx_len=ctx_len, gamma=gamma),
+                   RowCostTable)
+
+
+@torch.inference_mode()
+def profile_rows(runner: TargetRunner, rows: list[int], *, ctx_len: int, gamma: int,
+                 repeats: int = 3) -> RowCostTable:
+    """Median-of-`repeats` seconds of a forward of R sequences of `ctx_len` cached tokens, with
+    1 and with 1 + gamma new tokens each, for each R in `rows` (capped by the cache)."""
+    alloc = runner.kv.allocator
+    block = gamma + 1
+    free_blocks = alloc.num_blocks - alloc.num_reserved_blocks
+    ctx_len = max(1, min(ctx_len, free_blocks * alloc.block_size // rows[-1] - block
+                         - alloc.block_size))
+    num_seqs = min(rows[-1], max(1, free_blocks // alloc.blocks_for(ctx_len + block)))
+    rows = [r for r in rows if r <= num_seqs] or [1]
+    seq_ids = [f"__rows_profile_{i}" for i in range(num_seqs)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        _prefill_profile_context(runner, seq_ids, ctx_len, block, gen)
+        plain = [_time_forward(runner, seq_ids, r, ctx_len, 1, repeats, gen) for r in rows]
+        full = [_time_forward(runner, seq_ids, r * block, ctx_len, block, repeats, gen)
+                for r in rows]
+    finally:
+        for sid in seq_ids:
+            alloc.free(sid)
+    # More sequences, or more tokens on as many sequences, never really run faster.
+    plain_t = torch.cummax(torch.tensor(plain, dtype=torch.float64), 0).values
+    full_t = torch.maximum(torch.cummax(torch.tensor(full, dtype=torch.float64), 0).values,
+                           plain_t)
+    return RowCostTable(rows=list(rows), plain_seconds=plain_t.tolist(),
+                        full_seconds=full_t.tolist(), gamma=gamma)
+
+
+def _prefill_profile_context(runner, seq_ids, ctx_len, block, gen) -> None:
+    """Reserve and fill `ctx_len` tokens of random context for each profiling sequence."""
+    for sid in seq_ids:
+        runner.kv.allocator.reserve(sid, ctx_len + block)
+    for sid in seq_ids:  # one at a time: profiling must fit a small prefill budget too
+        ids = torch.randint(0, runner.vocab_size, (ctx_len,), generator=gen).to(runner.device)
+        runner.forward(ForwardBatch([sid], [0], [ctx_len], ids, ids.new_zeros(1)), False)
+
+
 def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
-    """Median seconds of one verify-shaped forward of `size` tokens."""
+    """Median seconds of one forward of `size` tokens, `block` new tokens per sequence."""
     counts = [block] * (size // block) + ([size % block] if size % block else [])
     sids = seq_ids[: len(counts)]
     ids = torch.randint(0, runner.vocab_size, (size,), generator=gen).to(runner.device)

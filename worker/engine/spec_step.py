@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.prefix_scheduler import (Policy, SPSTable, drafting_pays, prefix_lengths,
-                                            threshold_lengths)
+from worker.engine.prefix_scheduler import (Policy, RowCostTable, SPSTable, drafting_pays,
+                                            prefix_lengths, threshold_lengths)
 from worker.engine.sts import apply_sts, survival
 
 
@@ -36,7 +36,7 @@ def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tens
 
 
 def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *, gamma: int,
-                   sps: SPSTable | None, threshold: float, sts: list[float] | None,
+                   sps: SPSTable | RowCostTable | None, threshold: float, sts: list[float] | None,
                    max_batch_tokens: int) -> list[int]:
     """Verify lengths l_r in [0, gamma] for every request of the step (0 for `ar`)."""
     lengths = [0] * len(reqs)
@@ -64,7 +64,8 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         beyond_cap = torch.arange(gamma)[None, :] >= caps[prefix_rows][:, None]
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
         chosen[prefix_rows] = torch.minimum(
-            prefix_lengths(a, sps, extra_tokens=extra_tokens, extra_tau=extra_tau).cpu(),
+            prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
+                           extra_tau=extra_tau).cpu(),
             caps[prefix_rows])
     for k, i in enumerate(spec_idx):
         lengths[i] = int(chosen[k])
@@ -118,7 +119,7 @@ class DraftGate:
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
 
-    def rows(self, reqs, spec_idx: list[int], sps: SPSTable | None,
+    def rows(self, reqs, spec_idx: list[int], sps: SPSTable | RowCostTable | None,
              max_batch_tokens: int) -> list[int]:
         """The subset of `spec_idx` that drafts this step: all of it, or none of it."""
         if (not spec_idx or sps is None or self.draft_cost is None
@@ -134,7 +135,8 @@ class DraftGate:
         caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
         est = torch.stack([self._estimate[r] for r in ids])
         est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
-        if drafting_pays(est, sps, draft_seconds=1.0 / self.draft_cost(len(spec_idx)),
+        if drafting_pays(est, sps.at_rows(len(reqs)),
+                         draft_seconds=1.0 / self.draft_cost(len(spec_idx)),
                          other_rows=len(reqs) - len(spec_idx)):
             for r in ids:
                 self._interval[r] = self.refresh_steps
