@@ -209,3 +209,26 @@ def test_the_step_cost_by_sequences_is_profiled_with_sps_and_read_back(structure
     assert engine.kv.allocator.num_used_blocks == 0  # the profiling sequences are gone
     again = make_engine(pair, tmp_path, policy="prefix", max_num_seqs=8)
     assert again.step_cost == table  # read from the cache, not measured again
+
+
+def test_greedy_drafting_requests_and_a_sampled_one_share_a_step(structured_pairs, tmp_path):
+    """Greedy requests verify from ids alone; a sampled request in the same steps must still
+    sample (not take the argmax), exactly as it does alone with its seed."""
+    pair = structured_pairs("qwen3", "vanilla")
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(temperature=2.0, seed=5, max_tokens=24, ignore_eos=True)
+    prompts = [list(range(i, i + 6)) for i in range(3)]
+    want_greedy = make_engine(pair, tmp_path, policy="ar").generate(prompts[:2], greedy)
+    want_sampled = make_engine(pair, tmp_path, policy="ar").generate(prompts[2:], sampled)
+    argmax = make_engine(pair, tmp_path, policy="ar").generate(prompts[2:], greedy)
+    assert want_sampled[0]["token_ids"] != argmax[0]["token_ids"]  # sampling shows
+    engine = make_engine(pair, tmp_path, policy="fixed")
+    ids = [engine.add_request(p, greedy) for p in prompts[:2]]
+    ids.append(engine.add_request(prompts[2], sampled, policy="ar"))
+    got = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.req_id] += out.token_ids
+    assert [got[i] for i in ids[:2]] == [w["token_ids"] for w in want_greedy]
+    assert got[ids[2]] == want_sampled[0]["token_ids"]
+    assert engine.counters.draft_tokens_accepted > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from worker.engine.rejection import verify
+from worker.engine.rejection import verify, verify_greedy
 from worker.engine.sampling import sample, warp_probs
 
 ALPHA = 1e-4  # false-failure rate of each chi-square check
@@ -149,3 +149,22 @@ def test_mismatched_shapes_are_rejected_naming_the_tensor():
     with pytest.raises(ValueError, match="target_probs"):
         verify(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long),
                torch.zeros(2, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_greedy_verification_from_ids_equals_the_rule_on_one_hot_distributions():
+    """`verify_greedy` against `verify` on one-hot p and q: random argmaxes over a small
+    vocabulary (so matches are common), random lengths, junk ids in the padding."""
+    gen = torch.Generator().manual_seed(7)
+    rows, gamma, vocab = 64, 5, 4
+    target_ids = torch.randint(0, vocab, (rows, gamma + 1), generator=gen)
+    draft_ids = torch.randint(0, vocab, (rows, gamma), generator=gen)
+    num_verify = torch.randint(0, gamma + 1, (rows,), generator=gen)
+    padding = torch.arange(gamma)[None, :] >= num_verify[:, None]
+    junk = draft_ids.masked_fill(padding, 10**6)
+    one_hot = torch.nn.functional.one_hot
+    want = verify(one_hot(target_ids, vocab).float(), one_hot(draft_ids, vocab).float(),
+                  draft_ids, num_verify, torch.zeros(rows, gamma), torch.zeros(rows))
+    got = verify_greedy(target_ids, junk, num_verify)
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+    assert 0 < int((got[0] > 0).sum()) < rows  # both acceptances and rejections happened
+

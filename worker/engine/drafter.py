@@ -27,7 +27,7 @@ from worker.engine.draft_config import DraftCheckpointError, DraftConfig, check_
 from worker.engine.markov import MARKOV_HEADS, ConfidenceHead
 from worker.engine.model_runner import sdpa
 
-# sample_fn(k, logits_k [R, V]) -> (ids [R], probs [R, V]); k counts block positions from 1.
+# sample_fn(k, logits_k [R, V]) -> (ids [R], probs [R, V] or None); k counts positions from 1.
 SampleFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -215,7 +215,8 @@ class DSparkDraft(nn.Module):
         logits_k)``, and the raw confidence logit of position k from ``[h_k ; W1[x_{k-1}]]``.
 
         h [R, G, d], anchor_ids [R] -> draft_ids [R, G], draft_probs [R, G, V] (the exact
-        distributions sampled from, kept for rejection sampling), conf_logits [R, G] or None.
+        distributions sampled from, kept for rejection sampling; None when `sample_fn` gives
+        none, as for greedy rows), conf_logits [R, G] or None.
         """
         base_logits = self.lm_head(h)  # [R, G, V]: U_1..U_G
         prev_ids = anchor_ids  # x_0
@@ -232,7 +233,8 @@ class DSparkDraft(nn.Module):
             ids.append(prev_ids)
             probs.append(p_k)
         conf_logits = torch.stack(confs, dim=1) if confs else None
-        return torch.stack(ids, dim=1), torch.stack(probs, dim=1), conf_logits
+        draft_probs = torch.stack(probs, dim=1) if probs[0] is not None else None
+        return torch.stack(ids, dim=1), draft_probs, conf_logits
 
 
 def _rotary_for(c: DraftConfig, device: torch.device | str | None = None) -> Qwen3RotaryEmbedding:

@@ -26,7 +26,7 @@ from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, 
 from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import (device_name, load_or_profile, load_or_profile_draft,
                                     load_or_profile_rows, median_seconds)
-from worker.engine.rejection import verify
+from worker.engine.rejection import verify, verify_greedy
 from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
 from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths, pad_rows
@@ -266,12 +266,19 @@ class LLMEngine:
             nxt = self._next_tokens(reqs, logits, num_new, uniforms[:, 2 * gamma])
             return self._commit(reqs, spec_idx, draft_ids, lengths, [0] * len(reqs),
                                 nxt.tolist(), feats, starts, num_new)
-        target_probs = self._padded_target_probs(reqs, logits, num_new, gamma)
-        draft_probs = pad_rows(proposal.probs, draft_idx, len(reqs), gamma, self.device,
-                               self.vocab_size)
-        n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0),
-                            torch.tensor(lengths, device=self.device),
-                            uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
+        num_verify = torch.tensor(lengths, device=self.device)
+        if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
+            n_acc, nxt = verify_greedy(self._padded(logits.argmax(dim=-1), num_new, gamma, -1),
+                                       draft_ids, num_verify)
+        else:
+            target_probs = self._padded(
+                warp_probs(logits, *self._sampling_tensors(reqs, num_new)), num_new, gamma, 0)
+            q = proposal.probs  # None when the drafting requests are all greedy: one-hot
+            if q is None:
+                q = torch.nn.functional.one_hot(proposal.ids, self.vocab_size).float()
+            draft_probs = pad_rows(q, draft_idx, len(reqs), gamma, self.device, self.vocab_size)
+            n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0), num_verify,
+                                uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
         self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
                      starts, num_new)
         if self.config.record_confidence and proposal.conf_logits is not None:
@@ -295,9 +302,9 @@ class LLMEngine:
         greedy = all(r.params.temperature == 0 for r in reqs)
 
         def sample_fn(k: int, logits: torch.Tensor):
+            if greedy:  # what `sample` draws from warp_probs' one-hot rows; no q needed
+                return logits.argmax(dim=-1), None
             probs = warp_probs(logits, temps, top_k, top_p)
-            if greedy:  # one-hot rows: their argmax is what `sample` would draw
-                return probs.argmax(dim=-1), probs
             return sample(probs, uniforms[:, k - 1]), probs
 
         ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn)
@@ -390,11 +397,11 @@ class LLMEngine:
                 col([r.params.top_k for r in reqs], torch.long),
                 col([r.params.top_p for r in reqs], torch.float32))
 
-    def _padded_target_probs(self, reqs, logits, num_new, gamma) -> torch.Tensor:
-        probs = warp_probs(logits, *self._sampling_tensors(reqs, num_new))  # [N, V]
-        out = probs.new_zeros(len(reqs), gamma + 1, probs.shape[-1])
+    def _padded(self, packed: torch.Tensor, num_new, gamma: int, fill) -> torch.Tensor:
+        """Packed per-token rows `[N, ...]` -> `[R, gamma + 1, ...]`, padded with `fill`."""
+        out = packed.new_full((len(num_new), gamma + 1, *packed.shape[1:]), fill)
         seq_of, offset = packed_index(torch.tensor(num_new, device=self.device))
-        out[seq_of, offset] = probs
+        out[seq_of, offset] = packed
         return out
 
     def _release(self, req: Request) -> None:

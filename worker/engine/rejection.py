@@ -70,6 +70,25 @@ def verify(
     return num_accepted.long(), next_ids
 
 
+def verify_greedy(
+    target_ids: torch.Tensor,  # [R, G+1] target argmax at the anchor and after each draft
+    draft_ids: torch.Tensor,  # [R, G] long
+    num_verify: torch.Tensor,  # [R] long in [0, G]
+) -> tuple[torch.Tensor, torch.Tensor]:  # num_accepted [R] long, next_ids [R] long
+    """`verify` for rows that are all greedy, from token ids alone: with one-hot p and q the
+    rule accepts x_k iff it is the target's argmax, and the token after the accepted ones is
+    the target's argmax there (the residual max(0, p - q) is one-hot on it too). Needs no
+    [R, G, V] distributions; entries beyond `num_verify` may hold anything."""
+    num_draft = draft_ids.shape[1]
+    device = target_ids.device
+    num_verify = num_verify.to(device).long()
+    verified = torch.arange(num_draft, device=device)[None, :] < num_verify[:, None]  # [R, G]
+    accepted = (draft_ids.to(device) == target_ids[:, :num_draft]) & verified
+    num_accepted = torch.cumprod(accepted.int(), dim=1).sum(dim=1)  # [R]
+    rows = torch.arange(target_ids.shape[0], device=device)
+    return num_accepted.long(), target_ids[rows, num_accepted].long()
+
+
 def _check_shapes(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,

@@ -26,7 +26,8 @@ class DraftProposal:
     """What the drafter proposed for the drafting requests of one step."""
 
     ids: torch.Tensor                  # [S, G] draft tokens
-    probs: torch.Tensor                # [S, G, V] distributions they were drawn from
+    probs: torch.Tensor | None         # [S, G, V] distributions they were drawn from;
+                                       # None when all are greedy (ids suffice)
     conf_logits: torch.Tensor | None   # [S, G] raw confidence logits, None without a head
 
 
