@@ -9,8 +9,10 @@ Figure 7). Measures, on one target (and draft):
 2. the policies `ar`, `fixed`, `threshold` and `prefix` at each concurrency: throughput,
    per-request speed, accepted length, verify tokens per step.
 
-Every arm decodes greedily exactly `--max-tokens` tokens per request from the same prompts; arms
-are interleaved within each repeat so machine noise hits them alike, and medians are reported.
+Every arm decodes greedily exactly `--max-tokens` tokens per request from the same prompts
+(cycled); a closed loop keeps c requests in flight, for c x `--waves` requests at c > 1 (steady
+state, as a server with a queue) and 8 one after another at c = 1. Arms are interleaved within
+each repeat so machine noise hits them alike, and medians are reported.
 Without `--target`/`--draft` it builds a tiny random Qwen3 target and a random DSpark draft:
 their acceptance is near zero, so speculation costs here rather than pays.
 
@@ -71,21 +73,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=16,
                    help="prompts of the transformers comparison (all served at once by the engine)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per arm (median)")
+    p.add_argument("--waves", type=int, default=3,
+                   help="at concurrency c > 1, serve c x WAVES requests (default 3)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine, more threads "
                         "stall each other; 0 keeps torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny models")
     p.add_argument("--out", default="bench/results/engine.json", help="JSON output file")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 16 tokens, 4 prompts, concurrency 1,4, one repeat")
+                   help="a smoke run: 16 tokens, 4 prompts, concurrency 1,4, one repeat, one wave")
     args = p.parse_args(argv)
     if args.quick:
         args.max_tokens, args.num_prompts, args.repeats, args.concurrency = 16, 4, 1, "1,4"
+        args.waves = 1
     try:
         args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
     except ValueError:
         p.error(f"--concurrency: expected integers separated by commas, got {args.concurrency!r}")
-    for name in ("max_tokens", "num_prompts", "repeats"):
+    for name in ("max_tokens", "num_prompts", "repeats", "waves"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
     if min(args.concurrency) < 1:
@@ -214,11 +219,18 @@ def _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> di
 
 # -- the run ------------------------------------------------------------------------------
 def plan(args) -> list[tuple[str, int, int]]:
-    """(policy, concurrency, num_requests) of every engine arm; `ar` at 1 and at all prompts
-    always run, for the comparison with transformers."""
-    arms = {(p, c) for p in POLICIES for c in args.concurrency}
-    arms |= {("ar", 1), ("ar", args.num_prompts)}
-    return sorted((p, c, single_requests(args) if c == 1 else c) for p, c in arms)
+    """(policy, concurrency, num_requests) of every engine arm (`policy_arms`), plus `ar`
+    serving all prompts in one wave, for the comparison with transformers."""
+    return sorted(set(policy_arms(args)) | {("ar", args.num_prompts, args.num_prompts)})
+
+
+def policy_arms(args) -> list[tuple[str, int, int]]:
+    """At concurrency c > 1 the closed loop serves c x `--waves` requests, so that most steps
+    run at c in flight: in a single wave the batch thins out as requests finish, which a
+    speculative policy (whose requests finish at different steps) suffers and `ar` (all in
+    lockstep) does not, while a server with a queue never sees that tail."""
+    return [(p, c, single_requests(args) if c == 1 else c * args.waves)
+            for p in POLICIES for c in args.concurrency]
 
 
 def cycle(prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -227,7 +239,7 @@ def cycle(prompts: list[list[int]], n: int) -> list[list[int]]:
 
 def single_requests(args) -> int:
     """Requests served one at a time at concurrency 1 (the slowest arm, so kept few)."""
-    return min(args.num_prompts, 2 if args.quick else 3)
+    return min(args.num_prompts, 2 if args.quick else 8)
 
 
 def warm_up(model, engine, prompts, pad_id) -> None:
@@ -302,9 +314,11 @@ def compare_with_hf(args, hf_runs, engine_runs, pair_ratios) -> dict:
     }
 
 
-def policy_table(engine_runs) -> dict:
+def policy_table(engine_runs, arms) -> dict:
     table: dict[str, dict[str, dict]] = {}
     for (policy, c, n), runs in sorted(engine_runs.items()):
+        if (policy, c, n) not in arms:
+            continue
         table.setdefault(policy, {})[str(c)] = {"num_requests": n, **median_figures(runs)}
     return table
 
@@ -398,7 +412,7 @@ def main(argv=None) -> int:
     hf_runs, engine_runs = run_arms(args, model, engine, prompts, pad_id)
     pair_ratios = paired_single_requests(model, engine, prompts[:8], args.max_tokens, pad_id,
                                          args.repeats)
-    table = policy_table(engine_runs)
+    table = policy_table(engine_runs, policy_arms(args))
     versus = compare_with_hf(args, hf_runs, engine_runs, pair_ratios)
     out = Path(args.out)
     plot_path = out.with_name(f"{out.stem}_throughput.png")
@@ -414,7 +428,9 @@ def main(argv=None) -> int:
         "sps": sps_summary(engine),
         "workload": {"prompts": prompt_source, "num_prompts": args.num_prompts,
                      "prompt_tokens": [len(p) for p in prompts], "max_tokens": args.max_tokens,
-                     "temperature": 0, "repeats": args.repeats, "concurrency": args.concurrency},
+                     "temperature": 0, "repeats": args.repeats, "concurrency": args.concurrency,
+                     "requests_per_arm": {str(c): n for p, c, n in policy_arms(args)
+                                          if p == "ar"}},
         "vs_transformers": versus,
         "policies": table,
         "plot": plot_path.name,
