@@ -98,3 +98,33 @@ def test_a_finished_request_is_forgotten():
     gate.observe(reqs, [0], _proposal(UNLIKELY))
     gate.forget("r0")
     assert gate.rows(reqs, [0], FLAT, 512) == [0]
+
+
+def test_only_the_requests_whose_drafting_pays_draft():
+    """A draft pass costs 0.1 s for one row and 5 s for two; a verify forward 1 s. Drafting
+    the likely request alone commits about 4 tokens in 1.1 s (plain: 2 in 1 s); drafting both
+    would take 6 s. So only the likely one drafts, and the unlikely one counts as skipped."""
+    cost = SPSTable([1, 2], [1 / 0.1, 1 / 5.0])
+    gate = DraftGate(gamma=2, sts=None, draft_cost=cost)
+    reqs = _reqs("prefix", "prefix")
+    gate.observe(reqs, [0, 1], _proposal(UNLIKELY + LIKELY))
+    assert gate.rows(reqs, [0, 1], FLAT, 512) == [1]
+    assert (gate.skipped_steps, gate.skipped_rows) == (0, 1)
+    free = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1, 2], [1e6, 1e6]))
+    free.observe(reqs, [0, 1], _proposal(UNLIKELY + LIKELY))
+    assert free.rows(reqs, [0, 1], FLAT, 512) == [0, 1]  # free drafting: even ~0.02 tokens
+
+
+def test_a_request_due_for_refresh_drafts_beside_the_chosen_ones():
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1, 2], [1 / 0.1, 1 / 0.2]),
+                     refresh_steps=2)
+    reqs = _reqs("prefix", "prefix")
+    gate.observe(reqs, [0, 1], _proposal(UNLIKELY + LIKELY))
+    drafted = []
+    for _ in range(6):
+        rows = gate.rows(reqs, [0, 1], FLAT, 512)
+        drafted.append(rows)
+        gate.observe(reqs, rows, _proposal([UNLIKELY[0] if i == 0 else LIKELY[0] for i in rows]))
+    # the unlikely request skips 2 steps, refreshes, then its interval doubles to 4
+    assert drafted == [[1], [1], [0, 1], [1], [1], [1]]
+    assert gate._interval["r0"] == 4

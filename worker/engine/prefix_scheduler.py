@@ -287,26 +287,47 @@ def drafting_pays(
     draft_seconds: float,
     other_rows: int = 0,
 ) -> bool:
-    """Whether drafting this step is expected to beat plain decoding, draft time included.
+    """Whether drafting this step is expected to beat plain decoding, draft time included
+    (`expected_throughput` of the drafting rows against that of none)."""
+    if estimates.numel() == 0:
+        _check_survival(estimates)
+        return False
+    rows = estimates.shape[0] + other_rows
+    plain = expected_throughput(estimates[:0], sps, draft_seconds=0.0, other_rows=rows)
+    return expected_throughput(estimates, sps, draft_seconds=draft_seconds,
+                               other_rows=other_rows) > plain
+
+
+def expected_throughput(
+    estimates: torch.Tensor,  # [D, G] expected survival a_{r,j} of the rows that draft
+    sps: "SPSTable | _RowsCost",  # seconds by tokens (a `RowCostTable` at the step's rows)
+    *,
+    draft_seconds: float,
+    other_rows: int = 0,
+) -> float:
+    """Expected committed tokens per second of a step in which D rows draft and `other_rows`
+    decode plainly, draft time included.
 
     Alg. 1 weighs verify cost only: once a block is drafted its cost is spent. Before drafting,
     the engine asks this with survival estimates from earlier blocks (never this step's tokens,
     so the choice stays lossless, like the production variant's capacity from old confidence):
-    plain decoding commits one token per row in step_time(rows); drafting commits
-    tau*(n) = rows + the n best a's in step_time(rows + n) + `draft_seconds`, for the n that
-    Alg. 1's early-stopping scan would reach. `other_rows` decode alongside without drafting.
+    drafting commits tau*(n) = rows + the n best a's in step_time(rows + n) + `draft_seconds`,
+    at the best n among those Alg. 1's early-stopping scan would reach (n >= 1). With D = 0 it
+    is plain decoding: rows in step_time(rows), no draft time.
     """
     _check_survival(estimates)
     if draft_seconds < 0 or not math.isfinite(draft_seconds):
         raise ValueError(f"draft_seconds must be finite and >= 0; got {draft_seconds}")
     rows = estimates.shape[0] + other_rows
+    if rows < 1:
+        raise ValueError("expected_throughput needs at least one row")
     if estimates.numel() == 0:
-        return False
+        return rows / float(sps.step_time(torch.tensor([float(rows)]))[0])
     a = torch.sort(estimates.detach().double().cpu().reshape(-1), descending=True).values
     steps = torch.arange(0, len(a) + 1, dtype=torch.float64)
     tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a, 0)])
     verify_time = sps.step_time(rows + steps)  # [N+1]
     theta = tau / verify_time
     reach = 1 + int(torch.cumprod((theta[1:] > theta[:-1]).int(), 0).sum())  # Alg. 1's stop
-    with_draft = tau[1:reach] / (verify_time[1:reach] + draft_seconds)
-    return bool(with_draft.numel()) and float(with_draft.max()) > float(theta[0])
+    with_draft = tau[1:max(reach, 2)] / (verify_time[1:max(reach, 2)] + draft_seconds)
+    return float(with_draft.max())

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.prefix_scheduler import (Policy, RowCostTable, SPSTable, drafting_pays,
-                                            prefix_lengths, threshold_lengths)
+from worker.engine.prefix_scheduler import (Policy, RowCostTable, SPSTable,
+                                            expected_throughput, prefix_lengths,
+                                            threshold_lengths)
 from worker.engine.sts import apply_sts, survival
 
 
@@ -94,18 +95,21 @@ def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma:
 
 
 class DraftGate:
-    """Skips drafting in steps where the `prefix` policy expects it not to pay.
+    """Chooses which requests draft in a step where the `prefix` policy is used.
 
     On a fast accelerator a draft pass costs little next to a verify forward; on a CPU, or a
-    small GPU serving a big batch, it can cost more than the tokens it saves. Before each step
-    the gate compares plain decoding with drafting (`drafting_pays`), from each request's
-    survival estimate (a running mean of its calibrated a_{r,j} over its earlier blocks) and the
+    small GPU serving a big batch, it can cost more than the tokens it saves, and more so for
+    requests in text the drafter finds hard. Before each step the gate picks the subset of
+    requests whose drafting is expected to raise the step's throughput (`expected_throughput`),
+    from each request's survival estimate (a running mean of its calibrated a_{r,j} over its
+    earlier blocks), the step cost (SPS(B), or the `RowCostTable` at the step's rows) and the
     profiled seconds of a draft pass for that many rows (`draft_cost`, draft passes per second
-    by rows; no gate without it). A request without an estimate, or one
-    that has not drafted for its refresh interval, makes the step draft, so estimates follow the
-    text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`) each
-    time a refreshed estimate still says skip. The choice uses no token of the current step, so
-    verification stays lossless.
+    by rows; no gate without it). Requests are considered in order of their estimate's sum,
+    the subsets tried being the best 0, 1, 2, 4, ... of them. A request without an estimate,
+    or one that has not drafted for its refresh interval, drafts anyway, so estimates follow
+    the text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`)
+    each time a refreshed estimate still leaves the request out. The choice uses no token of
+    the current step, so verification stays lossless.
     """
 
     def __init__(self, gamma: int, sts: list[float] | None, draft_cost: SPSTable | None, *,
@@ -119,37 +123,64 @@ class DraftGate:
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
+        self.skipped_rows = 0
+        """Request-steps that the gate kept from drafting."""
 
     def rows(self, reqs, spec_idx: list[int], sps: SPSTable | RowCostTable | None,
              max_batch_tokens: int) -> list[int]:
-        """The subset of `spec_idx` that drafts this step: all of it, or none of it."""
+        """The subset of `spec_idx` that drafts this step, in `spec_idx` order."""
         if (not spec_idx or sps is None or self.draft_cost is None
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
-        if any(r not in self._estimate for r in ids):
-            return spec_idx
-        due = [r for r in ids if self._skipped[r] >= self._interval[r]]
-        if due:
-            self._refreshing.update(due)
-            return spec_idx
-        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
-        est = torch.stack([self._estimate[r] for r in ids])
-        est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
-        if drafting_pays(est, sps.at_rows(len(reqs)),
-                         draft_seconds=1.0 / self.draft_cost(len(spec_idx)),
-                         other_rows=len(reqs) - len(spec_idx)):
-            for r in ids:
-                self._interval[r] = self.refresh_steps
-                self._refreshing.discard(r)
-            return spec_idx
-        for r in ids:
+        forced = [k for k, r in enumerate(ids)
+                  if r not in self._estimate or self._skipped[r] >= self._interval[r]]
+        self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
+        optional = [k for k in range(len(ids)) if k not in set(forced)]
+        chosen = set(forced)
+        if optional:
+            chosen |= self._best_subset(reqs, spec_idx, ids, forced, optional, sps,
+                                        max_batch_tokens)
+        for k, r in enumerate(ids):
+            if k in chosen:
+                if k in optional:  # drafting pays for it again
+                    self._interval[r] = self.refresh_steps
+                    self._refreshing.discard(r)
+                continue
             if r in self._refreshing:  # refreshed, and drafting still does not pay
                 self._interval[r] = min(2 * self._interval[r], self.max_refresh_steps)
                 self._refreshing.discard(r)
             self._skipped[r] += 1
-        self.skipped_steps += 1
-        return []
+        self.skipped_rows += len(ids) - len(chosen)
+        if not chosen:
+            self.skipped_steps += 1
+        return [spec_idx[k] for k in sorted(chosen)]
+
+    def _best_subset(self, reqs, spec_idx, ids, forced, optional, sps,
+                     max_batch_tokens) -> set[int]:
+        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`."""
+        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
+        zeros = torch.zeros(self.gamma, dtype=torch.float64)
+        est = torch.stack([self._estimate.get(r, zeros) for r in ids])
+        est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
+        for k in forced:  # no estimate yet: count on nothing from it
+            if ids[k] not in self._estimate:
+                est[k] = 0.0
+        ranked = sorted(optional, key=lambda k: -float(est[k].sum()))
+        cost = sps.at_rows(len(reqs))
+        sizes, n = {0, len(ranked)}, 1
+        while n < len(ranked):
+            sizes.add(n)
+            n *= 2
+        best, best_value = set(), -1.0
+        for size in sorted(sizes):
+            drafting = forced + ranked[:size]
+            seconds = 1.0 / self.draft_cost(len(drafting)) if drafting else 0.0
+            value = expected_throughput(est[drafting], cost, draft_seconds=seconds,
+                                        other_rows=len(reqs) - len(drafting))
+            if value > best_value:
+                best, best_value = set(ranked[:size]), value
+        return best
 
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""
