@@ -114,6 +114,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=POLICIES,
                    help="how many draft tokens to verify: ar (no drafting), fixed (all), "
                         "threshold (confidence), prefix (DSpark Alg. 1; the default with a draft)")
+    p.add_argument("--draft-vocab", type=_int_at_least(0), default=0, metavar="N",
+                   help="draft only the N tokens the target writes most often (needs the "
+                        "draft's draft_vocab.json; default 0: the full vocabulary)")
     _add_run_options(p, max_tokens=48, temperature=0.8, prompts_required=False)
 
 
@@ -315,7 +318,8 @@ def _run_engine(args) -> int:
     target, draft = _model_dirs(args)
     prompts = _prompts(args, BUILTIN_PROMPTS)
     policy = args.policy or ("prefix" if draft else "ar")
-    engine = _load_engine(args, target, draft, policy=policy, profile_sps=policy == "prefix")
+    engine = _load_engine(args, target, draft, policy=policy, profile_sps=policy == "prefix",
+                          draft_vocab_size=args.draft_vocab if draft else 0)
     setup = {"target": target, "draft": draft, "policy": policy, "gamma": engine.gamma,
              "device": args.device, "dtype": str(engine.dtype).removeprefix("torch."),
              "max_tokens": args.max_tokens, "temperature": args.temperature}

@@ -59,6 +59,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="N", help="worker name, unique in the cluster (default: host-device)")
     p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
                    help="most tokens in one verify forward (default 512)")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="draft only the N tokens the target writes most often (needs the "
+                        "draft's draft_vocab.json; default 0: the full vocabulary)")
     p.add_argument("--emulate-slowdown", type=float, default=1.0, metavar="F",
                    help="benchmarks only: make every engine step F times slower (default 1)")
     p.add_argument("--foreground", action="store_true",
@@ -79,7 +82,8 @@ def options_from_args(args, check_model_dir, sps_cache_dir: str | None) -> Launc
         name=args.name or default_name(args.device), target=args.target, draft=args.draft,
         gpu_type=args.gpu_type or device_name, device=args.device, dtype=args.dtype,
         price_per_hour=args.price_per_hour, max_batch_tokens=args.max_batch_tokens,
-        emulate_slowdown=args.emulate_slowdown, sps_cache_dir=sps_cache_dir)
+        draft_vocab_size=args.draft_vocab, emulate_slowdown=args.emulate_slowdown,
+        sps_cache_dir=sps_cache_dir)
     if not args.ready_timeout > 0:
         raise LaunchError(f"--ready-timeout: expected seconds > 0, got {args.ready_timeout}")
     return LaunchOptions(args.ray_address, config, args.foreground, args.ready_timeout,

@@ -37,7 +37,8 @@ def build_engine(config: WorkerConfig):
                                  max_batch_tokens=config.max_batch_tokens,
                                  max_num_seqs=min(64, config.max_batch_tokens),
                                  profile_sps=config.draft is not None,
-                                 sps_cache_dir=config.sps_cache_dir)
+                                 sps_cache_dir=config.sps_cache_dir,
+                                 draft_vocab_size=config.draft_vocab_size)
     engine = LLMEngine.from_pretrained(config.target, config.draft, engine_config)
     if engine.sps is not None and config.emulate_slowdown > 1:
         # An emulated slower device is slower in everything it reports, its profile included

@@ -34,6 +34,9 @@ class WorkerConfig:
     """What the operator charges for this device, USD per hour."""
     max_batch_tokens: int = 512
     """Most verify tokens per target forward (the engine's `max_batch_tokens`)."""
+    draft_vocab_size: int = 0
+    """Draft only the N tokens the target writes most often (the engine's `draft_vocab_size`;
+    needs the draft's `draft_vocab.json`); 0 = the full vocabulary."""
     emulate_slowdown: float = 1.0
     """Benchmarks only: every step takes this many times as long (the extra time is slept),
     so that one machine can host workers of honestly different speeds."""
@@ -58,6 +61,9 @@ class WorkerConfig:
                              f"{self.emulate_slowdown!r}")
         if not (isinstance(self.max_batch_tokens, int) and self.max_batch_tokens >= 1):
             raise ValueError(f"max_batch_tokens: expected an integer >= 1, got {self.max_batch_tokens!r}")
+        if not (isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 0):
+            raise ValueError(f"draft_vocab_size: expected an integer >= 0 (0: the full "
+                             f"vocabulary), got {self.draft_vocab_size!r}")
 
     @property
     def policy(self) -> str:

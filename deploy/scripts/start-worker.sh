@@ -18,6 +18,7 @@
 #   SPARKGRID_TARGET            target model directory (Qwen3/Llama) [the shipped pair's]
 #   SPARKGRID_DRAFT             its DSpark draft directory [the shipped pair's]
 #   SPARKGRID_MAX_BATCH_TOKENS  most tokens in one verify forward [sparkgrid's default, 512]
+#   SPARKGRID_DRAFT_VOCAB       draft only the N most frequent tokens [0: the full vocabulary]
 #   SPARKGRID_WORKER_EXTRA_ARGS more `sparkgrid worker` options, space-separated []
 #   SPARKGRID_NODE_IP           this node's private address (Ray's --node-ip-address) [Ray's
 #                               guess: the address it reaches the head from]
@@ -43,6 +44,7 @@ name=${SPARKGRID_WORKER_NAME:-}
 target=${SPARKGRID_TARGET:-}
 draft=${SPARKGRID_DRAFT:-}
 max_batch_tokens=${SPARKGRID_MAX_BATCH_TOKENS:-}
+draft_vocab=${SPARKGRID_DRAFT_VOCAB:-}
 node_ip=${SPARKGRID_NODE_IP:-}
 ray_metrics_port=${SPARKGRID_RAY_METRICS_PORT:-8080}
 ray_wait_s=${SPARKGRID_RAY_WAIT_S:-60}
@@ -73,6 +75,9 @@ fi
 [[ $price =~ ^[0-9]+([.][0-9]+)?$ ]] || sg_die "SPARKGRID_PRICE_PER_HOUR: expected USD per hour such as 0.45, got '$price'"
 if [[ -n $name && ! $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]]; then
     sg_die "SPARKGRID_WORKER_NAME: expected up to 63 of A-Z a-z 0-9 . _ -, got '$name'"
+fi
+if [[ -n $draft_vocab ]]; then
+    sg_require_uint SPARKGRID_DRAFT_VOCAB "$draft_vocab"
 fi
 if [[ -n $max_batch_tokens ]]; then
     sg_require_uint SPARKGRID_MAX_BATCH_TOKENS "$max_batch_tokens"
@@ -132,6 +137,7 @@ worker_cmd=(sparkgrid worker --ray-address "$head" --target "$target" --draft "$
 sg_add_opt worker_cmd --gpu-type "$gpu_type"
 sg_add_opt worker_cmd --name "$name"
 sg_add_opt worker_cmd --max-batch-tokens "$max_batch_tokens"
+sg_add_opt worker_cmd --draft-vocab "$draft_vocab"
 sg_add_words worker_cmd "${SPARKGRID_WORKER_EXTRA_ARGS:-}"
 sg_log "starting the worker: ${worker_cmd[*]}"
 "${worker_cmd[@]}" &

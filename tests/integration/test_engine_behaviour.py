@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.draft_vocab import DraftVocab
 from worker.engine.engine import LLMEngine
 from worker.engine.kv_cache import CacheBudgetError
 from worker.engine.prefix_scheduler import SPSTable
@@ -232,3 +234,76 @@ def test_greedy_drafting_requests_and_a_sampled_one_share_a_step(structured_pair
     assert [got[i] for i in ids[:2]] == [w["token_ids"] for w in want_greedy]
     assert got[ids[2]] == want_sampled[0]["token_ids"]
     assert engine.counters.draft_tokens_accepted > 0
+
+
+KEPT = 20  # of the structured pair's 32 tokens
+
+
+def _ranking() -> list[int]:
+    """A fixed permutation of the 32 ids, so the kept ones are not simply the lowest."""
+    return torch.randperm(32, generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def test_a_full_size_draft_vocabulary_changes_nothing(structured_pairs):
+    _, draft, _, _ = structured_pairs("qwen3", "gated")
+    h = torch.randn(3, draft.gamma, draft.config.hidden_size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    anchors = torch.tensor([0, 5, 9])
+
+    def sample_fn(k, logits):
+        probs = torch.softmax(logits, dim=-1)
+        return probs.argmax(dim=-1), probs
+
+    want = draft.draft_block(h, anchors, sample_fn)
+    got = draft.draft_block(h, anchors, sample_fn, DraftVocab.build(draft, _ranking(), 32))
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1]) and torch.allclose(got[2], want[2])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_reduced_draft_vocabulary_proposes_only_kept_tokens_and_stays_lossless(
+        structured_pairs, tmp_path, temperature):
+    pair = structured_pairs("qwen3", "vanilla")
+    target, draft, tok, _ = pair
+    params = SamplingParams(temperature=temperature, seed=4, max_tokens=40, ignore_eos=True)
+    prompts = [list(range(i, i + 5)) for i in range(4)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
+    engine = LLMEngine(EngineConfig(dtype="float64", policy="fixed", profile_sps=False,
+                                    draft_vocab_size=KEPT), target, tok, draft,
+                       draft_ranking=_ranking())
+    proposed = []
+    original = draft.draft_block
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        proposed.append(out)
+        return out
+
+    draft.draft_block = spy
+    try:
+        got = engine.generate(prompts, params)
+    finally:
+        del draft.draft_block  # the shared pair's drafter gets its method back
+    kept = set(_ranking()[:KEPT])
+    assert proposed and all(set(ids.flatten().tolist()) <= kept for ids, _, _ in proposed)
+    if temperature == 0:
+        assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    else:  # q: a distribution over the kept tokens only, as sampled from
+        for _, probs, _ in proposed:
+            outside = torch.ones(32, dtype=torch.bool)
+            outside[list(kept)] = False
+            assert float(probs[..., outside].abs().max()) == 0.0
+            assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2], dtype=probs.dtype))
+    assert 0 < engine.counters.draft_tokens_accepted < engine.counters.draft_tokens_verified
+
+
+def test_a_reduced_draft_vocabulary_needs_the_drafts_ranking(structured_pairs):
+    target, draft, tok, _ = structured_pairs("qwen3", "vanilla")
+    with pytest.raises(ValueError, match="draft_vocab_size: .*ranking"):
+        LLMEngine(EngineConfig(dtype="float64", policy="fixed", profile_sps=False,
+                               draft_vocab_size=8), target, tok, draft)
+    with pytest.raises(ValueError, match=r"draft_vocab_size: expected 0 .* \[1, 32\]"):
+        LLMEngine(EngineConfig(dtype="float64", policy="fixed", profile_sps=False,
+                               draft_vocab_size=33), target, tok, draft, draft_ranking=_ranking())
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        EngineConfig(draft_vocab_size=-1)

@@ -126,7 +126,8 @@ def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_ser
                  "target/tokenizer.json", f"target/{SUMMARY_NAME}", "target_train/log.jsonl",
                  "dspark/config.json", "dspark/model.safetensors", "dspark/sts.json",
                  "dflash/config.json", "dflash/model.safetensors", "package/pair.json",
-                 "package/target/tokenizer.json", "package/dflash/model.safetensors"):
+                 "package/target/tokenizer.json", "package/dflash/model.safetensors",
+                 "package/dspark/draft_vocab.json", "package/dflash/draft_vocab.json"):
         assert (out / path).exists(), path
     model = AutoModelForCausalLM.from_pretrained(out / "target")
     assert model.config.model_type == "qwen3"
@@ -140,6 +141,10 @@ def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_ser
                                          EngineConfig(policy="fixed", profile_sps=False))
     assert packaged.sts == spec.sts  # float16 copies of all three models, STS included
     assert len(packaged.generate(["def main():\n"], SamplingParams(max_tokens=8))[0]["token_ids"]) >= 1
+    reduced = LLMEngine.from_pretrained(  # the shipped ranking serves a reduced draft vocabulary
+        str(out / "package" / "target"), str(out / "package" / "dspark"),
+        EngineConfig(policy="fixed", profile_sps=False, draft_vocab_size=64))
+    assert reduced.draft_vocab.token_ids.numel() == 64
     assert spec.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16,
                                                            ignore_eos=True))[0]["token_ids"] == result["token_ids"]
 

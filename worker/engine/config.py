@@ -110,6 +110,9 @@ class EngineConfig:
     """Keep (raw confidence logits, acceptance) of every drafted block, to fit STS from."""
     extra_eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     """End-of-sequence ids besides the model's own."""
+    draft_vocab_size: int = 0
+    """Draft only the N tokens the target writes most often (`draft_vocab`; needs the draft's
+    `draft_vocab.json` ranking); 0 = the full vocabulary."""
 
     def __post_init__(self):
         try:
@@ -126,6 +129,9 @@ class EngineConfig:
                      "sps_context_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        _require(isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 0,
+                 "draft_vocab_size", "an integer >= 0 (0: the full vocabulary)",
+                 self.draft_vocab_size)
         _require(self.max_batch_tokens >= self.max_num_seqs, "max_batch_tokens",
                  f">= max_num_seqs ({self.max_num_seqs})", self.max_batch_tokens)
 

@@ -24,6 +24,7 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from worker.engine.draft_config import DraftCheckpointError, DraftConfig, check_fits_target
+from worker.engine.draft_vocab import DraftVocab
 from worker.engine.markov import MARKOV_HEADS, ConfidenceHead
 from worker.engine.model_runner import sdpa
 
@@ -209,7 +210,8 @@ class DSparkDraft(nn.Module):
             x = layer(x, cos, sin, k, v, mask)
         return self.norm(x)
 
-    def draft_block(self, h: torch.Tensor, anchor_ids: torch.Tensor, sample_fn: SampleFn):
+    def draft_block(self, h: torch.Tensor, anchor_ids: torch.Tensor, sample_fn: SampleFn,
+                    vocab: DraftVocab | None = None):
         """The sequential stage (DSPARK.md 1.3-1.4): for k = 1..gamma,
         ``logits_k = U_k + B(x_{k-1})`` with ``x_0`` the anchor, ``x_k, p_k = sample_fn(k,
         logits_k)``, and the raw confidence logit of position k from ``[h_k ; W1[x_{k-1}]]``.
@@ -217,19 +219,29 @@ class DSparkDraft(nn.Module):
         h [R, G, d], anchor_ids [R] -> draft_ids [R, G], draft_probs [R, G, V] (the exact
         distributions sampled from, kept for rejection sampling; None when `sample_fn` gives
         none, as for greedy rows), conf_logits [R, G] or None.
+
+        With a `vocab` (`DraftVocab`, N kept tokens) the logits span those N only: `sample_fn`
+        sees [R, N] and returns indices into them, which come back as token ids, and each
+        distribution comes back over all V with zeros outside the N.
         """
-        base_logits = self.lm_head(h)  # [R, G, V]: U_1..U_G
+        base_logits = F.linear(h, self.lm_head.weight if vocab is None else vocab.lm_head)
         prev_ids = anchor_ids  # x_0
         state = self.markov_head.init_state(h.shape[0]) if self.markov_head is not None else None
+        w2 = vocab.markov_w2 if vocab is not None else None
         ids, probs, confs = [], [], []
         for k in range(h.shape[1]):
-            logits_k, prev_embed = base_logits[:, k], None  # [R, V]
+            logits_k, prev_embed = base_logits[:, k], None  # [R, V] (or [R, N])
             if self.markov_head is not None:
-                bias, prev_embed, state = self.markov_head.step(h[:, k], prev_ids, state)
+                bias, prev_embed, state = self.markov_head.step(h[:, k], prev_ids, state, w2)
                 logits_k = logits_k + bias
             if self.confidence_head is not None:
                 confs.append(self.confidence_head(h[:, k], prev_embed))  # [R]
             prev_ids, p_k = sample_fn(k + 1, logits_k)
+            if vocab is not None:
+                prev_ids = vocab.token_ids[prev_ids]
+                if p_k is not None:
+                    full = p_k.new_zeros(p_k.shape[0], self.lm_head.weight.shape[0])
+                    p_k = full.index_copy_(1, vocab.token_ids, p_k)
             ids.append(prev_ids)
             probs.append(p_k)
         conf_logits = torch.stack(confs, dim=1) if confs else None

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.draft_vocab import RANKING_NAME, DraftVocab, load_ranking
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
@@ -53,12 +54,15 @@ class LLMEngine:
     """Serves requests on one target (and optionally one DSpark drafter) on one device."""
 
     def __init__(self, config: EngineConfig, target, tokenizer, draft: DSparkDraft | None = None,
-                 sts_temperatures: list[float] | None = None):
+                 sts_temperatures: list[float] | None = None,
+                 draft_ranking: list[int] | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.draft = draft
         self.shared_with_target = share_frozen_copies(draft, target) if draft is not None else []
         """The drafter's tensors that now point at the target's (equal frozen copies)."""
+        self.draft_vocab = self._draft_vocab(draft, draft_ranking, config.draft_vocab_size)
+        """The tokens a draft pass may propose (`DraftVocab`); None: the whole vocabulary."""
         self.gamma = draft.gamma if draft is not None else 0
         self.sts = sts_temperatures
         self.device, self.dtype = config.torch_device, config.torch_dtype
@@ -102,7 +106,8 @@ class LLMEngine:
                 ident={"device": device_name(self.device), "torch": torch.__version__,
                        "dtype": str(self.dtype), "ctx_len": config.sps_context_len,
                        "target": tcfg.to_json_string(use_diff=False),
-                       "draft": repr(draft.config)})
+                       "draft": repr(draft.config),
+                       "draft_vocab_size": config.draft_vocab_size})
         self.gate = DraftGate(self.gamma, self.sts, draft_cost)
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
 
@@ -113,12 +118,14 @@ class LLMEngine:
         config = config or EngineConfig()
         model = load_target(target, device=config.torch_device, dtype=config.torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(target)
-        drafter, sts = None, None
+        drafter, sts, ranking = None, None, None
         if draft is not None:
             drafter = DSparkDraft.from_pretrained(draft, model.config, device=config.torch_device,
                                                   dtype=config.torch_dtype)
-            sts = load_sts(draft) if Path(draft).is_dir() else None
-        return cls(config, model, tokenizer, drafter, sts)
+            if Path(draft).is_dir():
+                sts = load_sts(draft)
+                ranking = load_ranking(draft, drafter.config.vocab_size)
+        return cls(config, model, tokenizer, drafter, sts, ranking)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -307,7 +314,7 @@ class LLMEngine:
             probs = warp_probs(logits, temps, top_k, top_p)
             return sample(probs, uniforms[:, k - 1]), probs
 
-        ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn)
+        ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn, self.draft_vocab)
         for r in reqs:
             r.stats.draft_tokens_proposed += self.gamma
         return DraftProposal(ids, probs, conf_logits)
@@ -449,6 +456,16 @@ class LLMEngine:
         alloc = BlockAllocator(-(-budget // bs), bs, name)
         return PagedKV(alloc, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                        device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def _draft_vocab(draft, ranking: list[int] | None, size: int) -> DraftVocab | None:
+        if not size or draft is None:
+            return None
+        if ranking is None:
+            raise ValueError("draft_vocab_size: a reduced draft vocabulary needs the draft's "
+                             f"token ranking ({RANKING_NAME} beside its weights); this draft "
+                             "has none (use 0, the full vocabulary)")
+        return DraftVocab.build(draft, ranking, size)
 
     @staticmethod
     def _eos_ids(target, tokenizer, config: EngineConfig) -> frozenset[int]:

@@ -12,6 +12,7 @@ engine's sampler), temperature scaling of confidence (STS lives with the prefix 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,11 +29,16 @@ class MarkovHead(nn.Module):
         """The recurrent state before step 1; the vanilla and gated heads keep none."""
         return None
 
-    def step(self, h_k: torch.Tensor, prev_ids: torch.Tensor, state: torch.Tensor | None):
+    def step(self, h_k: torch.Tensor, prev_ids: torch.Tensor, state: torch.Tensor | None,
+             w2: torch.Tensor | None = None):
         """One step: ``h_k`` [R, d], ``prev_ids`` [R] (``x_{k-1}``) ->
-        (bias [R, V], prev_embed ``W1[x_{k-1}]`` [R, r], new state)."""
+        (bias [R, V], prev_embed ``W1[x_{k-1}]`` [R, r], new state). ``w2`` [N, r]: rows of
+        W2 to project onto instead of all V (a reduced draft vocabulary; bias [R, N])."""
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
-        return self.markov_w2(prev_embed), prev_embed, state
+        return self._bias(prev_embed, w2), prev_embed, state
+
+    def _bias(self, x: torch.Tensor, w2: torch.Tensor | None) -> torch.Tensor:
+        return self.markov_w2(x) if w2 is None else F.linear(x, w2)
 
 
 class GatedMarkovHead(MarkovHead):
@@ -42,10 +48,10 @@ class GatedMarkovHead(MarkovHead):
         super().__init__(vocab_size, hidden_size, rank)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)  # weight r x (d + r), bias r
 
-    def step(self, h_k, prev_ids, state):
+    def step(self, h_k, prev_ids, state, w2=None):
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
         gate = torch.sigmoid(self.gate_proj(torch.cat([h_k, prev_embed], dim=-1)))  # [R, r]
-        return self.markov_w2(gate * prev_embed), prev_embed, state
+        return self._bias(gate * prev_embed, w2), prev_embed, state
 
 
 class RnnMarkovHead(MarkovHead):
@@ -64,13 +70,13 @@ class RnnMarkovHead(MarkovHead):
         w = self.markov_w1.weight
         return torch.zeros(num_rows, self.rank, device=w.device, dtype=w.dtype)  # [R, r]
 
-    def step(self, h_k, prev_ids, state):
+    def step(self, h_k, prev_ids, state, w2=None):
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
         z = self.joint_proj(torch.cat([state, prev_embed, h_k], dim=-1))  # [R, 3r]
         gate, candidate, output = z.split(self.rank, dim=-1)
         gate = torch.sigmoid(gate)
         new_state = (1 - gate) * state + gate * torch.tanh(candidate)  # [R, r]
-        return self.markov_w2(torch.tanh(output)), prev_embed, new_state
+        return self._bias(torch.tanh(output), w2), prev_embed, new_state
 
 
 MARKOV_HEADS = {"vanilla": MarkovHead, "gated": GatedMarkovHead, "rnn": RnnMarkovHead}

@@ -204,6 +204,14 @@ class DraftDataset:
     def __len__(self) -> int:
         return len(self._where)
 
+    def answer_token_counts(self, vocab_size: int) -> torch.Tensor:
+        """[V] how often the target wrote each token in its answers (the loss-masked part)."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for shard in self._shards:
+            counts += torch.bincount(shard["input_ids"][shard["loss_mask"]].long(),
+                                     minlength=vocab_size)
+        return counts
+
     def check_fits(self, target_config) -> None:
         """Refuse a target other than the one the data was recorded from (by shape)."""
         expected = self.manifest["target"]

@@ -8,6 +8,7 @@ one directory of its own, complete or not at all, so `build_pair` can skip or re
     DIR/dflash/        the DFlash-style baseline (markov_rank = 0), same depth, data and steps
     DIR/*_train/       their checkpoints and training logs
     DIR/dspark/sts.json  confidence temperatures fitted on held-out prefixes
+    DIR/*/draft_vocab.json  tokens ranked by how often the target wrote them (`draft_vocab`)
 
 Knows: which prompts each stage uses and the order of things. Does not know: how data is made
 or drafters are trained (`draft_data`, `draft_train`) or how STS is fitted (`calibration`).
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field, replace
 from worker.engine.calibration import calibrate_sts
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.draft_checkpoint import default_target_layer_ids
+from worker.engine.draft_vocab import save_ranking
 from worker.engine.engine import LLMEngine
-from worker.training.draft_data import MANIFEST_NAME, DraftDataConfig, build_draft_data
+from worker.training.draft_data import (MANIFEST_NAME, DraftDataConfig, DraftDataset,
+                                        build_draft_data)
 from worker.training.draft_train import (SUMMARY_NAME, DraftTrainConfig, dflash_variant,
                                          train_draft)
 
@@ -36,7 +39,7 @@ class DraftPipelineConfig:
     """Train-split prefixes the target answers for the drafter's data."""
     prompt_tokens: int = 128
     """Tokens per prefix (cut at a line start)."""
-    greedy_prompts: int = 1536
+    greedy_prompts: int = 3072
     """Further train-split prefixes (other ones) answered greedily: sampled answers alone leave
     the greedy path, where a small target falls into repetition loops, out of the drafter's
     data (measured: T = 0 tau 2.8 against 3.2 at T = 1 without them). 0: none."""
@@ -112,9 +115,18 @@ def _train(ctx, name: str, config: DraftTrainConfig) -> dict:
     mask_id = ctx.tokenizer.mask_token_id
     if config.mask_token_id is None:
         config = replace(config, mask_token_id=mask_id)
+    vocab_size = json.loads((ctx.out / "target" / "config.json").read_text())["vocab_size"]
+    write_token_ranking(_data_dirs(ctx), ctx.out / name, vocab_size)
     summary = train_draft(ctx.out / "target", _data_dirs(ctx), ctx.out / name,
                           ctx.out / f"{name}_train", config)
     return {k: v for k, v in summary.items() if k != "train_config"}
+
+
+def write_token_ranking(data_dirs, out_dir, vocab_size: int) -> None:
+    """The drafter's `draft_vocab.json`: tokens by how often the target wrote them in the
+    answers it trains on (for serving with a reduced draft vocabulary)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_ranking(DraftDataset(data_dirs).answer_token_counts(vocab_size), out_dir)
 
 
 def run_dspark(ctx) -> dict:

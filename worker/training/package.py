@@ -20,8 +20,8 @@ MARKER = "pair.json"
 KEEP = {
     "target": ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "training.json"),
-    "dspark": ("config.json", "sts.json", "training.json"),
-    "dflash": ("config.json", "training.json"),
+    "dspark": ("config.json", "sts.json", "training.json", "draft_vocab.json"),
+    "dflash": ("config.json", "training.json", "draft_vocab.json"),
 }
 
 
