@@ -33,6 +33,7 @@ import torch
 from transformers import AutoTokenizer
 
 from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.draft_vocab import load_ranking
 from worker.engine.drafter import DSparkDraft
 from worker.engine.engine import LLMEngine
 from worker.engine.model_runner import load_target
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1; 0 keeps torch's default)")
     p.add_argument("--out", default="bench/results/acceptance.json", help="JSON output file")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="draft only the N most frequent tokens (the drafters' draft_vocab.json; "
+                        "default 0: the full vocabulary)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 prompts, 32 tokens")
     args = p.parse_args(argv)
     if args.quick:
@@ -66,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_prompts", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    if args.draft_vocab < 0:
+        p.error("--draft-vocab: expected an integer >= 0 (0: the full vocabulary)")
     missing = [n for n in ("target", *DRAFTERS)
                if not (Path(args.pair) / n / "config.json").is_file()]
     if missing:
@@ -159,13 +165,17 @@ def make_engine(args, target, tokenizer, name: str) -> LLMEngine:
     num_seqs = args.num_prompts
     config = EngineConfig(device=args.device, policy="fixed", profile_sps=False,
                           record_confidence=True, max_num_seqs=num_seqs,
-                          max_batch_tokens=num_seqs * (draft.gamma + 1))
-    return LLMEngine(config, target, tokenizer, draft, load_sts(draft_dir))
+                          max_batch_tokens=num_seqs * (draft.gamma + 1),
+                          draft_vocab_size=args.draft_vocab)
+    return LLMEngine(config, target, tokenizer, draft, load_sts(draft_dir),
+                     load_ranking(draft_dir, draft.config.vocab_size))
 
 
 def describe(engine: LLMEngine) -> dict:
     c = engine.draft.config
+    vocab = engine.draft_vocab
     return {"params": num_params(engine.draft), "gamma": engine.gamma,
+            "draft_vocab_size": c.vocab_size if vocab is None else vocab.token_ids.numel(),
             "num_layers": c.num_hidden_layers, "markov_rank": c.markov_rank,
             "markov_head_type": c.markov_head_type, "confidence_head": c.enable_confidence_head,
             "sts_temperatures": engine.sts}

@@ -37,6 +37,7 @@ from transformers import AutoTokenizer
 from worker import tiny
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.draft_checkpoint import random_dspark_checkpoint
+from worker.engine.draft_vocab import load_ranking
 from worker.engine.drafter import DSparkDraft
 from worker.engine.engine import LLMEngine
 from worker.engine.model_runner import load_target
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=16,
                    help="prompts of the transformers comparison (all served at once by the engine)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per arm (median)")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="draft only the N most frequent tokens (needs the draft's "
+                        "draft_vocab.json; default 0: the full vocabulary)")
     p.add_argument("--waves", type=int, default=3,
                    help="at concurrency c > 1, serve c x WAVES requests (default 3)")
     p.add_argument("--threads", type=int, default=1,
@@ -93,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_tokens", "num_prompts", "repeats", "waves"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    if args.draft_vocab < 0:
+        p.error("--draft-vocab: expected an integer >= 0 (0: the full vocabulary)")
     if min(args.concurrency) < 1:
         p.error("--concurrency: every value must be >= 1")
     for name in ("target", "draft"):
@@ -219,9 +225,10 @@ def _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> di
 
 # -- the run ------------------------------------------------------------------------------
 def plan(args) -> list[tuple[str, int, int]]:
-    """(policy, concurrency, num_requests) of every engine arm (`policy_arms`), plus `ar`
-    serving all prompts in one wave, for the comparison with transformers."""
-    return sorted(set(policy_arms(args)) | {("ar", args.num_prompts, args.num_prompts)})
+    """(policy, concurrency, num_requests) of every engine arm (`policy_arms`), plus `ar` one
+    request at a time and all prompts in one wave, for the comparison with transformers."""
+    return sorted(set(policy_arms(args)) | {("ar", 1, single_requests(args)),
+                                            ("ar", args.num_prompts, args.num_prompts)})
 
 
 def policy_arms(args) -> list[tuple[str, int, int]]:
@@ -374,13 +381,15 @@ def load_models(args, work: Path):
     # keep it out of the shared cache.
     sps_dir = str(work / "sps") if args.target is None else None
     config = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64,
-                          max_batch_tokens=256, sps_cache_dir=sps_dir)
+                          max_batch_tokens=256, sps_cache_dir=sps_dir,
+                          draft_vocab_size=args.draft_vocab)
     target_dir, draft_dir = build_models(args, work)
     model = load_target(target_dir, device=config.torch_device, dtype=config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     draft = DSparkDraft.from_pretrained(draft_dir, model.config, device=config.torch_device,
                                         dtype=config.torch_dtype)
-    engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir))
+    engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir),
+                       load_ranking(draft_dir, draft.config.vocab_size))
     return config, model, tokenizer, draft, engine
 
 
@@ -394,7 +403,8 @@ def describe_models(args, model, draft, engine) -> dict:
         "draft": {"source": Path(args.draft).name if args.draft else "random dspark",
                   "params": num_params(draft), "gamma": draft.gamma,
                   "num_layers": dcfg.num_hidden_layers, "markov_rank": dcfg.markov_rank,
-                  "markov_head_type": dcfg.markov_head_type, "sts": engine.sts is not None},
+                  "markov_head_type": dcfg.markov_head_type, "sts": engine.sts is not None,
+                  "draft_vocab_size": args.draft_vocab or dcfg.vocab_size},
     }
 
 
