@@ -10,9 +10,9 @@ Figure 7). Measures, on one target (and draft):
    per-request speed, accepted length, verify tokens per step.
 
 Every arm decodes greedily exactly `--max-tokens` tokens per request from the same prompts
-(cycled); a closed loop keeps c requests in flight, for c x `--waves` requests at c > 1 (steady
-state, as a server with a queue) and 8 one after another at c = 1. Arms are interleaved within
-each repeat so machine noise hits them alike, and medians are reported.
+(cycled); a closed loop keeps c requests in flight, for max(prompts, c x `--waves`) requests
+(steady state, as a server with a queue). Arms are interleaved within each repeat so machine
+noise hits them alike, and medians are reported.
 Without `--target`/`--draft` it builds a tiny random Qwen3 target and a random DSpark draft:
 their acceptance is near zero, so speculation costs here rather than pays.
 
@@ -232,11 +232,12 @@ def plan(args) -> list[tuple[str, int, int]]:
 
 
 def policy_arms(args) -> list[tuple[str, int, int]]:
-    """At concurrency c > 1 the closed loop serves c x `--waves` requests, so that most steps
-    run at c in flight: in a single wave the batch thins out as requests finish, which a
-    speculative policy (whose requests finish at different steps) suffers and `ar` (all in
-    lockstep) does not, while a server with a queue never sees that tail."""
-    return [(p, c, single_requests(args) if c == 1 else c * args.waves)
+    """Every arm serves each prompt at least once, and at concurrency c at least c x `--waves`
+    requests, so that most steps run at c in flight: in a single wave the batch thins out as
+    requests finish, which a speculative policy (whose requests finish at different steps)
+    suffers and `ar` (all in lockstep) does not, while a server with a queue never sees that
+    tail."""
+    return [(p, c, max(args.num_prompts, c * args.waves))
             for p in POLICIES for c in args.concurrency]
 
 
@@ -245,8 +246,8 @@ def cycle(prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 def single_requests(args) -> int:
-    """Requests served one at a time at concurrency 1 (the slowest arm, so kept few)."""
-    return min(args.num_prompts, 2 if args.quick else 8)
+    """Requests of the `ar` arm compared with transformers one request at a time (kept few)."""
+    return min(args.num_prompts, 2 if args.quick else 3)
 
 
 def warm_up(model, engine, prompts, pad_id) -> None:

@@ -69,7 +69,8 @@ def test_malformed_ray_address(capsys, models):
 
 @pytest.mark.parametrize("option, value, field", [("--name", "my worker!", "name"),
                                                    ("--price-per-hour", "-2", "price_per_hour"),
-                                                   ("--emulate-slowdown", "0.5", "emulate_slowdown")])
+                                                   ("--emulate-slowdown", "0.5", "emulate_slowdown"),
+                                                   ("--draft-vocab", "-1", "draft_vocab_size")])
 def test_bad_values_name_the_field(capsys, models, option, value, field):
     err = _error(capsys, ["worker", "--ray-address", "auto", *models, option, value])
     assert field in err
