@@ -48,8 +48,9 @@ SUMMARY_NAME = "training.json"
 class DraftTrainConfig:
     """The drafter and how it is trained. Fields above `log_every` shape the result."""
 
-    num_layers: int = 1
-    """Draft decoder layers."""
+    num_layers: int = 2
+    """Draft decoder layers (two: held-out T = 0 tau 4.11 against 3.81 with one, on the same
+    data and steps)."""
     markov_rank: int = 256
     """Rank r of the Markov head; 0 = no head (the DFlash baseline)."""
     markov_head_type: str = "vanilla"

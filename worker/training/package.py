@@ -9,6 +9,7 @@ Knows: which files make up the pair. Does not know: how any of it was trained.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -59,6 +60,11 @@ def is_packaged(src: Path, dst: Path) -> bool:
 
 
 def _source_id(src: Path) -> dict:
-    """The training summaries of the pair's three models: they change whenever one is retrained."""
-    return {part: json.loads((src / part / "training.json").read_text())
-            for part in KEEP if (src / part / "training.json").exists()}
+    """The training summaries of the pair's three models (they change whenever one is
+    retrained) and a digest of every other file kept from them (STS refitted, say)."""
+    ident = {part: json.loads((src / part / "training.json").read_text())
+             for part in KEEP if (src / part / "training.json").exists()}
+    digests = {f"{part}/{name}": hashlib.sha256((src / part / name).read_bytes()).hexdigest()[:16]
+               for part, names in KEEP.items() for name in names
+               if name != "training.json" and (src / part / name).exists()}
+    return {**ident, "files": digests}
