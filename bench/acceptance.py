@@ -54,7 +54,8 @@ PREFIX_TOKENS = 128
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", required=True, help="a build_pair output directory")
-    p.add_argument("--num-prompts", type=int, default=64, help="prompts per set")
+    p.add_argument("--num-prompts", type=int, default=128,
+                   help="prompts per set (default 128: ECE is biased upward on few blocks)")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens per request")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=1,
