@@ -32,9 +32,9 @@ fi
 status=0
 timeout 150 .venv/bin/python -m pytest -q tests/integration/test_lossless.py tests/integration/test_engine_behaviour.py::test_engine_serves_in_bfloat16_on_the_chosen_device --device cuda || status=1
 mkdir -p bench/results
-timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 --out bench/results/gpu_engine.json || status=1
+timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 --waves 2 --out bench/results/gpu_engine.json || status=1
 # the shipped pair: the policies side by side at concurrency 1, 4 and 16 (issue 3's figures)
-timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 \
+timeout 150 .venv/bin/python bench/engine.py --device cuda --dtype bfloat16 --repeats 2 --waves 2 \
     --target worker/models/stdlib-pair/target --draft worker/models/stdlib-pair/dspark \
     --out bench/results/gpu_engine_pair.json || status=1
 exit "$status"
