@@ -109,17 +109,11 @@ class SPSTable:
 
     @classmethod
     def from_json(cls, text: str) -> "SPSTable":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"SPSTable JSON is not valid JSON: {err}") from None
         fields = ("batch_tokens", "steps_per_second")
-        if (not isinstance(data, dict) or set(data) != set(fields)
-                or not all(isinstance(data[f], list) for f in fields)):
-            raise ValueError(
-                "SPSTable JSON must be an object with exactly the lists 'batch_tokens' and "
-                f"'steps_per_second'; got {text[:200]!r}"
-            )
+        data = _json_object(text, "SPSTable", fields)
+        if not all(isinstance(data[f], list) for f in fields):
+            raise ValueError(f"SPSTable JSON: {' and '.join(map(repr, fields))} must be lists; "
+                             f"got {text[:200]!r}")
         return cls(data["batch_tokens"], data["steps_per_second"])
 
 
@@ -170,15 +164,21 @@ class RowCostTable:
 
     @classmethod
     def from_json(cls, text: str) -> "RowCostTable":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"RowCostTable JSON is not valid JSON: {err}") from None
-        fields = {"rows", "plain_seconds", "full_seconds", "gamma"}
-        if not isinstance(data, dict) or set(data) != fields:
-            raise ValueError(f"RowCostTable JSON must be an object with exactly {sorted(fields)}; "
-                             f"got {text[:200]!r}")
+        data = _json_object(text, "RowCostTable", ("rows", "plain_seconds", "full_seconds",
+                                                   "gamma"))
         return cls(**data)
+
+
+def _json_object(text: str, name: str, fields: tuple[str, ...]) -> dict:
+    """`text` parsed as a JSON object with exactly `fields`; a ValueError naming `name`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} JSON is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or set(data) != set(fields):
+        raise ValueError(f"{name} JSON must be an object with exactly the keys "
+                         f"{', '.join(map(repr, fields))}; got {text[:200]!r}")
+    return data
 
 
 def _interpolate(xs: list[int], ys: list[float], x: float) -> float:

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,27 +95,15 @@ def median_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
 def profile_sps(runner: TargetRunner, sizes: list[int], *, ctx_len: int, block: int,
                 repeats: int = 3) -> SPSTable:
     """Median-of-`repeats` timing of a B-token verify forward for each B in `sizes`."""
-    alloc = runner.kv.allocator
-    free_blocks = alloc.num_blocks - alloc.num_reserved_blocks
-    num_seqs = -(-sizes[-1] // block)
-    ctx_len = max(1, min(ctx_len, free_blocks * alloc.block_size // num_seqs - block
-                         - alloc.block_size))
-    # a small cache cannot hold the largest batches: profile what fits, extrapolate the rest
-    num_seqs = min(num_seqs, max(1, free_blocks // alloc.blocks_for(ctx_len + block)))
-    sizes = [s for s in sizes if s <= num_seqs * block] or [1]
-    seq_ids = [f"__sps_profile_{i}" for i in range(num_seqs)]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    try:
-        _prefill_profile_context(runner, seq_ids, ctx_len, block, gen)
+    with _profiling_sequences(runner, -(-sizes[-1] // block), ctx_len, block,
+                              "sps") as (seq_ids, ctx_len, gen):
+        # a small cache cannot hold the largest batches: profile what fits, extrapolate the rest
+        sizes = [s for s in sizes if s <= len(seq_ids) * block] or [1]
         times = [_time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen)
                  for size in sizes]
-    finally:
-        for sid in seq_ids:
-            alloc.free(sid)
     # A forward of more tokens never really runs faster; timing noise can say otherwise, and a
     # table that rewards extra tokens would make Alg. 1 verify worthless candidates.
-    monotone = torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
-    return SPSTable(batch_tokens=list(sizes), steps_per_second=(1.0 / monotone).tolist())
+    return SPSTable(batch_tokens=list(sizes), steps_per_second=(1.0 / _monotone(times)).tolist())
 
 
 def load_or_profile_rows(runner: TargetRunner, *, dtype: torch.dtype, max_rows: int,
@@ -133,38 +122,47 @@ def profile_rows(runner: TargetRunner, rows: list[int], *, ctx_len: int, gamma: 
                  repeats: int = 3) -> RowCostTable:
     """Median-of-`repeats` seconds of a forward of R sequences of `ctx_len` cached tokens, with
     1 and with 1 + gamma new tokens each, for each R in `rows` (capped by the cache)."""
-    alloc = runner.kv.allocator
     block = gamma + 1
-    free_blocks = alloc.num_blocks - alloc.num_reserved_blocks
-    ctx_len = max(1, min(ctx_len, free_blocks * alloc.block_size // rows[-1] - block
-                         - alloc.block_size))
-    num_seqs = min(rows[-1], max(1, free_blocks // alloc.blocks_for(ctx_len + block)))
-    rows = [r for r in rows if r <= num_seqs] or [1]
-    seq_ids = [f"__rows_profile_{i}" for i in range(num_seqs)]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    try:
-        _prefill_profile_context(runner, seq_ids, ctx_len, block, gen)
+    with _profiling_sequences(runner, rows[-1], ctx_len, block,
+                              "rows") as (seq_ids, ctx_len, gen):
+        rows = [r for r in rows if r <= len(seq_ids)] or [1]
         plain = [_time_forward(runner, seq_ids, r, ctx_len, 1, repeats, gen) for r in rows]
         full = [_time_forward(runner, seq_ids, r * block, ctx_len, block, repeats, gen)
                 for r in rows]
-    finally:
-        for sid in seq_ids:
-            alloc.free(sid)
     # More sequences, or more tokens on as many sequences, never really run faster.
-    plain_t = torch.cummax(torch.tensor(plain, dtype=torch.float64), 0).values
-    full_t = torch.maximum(torch.cummax(torch.tensor(full, dtype=torch.float64), 0).values,
-                           plain_t)
+    plain_t = _monotone(plain)
+    full_t = torch.maximum(_monotone(full), plain_t)
     return RowCostTable(rows=list(rows), plain_seconds=plain_t.tolist(),
                         full_seconds=full_t.tolist(), gamma=gamma)
 
 
-def _prefill_profile_context(runner, seq_ids, ctx_len, block, gen) -> None:
-    """Reserve and fill `ctx_len` tokens of random context for each profiling sequence."""
-    for sid in seq_ids:
-        runner.kv.allocator.reserve(sid, ctx_len + block)
-    for sid in seq_ids:  # one at a time: profiling must fit a small prefill budget too
-        ids = torch.randint(0, runner.vocab_size, (ctx_len,), generator=gen).to(runner.device)
-        runner.forward(ForwardBatch([sid], [0], [ctx_len], ids, ids.new_zeros(1)), False)
+@contextmanager
+def _profiling_sequences(runner, num_seqs: int, ctx_len: int, block: int, name: str):
+    """Up to `num_seqs` sequences holding random context, with room for `block` more tokens
+    each, as many and as long (at most `ctx_len`) as the cache's free blocks allow; yields
+    (sequence ids, context length, generator) and frees them after."""
+    alloc = runner.kv.allocator
+    free_blocks = alloc.num_blocks - alloc.num_reserved_blocks
+    ctx_len = max(1, min(ctx_len, free_blocks * alloc.block_size // num_seqs - block
+                         - alloc.block_size))
+    num_seqs = min(num_seqs, max(1, free_blocks // alloc.blocks_for(ctx_len + block)))
+    seq_ids = [f"__{name}_profile_{i}" for i in range(num_seqs)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        for sid in seq_ids:
+            alloc.reserve(sid, ctx_len + block)
+        for sid in seq_ids:  # one at a time: profiling must fit a small prefill budget too
+            ids = torch.randint(0, runner.vocab_size, (ctx_len,), generator=gen).to(runner.device)
+            runner.forward(ForwardBatch([sid], [0], [ctx_len], ids, ids.new_zeros(1)), False)
+        yield seq_ids, ctx_len, gen
+    finally:
+        for sid in seq_ids:
+            alloc.free(sid)
+
+
+def _monotone(times: list[float]) -> torch.Tensor:
+    """Running maximum of `times` (float64): a larger forward never really runs faster."""
+    return torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
 
 
 def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
@@ -206,7 +204,6 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
 
     def build() -> SPSTable:
         times = [time_draft(rows) for rows in sizes]
-        monotone = torch.cummax(torch.tensor(times, dtype=torch.float64), 0).values
-        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / monotone).tolist())
+        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
 
     return _cached(cache_dir, f"draft-{key}.json", build)

@@ -136,14 +136,14 @@ class DraftGate:
         forced = [k for k, r in enumerate(ids)
                   if r not in self._estimate or self._skipped[r] >= self._interval[r]]
         self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
-        optional = [k for k in range(len(ids)) if k not in set(forced)]
         chosen = set(forced)
+        optional = [k for k in range(len(ids)) if k not in chosen]
         if optional:
             chosen |= self._best_subset(reqs, spec_idx, ids, forced, optional, sps,
                                         max_batch_tokens)
         for k, r in enumerate(ids):
             if k in chosen:
-                if k in optional:  # drafting pays for it again
+                if k not in forced:  # drafting pays for it again
                     self._interval[r] = self.refresh_steps
                     self._refreshing.discard(r)
                 continue
@@ -160,12 +160,9 @@ class DraftGate:
                      max_batch_tokens) -> set[int]:
         """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`."""
         caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
-        zeros = torch.zeros(self.gamma, dtype=torch.float64)
+        zeros = torch.zeros(self.gamma, dtype=torch.float64)  # no estimate yet: count on nothing
         est = torch.stack([self._estimate.get(r, zeros) for r in ids])
         est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
-        for k in forced:  # no estimate yet: count on nothing from it
-            if ids[k] not in self._estimate:
-                est[k] = 0.0
         ranked = sorted(optional, key=lambda k: -float(est[k].sum()))
         cost = sps.at_rows(len(reqs))
         sizes, n = {0, len(ranked)}, 1
