@@ -6,7 +6,7 @@ engine calls each step: context projection, context keys/values, the parallel ba
 over a block, and the sequential Markov stage.
 
 Not in scope: the paged KV cache (the engine caches what ``context_kv`` returns and hands back
-padded, gathered context), sampling (a ``sample_fn`` from the engine), prefix scheduling and
+either padded context or a function that attends it in place, ``ContextAttention``), sampling (a ``sample_fn`` from the engine), prefix scheduling and
 verification, the target model.
 """
 
@@ -26,8 +26,12 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 from worker.engine.draft_config import DraftCheckpointError, DraftConfig, check_fits_target
 from worker.engine.draft_vocab import DraftVocab
 from worker.engine.markov import MARKOV_HEADS, ConfidenceHead
+from worker.engine.attention import merge
 from worker.engine.model_runner import sdpa
 
+# context_attention(layer, q [R * G, heads, hd]) -> (out [R * G, heads, hd], lse [R * G, heads]):
+# attention of the block queries over the cached context (every query of a block sees it all).
+ContextAttention = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # sample_fn(k, logits_k [R, V]) -> (ids [R], probs [R, V] or None); k counts positions from 1.
 SampleFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,6 +95,27 @@ class DraftAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads)  # [R, heads, G, hd]
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
+    def forward_paged(self, layer_idx: int, x, cos, sin, context_attention: ContextAttention):
+        """As `forward`, with the context attended where the engine caches it: attention over
+        the cached context and over the block's own keys, joined by their log-sum-exps."""
+        rows, gamma = x.shape[:2]
+        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
+        q = apply_rope(q, cos, sin)  # [R, G, heads, hd]
+        k, v = self.keys_values(x, cos, sin)  # [R, G, kv_heads, hd]
+        out_ctx, lse_ctx = context_attention(layer_idx, q.flatten(0, 1))
+        acc = torch.promote_types(q.dtype, torch.float32)
+        group = self.num_heads // self.num_kv_heads
+        qf = q.to(acc).transpose(1, 2)  # [R, heads, G, hd]
+        kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+        vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+        scores = qf @ kf.transpose(-1, -2) * self.head_dim ** -0.5  # [R, heads, G, G]
+        lse_blk = torch.logsumexp(scores, dim=-1)
+        out_blk = torch.exp(scores - lse_blk[..., None]) @ vf  # [R, heads, G, hd]
+        out = merge(out_ctx.view(rows, gamma, self.num_heads, self.head_dim),
+                    lse_ctx.view(rows, gamma, self.num_heads),
+                    out_blk.transpose(1, 2), lse_blk.transpose(1, 2))
+        return self.o_proj(out.to(x.dtype).flatten(-2))
+
 
 class DraftMLP(nn.Module):
     """Qwen3 SwiGLU: ``down(silu(gate(x)) * up(x))``."""
@@ -117,6 +142,11 @@ class DraftLayer(nn.Module):
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, layer_idx: int, x, cos, sin, context_attention: ContextAttention):
+        x = x + self.self_attn.forward_paged(layer_idx, self.input_layernorm(x), cos, sin,
+                                             context_attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,18 +227,34 @@ class DSparkDraft(nn.Module):
         if len(ctx_k) != len(self.layers) or len(ctx_v) != len(self.layers):
             raise ValueError(f"need context keys/values for {len(self.layers)} draft layers, "
                              f"got {len(ctx_k)} keys and {len(ctx_v)} values")
-        num_rows, gamma = anchor_ids.shape[0], self.gamma
-        block_ids = anchor_ids.new_full((num_rows, gamma), self._config.mask_token_id)
-        block_ids[:, 0] = anchor_ids  # [R, G]: anchor, then gamma-1 mask tokens
-        x = self.embed_tokens(block_ids)  # [R, G, d]
-        positions = anchor_positions[:, None] + torch.arange(gamma, device=x.device)  # [R, G]
-        cos, sin = self.rotary_emb(x, positions)  # [R, G, hd]
+        x, cos, sin = self._block_input(anchor_ids, anchor_positions)
+        num_rows, gamma = x.shape[:2]
         # Block queries see the real context and the whole block, bidirectionally (DSPARK.md 2).
         block_visible = ctx_mask.new_ones(num_rows, gamma)
         mask = torch.cat([ctx_mask, block_visible], dim=1)[:, None, None, :]  # [R, 1, 1, C+G]
         for layer, k, v in zip(self.layers, ctx_k, ctx_v):
             x = layer(x, cos, sin, k, v, mask)
         return self.norm(x)
+
+    def backbone_paged(self, anchor_ids: torch.Tensor, anchor_positions: torch.Tensor,
+                       context_attention: ContextAttention) -> torch.Tensor:
+        """`backbone`, with each layer's context attended where the engine caches it (every
+        position before the anchor): `context_attention(layer, q)` gives the attention of the
+        block queries over that context with its log-sum-exp. Returns h [R, gamma, d]."""
+        x, cos, sin = self._block_input(anchor_ids, anchor_positions)
+        for idx, layer in enumerate(self.layers):
+            x = layer.forward_paged(idx, x, cos, sin, context_attention)
+        return self.norm(x)
+
+    def _block_input(self, anchor_ids: torch.Tensor, anchor_positions: torch.Tensor):
+        """Embeddings [R, G, d] of [anchor, mask, ...] and their RoPE cos/sin [R, G, hd]."""
+        num_rows, gamma = anchor_ids.shape[0], self.gamma
+        block_ids = anchor_ids.new_full((num_rows, gamma), self._config.mask_token_id)
+        block_ids[:, 0] = anchor_ids  # [R, G]: anchor, then gamma-1 mask tokens
+        x = self.embed_tokens(block_ids)  # [R, G, d]
+        positions = anchor_positions[:, None] + torch.arange(gamma, device=x.device)  # [R, G]
+        cos, sin = self.rotary_emb(x, positions)  # [R, G, hd]
+        return x, cos, sin
 
     def draft_block(self, h: torch.Tensor, anchor_ids: torch.Tensor, sample_fn: SampleFn,
                     vocab: DraftVocab | None = None):

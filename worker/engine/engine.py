@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from worker.engine.attention import AttentionMeta, paged_attention
 from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.draft_vocab import RANKING_NAME, DraftVocab, load_ranking
@@ -295,15 +296,17 @@ class LLMEngine:
     def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
         """One draft backbone forward for all drafting requests, then the Markov stage."""
         anchors = torch.tensor([r.last_token for r in reqs], device=self.device)
-        anchor_pos = torch.tensor([r.num_tokens - 1 for r in reqs], device=self.device)
-        ctx_len = int(anchor_pos.max())
-        ctx_pos = torch.arange(ctx_len, device=self.device).expand(len(reqs), ctx_len)
-        seq_ids = [r.req_id for r in reqs]
-        slots = self.draft_kv.slots(seq_ids, ctx_pos)  # [S, C]
-        layers = range(self.draft.config.num_hidden_layers)
-        ctx_k = [self.draft_kv.k[layer, slots] for layer in layers]
-        ctx_v = [self.draft_kv.v[layer, slots] for layer in layers]
-        h = self.draft.backbone(anchors, anchor_pos, ctx_k, ctx_v, ctx_pos < anchor_pos[:, None])
+        ctx_lens = [r.num_tokens - 1 for r in reqs]  # the anchor's position: context before it
+        anchor_pos = torch.tensor(ctx_lens, device=self.device)
+        meta = block_attention_meta(self.draft_kv.block_tables([r.req_id for r in reqs]),
+                                    ctx_lens, self.gamma, self.draft_kv.allocator.block_size,
+                                    self.runner.backend)
+        scale = self.draft.config.head_dim ** -0.5
+
+        def context_attention(layer: int, q: torch.Tensor):
+            return paged_attention(q, self.draft_kv.k[layer], self.draft_kv.v[layer], meta, scale)
+
+        h = self.draft.backbone_paged(anchors, anchor_pos, context_attention)
         self.counters.draft_forwards += 1
         temps, top_k, top_p = self._sampling_tensors(reqs, [1] * len(reqs))
         greedy = all(r.params.temperature == 0 for r in reqs)
@@ -493,6 +496,16 @@ def share_frozen_copies(draft: DSparkDraft, target) -> list[str]:
             getattr(draft, name).weight = theirs
             shared.append(name)
     return shared
+
+
+def block_attention_meta(tables: torch.Tensor, ctx_lens: list[int], gamma: int, block_size: int,
+                         backend: str) -> AttentionMeta:
+    """Draft blocks: `gamma` query rows a request, each seeing its whole context."""
+    dev = tables.device
+    num = len(ctx_lens)
+    kv_len = torch.tensor(ctx_lens, dtype=torch.int32, device=dev).repeat_interleave(gamma)
+    cu = torch.arange(0, (num + 1) * gamma, gamma, dtype=torch.int32, device=dev)
+    return AttentionMeta(tables.to(torch.int32), cu, kv_len, block_size, max(ctx_lens), backend)
 
 
 class _DraftProfileRow:

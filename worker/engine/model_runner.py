@@ -3,7 +3,9 @@
 Knows: a Hugging Face causal LM of the Qwen3 or Llama family, run layer by layer through its
 own modules (projections, norms, MLP, rotary embedding), with keys and values kept in a
 `PagedKV` cache. Every linear layer runs once over all new tokens of all sequences packed
-together (no padding); only attention pads, per sequence, to the longest query and context.
+together (no padding). Decode and verify rows attend the cache where it lies
+(`attention.paged_attention`: no copy of any context); a prefill from position 0 attends only
+its own new keys (causal attention per sequence, no cache read).
 
 Does not know: sampling, drafting, which sequences run (the `ForwardBatch` says), or budgets.
 """
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from worker.engine.attention import AttentionMeta, backend_for, paged_attention
 from worker.engine.kv_cache import PagedKV
 
 SUPPORTED_FAMILIES = ("qwen3", "llama")
@@ -37,13 +40,9 @@ class _Layout:
     """Index tensors shared by every layer of one forward."""
 
     positions: torch.Tensor   # [N] absolute position of each packed token
-    write_slots: torch.Tensor | slice  # [N] cache slot of each new token's k/v (or a span)
-    kv_slots: torch.Tensor | slice  # [R, L] context slots, padded (or one contiguous span)
-    q_dest: torch.Tensor | None  # [N] row of each packed token in the padded [R * Q] queries
-    mask: torch.Tensor | None  # [R, 1, Q, L] True where query may attend key (None: see causal)
-    causal: bool              # with no mask: True = plain causal (Q == L), False = attend all
-    num_seqs: int
-    max_q: int
+    write_slots: torch.Tensor  # [N] cache slot of each new token's k/v
+    meta: AttentionMeta | None  # where each row's keys are (None: a prefill from position 0)
+    num_new: list[int]        # new tokens of each sequence (prefill: split points)
 
 
 def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
@@ -125,6 +124,7 @@ class TargetRunner:
         self.vocab_size = cfg.vocab_size
         self.device = kv.device
         self.fused = [_fuse_layer(layer) for layer in model.model.layers]
+        self._backend: str | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,45 +155,62 @@ class TargetRunner:
             q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = _rotate(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), 1)
         self.kv.write(layer_idx, layout.write_slots, k, v)
-        out = ragged_attention(q, *self.kv.gather(layer_idx, layout.kv_slots), layout, attn.scaling)
-        return attn.o_proj(out)
+        if layout.meta is None:
+            out = prefill_attention(q, k, v, layout.num_new, attn.scaling)
+        else:
+            out, _ = paged_attention(q, self.kv.k[layer_idx], self.kv.v[layer_idx], layout.meta,
+                                     attn.scaling)
+        return attn.o_proj(out.reshape(n, -1))
 
     def _layout(self, batch: ForwardBatch) -> _Layout:
         for sid, start, n in zip(batch.seq_ids, batch.starts, batch.num_new):
             self.kv.allocator.grow(sid, start + n)
-        max_len = max(s + n for s, n in zip(batch.starts, batch.num_new))  # no device sync
-        if len(batch.seq_ids) == 1:
-            span = self.kv.contiguous_span(batch.seq_ids[0], max_len)
-            if span is not None:
-                return self._lone_layout(batch, span)
-        return self._ragged_layout(batch, max_len)
-
-    def _lone_layout(self, batch: ForwardBatch, span: slice) -> _Layout:
-        """One sequence stored contiguously: its context is read in place, and SDPA needs no
-        mask when it decodes one token or prefills from scratch (its fast kernels then run)."""
-        start, n = batch.starts[0], batch.num_new[0]
-        positions = torch.arange(start, start + n, device=self.device)
-        causal = start == 0 and n > 1
-        mask = None
-        if n > 1 and not causal:  # verify tokens after a context: causal, end-aligned
-            keys = torch.arange(span.stop - span.start, device=self.device)
-            mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, Q, L]
-        write = slice(span.start + start, span.start + start + n)
-        return _Layout(positions, write, span, None, mask, causal, 1, n)
-
-    def _ragged_layout(self, batch: ForwardBatch, max_len: int) -> _Layout:
         dev = self.device
-        num_seqs, max_q = len(batch.seq_ids), max(batch.num_new)
-        starts = torch.tensor(batch.starts, device=dev)
         seq_of, offset = packed_index(torch.tensor(batch.num_new, device=dev))  # [N], [N]
-        positions = starts[seq_of] + offset
-        kv_pos = torch.arange(max_len, device=dev).expand(num_seqs, max_len)
-        kv_slots = self.kv.slots(batch.seq_ids, kv_pos)  # [R, L]
-        q_pos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=dev)
-        q_pos[seq_of, offset] = positions  # padded queries see key 0 only
-        mask = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # causal, ragged
-        return _Layout(positions, kv_slots[seq_of, positions], kv_slots, seq_of * max_q + offset,
-                       mask, False, num_seqs, max_q)
+        positions = torch.tensor(batch.starts, device=dev)[seq_of] + offset
+        tables = self.kv.block_tables(batch.seq_ids)  # [R, max_blocks]
+        bs = self.kv.allocator.block_size
+        write = tables[seq_of, positions // bs] * bs + positions % bs
+        if not any(batch.starts):  # prefill from scratch: only the new keys are visible
+            return _Layout(positions, write, None, list(batch.num_new))
+        meta = attention_meta(tables, batch.starts, batch.num_new, bs, self.backend)
+        return _Layout(positions, write, meta, list(batch.num_new))
+
+    @property
+    def backend(self) -> str:
+        """The paged attention implementation this runner uses (`native` or `torch`)."""
+        if self._backend is None:
+            self._backend = backend_for(self.device)
+        return self._backend
+
+
+def attention_meta(tables: torch.Tensor, starts: list[int], num_new: list[int], block_size: int,
+                   backend: str) -> AttentionMeta:
+    """Rows of sequence r (num_new[r] of them, from position starts[r]) attend causally: row i
+    sees positions [0, starts[r] + i]."""
+    kv_len = [s + i + 1 for s, n in zip(starts, num_new) for i in range(n)]
+    cu = [0]
+    for n in num_new:
+        cu.append(cu[-1] + n)
+    dev = tables.device
+    return AttentionMeta(tables.to(torch.int32), torch.tensor(cu, dtype=torch.int32, device=dev),
+                         torch.tensor(kv_len, dtype=torch.int32, device=dev), block_size,
+                         max(kv_len), backend)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's packed new tokens over themselves: q [N, heads, dim],
+    k, v [N, kv_heads, dim], `counts` tokens a sequence -> [N, heads, dim]."""
+    outs, start = [], 0
+    for count in counts:
+        rows = slice(start, start + count)
+        out = sdpa(q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None],
+                   v[rows].transpose(0, 1)[None], is_causal=count > 1, scale=scale,
+                   enable_gqa=True)  # [1, heads, count, dim]
+        outs.append(out[0].transpose(0, 1))
+        start += count
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,24 +219,6 @@ def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seq_of = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     first_row = torch.cumsum(counts, 0) - counts
     return seq_of, torch.arange(seq_of.numel(), device=counts.device) - first_row[seq_of]
-
-
-def ragged_attention(q, k, v, layout: _Layout, scale: float) -> torch.Tensor:
-    """Attention of packed queries over per-sequence padded context.
-
-    q: [N, heads, head_dim]; k, v: [R, L, kv_heads, head_dim]. Returns [N, heads * head_dim].
-    """
-    n, heads, head_dim = q.shape
-    if layout.num_seqs == 1:  # nothing to pad
-        q_pad = q[None].transpose(1, 2)
-    else:
-        q_pad = q.new_zeros(layout.num_seqs * layout.max_q, heads, head_dim)
-        q_pad[layout.q_dest] = q
-        q_pad = q_pad.view(layout.num_seqs, layout.max_q, heads, head_dim).transpose(1, 2)
-    out = sdpa(q_pad, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask,
-               is_causal=layout.causal, scale=scale, enable_gqa=True)  # [R, heads, Q, head_dim]
-    out = out.transpose(1, 2).reshape(layout.num_seqs * layout.max_q, heads * head_dim)
-    return out if layout.num_seqs == 1 else out[layout.q_dest]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,0 +1,224 @@
+// Paged attention on a CPU, reading keys and values where they lie in the paged cache.
+//
+// Query rows are packed sequence after sequence (the engine's ragged layout): the rows of
+// sequence r are cu_q[r] .. cu_q[r+1]. Row n attends the first kv_len[n] positions of its
+// sequence; position j lives in cache slot block_tables[r][j / block_size] * block_size +
+// j % block_size. Nothing is copied or padded: each (sequence, kv head) task streams its
+// context block by block, converts it to float32 once, and serves every query row and every
+// query head that shares the kv head from it (grouped-query attention), with an online
+// softmax. It returns the attention output and the log-sum-exp of each row and head, so a
+// caller can merge it with attention over keys that are not in the cache (the drafter's
+// block).
+//
+// Registered as torch.ops.sparkgrid.paged_attention; built at first use by
+// worker/engine/attention.py.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 in float32, written so that the compiler vectorizes a loop of it: range
+// reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the
+// exponent bits. Relative error about 2e-7 (std::exp is not vectorized without -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: exact library exp
+
+// Each block of keys and values is converted to float32 once (contiguous rows, vectorized),
+// then serves every query vector of the task.
+template <typename scalar_t, int64_t BS, int64_t DIM>
+void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& block_tables, const at::Tensor& cu_q, const at::Tensor& kv_len,
+            int64_t block_size, double scale, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t num_seqs = cu_q.size(0) - 1;
+  const int64_t heads = q.size(1), dim = DIM > 0 ? DIM : q.size(2);
+  const int64_t kv_heads = k_cache.size(1);
+  const int64_t group = heads / kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t bs = BS > 0 ? BS : block_size;  // BS > 0: the block size, known at compile time
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* cu = cu_q.data_ptr<int32_t>();
+  const int32_t* lens = kv_len.data_ptr<int32_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  // strides in elements: q/out [N, heads, dim], cache [slots, kv_heads, dim]
+  const int64_t q_row = heads * dim, kv_slot = kv_heads * dim;
+
+  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf, acc, mx, den, scores_buf(bs), probs_buf(bs);
+    std::vector<acc_t> kf(bs * dim), vf(bs * dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, g = task % kv_heads;
+      const int64_t row0 = cu[r], rows = cu[r + 1] - cu[r];
+      const int64_t m_count = rows * group;  // query vectors served by this kv head
+      if (m_count == 0) continue;
+      qf.assign(m_count * dim, 0);
+      acc.assign(m_count * dim, 0);
+      mx.assign(m_count, kNegInf);
+      den.assign(m_count, 0);
+      int64_t ctx = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        ctx = std::max<int64_t>(ctx, lens[row0 + i]);
+        for (int64_t h = 0; h < group; ++h) {
+          const scalar_t* src = qp + (row0 + i) * q_row + (g * group + h) * dim;
+          acc_t* dst = qf.data() + (i * group + h) * dim;
+          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+        }
+      }
+      TORCH_CHECK(ctx <= max_blocks * bs, "paged_attention: kv_len beyond the block table");
+      const int32_t* table = tables + r * max_blocks;
+      for (int64_t start = 0; start < ctx; start += bs) {
+        const int64_t n_t = std::min(bs, ctx - start);
+        const int64_t base = static_cast<int64_t>(table[start / bs]) * bs;
+        for (int64_t t = 0; t < n_t; ++t) {
+          const scalar_t* ks = kp + (base + t) * kv_slot + g * dim;
+          const scalar_t* vs = vp + (base + t) * kv_slot + g * dim;
+          acc_t* kd = kf.data() + t * dim;
+          acc_t* vd = vf.data() + t * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) {
+            kd[d] = static_cast<acc_t>(ks[d]);
+            vd[d] = static_cast<acc_t>(vs[d]);
+          }
+        }
+        for (int64_t m = 0; m < m_count; ++m) {
+          const int64_t visible = std::min<int64_t>(n_t, lens[row0 + m / group] - start);
+          if (visible <= 0) continue;
+          acc_t q_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
+          const acc_t* qv = qf.data() + m * dim;
+          if (DIM > 0) {
+            for (int64_t d = 0; d < dim; ++d) q_local[d] = qv[d];
+            qv = q_local;
+          }
+          acc_t s_local[BS > 0 ? BS : 1], p_local[BS > 0 ? BS : 1];  // registers when BS > 0
+          acc_t* s = BS > 0 ? s_local : scores_buf.data();
+          acc_t* p = BS > 0 ? p_local : probs_buf.data();
+          acc_t chunk_max = kNegInf;
+          for (int64_t t = 0; t < bs; ++t) {
+            acc_t dot = 0;
+            if (t < visible) {
+              const acc_t* kv = kf.data() + t * dim;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
+              chunk_max = std::max(chunk_max, dot);
+            }
+            s[t] = dot;
+          }
+          const acc_t new_max = std::max(mx[m], chunk_max);
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < bs; ++t) {
+            p[t] = t < visible ? exp_nonpositive(s[t] - new_max) : acc_t(0);
+            sum += p[t];
+          }
+          const acc_t alpha = mx[m] == kNegInf ? acc_t(0) : exp_nonpositive(mx[m] - new_max);
+          acc_t* a = acc.data() + m * dim;
+          acc_t a_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
+          acc_t* ar = DIM > 0 ? a_local : a;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) ar[d] = a[d] * alpha;
+          for (int64_t t = 0; t < visible; ++t) {
+            const acc_t pt = p[t];
+            const acc_t* vv = vf.data() + t * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) ar[d] += pt * vv[d];
+          }
+          if (DIM > 0) {
+            for (int64_t d = 0; d < dim; ++d) a[d] = ar[d];
+          }
+          den[m] = den[m] * alpha + sum;
+          mx[m] = new_max;
+        }
+      }
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t i = m / group, h = g * group + m % group;
+        scalar_t* dst = op + (row0 + i) * q_row + h * dim;
+        const acc_t* a = acc.data() + m * dim;
+        const acc_t inv = den[m] > 0 ? acc_t(1) / den[m] : acc_t(0);
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d] * inv);
+        lp[(row0 + i) * heads + h] = den[m] > 0
+            ? static_cast<float>(mx[m] + std::log(den[m]))
+            : -std::numeric_limits<float>::infinity();
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& cu_q, const at::Tensor& kv_len,
+    int64_t block_size, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "paged_attention: q [N, heads, dim] and caches [slots, kv_heads, dim]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "paged_attention: q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_attention: k and v caches differ in shape");
+  TORCH_CHECK(q.size(2) == k_cache.size(2), "paged_attention: head_dim differs");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: heads not a multiple of kv_heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && cu_q.scalar_type() == at::kInt &&
+                  kv_len.scalar_type() == at::kInt,
+              "paged_attention: block_tables, cu_q and kv_len must be int32");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == cu_q.size(0) - 1,
+              "paged_attention: one block table row per sequence");
+  TORCH_CHECK(kv_len.size(0) == q.size(0), "paged_attention: one kv_len per query row");
+  TORCH_CHECK(block_size >= 1, "paged_attention: block_size must be >= 1");
+  auto qc = q.contiguous();
+  auto kc = k_cache.contiguous();
+  auto vc = v_cache.contiguous();
+  auto tc = block_tables.contiguous();
+  auto cc = cu_q.contiguous();
+  auto lc = kv_len.contiguous();
+  auto out = at::empty_like(qc);
+  auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    const int64_t dim = q.size(2);
+    if (block_size == 16 && dim == 64) {
+      attend<scalar_t, 16, 64>(qc, kc, vc, tc, cc, lc, block_size, scale, out, lse);
+    } else if (block_size == 16 && dim == 128) {
+      attend<scalar_t, 16, 128>(qc, kc, vc, tc, cc, lc, block_size, scale, out, lse);
+    } else {
+      attend<scalar_t, 0, 0>(qc, kc, vc, tc, cc, lc, block_size, scale, out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparkgrid, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor cu_q, Tensor kv_len, int block_size, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparkgrid, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+}
