@@ -47,8 +47,55 @@ inline float exp_nonpositive(float x) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: exact library exp
 
+constexpr int64_t kLanes = 16;  // query vectors scored together, one per vector lane
+
+// The per-query state of an online softmax: running max, denominator, unnormalized output.
+template <typename acc_t>
+struct Softmax {
+  std::vector<acc_t> mx, den, acc;
+  void reset(int64_t count, int64_t dim) {
+    mx.assign(count, -std::numeric_limits<acc_t>::infinity());
+    den.assign(count, 0);
+    acc.assign(count * dim, 0);
+  }
+};
+
+// Folds one block's scores into query m's state: p = exp(s - new max) for the `visible`
+// first keys, the old output rescaled, then p-weighted values added. `p` gets the weights.
+template <typename acc_t, int64_t DIM>
+inline void fold(Softmax<acc_t>& st, int64_t m, int64_t dim, const acc_t* s, acc_t* p,
+                 int64_t visible, int64_t bs, acc_t chunk_max, const acc_t* vf) {
+  const acc_t new_max = std::max(st.mx[m], chunk_max);
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < bs; ++t) {
+    p[t] = t < visible ? exp_nonpositive(s[t] - new_max) : acc_t(0);
+    sum += p[t];
+  }
+  const acc_t alpha = st.mx[m] == -std::numeric_limits<acc_t>::infinity()
+      ? acc_t(0) : exp_nonpositive(st.mx[m] - new_max);
+  acc_t* a = st.acc.data() + m * dim;
+  acc_t a_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
+  acc_t* ar = DIM > 0 ? a_local : a;
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) ar[d] = a[d] * alpha;
+  for (int64_t t = 0; t < visible; ++t) {
+    const acc_t pt = p[t];
+    const acc_t* vv = vf + t * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) ar[d] += pt * vv[d];
+  }
+  if (DIM > 0) {
+    for (int64_t d = 0; d < dim; ++d) a[d] = ar[d];
+  }
+  st.den[m] = st.den[m] * alpha + sum;
+  st.mx[m] = new_max;
+}
+
 // Each block of keys and values is converted to float32 once (contiguous rows, vectorized),
-// then serves every query vector of the task.
+// then serves every query vector of the task. Few query vectors (a one-token decode): each
+// score is a dot product over dim. Many (verify rows, a draft block): the query vectors are
+// staged transposed, so that one key scores up to kLanes of them in one vector per dim.
 template <typename scalar_t, int64_t BS, int64_t DIM>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& cu_q, const at::Tensor& kv_len,
@@ -73,25 +120,32 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t q_row = heads * dim, kv_slot = kv_heads * dim;
 
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf, acc, mx, den, scores_buf(bs), probs_buf(bs);
-    std::vector<acc_t> kf(bs * dim), vf(bs * dim);
+    Softmax<acc_t> st;
+    std::vector<acc_t> qf, qt, s_buf(bs * kLanes), p_buf(bs), kf(bs * dim), vf(bs * dim);
+    std::vector<int32_t> m_len;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, g = task % kv_heads;
       const int64_t row0 = cu[r], rows = cu[r + 1] - cu[r];
       const int64_t m_count = rows * group;  // query vectors served by this kv head
       if (m_count == 0) continue;
+      const bool lanes = m_count > 4;
+      const int64_t chunks = (m_count + kLanes - 1) / kLanes;
+      st.reset(m_count, dim);
       qf.assign(m_count * dim, 0);
-      acc.assign(m_count * dim, 0);
-      mx.assign(m_count, kNegInf);
-      den.assign(m_count, 0);
+      m_len.assign(chunks * kLanes, 0);
       int64_t ctx = 0;
-      for (int64_t i = 0; i < rows; ++i) {
-        ctx = std::max<int64_t>(ctx, lens[row0 + i]);
-        for (int64_t h = 0; h < group; ++h) {
-          const scalar_t* src = qp + (row0 + i) * q_row + (g * group + h) * dim;
-          acc_t* dst = qf.data() + (i * group + h) * dim;
-          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
-        }
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t i = m / group, h = g * group + m % group;
+        m_len[m] = lens[row0 + i];
+        ctx = std::max<int64_t>(ctx, m_len[m]);
+        const scalar_t* src = qp + (row0 + i) * q_row + h * dim;
+        for (int64_t d = 0; d < dim; ++d) qf[m * dim + d] = static_cast<acc_t>(src[d]) * scale;
+      }
+      if (lanes) {  // qt[chunk][d][lane]
+        qt.assign(chunks * dim * kLanes, 0);
+        for (int64_t m = 0; m < m_count; ++m)
+          for (int64_t d = 0; d < dim; ++d)
+            qt[((m / kLanes) * dim + d) * kLanes + m % kLanes] = qf[m * dim + d];
       }
       TORCH_CHECK(ctx <= max_blocks * bs, "paged_attention: kv_len beyond the block table");
       const int32_t* table = tables + r * max_blocks;
@@ -109,63 +163,69 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             vd[d] = static_cast<acc_t>(vs[d]);
           }
         }
-        for (int64_t m = 0; m < m_count; ++m) {
-          const int64_t visible = std::min<int64_t>(n_t, lens[row0 + m / group] - start);
-          if (visible <= 0) continue;
-          acc_t q_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
-          const acc_t* qv = qf.data() + m * dim;
-          if (DIM > 0) {
-            for (int64_t d = 0; d < dim; ++d) q_local[d] = qv[d];
-            qv = q_local;
-          }
-          acc_t s_local[BS > 0 ? BS : 1], p_local[BS > 0 ? BS : 1];  // registers when BS > 0
-          acc_t* s = BS > 0 ? s_local : scores_buf.data();
-          acc_t* p = BS > 0 ? p_local : probs_buf.data();
-          acc_t chunk_max = kNegInf;
-          for (int64_t t = 0; t < bs; ++t) {
-            acc_t dot = 0;
-            if (t < visible) {
+        if (!lanes) {
+          for (int64_t m = 0; m < m_count; ++m) {
+            const int64_t visible = std::min<int64_t>(n_t, m_len[m] - start);
+            if (visible <= 0) continue;
+            acc_t q_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
+            const acc_t* qv = qf.data() + m * dim;
+            if (DIM > 0) {
+              for (int64_t d = 0; d < dim; ++d) q_local[d] = qv[d];
+              qv = q_local;
+            }
+            acc_t* s = s_buf.data();
+            acc_t chunk_max = kNegInf;
+            for (int64_t t = 0; t < visible; ++t) {
               const acc_t* kv = kf.data() + t * dim;
+              acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
               for (int64_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
+              s[t] = dot;
               chunk_max = std::max(chunk_max, dot);
             }
-            s[t] = dot;
+            fold<acc_t, DIM>(st, m, dim, s, p_buf.data(), visible, bs, chunk_max, vf.data());
           }
-          const acc_t new_max = std::max(mx[m], chunk_max);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < bs; ++t) {
-            p[t] = t < visible ? exp_nonpositive(s[t] - new_max) : acc_t(0);
-            sum += p[t];
-          }
-          const acc_t alpha = mx[m] == kNegInf ? acc_t(0) : exp_nonpositive(mx[m] - new_max);
-          acc_t* a = acc.data() + m * dim;
-          acc_t a_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
-          acc_t* ar = DIM > 0 ? a_local : a;
+          continue;
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+          const acc_t* qc = qt.data() + c * dim * kLanes;
+          acc_t* s = s_buf.data();  // s[t * kLanes + lane]
+          for (int64_t t = 0; t < n_t; ++t) {
+            acc_t sl[kLanes] = {};
+            const acc_t* kv = kf.data() + t * dim;
+            for (int64_t d = 0; d < dim; ++d) {
+              const acc_t kd = kv[d];
+              const acc_t* qd = qc + d * kLanes;
 #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) ar[d] = a[d] * alpha;
-          for (int64_t t = 0; t < visible; ++t) {
-            const acc_t pt = p[t];
-            const acc_t* vv = vf.data() + t * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) ar[d] += pt * vv[d];
+              for (int64_t l = 0; l < kLanes; ++l) sl[l] += kd * qd[l];
+            }
+            for (int64_t l = 0; l < kLanes; ++l) s[t * kLanes + l] = sl[l];
           }
-          if (DIM > 0) {
-            for (int64_t d = 0; d < dim; ++d) a[d] = ar[d];
+          const int64_t m_end = std::min(kLanes, m_count - c * kLanes);
+          acc_t col[BS > 0 ? BS : 1];
+          std::vector<acc_t> col_buf(BS > 0 ? 0 : bs);
+          acc_t* sc = BS > 0 ? col : col_buf.data();
+          for (int64_t l = 0; l < m_end; ++l) {
+            const int64_t m = c * kLanes + l;
+            const int64_t visible = std::min<int64_t>(n_t, m_len[m] - start);
+            if (visible <= 0) continue;
+            acc_t chunk_max = kNegInf;
+            for (int64_t t = 0; t < visible; ++t) {
+              sc[t] = s[t * kLanes + l];
+              chunk_max = std::max(chunk_max, sc[t]);
+            }
+            fold<acc_t, DIM>(st, m, dim, sc, p_buf.data(), visible, bs, chunk_max, vf.data());
           }
-          den[m] = den[m] * alpha + sum;
-          mx[m] = new_max;
         }
       }
       for (int64_t m = 0; m < m_count; ++m) {
         const int64_t i = m / group, h = g * group + m % group;
         scalar_t* dst = op + (row0 + i) * q_row + h * dim;
-        const acc_t* a = acc.data() + m * dim;
-        const acc_t inv = den[m] > 0 ? acc_t(1) / den[m] : acc_t(0);
+        const acc_t* a = st.acc.data() + m * dim;
+        const acc_t inv = st.den[m] > 0 ? acc_t(1) / st.den[m] : acc_t(0);
         for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d] * inv);
-        lp[(row0 + i) * heads + h] = den[m] > 0
-            ? static_cast<float>(mx[m] + std::log(den[m]))
+        lp[(row0 + i) * heads + h] = st.den[m] > 0
+            ? static_cast<float>(st.mx[m] + std::log(st.den[m]))
             : -std::numeric_limits<float>::infinity();
       }
     }

