@@ -110,6 +110,9 @@ class EngineConfig:
     """Keep (raw confidence logits, acceptance) of every drafted block, to fit STS from."""
     extra_eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     """End-of-sequence ids besides the model's own."""
+    online_calibration: bool = True
+    """Correct the draft's confidence per position from this engine's own verifications
+    (`online_calibration`), separately for greedy and sampled requests."""
     draft_vocab_size: int = 0
     """Draft only the N tokens the target writes most often (`draft_vocab`; needs the draft's
     `draft_vocab.json` ranking); 0 = the full vocabulary."""

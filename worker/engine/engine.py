@@ -11,6 +11,7 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from worker.engine.profiler import (device_name, load_or_profile, load_or_profil
 from worker.engine.rejection import verify, verify_greedy
 from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
-from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths, pad_rows
+from worker.engine.online_calibration import OnlineCalibration
+from worker.engine.spec_step import (DraftGate, DraftProposal, choose_lengths, confidence,
+                                     pad_rows)
 from worker.engine.sts import load_sts
 
 
@@ -109,7 +112,12 @@ class LLMEngine:
                        "target": tcfg.to_json_string(use_diff=False),
                        "draft": repr(draft.config),
                        "draft_vocab_size": config.draft_vocab_size})
+        self.calibration = (OnlineCalibration(self.gamma)
+                            if draft is not None and config.online_calibration else None)
+        """Per-position corrections of the confidence from this engine's own verifications
+        (`OnlineCalibration`), or None."""
         self.gate = DraftGate(self.gamma, self.sts, draft_cost)
+        self._last_drafting_rows = 0
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
 
     @classmethod
@@ -248,6 +256,14 @@ class LLMEngine:
 
     # -- decoding ----------------------------------------------------------------------------
     def _decode(self, reqs: list[Request]) -> None:
+        started = time.perf_counter()
+        forward = self._decode_step(reqs)
+        if self.device.type == "cpu":  # elsewhere the forward runs asynchronously: no timing
+            drafting = self._last_drafting_rows
+            self.gate.overhead.observe(drafting, time.perf_counter() - started - forward)
+
+    def _decode_step(self, reqs: list[Request]) -> float:
+        """One decode step; returns the seconds its target forward took (CPU wall time)."""
         spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]  # keep draft context
         gamma = self.gamma
         uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
@@ -257,7 +273,8 @@ class LLMEngine:
             if draft_idx else None
         lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=cost,
                                  threshold=self.config.threshold, sts=self.sts,
-                                 max_batch_tokens=self.config.max_batch_tokens)
+                                 max_batch_tokens=self.config.max_batch_tokens,
+                                 draft_seconds=self.gate.draft_seconds(len(draft_idx)))
         self.gate.observe(reqs, draft_idx, proposal)
         draft_ids = pad_rows(proposal.ids if proposal else None, draft_idx, len(reqs), gamma,
                              self.device)
@@ -267,13 +284,17 @@ class LLMEngine:
         ids = torch.tensor([t for x in inputs for t in x], device=self.device)
         batch = ForwardBatch([r.req_id for r in reqs], starts, num_new, ids,
                              torch.arange(ids.numel(), device=self.device))
+        forward_started = time.perf_counter()
         logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
+        forward = time.perf_counter() - forward_started
+        self._last_drafting_rows = len(draft_idx)
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
         if not draft_idx:  # plain decoding: sample the next token directly
             nxt = self._next_tokens(reqs, logits, num_new, uniforms[:, 2 * gamma])
-            return self._commit(reqs, spec_idx, draft_ids, lengths, [0] * len(reqs),
-                                nxt.tolist(), feats, starts, num_new)
+            self._commit(reqs, spec_idx, draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
+                         feats, starts, num_new)
+            return forward
         num_verify = torch.tensor(lengths, device=self.device)
         if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
             n_acc, nxt = verify_greedy(self._padded(logits.argmax(dim=-1), num_new, gamma, -1),
@@ -289,9 +310,15 @@ class LLMEngine:
                                 uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
         self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
                      starts, num_new)
+        if self.calibration is not None and proposal.conf is not None:
+            self.calibration.update(proposal.conf, [reqs[i].params.temperature == 0
+                                                    for i in draft_idx],
+                                    [lengths[i] for i in draft_idx],
+                                    [int(n_acc[i]) for i in draft_idx])
         if self.config.record_confidence and proposal.conf_logits is not None:
             self._record_confidence(proposal.conf_logits, [lengths[i] for i in draft_idx],
                                     [int(n_acc[i]) for i in draft_idx])
+        return forward
 
     def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
         """One draft backbone forward for all drafting requests, then the Markov stage."""
@@ -320,7 +347,11 @@ class LLMEngine:
         ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn, self.draft_vocab)
         for r in reqs:
             r.stats.draft_tokens_proposed += self.gamma
-        return DraftProposal(ids, probs, conf_logits)
+        conf = None
+        if conf_logits is not None and self.calibration is not None:
+            conf = self.calibration.apply(confidence(conf_logits, self.sts),
+                                          [r.params.temperature == 0 for r in reqs])
+        return DraftProposal(ids, probs, conf_logits, conf)
 
     def _commit(self, reqs, spec_idx, draft_ids, lengths, n_acc, nxt, feats, starts, num_new):
         spec = set(spec_idx)

@@ -219,12 +219,19 @@ def prefix_lengths(
     *,
     extra_tokens: int = 0,
     extra_tau: float = 0.0,
+    fixed_seconds: float = 0.0,
     early_stop: bool = True,
 ) -> torch.Tensor:  # [R] long on survival's device
     """DSpark Algorithm 1: draft tokens to verify per request, l_r in [0, G].
 
     `extra_tokens` / `extra_tau` add the tokens and expected committed tokens of requests in the
-    same forward that follow another policy. Candidates (r, j) are scanned by a_{r,j}
+    same forward that follow another policy. `fixed_seconds` is time the step spends whatever
+    is verified (its draft pass, profiled before the step): theta = tau / (fixed_seconds +
+    verify time) is the step's real throughput. Alg. 1 as published leaves it out (0), which
+    on a GPU, where a draft pass is cheap, changes little; on a CPU, where a draft pass costs
+    about half a verify forward, leaving it out sets the bar for one more token (a_{r,j} >
+    theta x its marginal cost) too high and verifies too little. It is known before drafting,
+    so it no more depends on the draft tokens than the cost table does. Candidates (r, j) are scanned by a_{r,j}
     descending, ties by request index then position, so the result is deterministic and each
     request's admitted positions form a prefix. `early_stop=False` is an ablation only: it keeps
     scanning and commits the best-theta point, which biases the output distribution.
@@ -239,7 +246,9 @@ def prefix_lengths(
     steps = torch.arange(0, len(a) + 1, dtype=torch.float64)  # 0 = nothing admitted
     tau = num_requests + extra_tau + torch.cat([torch.zeros(1, dtype=torch.float64),
                                                 torch.cumsum(sorted_a, 0)])  # [R*G+1]
-    theta = tau / sps.step_time(num_requests + extra_tokens + steps)  # [R*G+1]
+    if fixed_seconds < 0 or not math.isfinite(fixed_seconds):
+        raise ValueError(f"fixed_seconds must be finite and >= 0; got {fixed_seconds}")
+    theta = tau / (fixed_seconds + sps.step_time(num_requests + extra_tokens + steps))  # [R*G+1]
     if early_stop:
         # DSpark Alg. 1 / Appendix A: stop at the first candidate that does not raise theta.
         # Then verifying x_{r,j} depends only on candidates sorted before it (a_{r,<=j}, known
@@ -286,14 +295,16 @@ def drafting_pays(
     *,
     draft_seconds: float,
     other_rows: int = 0,
+    plain_seconds: float = 0.0,
 ) -> bool:
     """Whether drafting this step is expected to beat plain decoding, draft time included
-    (`expected_throughput` of the drafting rows against that of none)."""
+    (`expected_throughput` of the drafting rows against that of none, whose step spends
+    `plain_seconds` besides its forward)."""
     if estimates.numel() == 0:
         _check_survival(estimates)
         return False
     rows = estimates.shape[0] + other_rows
-    plain = expected_throughput(estimates[:0], sps, draft_seconds=0.0, other_rows=rows)
+    plain = expected_throughput(estimates[:0], sps, draft_seconds=plain_seconds, other_rows=rows)
     return expected_throughput(estimates, sps, draft_seconds=draft_seconds,
                                other_rows=other_rows) > plain
 
@@ -312,8 +323,9 @@ def expected_throughput(
     the engine asks this with survival estimates from earlier blocks (never this step's tokens,
     so the choice stays lossless, like the production variant's capacity from old confidence):
     drafting commits tau*(n) = rows + the n best a's in step_time(rows + n) + `draft_seconds`,
-    at the best n among those Alg. 1's early-stopping scan would reach (n >= 1). With D = 0 it
-    is plain decoding: rows in step_time(rows), no draft time.
+    at the best n among those Alg. 1's early-stopping scan (`prefix_lengths`, with the draft
+    time as its fixed seconds) would reach (n >= 1). With D = 0 it is plain decoding: rows in
+    step_time(rows) + `draft_seconds` (then only the step's other work: no draft pass runs).
     """
     _check_survival(estimates)
     if draft_seconds < 0 or not math.isfinite(draft_seconds):
@@ -322,12 +334,10 @@ def expected_throughput(
     if rows < 1:
         raise ValueError("expected_throughput needs at least one row")
     if estimates.numel() == 0:
-        return rows / float(sps.step_time(torch.tensor([float(rows)]))[0])
+        return rows / (float(sps.step_time(torch.tensor([float(rows)]))[0]) + draft_seconds)
     a = torch.sort(estimates.detach().double().cpu().reshape(-1), descending=True).values
     steps = torch.arange(0, len(a) + 1, dtype=torch.float64)
     tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a, 0)])
-    verify_time = sps.step_time(rows + steps)  # [N+1]
-    theta = tau / verify_time
+    theta = tau / (sps.step_time(rows + steps) + draft_seconds)  # [N+1]
     reach = 1 + int(torch.cumprod((theta[1:] > theta[:-1]).int(), 0).sum())  # Alg. 1's stop
-    with_draft = tau[1:max(reach, 2)] / (verify_time[1:max(reach, 2)] + draft_seconds)
-    return float(with_draft.max())
+    return float(theta[1:max(reach, 2)].max())

@@ -12,6 +12,7 @@ that no draft token can move.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,15 @@ class DraftProposal:
     probs: torch.Tensor | None         # [S, G, V] distributions they were drawn from;
                                        # None when all are greedy (ids suffice)
     conf_logits: torch.Tensor | None   # [S, G] raw confidence logits, None without a head
+    conf: torch.Tensor | None = None   # [S, G] the c_k this step decides with (STS, then the
+                                       # engine's online calibration); None: from conf_logits
+
+
+def proposal_confidence(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
+    """[S, G] c_k of a proposal's rows, on the CPU."""
+    if proposal.conf is not None:
+        return proposal.conf.cpu()
+    return confidence(proposal.conf_logits, sts).cpu()
 
 
 def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tensor:
@@ -39,14 +49,15 @@ def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tens
 
 def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *, gamma: int,
                    sps: SPSTable | RowCostTable | None, threshold: float, sts: list[float] | None,
-                   max_batch_tokens: int) -> list[int]:
-    """Verify lengths l_r in [0, gamma] for every request of the step (0 for `ar`)."""
+                   max_batch_tokens: int, draft_seconds: float = 0.0) -> list[int]:
+    """Verify lengths l_r in [0, gamma] for every request of the step (0 for `ar`);
+    `draft_seconds`, the profiled time of the step's draft pass, is part of what `prefix`
+    weighs each verified token against (`prefix_lengths`' fixed seconds)."""
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
     caps = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
-    conf = confidence(proposal.conf_logits, sts).cpu() if proposal.conf_logits is not None \
-        else None
+    conf = proposal_confidence(proposal, sts) if proposal.conf_logits is not None else None
     policies = [reqs[i].policy for i in spec_idx]
     prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
     chosen = torch.zeros(len(spec_idx), dtype=torch.long)
@@ -67,7 +78,7 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
         chosen[prefix_rows] = torch.minimum(
             prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
-                           extra_tau=extra_tau).cpu(),
+                           extra_tau=extra_tau, fixed_seconds=draft_seconds).cpu(),
             caps[prefix_rows])
     for k, i in enumerate(spec_idx):
         lengths[i] = int(chosen[k])
@@ -94,6 +105,31 @@ def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma:
     return out
 
 
+class StepOverhead:
+    """Seconds a decode step spends besides its target forward (the draft pass, drafting
+    bookkeeping, sampling, commit, detokenizing), by how many requests drafted in it (0: a
+    plain step), in buckets of powers of two, as a running mean of measured steps.
+
+    Alg. 1 and the draft gate weigh verified tokens against the whole step's time; these
+    seconds are part of it that the forward's cost table does not hold. They come from steps
+    already run, so a step's choices never depend on its own draft tokens."""
+
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing = smoothing
+        self._mean: dict[int, float] = {}
+
+    def observe(self, drafting_rows: int, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        key = drafting_rows.bit_length()
+        old = self._mean.get(key)
+        self._mean[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def seconds(self, drafting_rows: int, default: float) -> float:
+        """The running mean for steps with `drafting_rows` drafting requests, or `default`."""
+        return self._mean.get(drafting_rows.bit_length(), default)
+
+
 class DraftGate:
     """Chooses which requests draft in a step where the `prefix` policy is used.
 
@@ -117,6 +153,8 @@ class DraftGate:
         self.gamma, self.sts, self.draft_cost = gamma, sts, draft_cost
         self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
         self.smoothing = smoothing
+        self.overhead = StepOverhead()
+        """What steps spend besides their target forward, measured by the engine."""
         self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
@@ -172,18 +210,24 @@ class DraftGate:
         best, best_value = set(), -1.0
         for size in sorted(sizes):
             drafting = forced + ranked[:size]
-            seconds = 1.0 / self.draft_cost(len(drafting)) if drafting else 0.0
+            seconds = self.draft_seconds(len(drafting))  # 0 drafting: the plain step's own
             value = expected_throughput(est[drafting], cost, draft_seconds=seconds,
                                         other_rows=len(reqs) - len(drafting))
             if value > best_value:
                 best, best_value = set(ranked[:size]), value
         return best
 
+    def draft_seconds(self, rows: int) -> float:
+        """Seconds a step spends besides its target forward when `rows` requests draft (0:
+        none): measured (`StepOverhead`) once such steps ran, else the profiled draft pass."""
+        profiled = 1.0 / self.draft_cost(rows) if rows and self.draft_cost is not None else 0.0
+        return self.overhead.seconds(rows, profiled)
+
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""
         if not drafted or proposal is None or proposal.conf_logits is None:
             return
-        a = survival(confidence(proposal.conf_logits, self.sts)).double().cpu()  # [D, G]
+        a = survival(proposal_confidence(proposal, self.sts)).double()  # [D, G]
         for k, i in enumerate(drafted):
             rid = reqs[i].req_id
             old = self._estimate.get(rid)
