@@ -6,6 +6,7 @@ in the same dtype and on one thread, one after the other in one run:
   per-request tokens/s (the mean over requests);
 - c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
   flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c.
+Every arm runs `--repeats` times (3), interleaved with the others; figures are medians.
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
 an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
@@ -19,7 +20,7 @@ vLLM runs in a virtualenv of its own (`--vllm-python`, or `SPARKGRID_VLLM_PYTHON
 (their builds do not match its torch and break its import). Without it the vLLM arms are left
 out. It writes `--out` (`bench/results/peers.json`) and two plots beside it: aggregate tokens/s
 against concurrency, and per-request against aggregate tokens/s (the DSpark paper's Figure 7).
-Not a test: it asserts nothing; it reports. About 15 minutes on a 2-core CPU.
+Not a test: it asserts nothing; it reports. About 25 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="installed package whose source the prompts are cut from")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every arm, interleaved (medians are reported)")
     p.add_argument("--vllm-python", default=os.environ.get("SPARKGRID_VLLM_PYTHON"),
                    help="python of vLLM's virtualenv (default $SPARKGRID_VLLM_PYTHON; "
                         "none: no vLLM arms)")
@@ -74,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.num_prompts, args.max_tokens = "1,4", 8, 32
-        args.single_prompts, args.single_max_tokens = 2, 16
+        args.single_prompts, args.single_max_tokens, args.repeats = 2, 16, 1
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.policies = [x for x in args.policies.split(",") if x]
     return args
@@ -146,22 +149,36 @@ def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, poli
 
 
 def engine_arms(args, engine, prompts, singles) -> dict:
-    table: dict = {}
+    """Every (concurrency, policy) arm `--repeats` times, the arms interleaved within each
+    repeat so that machine noise hits them alike; the medians, with every run's figure."""
+    runs: dict = {}
     for policy in args.policies:  # warm-up: the kernel, the profiles, the allocator
         serve(engine, prompts[:4], concurrency=4, policy=policy, max_tokens=8)
-    for c in args.concurrency:
-        for policy in args.policies:
-            if c == 1:
-                res = serve(engine, singles, concurrency=1, policy=policy,
-                            max_tokens=args.single_max_tokens)
-            else:
-                res = serve(engine, requests_for(prompts, c), concurrency=c, policy=policy,
-                            max_tokens=args.max_tokens)
-            table.setdefault(policy, {})[str(c)] = res
-            print(f"sparkgrid {policy:6s} c={c:<3d} {res['aggregate_tps']:8.1f} tok/s aggregate, "
-                  f"{res['per_request_tps']:7.1f} per request, tau {res['mean_accept_length']:.2f}",
-                  file=sys.stderr, flush=True)
-    return table
+    for repeat in range(args.repeats):
+        for c in args.concurrency:
+            for policy in args.policies:
+                if c == 1:
+                    res = serve(engine, singles, concurrency=1, policy=policy,
+                                max_tokens=args.single_max_tokens)
+                else:
+                    res = serve(engine, requests_for(prompts, c), concurrency=c, policy=policy,
+                                max_tokens=args.max_tokens)
+                runs.setdefault(policy, {}).setdefault(str(c), []).append(res)
+                print(f"[{repeat + 1}/{args.repeats}] sparkgrid {policy:6s} c={c:<3d} "
+                      f"{res['aggregate_tps']:8.1f} tok/s aggregate, {res['per_request_tps']:7.1f} "
+                      f"per request, tau {res['mean_accept_length']:.2f}", file=sys.stderr,
+                      flush=True)
+    return {policy: {c: median_run(rs) for c, rs in by_c.items()} for policy, by_c in runs.items()}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median aggregate throughput, with every run's throughputs beside it."""
+    ranked = sorted(runs, key=lambda r: r["aggregate_tps"])
+    chosen = dict(ranked[len(ranked) // 2])
+    chosen["per_request_tps"] = statistics.median(r["per_request_tps"] for r in runs)
+    chosen["aggregate_tps_runs"] = [r["aggregate_tps"] for r in runs]
+    chosen["per_request_tps_runs"] = [r["per_request_tps"] for r in runs]
+    return chosen
 
 
 def requests_for(prompts: list[list[int]], c: int) -> list[list[int]]:
@@ -182,7 +199,7 @@ def vllm_arms(args, prompts, singles) -> dict | None:
             "concurrency": args.concurrency, "max_tokens": args.max_tokens,
             "prompts_by_c": {str(c): requests_for(prompts, c) for c in args.concurrency},
             "single_prompts": singles, "single_max_tokens": args.single_max_tokens,
-            "kv_cache_gib": 2}))
+            "repeats": args.repeats, "kv_cache_gib": 2}))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         env.pop("PYTHONPATH", None)
         proc = subprocess.run([args.vllm_python, str(ROOT / "bench" / "vllm_peer.py"),
@@ -303,6 +320,7 @@ def main(argv=None) -> int:
                   "prompts": f"{args.num_prompts} cut from the {args.prompt_package!r} package",
                   "prompt_tokens_mean": statistics.mean(len(p) for p in prompts),
                   "max_tokens": args.max_tokens, "single_prompts": args.single_prompts,
+                  "repeats": args.repeats,
                   "single_max_tokens": args.single_max_tokens,
                   "vllm": vllm["version"] if vllm else None, "cpu": _cpu_name()},
         "ratios": ratios(table, vllm, args.concurrency),

@@ -28,13 +28,14 @@ from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
 from worker.engine.prefix_scheduler import Policy, parse_policy
 from worker.engine.profiler import (device_name, load_or_profile, load_or_profile_draft,
-                                    load_or_profile_rows, median_seconds)
+                                    load_or_profile_overhead, load_or_profile_rows,
+                                    median_seconds, sync)
 from worker.engine.rejection import verify, verify_greedy
 from worker.engine.request import Request, RequestOutput, SpecStats, Status
 from worker.engine.sampling import sample, warp_probs
 from worker.engine.online_calibration import OnlineCalibration
-from worker.engine.spec_step import (DraftGate, DraftProposal, choose_lengths, confidence,
-                                     pad_rows)
+from worker.engine.spec_step import (DraftGate, DraftProposal, StepOverhead, choose_lengths,
+                                     confidence, pad_rows)
 from worker.engine.sts import load_sts
 
 
@@ -100,24 +101,29 @@ class LLMEngine:
         self.confidence_records: list[tuple[torch.Tensor, torch.Tensor]] = []
         """(raw confidence logits [G], acceptance [G] int8: 1 accepted, 0 rejected, -1 not
         verified) per drafted block, when `config.record_confidence` is on."""
-        draft_cost = None
-        if self.sps is not None:
-            alloc = self.draft_kv.allocator  # a small cache cannot profile many rows
-            fit = (alloc.num_blocks - alloc.num_reserved_blocks) // alloc.blocks_for(1 + self.gamma)
-            draft_cost = load_or_profile_draft(
-                self._time_draft, max_rows=max(1, min(config.max_num_seqs, fit)),
-                cache_dir=config.sps_cache_dir,
-                ident={"device": device_name(self.device), "torch": torch.__version__,
-                       "dtype": str(self.dtype), "ctx_len": config.sps_context_len,
-                       "target": tcfg.to_json_string(use_diff=False),
-                       "draft": repr(draft.config),
-                       "draft_vocab_size": config.draft_vocab_size})
         self.calibration = (OnlineCalibration(self.gamma)
                             if draft is not None and config.online_calibration else None)
         """Per-position corrections of the confidence from this engine's own verifications
         (`OnlineCalibration`), or None."""
+        draft_cost, fit = None, 1
+        if self.sps is not None:
+            alloc = self.draft_kv.allocator  # a small cache cannot profile many rows
+            fit = (alloc.num_blocks - alloc.num_reserved_blocks) // alloc.blocks_for(1 + self.gamma)
+            draft_ident = {"device": device_name(self.device), "torch": torch.__version__,
+                           "dtype": str(self.dtype), "ctx_len": config.sps_context_len,
+                           "target": tcfg.to_json_string(use_diff=False),
+                           "draft": repr(draft.config),
+                           "draft_vocab_size": config.draft_vocab_size,
+                           "attention": self.runner.backend}
+            draft_cost = load_or_profile_draft(
+                self._time_draft, max_rows=max(1, min(config.max_num_seqs, fit)),
+                cache_dir=config.sps_cache_dir, ident=draft_ident)
         self.gate = DraftGate(self.gamma, self.sts, draft_cost)
-        self._last_drafting_rows = 0
+        self._overhead_sink: list[float] | None = None
+        if draft_cost is not None:
+            self.gate.overhead = StepOverhead(*load_or_profile_overhead(
+                self._time_overhead, max_rows=max(1, min(config.max_num_seqs, fit)),
+                cache_dir=config.sps_cache_dir, ident=draft_ident))
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
 
     @classmethod
@@ -258,9 +264,9 @@ class LLMEngine:
     def _decode(self, reqs: list[Request]) -> None:
         started = time.perf_counter()
         forward = self._decode_step(reqs)
-        if self.device.type == "cpu":  # elsewhere the forward runs asynchronously: no timing
-            drafting = self._last_drafting_rows
-            self.gate.overhead.observe(drafting, time.perf_counter() - started - forward)
+        if self._overhead_sink is not None:  # profiling `StepOverhead`
+            sync(self.device)
+            self._overhead_sink.append(time.perf_counter() - started - forward)
 
     def _decode_step(self, reqs: list[Request]) -> float:
         """One decode step; returns the seconds its target forward took (CPU wall time)."""
@@ -274,7 +280,8 @@ class LLMEngine:
         lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=cost,
                                  threshold=self.config.threshold, sts=self.sts,
                                  max_batch_tokens=self.config.max_batch_tokens,
-                                 draft_seconds=self.gate.draft_seconds(len(draft_idx)))
+                                 draft_seconds=self.gate.draft_seconds(len(draft_idx),
+                                                                       len(reqs)))
         self.gate.observe(reqs, draft_idx, proposal)
         draft_ids = pad_rows(proposal.ids if proposal else None, draft_idx, len(reqs), gamma,
                              self.device)
@@ -284,10 +291,13 @@ class LLMEngine:
         ids = torch.tensor([t for x in inputs for t in x], device=self.device)
         batch = ForwardBatch([r.req_id for r in reqs], starts, num_new, ids,
                              torch.arange(ids.numel(), device=self.device))
+        if self._overhead_sink is not None:
+            sync(self.device)
         forward_started = time.perf_counter()
         logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
+        if self._overhead_sink is not None:
+            sync(self.device)
         forward = time.perf_counter() - forward_started
-        self._last_drafting_rows = len(draft_idx)
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += ids.numel()
         if not draft_idx:  # plain decoding: sample the next token directly
@@ -418,6 +428,38 @@ class LLMEngine:
             for row in stand_ins:
                 alloc.free(row.req_id)
         return seconds
+
+    @torch.inference_mode()
+    def _time_overhead(self, rows: int, drafting: bool, steps: int = 4) -> float:
+        """Median seconds that a decode step of `rows` greedy stand-in requests spends besides
+        its target forward, all drafting (`fixed`) or none (`ar`); the engine must be idle."""
+        if self.requests:
+            raise RuntimeError("the engine must be idle to profile its step overhead")
+        ctx = max(1, min(self.config.sps_context_len, 64))
+        budget = ctx + steps * (self.gamma + 1) + 1
+        alloc = self.kv.allocator
+        rows = max(1, min(rows, alloc.num_blocks // alloc.blocks_for(budget)))
+        params = SamplingParams(temperature=0, max_tokens=budget - ctx, ignore_eos=True)
+        prompt = [t % self.vocab_size for t in range(2, 2 + ctx)]
+        counters, calibration = self.counters, self.calibration
+        self.counters = Counters()
+        self.calibration = None  # stand-ins teach the real requests nothing
+        ids = [self.add_request(prompt, params, req_id=f"__overhead_{i}",
+                                policy="fixed" if drafting else "ar") for i in range(rows)]
+        sink: list[float] = []
+        try:
+            while self.waiting:  # admit and prefill all of them
+                self.step()
+            self._overhead_sink = sink
+            for _ in range(steps):
+                self.step()
+        finally:
+            self._overhead_sink = None
+            for rid in ids:
+                self.abort(rid)
+            self.counters, self.calibration = counters, calibration
+        sink.sort()
+        return sink[len(sink) // 2] if sink else 0.0
 
     def _uniforms(self, req: Request, n: int) -> torch.Tensor:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw

@@ -6,7 +6,8 @@ and how many blocks it has reserved at admission. Admission reserves a sequence'
 blocks are still taken lazily, as tokens are written, and given back on rollback.
 
 Does not know: tensors, models or layers. `PagedKV` (below) holds the tensors one allocator
-indexes; the model runner and drafter read and write them.
+indexes; the model runner and the engine write them, and `attention.paged_attention` reads
+them in place through the block tables.
 """
 
 from __future__ import annotations
@@ -144,23 +145,6 @@ class PagedKV:
         self.k[layer, slots] = k
         self.v[layer, slots] = v
 
-    def gather(self, layer: int, slots: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots `[R, L]` -> k, v `[R, L, kv_heads, head_dim]` (a copy); a slice (one
-        sequence stored contiguously, see `contiguous_span`) -> `[1, L, ...]` views, no copy."""
-        if isinstance(slots, slice):
-            return self.k[layer, slots][None], self.v[layer, slots][None]
-        return self.k[layer, slots], self.v[layer, slots]
-
-    def contiguous_span(self, seq_id: str, num_tokens: int) -> slice | None:
-        """The slots of positions [0, num_tokens) as one range, when the sequence's blocks
-        happen to be consecutive in the pool (typical for a lone request), else None."""
-        blocks = self.allocator.block_table(seq_id)
-        first = blocks[0] if blocks else 0
-        if blocks != list(range(first, first + len(blocks))):
-            return None
-        start = first * self.allocator.block_size
-        return slice(start, start + num_tokens)
-
     def block_tables(self, seq_ids: list[str]) -> torch.Tensor:
         """Padded block tables `[R, max_blocks]` (padding points at block 0, masked by users)."""
         tables = [self.allocator.block_table(s) for s in seq_ids]
@@ -173,10 +157,3 @@ class PagedKV:
         """Slot of each packed token: seq_of, positions `[N]` -> `[N]`."""
         bs = self.allocator.block_size
         return self.block_tables(seq_ids)[seq_of, positions // bs] * bs + positions % bs
-
-    def slots(self, seq_ids: list[str], positions: torch.Tensor) -> torch.Tensor:
-        """Slot index of each (sequence, position): positions `[R, L]` -> `[R, L]`."""
-        bs = self.allocator.block_size
-        tables = self.block_tables(seq_ids)  # [R, max_blocks]
-        block_idx = (positions // bs).clamp(max=tables.shape[1] - 1)
-        return tables.gather(1, block_idx) * bs + positions % bs

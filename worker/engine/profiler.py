@@ -79,10 +79,10 @@ def median_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
     after each, untimed."""
     times = []
     for i in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         if i:
             times.append(time.perf_counter() - t0)
         if after is not None:
@@ -180,7 +180,7 @@ def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
     return median_seconds(lambda: runner.forward(batch, True), runner.device, repeats, roll_back)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -194,16 +194,29 @@ def draft_row_grid(max_rows: int) -> list[int]:
 
 
 def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
-                          cache_dir: str | None) -> SPSTable:
+                          cache_dir: str | None, kind: str = "draft") -> SPSTable:
     """Draft passes per second by the number of drafting requests (rows), as an `SPSTable`
     over rows: `time_draft(rows)` times one pass. Cached on disk like SPS(B), so the engine's
     choices depend on the table, not on the timing noise of the moment."""
     sizes = draft_row_grid(max_rows)
-    key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": "draft"},
+    key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": kind},
                                     sort_keys=True).encode()).hexdigest()[:24]
 
     def build() -> SPSTable:
-        times = [time_draft(rows) for rows in sizes]
+        times = [max(time_draft(rows), 1e-6) for rows in sizes]
         return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
 
-    return _cached(cache_dir, f"draft-{key}.json", build)
+    return _cached(cache_dir, f"{kind}-{key}.json", build)
+
+
+def load_or_profile_overhead(time_overhead, *, ident: dict, max_rows: int,
+                             cache_dir: str | None) -> tuple[SPSTable, SPSTable]:
+    """What a decode step spends besides its target forward, by rows (`StepOverhead`'s
+    tables): `time_overhead(rows, drafting)` times steps with nobody or everybody drafting.
+    Cached beside the draft table."""
+    plain = load_or_profile_draft(lambda rows: time_overhead(rows, False), ident=ident,
+                                  max_rows=max_rows, cache_dir=cache_dir, kind="overhead-plain")
+    drafting = load_or_profile_draft(lambda rows: time_overhead(rows, True), ident=ident,
+                                     max_rows=max_rows, cache_dir=cache_dir,
+                                     kind="overhead-draft")
+    return plain, drafting

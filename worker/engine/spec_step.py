@@ -12,7 +12,6 @@ that no draft token can move.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,27 +106,24 @@ def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma:
 
 class StepOverhead:
     """Seconds a decode step spends besides its target forward (the draft pass, drafting
-    bookkeeping, sampling, commit, detokenizing), by how many requests drafted in it (0: a
-    plain step), in buckets of powers of two, as a running mean of measured steps.
+    bookkeeping, sampling, commit, detokenizing): `plain`, by the step's rows, for steps in
+    which nobody drafts; `drafting`, by the drafting rows. Both are profiled (`SPSTable`s of
+    such steps per second, cached like SPS(B)), so choices depend on the tables, not on the
+    timing noise of the moment, and a seed's text repeats on the same schedule.
 
     Alg. 1 and the draft gate weigh verified tokens against the whole step's time; these
-    seconds are part of it that the forward's cost table does not hold. They come from steps
-    already run, so a step's choices never depend on its own draft tokens."""
+    seconds are the part of it that the forward's cost table does not hold."""
 
-    def __init__(self, smoothing: float = 0.1):
-        self.smoothing = smoothing
-        self._mean: dict[int, float] = {}
+    def __init__(self, plain: SPSTable | None = None, drafting: SPSTable | None = None):
+        self.plain, self.drafting = plain, drafting
 
-    def observe(self, drafting_rows: int, seconds: float) -> None:
-        if not math.isfinite(seconds) or seconds < 0:
-            return
-        key = drafting_rows.bit_length()
-        old = self._mean.get(key)
-        self._mean[key] = seconds if old is None else old + self.smoothing * (seconds - old)
-
-    def seconds(self, drafting_rows: int, default: float) -> float:
-        """The running mean for steps with `drafting_rows` drafting requests, or `default`."""
-        return self._mean.get(drafting_rows.bit_length(), default)
+    def seconds(self, drafting_rows: int, rows: int, default: float) -> float:
+        """The profiled seconds for a step of `rows` with `drafting_rows` drafting, or
+        `default` without a profile."""
+        table = self.drafting if drafting_rows else self.plain
+        if table is None:
+            return default
+        return 1.0 / table(drafting_rows or rows)
 
 
 class DraftGate:
@@ -154,7 +150,7 @@ class DraftGate:
         self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
         self.smoothing = smoothing
         self.overhead = StepOverhead()
-        """What steps spend besides their target forward, measured by the engine."""
+        """What steps spend besides their target forward (profiled by the engine)."""
         self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
@@ -210,18 +206,19 @@ class DraftGate:
         best, best_value = set(), -1.0
         for size in sorted(sizes):
             drafting = forced + ranked[:size]
-            seconds = self.draft_seconds(len(drafting))  # 0 drafting: the plain step's own
+            seconds = self.draft_seconds(len(drafting), len(reqs))  # 0: the plain step's own
             value = expected_throughput(est[drafting], cost, draft_seconds=seconds,
                                         other_rows=len(reqs) - len(drafting))
             if value > best_value:
                 best, best_value = set(ranked[:size]), value
         return best
 
-    def draft_seconds(self, rows: int) -> float:
-        """Seconds a step spends besides its target forward when `rows` requests draft (0:
-        none): measured (`StepOverhead`) once such steps ran, else the profiled draft pass."""
-        profiled = 1.0 / self.draft_cost(rows) if rows and self.draft_cost is not None else 0.0
-        return self.overhead.seconds(rows, profiled)
+    def draft_seconds(self, drafting_rows: int, rows: int) -> float:
+        """Seconds a step of `rows` spends besides its target forward when `drafting_rows` of
+        them draft (0: none): the profiled `StepOverhead`, else the profiled draft pass."""
+        profiled = (1.0 / self.draft_cost(drafting_rows)
+                    if drafting_rows and self.draft_cost is not None else 0.0)
+        return self.overhead.seconds(drafting_rows, rows, profiled)
 
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""

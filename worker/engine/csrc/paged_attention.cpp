@@ -92,6 +92,74 @@ inline void fold(Softmax<acc_t>& st, int64_t m, int64_t dim, const acc_t* s, acc
   st.mx[m] = new_max;
 }
 
+// Few query vectors (M <= 4, a one-token decode row of a GQA group) with the head size known
+// at compile time: each key and value row is converted to float once, in registers, and
+// serves all M vectors; the M outputs stay in registers across the block.
+template <typename scalar_t, typename acc_t, int64_t M, int64_t DIM>
+inline void small_block(Softmax<acc_t>& st, const acc_t* qf, const int32_t* m_len,
+                        int64_t start, int64_t n_t, const scalar_t* kp, const scalar_t* vp,
+                        int64_t base, int64_t kv_slot, int64_t g) {
+  constexpr int64_t kMaxBlock = 64;
+  acc_t s[M][kMaxBlock];
+  acc_t p[M][kMaxBlock];
+  int64_t visible[M];
+  acc_t new_max[M], alpha[M];
+  for (int64_t m = 0; m < M; ++m) visible[m] = std::min<int64_t>(n_t, m_len[m] - start);
+  for (int64_t t = 0; t < n_t; ++t) {
+    const scalar_t* ks = kp + (base + t) * kv_slot + g * DIM;
+    acc_t kr[DIM];
+#pragma omp simd
+    for (int64_t d = 0; d < DIM; ++d) kr[d] = static_cast<acc_t>(ks[d]);
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t* qv = qf + m * DIM;
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < DIM; ++d) dot += qv[d] * kr[d];
+      s[m][t] = dot;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t chunk_max = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t t = 0; t < visible[m]; ++t) chunk_max = std::max(chunk_max, s[m][t]);
+    new_max[m] = visible[m] > 0 ? std::max(st.mx[m], chunk_max) : st.mx[m];
+    acc_t sum = 0;
+    const acc_t nm = new_max[m];
+    const int64_t vis = visible[m];
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n_t; ++t) {
+      p[m][t] = t < vis ? exp_nonpositive(s[m][t] - nm) : acc_t(0);
+      sum += p[m][t];
+    }
+    alpha[m] = (vis <= 0) ? acc_t(1)
+        : (st.mx[m] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
+                                                               : exp_nonpositive(st.mx[m] - nm));
+    st.den[m] = st.den[m] * alpha[m] + sum;
+    st.mx[m] = new_max[m];
+  }
+  acc_t a[M][DIM];
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* src = st.acc.data() + m * DIM;
+#pragma omp simd
+    for (int64_t d = 0; d < DIM; ++d) a[m][d] = src[d] * alpha[m];
+  }
+  for (int64_t t = 0; t < n_t; ++t) {
+    const scalar_t* vs = vp + (base + t) * kv_slot + g * DIM;
+    acc_t vr[DIM];
+#pragma omp simd
+    for (int64_t d = 0; d < DIM; ++d) vr[d] = static_cast<acc_t>(vs[d]);
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t pm = p[m][t];
+#pragma omp simd
+      for (int64_t d = 0; d < DIM; ++d) a[m][d] += pm * vr[d];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t* dst = st.acc.data() + m * DIM;
+#pragma omp simd
+    for (int64_t d = 0; d < DIM; ++d) dst[d] = a[m][d];
+  }
+}
+
 // Each block of keys and values is converted to float32 once (contiguous rows, vectorized),
 // then serves every query vector of the task. Few query vectors (a one-token decode): each
 // score is a dot product over dim. Many (verify rows, a draft block): the query vectors are
@@ -152,6 +220,17 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t start = 0; start < ctx; start += bs) {
         const int64_t n_t = std::min(bs, ctx - start);
         const int64_t base = static_cast<int64_t>(table[start / bs]) * bs;
+        if (DIM > 0 && m_count <= 4 && bs <= 64) {  // staged rows unused: read in place
+          constexpr int64_t D = DIM > 0 ? DIM : 1;
+          const acc_t* q0 = qf.data();
+          switch (m_count) {
+            case 1: small_block<scalar_t, acc_t, 1, D>(st, q0, m_len.data(), start, n_t, kp, vp, base, kv_slot, g); break;
+            case 2: small_block<scalar_t, acc_t, 2, D>(st, q0, m_len.data(), start, n_t, kp, vp, base, kv_slot, g); break;
+            case 3: small_block<scalar_t, acc_t, 3, D>(st, q0, m_len.data(), start, n_t, kp, vp, base, kv_slot, g); break;
+            default: small_block<scalar_t, acc_t, 4, D>(st, q0, m_len.data(), start, n_t, kp, vp, base, kv_slot, g); break;
+          }
+          continue;
+        }
         for (int64_t t = 0; t < n_t; ++t) {
           const scalar_t* ks = kp + (base + t) * kv_slot + g * dim;
           const scalar_t* vs = vp + (base + t) * kv_slot + g * dim;
