@@ -60,6 +60,15 @@ FALLBACK_PROMPTS = (
 # Sizes near DSPARK.md 4's CPU target (width 256, 6 layers), with a 512-entry vocabulary.
 TINY_TARGET = dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
                    intermediate_size=768)
+# Random targets of real Qwen3 shapes (`--random-size`), for GPU runs: the published configs'
+# widths, depths, heads and vocabulary (the tiny tokenizer covers its first 512 ids only).
+RANDOM_SIZES = {
+    "tiny": TINY_TARGET,
+    "0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=3072, vocab_size=151936),
+    "4b": dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+               intermediate_size=9728, vocab_size=151936),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="float32, bfloat16, ... (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--target", help="target model directory (default: a tiny random Qwen3)")
     p.add_argument("--draft", help="DSpark draft directory (default: a random draft, gamma 7)")
+    p.add_argument("--random-size", choices=sorted(RANDOM_SIZES), default="tiny",
+                   help="shape of the random target built without --target (default tiny; "
+                        "0.6b and 4b: Qwen3-0.6B / Qwen3-4B shapes, for a GPU)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated request counts")
     p.add_argument("--num-prompts", type=int, default=16,
@@ -119,7 +131,9 @@ def build_models(args, work: Path) -> tuple[str, str]:
     if target_dir is None:
         tokenizer = tiny.build_tokenizer(work / "target", vocab_size=512)
         target_dir = str(tiny.build_target(work / "target", "qwen3", tokenizer, seed=args.seed,
-                                           **TINY_TARGET))
+                                           dtype=torch.float32 if args.random_size == "tiny"
+                                           else torch.bfloat16,
+                                           **RANDOM_SIZES[args.random_size]))
     if args.draft is not None:
         return target_dir, args.draft
     tokenizer = AutoTokenizer.from_pretrained(target_dir)

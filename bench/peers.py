@@ -311,7 +311,11 @@ def main(argv=None) -> int:
                                args.max_prompt_tokens)
     singles = prompts[:args.single_prompts]
     table = engine_arms(args, engine, prompts, singles)
+    partial = Path(args.out).with_suffix(".engine.json")  # kept if the vLLM side fails
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(table))
     vllm = vllm_arms(args, prompts, singles)
+    partial.unlink()
     out = Path(args.out)
     result = {
         "setup": {"target": Path(args.target).name, "draft": Path(args.draft).name,

@@ -66,13 +66,6 @@ def _run(llm, spec: dict, c: int) -> dict:
         outputs = [list(o.outputs[0].token_ids) for o in outs]
     return {"aggregate_tps": tokens / wall, "wall_s": wall, "tokens": tokens,
             "per_request_tps": sum(per_request) / len(per_request), "outputs": outputs}
-        results["arms"][str(c)] = {
-            "aggregate_tps": tokens / wall, "wall_s": wall, "tokens": tokens,
-            "per_request_tps": sum(per_request) / len(per_request), "outputs": outputs}
-        del llm
-    with open(sys.argv[2], "w") as f:
-        json.dump(results, f)
-    return 0
 
 
 if __name__ == "__main__":

@@ -66,18 +66,22 @@ def build_target(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Save a randomly initialised `family` ("qwen3" or "llama") causal LM and `tokenizer` to `out_dir`."""
+    """Save a randomly initialised `family` ("qwen3" or "llama") causal LM and `tokenizer` to
+    `out_dir`. `head_dim` defaults to hidden_size / num_heads; `vocab_size` to the tokenizer's
+    (a larger one gives a real model's output layer; ids past the tokenizer decode to "")."""
     if family not in _FAMILIES:
         raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
     config_cls, model_cls = _FAMILIES[family]
     config = config_cls(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+        head_dim=head_dim or hidden_size // num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         # Wider than the usual 0.02: random weights then give varied greedy text, not one token repeated.

@@ -96,3 +96,17 @@ def test_a_drafter_shares_the_targets_embedding_and_head_only_when_equal(tmp_pat
     assert share_frozen_copies(draft, target) == ["embed_tokens"]  # an lm_head of its own stays
     assert draft.embed_tokens.weight is target.get_input_embeddings().weight
     assert draft.lm_head.weight is not target.get_output_embeddings().weight
+
+
+def test_target_takes_a_real_models_head_size_and_output_layer(tmp_path, tiny_tokenizer_dir):
+    """Random targets of real shapes (bench/engine.py --random-size): the head size and the
+    output layer need not follow the width and the tokenizer; ids past the tokenizer decode
+    to nothing rather than failing."""
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    out = build_target(tmp_path / "t", "qwen3", tok, hidden_size=32, num_heads=2,
+                       num_kv_heads=1, head_dim=24, vocab_size=len(tok) + 300)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.head_dim == 24
+    assert model.get_output_embeddings().weight.shape[0] == len(tok) + 300
+    assert model.model.layers[0].self_attn.q_proj.out_features == 2 * 24
+    assert tok.backend_tokenizer.decode([len(tok) + 5]) == ""

@@ -224,11 +224,11 @@ def packed_index(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """`F.scaled_dot_product_attention`, run in float32 for half-precision tensors on a CPU.
 
-    torch's CPU kernel in bfloat16 is slow for the few queries a decode or verify step has
-    (one query over 200 keys, 16 sequences: 1.8 ms against 0.3 ms in float32, measured on an
-    AVX512-BF16 core), while the projections around it gain from bfloat16. Attention is a
-    small share of the work here, so computing it in float32 costs little and only adds
-    precision; the output comes back in the input dtype."""
+    Used for prefills (each sequence over its own new keys) and the drafter's padded path.
+    torch's CPU kernel in bfloat16 was measured slow for few queries (one query over 200 keys,
+    16 sequences: 1.8 ms against 0.3 ms in float32 on an AVX512-BF16 core), while the
+    projections around it gain from bfloat16; float32 only adds precision, and the output
+    comes back in the input dtype."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
