@@ -8,8 +8,8 @@ over keys kept elsewhere, as the drafter's block).
 - `native`: a C++ kernel (`csrc/paged_attention.cpp`, registered as
   `torch.ops.sparkgrid.paged_attention`) that streams each sequence's cache blocks in place and
   serves every query row and head sharing a kv head from one float32 copy of a block. Built
-  with the machine's C++ compiler at first use (about 30 s) and cached per source, torch version
-  and CPU in `$SPARKGRID_HOME/ext` (default `~/.sparkgrid/ext`). CPU only.
+  with the machine's C++ compiler at first use (about 15 s) and cached per source, torch version
+  and CPU in `~/.cache/sparkgrid/ext`, beside the profiled cost tables. CPU only.
 - `torch`: the reference in plain torch ops (gather the contexts into a padded tensor, one
   masked softmax); used on other devices, where the native kernel cannot be built, or when
   `SPARKGRID_ATTENTION=torch` asks for it (tests run both).
@@ -101,8 +101,7 @@ def _build_and_load() -> None:
     source = _SOURCE.read_bytes()
     ident = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode())
     name = f"sparkgrid_paged_attention_{ident.hexdigest()[:16]}"
-    home = Path(os.environ.get("SPARKGRID_HOME") or Path.home() / ".sparkgrid")
-    build_dir = home / "ext" / name
+    build_dir = Path.home() / ".cache" / "sparkgrid" / "ext" / name  # shared by every home
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(build_dir),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
