@@ -19,6 +19,7 @@ from scipy.stats import chisquare
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
 from worker.engine.prefix_scheduler import SPSTable
+from worker.engine.spec_step import StepOverhead
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +66,10 @@ def sample_engine(target, draft, tok, policy, temperature, top_p, sps_dir):
     # A fixed, nearly flat cost table instead of this machine's measured one, so that `prefix`
     # verifies drafts here whatever the CPU's speed (this test is about the distribution).
     engine.sps = SPSTable(batch_tokens=[1, 4096], steps_per_second=[100.0, 90.0])
+    engine.step_cost = None  # plan with the flat table above
+    # and a draft pass that costs next to nothing, so that the draft gate lets rows draft
+    engine.gate.draft_cost = SPSTable(batch_tokens=[1, 4096], steps_per_second=[1e6, 1e6])
+    engine.gate.overhead = StepOverhead()
     vocab = target.config.vocab_size
     counts = np.zeros((vocab,) * 3)
     for i in range(NUM_SAMPLES):

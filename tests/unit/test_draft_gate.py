@@ -128,3 +128,19 @@ def test_a_request_due_for_refresh_drafts_beside_the_chosen_ones():
     # the unlikely request skips 2 steps, refreshes, then its interval doubles to 4
     assert drafted == [[1], [1], [0, 1], [1], [1], [1]]
     assert gate._interval["r0"] == 4
+
+
+def test_a_newcomer_starts_from_the_others_mean_instead_of_drafting():
+    """With estimates around, a new request is weighed like the others: where drafting
+    unlikely tokens costs too much it does not draft either (until its refresh interval);
+    where likely tokens are cheap to draft, it drafts."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT, refresh_steps=3)
+    old = _reqs("prefix")
+    gate.observe(old, [0], _proposal(UNLIKELY))
+    reqs = old + [SimpleNamespace(req_id="new", policy="prefix", remaining=100)]
+    drafted = [gate.rows(reqs, [0, 1], FLAT, 512) for _ in range(4)]
+    assert drafted[:3] == [[], [], []]
+    assert 1 in drafted[3]  # its refresh interval ran out
+    gate = DraftGate(gamma=2, sts=None, draft_cost=FAST_DRAFT)
+    gate.observe(old, [0], _proposal(LIKELY))
+    assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]

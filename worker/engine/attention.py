@@ -78,6 +78,14 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
+def implementation_id(backend: str) -> str:
+    """Names the attention code a cost profile was measured with: `torch`, or `native-` and a
+    hash of the kernel's source (profiles cached on disk are keyed by it)."""
+    if backend != "native":
+        return backend
+    return "native-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def load_native() -> bool:
     """Build (once per source, torch and CPU) and load the CPU kernel; False if it cannot."""
     with _lock:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.attention import implementation_id
 from worker.engine.model_runner import ForwardBatch, TargetRunner
 from worker.engine.prefix_scheduler import RowCostTable, SPSTable
 
@@ -46,6 +47,7 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
         "device": device_name(runner.device), "torch": torch.__version__, "dtype": str(dtype),
         "model": getattr(cfg, "_name_or_path", ""), "config": cfg.to_json_string(use_diff=False),
         "sizes": sizes, "ctx_len": ctx_len, "gamma": gamma,
+        "attention": implementation_id(runner.backend), "timing": "best-of-n",
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -74,9 +76,11 @@ def _cached(cache_dir: str | None, name: str, build, table_type=SPSTable):
     return table
 
 
-def median_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
-    """Median wall time of `fn()` over `repeats` runs after one warm-up run; `after()` runs
-    after each, untimed."""
+def best_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
+    """Shortest wall time of `fn()` over `repeats` runs after one warm-up run; `after()` runs
+    after each, untimed. The shortest, not the median: on a shared machine other work only
+    ever adds time, and a profile's tables are compared with one another, so a point measured
+    while a neighbour was busy would mislead every choice made with it."""
     times = []
     for i in range(repeats + 1):
         sync(device)
@@ -87,14 +91,13 @@ def median_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
             times.append(time.perf_counter() - t0)
         if after is not None:
             after()
-    times.sort()
-    return max(times[len(times) // 2], 1e-9)
+    return max(min(times), 1e-9)
 
 
 @torch.inference_mode()
 def profile_sps(runner: TargetRunner, sizes: list[int], *, ctx_len: int, block: int,
                 repeats: int = 3) -> SPSTable:
-    """Median-of-`repeats` timing of a B-token verify forward for each B in `sizes`."""
+    """Best-of-`repeats` timing of a B-token verify forward for each B in `sizes`."""
     with _profiling_sequences(runner, -(-sizes[-1] // block), ctx_len, block,
                               "sps") as (seq_ids, ctx_len, gen):
         # a small cache cannot hold the largest batches: profile what fits, extrapolate the rest
@@ -119,8 +122,8 @@ def load_or_profile_rows(runner: TargetRunner, *, dtype: torch.dtype, max_rows: 
 
 @torch.inference_mode()
 def profile_rows(runner: TargetRunner, rows: list[int], *, ctx_len: int, gamma: int,
-                 repeats: int = 3) -> RowCostTable:
-    """Median-of-`repeats` seconds of a forward of R sequences of `ctx_len` cached tokens, with
+                 repeats: int = 5) -> RowCostTable:
+    """Best-of-`repeats` seconds of a forward of R sequences of `ctx_len` cached tokens, with
     1 and with 1 + gamma new tokens each, for each R in `rows` (capped by the cache)."""
     block = gamma + 1
     with _profiling_sequences(runner, rows[-1], ctx_len, block,
@@ -166,7 +169,7 @@ def _monotone(times: list[float]) -> torch.Tensor:
 
 
 def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
-    """Median seconds of one forward of `size` tokens, `block` new tokens per sequence."""
+    """Best seconds of one forward of `size` tokens, `block` new tokens per sequence."""
     counts = [block] * (size // block) + ([size % block] if size % block else [])
     sids = seq_ids[: len(counts)]
     ids = torch.randint(0, runner.vocab_size, (size,), generator=gen).to(runner.device)
@@ -177,7 +180,7 @@ def _time_forward(runner, seq_ids, size, ctx_len, block, repeats, gen) -> float:
         for sid in sids:
             runner.kv.allocator.truncate(sid, ctx_len)
 
-    return median_seconds(lambda: runner.forward(batch, True), runner.device, repeats, roll_back)
+    return best_seconds(lambda: runner.forward(batch, True), runner.device, repeats, roll_back)
 
 
 def sync(device: torch.device) -> None:

@@ -140,7 +140,10 @@ class DraftGate:
     the subsets tried being the best 0, 1, 2, 4, ... of them. A request without an estimate,
     or one that has not drafted for its refresh interval, drafts anyway, so estimates follow
     the text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`)
-    each time a refreshed estimate still leaves the request out. The choice uses no token of
+    each time a refreshed estimate still leaves the request out. A request that arrives while
+    others have estimates starts from their mean (a request churn would otherwise force a
+    draft pass for a few newcomers in step after step, in exactly the regime where drafting
+    does not pay). The choice uses no token of
     the current step, so verification stays lossless.
     """
 
@@ -167,6 +170,12 @@ class DraftGate:
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
+        if self._estimate:  # a newcomer starts from the others' mean instead of drafting first
+            prior = torch.stack(list(self._estimate.values())).mean(0)
+            for r in ids:
+                if r not in self._estimate:
+                    self._estimate[r] = prior.clone()
+                    self._skipped[r], self._interval[r] = 0, self.refresh_steps
         forced = [k for k, r in enumerate(ids)
                   if r not in self._estimate or self._skipped[r] >= self._interval[r]]
         self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)

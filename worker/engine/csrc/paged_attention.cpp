@@ -220,6 +220,19 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t start = 0; start < ctx; start += bs) {
         const int64_t n_t = std::min(bs, ctx - start);
         const int64_t base = static_cast<int64_t>(table[start / bs]) * bs;
+        if (start + bs < ctx) {  // the next block is elsewhere in the pool: fetch it early
+          const int64_t next = static_cast<int64_t>(table[start / bs + 1]) * bs;
+          const int64_t n_next = std::min(bs, ctx - start - bs);
+          const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+          for (int64_t t = 0; t < n_next; ++t) {
+            const char* kr = reinterpret_cast<const char*>(kp + (next + t) * kv_slot + g * dim);
+            const char* vr = reinterpret_cast<const char*>(vp + (next + t) * kv_slot + g * dim);
+            for (int64_t b = 0; b < row_bytes; b += 64) {  // every cache line of the row
+              __builtin_prefetch(kr + b);
+              __builtin_prefetch(vr + b);
+            }
+          }
+        }
         if (DIM > 0 && m_count <= 4 && bs <= 64) {  // staged rows unused: read in place
           constexpr int64_t D = DIM > 0 ? DIM : 1;
           const acc_t* q0 = qf.data();
