@@ -19,8 +19,8 @@ bfloat16 cache, one layer), gathering the contexts and a masked SDPA take 1.9 ms
 a sequence and 5.1 ms for eight; torch's `flex_attention` compiled for the CPU with a paged
 block mask takes 3.9 ms plus 12 ms to build the mask each step; nested (jagged) tensors have no
 CPU attention with GQA or holes; the CPU build of no serving library installs beside this
-torch. The kernel does the same in a fraction (`bench/attention.py` measures it against the
-reference). Knows: tensors and block tables. Does not know: models, requests or budgets.
+torch. The kernel did the same in 0.2 ms (1.0 ms for eight), and serves whole engine steps in
+`bench/peers.py`. Knows: tensors and block tables. Does not know: models, requests or budgets.
 """
 
 from __future__ import annotations
