@@ -26,7 +26,6 @@ Not a test: it asserts nothing; it reports. About 25 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -44,8 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker.engine.attention import cache_bytes_per_token  # noqa: E402
-from worker.engine.config import EngineConfig, SamplingParams  # noqa: E402
+from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
+
+import engine as engine_bench  # noqa: E402  (bench/engine.py, beside this script)
 
 PAIR = ROOT / "worker" / "models" / "stdlib-pair"
 POLICIES = ("ar", "fixed", "prefix")
@@ -115,37 +115,13 @@ def held_out_prompts(tokenizer, package: str, count: int, max_tokens: int) -> li
 # -- the engine's arms -------------------------------------------------------------------------
 def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
           max_tokens: int) -> dict:
-    """Serve `prompts` with at most `concurrency` in flight (a closed loop); c = 1 times each
-    request alone."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    before = dataclasses.asdict(engine.counters)
-    queue = deque(enumerate(prompts))
-    started, latency, tokens, index, accept = {}, {}, {}, {}, []
-    start = time.perf_counter()
-    while queue or engine.has_unfinished():
-        while queue and len(started) - len(latency) < concurrency:
-            i, ids = queue.popleft()
-            rid = engine.add_request(ids, params, policy=policy)
-            started[rid], tokens[rid], index[rid] = time.perf_counter(), [], i
-        outs = engine.step()
-        now = time.perf_counter()
-        for out in outs:
-            tokens[out.req_id] += out.token_ids
-            if out.finished:
-                latency[out.req_id] = now - started[out.req_id]
-                accept += out.stats.accept_lengths
-    wall = time.perf_counter() - start
-    delta = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
-    generated = sum(len(t) for t in tokens.values())
-    assert generated == len(prompts) * max_tokens, "a request did not make max_tokens tokens"
-    aggregate = generated / wall
-    per_request = (statistics.mean(max_tokens / latency[r] for r in latency)
-                   if concurrency == 1 else aggregate / concurrency)
-    return {"aggregate_tps": aggregate, "per_request_tps": per_request, "wall_s": wall,
-            "tokens": generated, "steps": delta["steps"],
-            "mean_accept_length": statistics.mean(accept) if accept else 1.0,
-            "steps_without_draft": delta["verify_forwards"] - delta["draft_forwards"],
-            "outputs": [tokens[r] for r in sorted(tokens, key=index.get)]}
+    """`bench/engine.py`'s closed loop; above c = 1 the per-request figure is aggregate / c,
+    as for vLLM, whose offline API gives no per-request times."""
+    res = engine_bench.serve(engine, prompts, concurrency=concurrency, policy=policy,
+                             max_tokens=max_tokens)
+    if concurrency > 1:
+        res["per_request_tps"] = res["aggregate_tps"] / concurrency
+    return res
 
 
 def engine_arms(args, engine, prompts, singles) -> dict:

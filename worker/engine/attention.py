@@ -55,6 +55,18 @@ class AttentionMeta:
     backend: str                # "native" or "torch"
 
 
+def attention_meta(tables: torch.Tensor, rows: list[int], kv_len: list[int], block_size: int,
+                   backend: str) -> AttentionMeta:
+    """Sequence r owns `rows[r]` packed query rows (in order); row n sees `kv_len[n]` positions."""
+    dev = tables.device
+    cu = [0]
+    for n in rows:
+        cu.append(cu[-1] + n)
+    return AttentionMeta(tables.to(torch.int32), torch.tensor(cu, dtype=torch.int32, device=dev),
+                         torch.tensor(kv_len, dtype=torch.int32, device=dev), block_size,
+                         max(kv_len), backend)
+
+
 def requested_backend() -> str:
     value = os.environ.get("SPARKGRID_ATTENTION", "auto").strip().lower() or "auto"
     if value not in _BACKENDS:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from worker.engine.attention import AttentionMeta, implementation_id, paged_attention
+from worker.engine.attention import attention_meta, implementation_id, paged_attention
 from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.draft_vocab import RANKING_NAME, DraftVocab, load_ranking
@@ -125,12 +125,13 @@ class LLMEngine:
                 self._time_draft, max_rows=max(1, min(config.max_num_seqs, fit)),
                 cache_dir=config.sps_cache_dir, ident=draft_ident)
         self.gate = DraftGate(self.gamma, self.sts, draft_cost)
+        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
         self._overhead_sink: list[float] | None = None
+        """Collects steps' non-forward seconds while `_time_overhead` profiles them."""
         if draft_cost is not None:
             self.gate.overhead = StepOverhead(*load_or_profile_overhead(
                 self._time_overhead, max_rows=max(1, min(config.max_num_seqs, fit)),
                 cache_dir=config.sps_cache_dir, ident=draft_ident))
-        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
 
     @classmethod
     def from_pretrained(cls, target: str, draft: str | None = None,
@@ -341,9 +342,10 @@ class LLMEngine:
         anchors = torch.tensor([r.last_token for r in reqs], device=self.device)
         ctx_lens = [r.num_tokens - 1 for r in reqs]  # the anchor's position: context before it
         anchor_pos = torch.tensor(ctx_lens, device=self.device)
-        meta = block_attention_meta(self.draft_kv.block_tables([r.req_id for r in reqs]),
-                                    ctx_lens, self.gamma, self.draft_kv.allocator.block_size,
-                                    self.runner.backend)
+        meta = attention_meta(self.draft_kv.block_tables([r.req_id for r in reqs]),
+                              [self.gamma] * len(reqs),  # every block row sees all the context
+                              [n for n in ctx_lens for _ in range(self.gamma)],
+                              self.draft_kv.allocator.block_size, self.runner.backend)
         scale = self.draft.config.head_dim ** -0.5
 
         def context_attention(layer: int, q: torch.Tensor):
@@ -576,16 +578,6 @@ def share_frozen_copies(draft: DSparkDraft, target) -> list[str]:
             getattr(draft, name).weight = theirs
             shared.append(name)
     return shared
-
-
-def block_attention_meta(tables: torch.Tensor, ctx_lens: list[int], gamma: int, block_size: int,
-                         backend: str) -> AttentionMeta:
-    """Draft blocks: `gamma` query rows a request, each seeing its whole context."""
-    dev = tables.device
-    num = len(ctx_lens)
-    kv_len = torch.tensor(ctx_lens, dtype=torch.int32, device=dev).repeat_interleave(gamma)
-    cu = torch.arange(0, (num + 1) * gamma, gamma, dtype=torch.int32, device=dev)
-    return AttentionMeta(tables.to(torch.int32), cu, kv_len, block_size, max(ctx_lens), backend)
 
 
 class _DraftProfileRow:

@@ -139,9 +139,8 @@ class PagedKV:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.device = device
 
-    def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        # slots: [N] (or a span of N slots); k, v: [N, kv_heads, head_dim]
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots: [N]; k, v: [N, kv_heads, head_dim]
         self.k[layer, slots] = k
         self.v[layer, slots] = v
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from worker.engine.attention import AttentionMeta, backend_for, paged_attention
+from worker.engine.attention import (AttentionMeta, attention_meta, backend_for,
+                                     paged_attention)
 from worker.engine.kv_cache import PagedKV
 
 SUPPORTED_FAMILIES = ("qwen3", "llama")
@@ -173,7 +174,9 @@ class TargetRunner:
         write = tables[seq_of, positions // bs] * bs + positions % bs
         if not any(batch.starts):  # prefill from scratch: only the new keys are visible
             return _Layout(positions, write, None, list(batch.num_new))
-        meta = attention_meta(tables, batch.starts, batch.num_new, bs, self.backend)
+        # causal: row i of a sequence sees positions [0, start + i]
+        kv_len = [s + i + 1 for s, n in zip(batch.starts, batch.num_new) for i in range(n)]
+        meta = attention_meta(tables, batch.num_new, kv_len, bs, self.backend)
         return _Layout(positions, write, meta, list(batch.num_new))
 
     @property
@@ -182,20 +185,6 @@ class TargetRunner:
         if self._backend is None:
             self._backend = backend_for(self.device)
         return self._backend
-
-
-def attention_meta(tables: torch.Tensor, starts: list[int], num_new: list[int], block_size: int,
-                   backend: str) -> AttentionMeta:
-    """Rows of sequence r (num_new[r] of them, from position starts[r]) attend causally: row i
-    sees positions [0, starts[r] + i]."""
-    kv_len = [s + i + 1 for s, n in zip(starts, num_new) for i in range(n)]
-    cu = [0]
-    for n in num_new:
-        cu.append(cu[-1] + n)
-    dev = tables.device
-    return AttentionMeta(tables.to(torch.int32), torch.tensor(cu, dtype=torch.int32, device=dev),
-                         torch.tensor(kv_len, dtype=torch.int32, device=dev), block_size,
-                         max(kv_len), backend)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int],

@@ -66,9 +66,3 @@ class OnlineCalibration:
             step = self.rate * residual[rows].sum(0) / scale
             self.offsets[regime] = (self.offsets[regime] + step).clamp(-self.limit, self.limit)
             self.labels[regime] += count
-
-    def as_dict(self) -> dict:
-        return {"greedy_offsets": self.offsets[GREEDY].tolist(),
-                "sampled_offsets": self.offsets[SAMPLED].tolist(),
-                "greedy_labels": self.labels[GREEDY].tolist(),
-                "sampled_labels": self.labels[SAMPLED].tolist()}

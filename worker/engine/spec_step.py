@@ -170,12 +170,12 @@ class DraftGate:
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
-        if self._estimate:  # a newcomer starts from the others' mean instead of drafting first
+        newcomers = [r for r in ids if r not in self._estimate]
+        if newcomers and self._estimate:  # they start from the others' mean, not a draft
             prior = torch.stack(list(self._estimate.values())).mean(0)
-            for r in ids:
-                if r not in self._estimate:
-                    self._estimate[r] = prior.clone()
-                    self._skipped[r], self._interval[r] = 0, self.refresh_steps
+            for r in newcomers:
+                self._estimate[r] = prior.clone()
+                self._skipped[r], self._interval[r] = 0, self.refresh_steps
         forced = [k for k, r in enumerate(ids)
                   if r not in self._estimate or self._skipped[r] >= self._interval[r]]
         self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
