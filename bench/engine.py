@@ -57,7 +57,7 @@ FALLBACK_PROMPTS = (
     "lists into one sorted list.\n    >>> merge_sorted([1, 3], [2, 4])\n    [1, 2, 3, 4]\n"
     "    \"\"\"\n",
 )
-# Sizes near DSPARK.md 4's CPU target (width 256, 6 layers), with a 512-entry vocabulary.
+# Sizes near docs/DSPARK.md 4's CPU target (width 256, 6 layers), with a 512-entry vocabulary.
 TINY_TARGET = dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
                    intermediate_size=768)
 # Random targets of real Qwen3 shapes (`--random-size`), for GPU runs: the published configs'

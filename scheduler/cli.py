@@ -1,7 +1,7 @@
 """The scheduler's subcommands of `sparkgrid`: `head`, `keys`, `generate`, `workers`.
 
-Each is a pair (add options, run) that `worker/cli.py` puts in its table. A user error raises
-ValueError with a message that names the option; the table's `main` prints it and exits 2.
+`COMMANDS` holds their (add options, run) pairs for `sparkgrid.cli`. A user error raises
+ValueError with a message that names the option; `sparkgrid.cli.main` prints it and exits 2.
 
 Knows: options and output. Does not know: how the scheduler works inside.
 """
@@ -17,28 +17,33 @@ import sys
 
 import grpc
 
-from scheduler.config import SchedulerConfig, default_redis_url, shown_url
+from scheduler.config import SchedulerConfig, shown_url
 from scheduler.errors import SchedulerError
 from scheduler.router import POLICIES
+from sparkgrid.options import add_redis_options, int_at_least, port, port_or_off, redis_url
 
 
 # -- sparkgrid head ----------------------------------------------------------------------------
 def head_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", default="auto", help="the Ray cluster's GCS address (host:port) or 'auto'")
-    p.add_argument("--redis-url", default=None, help="Redis of jobs, keys and the ledger "
-                   "(default: $SPARKGRID_REDIS_URL, else redis://127.0.0.1:6379/0)")
-    p.add_argument("--redis-prefix", default="sparkgrid", help="prefix of every Redis key")
+    p.add_argument("--ray-address", default="auto",
+                   help="the Ray cluster's GCS address (host:port) or 'auto'")
+    add_redis_options(p)
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="port of the API (0: any free one)")
-    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port "
-                   "(-1: off)")
+    p.add_argument("--grpc-port", type=port, default=50051,
+                   help="port of the API (0: any free one)")
+    p.add_argument("--metrics-port", type=port_or_off, default=9464,
+                   help="Prometheus /metrics port (-1: off)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--policy", default="fastest", choices=POLICIES, help="routing policy")
+    p.add_argument("--routing", "--policy", dest="routing", default="fastest", choices=POLICIES,
+                   help="how a request's worker is chosen (default fastest; `--policy` is the "
+                        "old name)")
     p.add_argument("--prices", default=None, help="the price book (TOML); default: the one "
                    "shipped in scheduler/prices.toml")
-    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
-    p.add_argument("--max-attempts", type=int, default=3, help="workers one job may try (failover)")
+    p.add_argument("--max-tokens-cap", type=int_at_least(1), default=2048,
+                   help="largest max_tokens a request may ask")
+    p.add_argument("--max-attempts", type=int_at_least(1), default=3,
+                   help="workers one job may try (failover)")
 
 
 def run_head(args) -> int:
@@ -46,10 +51,10 @@ def run_head(args) -> int:
 
     try:
         config = SchedulerConfig(
-            ray_address=args.ray_address, redis_url=args.redis_url or default_redis_url(),
+            ray_address=args.ray_address, redis_url=redis_url(args.redis_url),
             redis_prefix=args.redis_prefix, host=args.host, grpc_port=args.grpc_port,
-            metrics_port=None if args.metrics_port == -1 else args.metrics_port,
-            tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.policy, prices=args.prices,
+            metrics_port=args.metrics_port,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.routing, prices=args.prices,
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts)
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
         field, _, problem = str(err).partition(":")
@@ -83,9 +88,7 @@ async def _serve(scheduler) -> int:
 # -- sparkgrid keys ----------------------------------------------------------------------------
 def keys_options(p: argparse.ArgumentParser) -> None:
     redis = argparse.ArgumentParser(add_help=False)  # accepted after the action too
-    redis.add_argument("--redis-url", default=None, help="default: $SPARKGRID_REDIS_URL, else "
-                       "up.json's, else redis://127.0.0.1:6379/0")
-    redis.add_argument("--redis-prefix", default="sparkgrid")
+    add_redis_options(redis, "API keys")
     sub = p.add_subparsers(dest="action", metavar="action", required=True)
     create = sub.add_parser("create", parents=[redis], help="a new API key for a tenant (shown once)")
     create.add_argument("--tenant", required=True)
@@ -112,7 +115,7 @@ async def _keys(args) -> int:
     from scheduler.keys import check_tenant
     from scheduler.redis_store import RedisStore
 
-    store = RedisStore(_redis_url(args.redis_url), prefix=args.redis_prefix)
+    store = RedisStore(redis_url(args.redis_url), prefix=args.redis_prefix)
     try:
         if args.action in ("create", "plan"):
             check_tenant(args.tenant)
@@ -148,20 +151,6 @@ def _check_plan(plan: str, prices: str | None) -> None:
     if plan not in book.plans:
         raise ValueError(f"--plan: {plan!r} is not a plan of the price book {book.version} "
                          f"(plans: {', '.join(sorted(book.plans))})")
-
-
-def _redis_url(given: str | None) -> str:
-    import os
-
-    from scheduler.client import home
-    from scheduler.config import REDIS_URL_ENV
-
-    if given or os.environ.get(REDIS_URL_ENV):
-        return given or os.environ[REDIS_URL_ENV]
-    up = home() / "up.json"
-    if up.is_file():
-        return json.loads(up.read_text()).get("redis_url") or default_redis_url()
-    return default_redis_url()
 
 
 # -- sparkgrid generate / workers ---------------------------------------------------------------
@@ -253,10 +242,9 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {  # name: (help, add options, run)
-    "head": ("the scheduler on a platform's head node: the gRPC API, routing, failover, ledger",
-             head_options, run_head),
-    "keys": ("create, revoke and list API keys (stored hashed in Redis)", keys_options, run_keys),
-    "generate": ("a client call: stream a completion to stdout", generate_options, run_generate),
-    "workers": ("a table of the live workers and their figures", workers_options, run_workers),
+COMMANDS = {  # name: (add options, run); the help is sparkgrid.cli's
+    "head": (head_options, run_head),
+    "keys": (keys_options, run_keys),
+    "generate": (generate_options, run_generate),
+    "workers": (workers_options, run_workers),
 }

@@ -1,21 +1,16 @@
 """The scheduler's settings: one frozen dataclass, validated on creation, passed in explicitly.
 
-Knows: every limit and interval the scheduler runs with, and the one environment variable it
-reads (`SPARKGRID_REDIS_URL`, the default of `--redis-url`). Does not know: gRPC, Ray, Redis.
+Knows: every limit and interval the scheduler runs with. Does not know: gRPC, Ray, Redis, the
+environment (`sparkgrid.options.redis_url` picks the Redis).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from scheduler.router import POLICIES
-
-REDIS_URL_ENV = "SPARKGRID_REDIS_URL"
-
-
-def default_redis_url() -> str:
-    return os.environ.get(REDIS_URL_ENV, "redis://127.0.0.1:6379/0")
+from sparkgrid.checks import require
+from sparkgrid.options import DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
@@ -24,7 +19,7 @@ class SchedulerConfig:
 
     ray_address: str = "auto"
     """The Ray cluster whose worker actors (namespace `sparkgrid`) serve the jobs."""
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     """The job store, API keys and usage ledger."""
     redis_prefix: str = "sparkgrid"
     """Prefix of every Redis key (several networks can share one Redis)."""
@@ -68,28 +63,23 @@ class SchedulerConfig:
     """Pause between retries of a ledger write while Redis is down."""
 
     def __post_init__(self):
-        _require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
-        _require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)
-        _require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+        require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
+        require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)
+        require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                  "a port in [0, 65535] or None", self.metrics_port)
-        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
+        require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                  "given together with tls_key", self.tls_cert)
-        _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
+        require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
                  "a redis://, rediss:// or unix:// URL", shown_url(self.redis_url))
         for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_chars", "max_stop_strings",
                      "max_stop_chars", "max_request_id_chars", "max_queue_per_worker", "max_attempts"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
-        _require(self.default_max_tokens <= self.max_tokens_cap, "default_max_tokens",
+            require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        require(self.default_max_tokens <= self.max_tokens_cap, "default_max_tokens",
                  f"at most max_tokens_cap ({self.max_tokens_cap})", self.default_max_tokens)
         for name in ("stall_timeout_s", "stats_interval_s", "discovery_interval_s", "ledger_retry_s"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
-
-
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+            require(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
 
 
 def shown_url(url: str) -> str:

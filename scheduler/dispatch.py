@@ -37,6 +37,7 @@ from scheduler.quota import Admission
 from scheduler.requests import JobRequest
 from scheduler.router import Router
 from scheduler.worker_pool import WorkerLost, WorkerRefused
+from sparkgrid.contract import Chunk, Resume, SpecCounts
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
@@ -210,13 +211,13 @@ class Dispatcher:
     async def _one_part(self, run: _Run, worker: str):
         req = run.request
         budget = req.max_tokens - len(run.delivered_ids)
-        resume = ({"token_ids": list(run.delivered_ids), "num_chars": run.delivered_chars()}
+        resume = (Resume(token_ids=tuple(run.delivered_ids), num_chars=run.delivered_chars())
                   if run.delivered_ids else None)
         run.worker = worker
         run.workers.append(worker)
         await self._store_quietly(self.store.start_job(run.job_id, worker, time.time()))
-        stats = self.pool.worker_stats(worker) or {}
-        part = _Part(worker, stats.get("gpu_type", "unknown"),
+        stats = self.pool.worker_stats(worker)
+        part = _Part(worker, stats.gpu_type if stats is not None else "unknown",
                      len(req.prompt_ids) + len(run.delivered_ids))
         run.parts.append(part)
         last_progress = time.monotonic()
@@ -313,19 +314,19 @@ class _Part:
         self.started = time.monotonic()
         self.last = self.started
         self.completion_tokens = 0
-        self.spec: dict = {}
+        self.spec = SpecCounts()
 
-    def add(self, chunk) -> None:
+    def add(self, chunk: Chunk) -> None:
         self.completion_tokens += len(chunk.token_ids)
-        self.spec = dict(chunk.spec or self.spec)
+        self.spec = chunk.spec  # a running total: the latest chunk's
         self.last = time.monotonic()
 
     def segment(self) -> Segment:
         return Segment(self.worker, self.gpu_type, self.prompt_tokens, self.completion_tokens,
-                       draft_tokens=self.spec.get("draft_tokens", 0),
-                       verified_tokens=self.spec.get("verified_tokens", 0),
-                       accepted_tokens=self.spec.get("accepted_tokens", 0),
-                       spec_steps=self.spec.get("spec_steps", 0),
+                       draft_tokens=self.spec.draft_tokens,
+                       verified_tokens=self.spec.verified_tokens,
+                       accepted_tokens=self.spec.accepted_tokens,
+                       spec_steps=self.spec.spec_steps,
                        busy_ms=round(1000 * (self.last - self.started)))
 
 

@@ -1,7 +1,7 @@
 """The scheduler's domain errors, one per status code a client can see.
 
 Everything below the gRPC edge raises these; `scheduler/interceptors.py` maps them to status
-codes (the table of ARCHITECTURE.md), so no other module knows gRPC.
+codes (the table of docs/ARCHITECTURE.md), so no other module knows gRPC.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What every call of the API passes through: authentication, and domain errors turned into
-gRPC status codes (the table of ARCHITECTURE.md).
+gRPC status codes (the table of docs/ARCHITECTURE.md).
 
 `ApiInterceptor` wraps each method's handler. Before the method runs it reads the metadata
 `authorization: Bearer <api key>`, asks the key store for the key's tenant (every call: a

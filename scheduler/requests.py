@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import InvalidArgument, Unavailable
+from sparkgrid.contract import SamplingParams
 
 MAX_MODEL_NAME_CHARS = 256
 MAX_SEED = 2**63
@@ -40,11 +41,11 @@ class JobRequest:
     request_id: str
     """The client's idempotency key; "" for none."""
 
-    def params(self, max_tokens: int | None = None) -> dict:
-        """The `SamplingParams` fields a worker runs this with (`max_tokens`: what is left)."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "stop": list(self.stop),
-                "max_tokens": self.max_tokens if max_tokens is None else max_tokens}
+    def params(self, max_tokens: int | None = None) -> SamplingParams:
+        """What a worker runs this with (`max_tokens`: what is left)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, stop=self.stop,
+                              max_tokens=self.max_tokens if max_tokens is None else max_tokens)
 
     @classmethod
     def check(cls, fields: dict, config: SchedulerConfig, catalog) -> JobRequest:
@@ -65,7 +66,7 @@ class JobRequest:
         if not isinstance(top_k, int) or not 0 <= top_k <= info.vocab_size:
             raise InvalidArgument("top_k", f"expected 0 (off) or at most the vocabulary size "
                                            f"({info.vocab_size}), got {top_k!r}")
-        prompt_ids = tuple(info.tokenizer(prompt).input_ids)
+        prompt_ids = tuple(info.tokenizer.encode(prompt))
         if not prompt_ids:
             raise InvalidArgument("prompt", "tokenizes to no tokens")
         max_tokens = _max_tokens(fields.get("max_tokens") or 0, len(prompt_ids), info.max_context,

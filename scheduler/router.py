@@ -18,7 +18,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from worker.engine.prefix_scheduler import SPSTable
+from sparkgrid.costs import SPSTable
 
 POLICIES = ("fastest", "round_robin", "jsq", "p2c")
 CALIBRATION_RANGE = (0.2, 5.0)

@@ -131,16 +131,11 @@ def _job(record: dict) -> pb.Job:
         error=record.get("error", ""))
 
 
-def _worker(stats: dict) -> pb.Worker:
-    state = stats.get("state", "unknown")
-    if not stats.get("healthy", True) or state in ("failed", "stopped"):
-        state = "unhealthy"
+def _worker(status) -> pb.Worker:
+    s = status.stats
+    state = "unhealthy" if not status.healthy or s.state in ("failed", "stopped") else s.state
     return pb.Worker(
-        name=stats["name"], node_ip=stats.get("node_ip", ""), gpu_type=stats.get("gpu_type", ""),
-        device_name=stats.get("device_name", ""), model=stats.get("model_id", ""), state=state,
-        num_waiting=stats.get("num_waiting", 0), num_running=stats.get("num_running", 0),
-        remaining_tokens=stats.get("remaining_tokens", 0),
-        tokens_per_second=stats.get("tokens_per_s", 0.0),
-        mean_accept_length=stats.get("mean_accept_length") or 0.0,
-        price_per_hour=stats.get("price_per_hour", 0.0))
-
+        name=s.name, node_ip=s.node_ip, gpu_type=s.gpu_type, device_name=s.device_name,
+        model=s.model_id, state=state, num_waiting=s.num_waiting, num_running=s.num_running,
+        remaining_tokens=s.remaining_tokens, tokens_per_second=s.tokens_per_s,
+        mean_accept_length=s.mean_accept_length or 0.0, price_per_hour=s.price_per_hour)

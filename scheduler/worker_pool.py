@@ -9,29 +9,32 @@ Every Ray call of the scheduler lives here.
   reported accepting (its `requests` counter), so that a burst does not all land on the worker
   that looked idle at the last read.
 - Models: the first worker of a model lends its tokenizer files; the scheduler counts and
-  resumes tokens with the same tokenizer as the workers.
+  resumes tokens with the same tokenizer as the workers (the `tokenizers` library on its
+  `tokenizer.json`: the scheduler's process loads no torch).
+- What a worker sends is read through the typed contract (`sparkgrid.contract`): figures
+  that do not match it keep a worker out (or mark it unhealthy), a chunk that does not match
+  it ends that worker's part of the job (the job resumes elsewhere).
 
-Knows: Ray, the worker actor's methods and figures. Does not know: gRPC, Redis, routing policy.
+Knows: Ray, the worker actor's methods, the contract. Does not know: gRPC, Redis, routing
+policy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
-from decimal import ROUND_HALF_EVEN, Decimal
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from scheduler.ledger import utc_day
 from scheduler.router import WorkerSnapshot
-from worker.actor import NAMESPACE
-from worker.engine.prefix_scheduler import SPSTable
+from sparkgrid.contract import (NAMESPACE, Chunk, ContractError, Resume, SamplingParams,
+                                WorkerStats)
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
@@ -50,43 +53,63 @@ class WorkerRefused(Exception):
     """The worker refused the job itself (bad input): resuming elsewhere would not help."""
 
 
+class PromptTokenizer:
+    """A model's tokenizer as the scheduler uses it: prompts to token ids, as the model's own
+    (fast) tokenizer splits them, special tokens of its template included."""
+
+    def __init__(self, tokenizer_json: bytes):
+        from tokenizers import Tokenizer
+
+        try:
+            self._tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as err:  # the library raises its own exception type
+            raise ValueError(f"tokenizer.json: cannot be read ({err})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+
 @dataclass
 class ModelInfo:
     """What the scheduler needs of a model to check and resume requests."""
 
     name: str
-    tokenizer: object
+    tokenizer: PromptTokenizer
     max_context: int
     vocab_size: int
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker as `ListWorkers` shows it: its own figures and the pool's view of it."""
+
+    stats: WorkerStats
+    healthy: bool
+    pending_requests: int
 
 
 @dataclass
 class _Worker:
     name: str
     handle: object
-    stats: dict
+    stats: WorkerStats
     healthy: bool = True
     failures: int = 0  # consecutive failed reads
     sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
     accepted: int = 0  # the worker's `requests` counter at the last read
-    sps: SPSTable | None = None
     last_read: float | None = None  # monotonic time of the last good read
     streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
 
-    def __post_init__(self):
-        self.update(self.stats)
-
-    def update(self, stats: dict) -> None:
-        self.stats = stats
-        self.sps = SPSTable(**stats["sps"]) if stats.get("sps") else None
-
     def snapshot(self) -> WorkerSnapshot:
-        s, sps = self.stats, self.sps
+        s = self.stats
         return WorkerSnapshot(
-            name=self.name, model=s["model_id"], state=s["state"], healthy=self.healthy,
-            num_waiting=s.get("num_waiting", 0), num_running=s.get("num_running", 0),
-            remaining_tokens=s.get("remaining_tokens", 0), tokens_per_s=s.get("tokens_per_s", 0.0),
-            mean_accept_length=s.get("mean_accept_length"), sps=sps,
+            name=self.name, model=s.model_id, state=s.state, healthy=self.healthy,
+            num_waiting=s.num_waiting, num_running=s.num_running,
+            remaining_tokens=s.remaining_tokens, tokens_per_s=s.tokens_per_s,
+            mean_accept_length=s.mean_accept_length, sps=s.sps, max_num_seqs=s.max_num_seqs,
             pending_requests=len(self.sent), pending_tokens=sum(t for _, t in self.sent))
 
 
@@ -104,6 +127,7 @@ class WorkerPool:
         self._tasks: list[asyncio.Task] = []
         self._time: dict[tuple[str, str], list] = {}  # (worker, day) -> [online ms, active ms, registration]
         self._changed = asyncio.Event()
+        self._refused: dict[str, str] = {}  # actor -> why its stats were refused (said once)
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,12 +155,12 @@ class WorkerPool:
     def snapshots(self) -> list[WorkerSnapshot]:
         return [w.snapshot() for w in self._workers.values()]
 
-    def stats(self) -> list[dict]:
-        """Each worker's latest figures, with `healthy` and the pool's pending count."""
-        return [{**w.stats, "healthy": w.healthy, "pending_requests": len(w.sent)}
+    def stats(self) -> list[WorkerStatus]:
+        """Each worker's latest figures, with its health and the pool's pending count."""
+        return [WorkerStatus(w.stats, w.healthy, len(w.sent))
                 for w in sorted(self._workers.values(), key=lambda w: w.name)]
 
-    def worker_stats(self, name: str) -> dict | None:
+    def worker_stats(self, name: str) -> WorkerStats | None:
         w = self._workers.get(name)
         return None if w is None else w.stats
 
@@ -155,8 +179,8 @@ class WorkerPool:
             pass
 
     # -- running a job's part on one worker ------------------------------------------------
-    async def generate(self, worker: str, job_id: str, prompt_ids: list[int], params: dict,
-                       resume: dict | None, budget_tokens: int):
+    async def generate(self, worker: str, job_id: str, prompt_ids: list[int],
+                       params: SamplingParams, resume: Resume | None, budget_tokens: int):
         """Stream the worker's chunks of a job. Raises WorkerLost (resume elsewhere) or
         WorkerRefused (the worker says the input is bad). Closing the iterator early cancels
         the job on the worker."""
@@ -165,7 +189,9 @@ class WorkerPool:
             raise WorkerLost(f"worker {worker} is gone")
         entry = next((e for e in w.sent if e[0] == job_id), None) or self.note_dispatch(
             worker, job_id, budget_tokens)
-        stream = w.handle.generate.remote(job_id, prompt_ids, params, resume, JOB_LEASE_S)
+        stream = w.handle.generate.remote(job_id, prompt_ids, params.to_dict(),
+                                          None if resume is None else resume.to_dict(),
+                                          JOB_LEASE_S)
         w.streaming.add(job_id)
         finished = started = False
         try:
@@ -195,10 +221,14 @@ class WorkerPool:
         w.sent.append(entry)
         return entry
 
-    async def _next_chunk(self, worker: str, stream):
+    async def _next_chunk(self, worker: str, stream) -> Chunk | None:
         try:
             ref = await asyncio.wait_for(stream.__anext__(), self.stall_timeout_s)
-            return await ref
+            return Chunk.from_dict(await ref)
+        except ContractError as err:  # a worker that breaks the contract serves nothing more
+            log.warning("worker %s sent a bad chunk: %s", worker, err)
+            self._mark_unhealthy(worker)
+            raise WorkerLost(f"worker {worker} sent a bad chunk ({err})") from None
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
@@ -238,31 +268,35 @@ class WorkerPool:
     async def _adopt(self, name: str) -> None:
         try:
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-            stats = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
-        except (ValueError, RayError, asyncio.TimeoutError):
-            return  # gone again, or not ready to answer: the next round tries again
-        if not isinstance(stats, dict) or "model_id" not in stats:
-            return  # a named actor of the namespace that is not a worker
-        if stats["model_id"] not in self._models:
+            raw = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
+        except (ValueError, RayError, asyncio.TimeoutError, AttributeError):
+            return  # gone again, not ready to answer, or no worker: the next round tries again
+        try:
+            stats = WorkerStats.from_dict(raw)
+        except ContractError as err:
+            if self._refused.get(name) != str(err):  # say it once per reason, not every round
+                log.warning("actor %s is not adopted: its stats break the contract: %s", name, err)
+                self._refused[name] = str(err)
+            return
+        if stats.model_id not in self._models:
             try:
-                self._models[stats["model_id"]] = await self._load_model(handle, stats)
+                self._models[stats.model_id] = await self._load_model(handle, stats)
             except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:
                 log.warning("worker %s: cannot load its tokenizer (%s); not adopted", name, err)
                 return
-        self._workers[name] = _Worker(name, handle, stats, accepted=stats.get("requests", 0))
-        log.info("worker %s joined (%s, %s)", name, stats["model_id"], stats.get("gpu_type"))
+        self._refused.pop(name, None)
+        self._workers[name] = _Worker(name, handle, stats, accepted=stats.requests)
+        log.info("worker %s joined (%s, %s)", name, stats.model_id, stats.gpu_type)
         self._changed.set()
 
-    async def _load_model(self, handle, stats: dict) -> ModelInfo:
-        from transformers import AutoTokenizer
-
+    async def _load_model(self, handle, stats: WorkerStats) -> ModelInfo:
         files = await asyncio.wait_for(handle.tokenizer_files.remote(), 30)
-        with tempfile.TemporaryDirectory() as tmp:
-            for fname, data in files.items():
-                (Path(tmp) / Path(fname).name).write_bytes(data)
-            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, tmp)
-        return ModelInfo(stats["model_id"], tokenizer, stats.get("max_context") or 1 << 30,
-                         len(tokenizer))
+        data = files.get("tokenizer.json") if isinstance(files, dict) else None
+        if not isinstance(data, bytes):
+            raise ValueError(f"model {stats.model_id}: the worker sent no tokenizer.json (the "
+                             "scheduler reads fast tokenizers only)")
+        tokenizer = await asyncio.to_thread(PromptTokenizer, data)
+        return ModelInfo(stats.model_id, tokenizer, stats.max_context or 1 << 30, len(tokenizer))
 
     async def _read_all(self) -> None:
         await asyncio.gather(*(self._read(w) for w in list(self._workers.values())))
@@ -273,8 +307,13 @@ class WorkerPool:
             if w.streaming:  # keep this scheduler's jobs alive there (see JOB_LEASE_S)
                 await asyncio.wait_for(w.handle.renew.remote(list(w.streaming), JOB_LEASE_S),
                                        CALL_TIMEOUT_S)
-            stats = await asyncio.wait_for(w.handle.stats.remote(), CALL_TIMEOUT_S)
+            stats = WorkerStats.from_dict(
+                await asyncio.wait_for(w.handle.stats.remote(), CALL_TIMEOUT_S))
             await asyncio.wait_for(w.handle.check_health.remote(), CALL_TIMEOUT_S)
+        except ContractError as err:  # its figures cannot be trusted: route nothing there
+            log.warning("worker %s: its stats break the contract: %s", w.name, err)
+            w.healthy = False
+            return
         except RayActorError:
             return self._drop(w.name)
         except RayTaskError:  # check_health: the engine loop failed or is stuck
@@ -284,22 +323,22 @@ class WorkerPool:
             w.failures += 1
             w.healthy = w.failures < 2
             return
-        w.failures, w.healthy = 0, stats.get("state") in ("ready", "draining", "loading")
+        w.failures, w.healthy = 0, stats.state in ("ready", "draining", "loading")
         self._count_time(w, stats)
-        accepted_now = stats.get("requests", 0)
+        accepted_now = stats.requests
         for _ in range(max(0, accepted_now - w.accepted)):
             if w.sent:
                 w.sent.popleft()
         w.accepted = accepted_now
-        w.update(stats)
+        w.stats = stats
 
-    def _count_time(self, w: _Worker, stats: dict) -> None:
+    def _count_time(self, w: _Worker, stats: WorkerStats) -> None:
         """Online time is the time between good reads (a gap over MAX_READ_GAP_S counts only
         that much: the worker may have been away); it is active when either read saw work."""
         now = time.monotonic()
         if w.last_read is not None:
             elapsed_ms = round(1000 * min(now - w.last_read, MAX_READ_GAP_S))
-            busy = any(s.get("num_running", 0) + s.get("num_waiting", 0) for s in (w.stats, stats))
+            busy = any(s.num_running + s.num_waiting for s in (w.stats, stats))
             acc = self._time.setdefault((w.name, utc_day(time.time())), [0, 0, _registration(stats)])
             acc[0] += elapsed_ms
             acc[1] += elapsed_ms if busy else 0
@@ -332,10 +371,10 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _registration(stats: dict) -> dict:
+def _registration(stats: WorkerStats) -> dict:
     """What the ledger keeps of a worker: GPU type, price (whole micro-dollars per hour, the
     one rounding of a price), node and model."""
-    price = Decimal(str(stats.get("price_per_hour", 0.0))) * 1_000_000
-    return {"gpu_type": stats.get("gpu_type", "unknown"),
+    price = Decimal(str(stats.price_per_hour)) * 1_000_000
+    return {"gpu_type": stats.gpu_type,
             "price_uusd_per_hour": int(price.to_integral_value(ROUND_HALF_EVEN)),
-            "node_ip": stats.get("node_ip", ""), "model": stats.get("model_id", "")}
+            "node_ip": stats.node_ip, "model": stats.model_id}

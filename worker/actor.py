@@ -28,12 +28,11 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.metrics import Counter, Gauge, Histogram
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from worker.engine.config import Resume, SamplingParams
+from sparkgrid.contract import NAMESPACE, Resume, SamplingParams, WorkerStats
 from worker.serving import EngineLoop, StepReport, build_engine
 from worker.worker_config import WorkerConfig
 
-NAMESPACE = "sparkgrid"
-"""The Ray namespace of every sparkgrid actor."""
+__all__ = ["NAMESPACE", "WorkerActor", "connect", "create_worker", "find_worker"]
 WorkerDied = RayActorError
 """What a caller gets from a worker that died or was killed (catch this, then fail over)."""
 CallTimeout = GetTimeoutError
@@ -98,13 +97,13 @@ class WorkerActor:
     @ray.method(num_returns="streaming")
     async def generate(self, job_id: str, prompt: str | list[int], params: dict | None = None,
                        resume: dict | None = None, lease_s: float | None = None):
-        """Stream a job's `Chunk`s; the last has the finish reason and usage. `params` holds
-        `SamplingParams` fields; `resume` (`Resume` fields) continues a job another worker
-        began; with `lease_s` the job is aborted unless `renew` extends its lease in time.
-        Bad input raises ValueError naming the field; a draining worker raises
+        """Stream a job's `Chunk`s (as their contract dicts); the last has the finish reason
+        and usage. `params` is a `SamplingParams` dict, `resume` a `Resume` dict (continue a
+        job another worker began); with `lease_s` the job is aborted unless `renew` extends its
+        lease in time. Bad input raises ValueError naming the field; a draining worker raises
         WorkerDraining."""
-        sampling = _sampling_params(params)
-        resume = Resume(**_known_fields(resume, Resume, "resume"))
+        sampling = SamplingParams.from_dict(params or {}, "params")
+        resume = Resume.from_dict(resume or {}, "resume")
         if lease_s is not None:
             _check_lease(lease_s)
         chunks: asyncio.Queue = asyncio.Queue()
@@ -124,7 +123,7 @@ class WorkerActor:
                 if isinstance(item, BaseException):
                     raise item
                 done = item.finish_reason is not None
-                yield item
+                yield item.to_dict()
         finally:
             self._leases.pop(job_id, None)
             if not done:  # the caller cancelled or went away: free the slot
@@ -161,8 +160,9 @@ class WorkerActor:
         return _tokenizer_files(self.config.target)
 
     async def stats(self) -> dict:
-        """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use."""
-        return {**self._identity, **self._loop.figures()}
+        """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use: a
+        `WorkerStats` dict."""
+        return WorkerStats(**self._identity, **self._loop.figures()).to_dict()
 
     async def drain(self, timeout_s: float | None = None) -> dict:
         """Accept no new jobs and return once running ones have finished (or `timeout_s`)."""
@@ -175,19 +175,6 @@ class WorkerActor:
     async def shutdown(self) -> None:
         """Stop the engine loop (open jobs end with an error); the actor stays until killed."""
         await asyncio.to_thread(self._loop.stop)
-
-
-def _sampling_params(params: dict | None) -> SamplingParams:
-    return SamplingParams(**_known_fields(params, SamplingParams, "params"))
-
-
-def _known_fields(values: dict | None, cls, name: str) -> dict:
-    values = dict(values or {})
-    fields = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"{name}: unknown fields {unknown}; expected some of {sorted(fields)}")
-    return values
 
 
 def _identity(config: WorkerConfig) -> dict:
@@ -205,8 +192,9 @@ def _identity(config: WorkerConfig) -> dict:
         "model_id": model_id(config.target),
         "target": config.target,
         "draft": config.draft,
-        "policy": config.policy,
+        "verify_policy": config.policy,
         "max_batch_tokens": config.max_batch_tokens,
+        "max_num_seqs": config.max_num_seqs,
         "max_context": _max_context(config.target),
         "emulate_slowdown": config.emulate_slowdown,
         "version": {"sparkgrid": _version("sparkgrid"), "torch": torch.__version__, "ray": ray.__version__},

@@ -1,15 +1,10 @@
-"""The `sparkgrid` command line: one console script, one subcommand per job.
+"""The worker's subcommands of `sparkgrid`: `engine`, `worker` and `calibrate`.
 
-`COMMANDS` is the table of subcommands; each adds its options and runs. For now: `engine`, the
-main job (a small generation run of the DSpark engine on this machine, streaming every
-request's text), `worker` (a node operator's GPU joins the Ray cluster; `worker/launcher.py`),
-`calibrate` (fit STS temperatures for a draft from its own verification logs), and the
-scheduler's `head`, `keys`, `generate`, `workers` (`scheduler/cli.py`), `report`
-(`scheduler/report_cli.py`), and `up` and `demo`, the whole stack on one machine
-(`scheduler/up_cli.py`).
-
-A user error (a missing directory, a bad option value, an input the engine refuses) prints
-`error: <what to fix>` to stderr and exits 2, never a traceback.
+`engine` is a small generation run of the DSpark engine on this machine, streaming every
+request's text; `worker` joins a node operator's GPU to the Ray cluster (`worker/launcher.py`);
+`calibrate` fits STS temperatures for a draft from its own verification logs. `COMMANDS` holds
+their (add options, run) pairs for `sparkgrid.cli`. A user error raises UsageError or
+ValueError naming the option.
 
 Knows: options, output formats, `$SPARKGRID_HOME`. Does not know: the engine's internals.
 """
@@ -24,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scheduler import cli as scheduler_cli
-from scheduler import report_cli, up_cli
-from scheduler.client import home as sparkgrid_home
+from sparkgrid.home import home as sparkgrid_home
+from sparkgrid.home import shown as _shown
+from sparkgrid.options import UsageError, int_at_least, number_in
 from worker import launcher
 from worker.models import shipped_pair
 
@@ -39,44 +34,6 @@ BUILTIN_PROMPTS = (
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 POLICIES = ("ar", "fixed", "threshold", "prefix")
 LINE_WIDTH = 76  # streamed text is wrapped at this many characters per line
-
-
-class UsageError(Exception):
-    """A mistake of the user's that the message tells them how to fix."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; main() reports instead
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-# -- option values ---------------------------------------------------------------------------
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def _number_in(low: float, high: float, *, open_low: bool = False, open_high: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        ok = (low < value if open_low else low <= value) and (
-            value < high if open_high else value <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(
-                f"expected a number in {'(' if open_low else '['}{low}, {high}"
-                f"{')' if open_high else ']'}, got {text!r}")
-        return value
-    return parse
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -94,11 +51,11 @@ def _add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float,
                      prompts_required: bool) -> None:
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=max_tokens, metavar="N",
+    p.add_argument("--max-tokens", type=int_at_least(1), default=max_tokens, metavar="N",
                    help=f"most tokens to generate per request (default {max_tokens})")
-    p.add_argument("--temperature", type=_number_in(0, 100), default=temperature, metavar="T",
+    p.add_argument("--temperature", type=number_in(0, 100), default=temperature, metavar="T",
                    help=f"sampling temperature, 0 for greedy (default {temperature})")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+    p.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
                    help="request i samples with seed S + i (default 0)")
     p.add_argument("--prompts-file", metavar="JSONL", required=prompts_required,
                    help="prompts, one a line: a JSON string or an object with a \"prompt\" string")
@@ -109,12 +66,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     _add_model_options(p, required=False)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeatable; default: a few built-in code prompts)")
-    p.add_argument("--num-prompts", type=_int_at_least(1), metavar="N",
+    p.add_argument("--num-prompts", type=int_at_least(1), metavar="N",
                    help="requests to serve together; the prompts repeat in turn when N is larger")
-    p.add_argument("--policy", choices=POLICIES,
+    p.add_argument("--verify-policy", "--policy", dest="policy", choices=POLICIES,
                    help="how many draft tokens to verify: ar (no drafting), fixed (all), "
-                        "threshold (confidence), prefix (DSpark Alg. 1; the default with a draft)")
-    p.add_argument("--draft-vocab", type=_int_at_least(0), default=0, metavar="N",
+                        "threshold (confidence), prefix (DSpark Alg. 1; the default with a "
+                        "draft). `--policy` is its old name")
+    p.add_argument("--draft-vocab", type=int_at_least(0), default=0, metavar="N",
                    help="draft only the N tokens the target writes most often (needs the "
                         "draft's draft_vocab.json; default 0: the full vocabulary)")
     _add_run_options(p, max_tokens=48, temperature=0.8, prompts_required=False)
@@ -123,7 +81,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     _add_model_options(p, required=True)
     _add_run_options(p, max_tokens=64, temperature=1.0, prompts_required=True)
-    p.add_argument("--holdout-fraction", type=_number_in(0, 1, open_low=True, open_high=True),
+    p.add_argument("--holdout-fraction", type=number_in(0, 1, open_low=True, open_high=True),
                    default=0.5, metavar="F", help="share of drafted blocks held out (default 0.5)")
 
 
@@ -218,12 +176,6 @@ def _load_engine(args, target: str, draft: str | None, **config):
     except (ValueError, OSError) as err:
         raise UsageError(f"cannot load the models (--target {target}, --draft {draft}): {err}") \
             from None
-
-
-def _shown(path) -> str:
-    """A path for humans: under the home directory as `~/...`."""
-    path, home = Path(path).absolute(), Path.home()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 # -- sparkgrid engine --------------------------------------------------------------------------
@@ -398,36 +350,8 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-COMMANDS = {  # name: (help, add options, run)
-    "engine": ("the main job for now: a small generation run of the DSpark engine",
-               _engine_args, _run_engine),
-    "worker": ("join this machine's GPU to the network: a detached, named worker actor on this "
-               "Ray node", launcher.add_options, _run_worker),
-    "calibrate": ("fit STS temperatures for a draft's confidence head; writes sts.json beside it",
-                  _calibrate_args, _run_calibrate),
-    **scheduler_cli.COMMANDS,
-    **report_cli.COMMANDS,
-    **up_cli.COMMANDS,
+COMMANDS = {  # name: (add options, run); the help is sparkgrid.cli's
+    "engine": (_engine_args, _run_engine),
+    "worker": (launcher.add_options, _run_worker),
+    "calibrate": (_calibrate_args, _run_calibrate),
 }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sparkgrid", description="LLM generation on a network of GPUs.")
-    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    for name, (help_text, add_options, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_options(p)
-        p.set_defaults(run=run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
-    except (UsageError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -18,11 +18,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
-from worker.engine.config import EngineConfig, Resume, SamplingParams
-from worker.engine.prefix_scheduler import RowCostTable, SPSTable
+from sparkgrid.contract import Chunk, Resume, SamplingParams, SpecCounts, Usage
+from sparkgrid.costs import SPSTable
+from worker.engine.config import EngineConfig
+from worker.engine.verify_policy import RowCostTable
 from worker.worker_config import WorkerConfig
 
 RECENT_REQUESTS = 256
@@ -35,7 +37,7 @@ def build_engine(config: WorkerConfig):
 
     engine_config = EngineConfig(device=config.device, dtype=config.dtype, policy=config.policy,
                                  max_batch_tokens=config.max_batch_tokens,
-                                 max_num_seqs=min(64, config.max_batch_tokens),
+                                 max_num_seqs=config.max_num_seqs,
                                  profile_sps=config.draft is not None,
                                  sps_cache_dir=config.sps_cache_dir,
                                  draft_vocab_size=config.draft_vocab_size)
@@ -58,26 +60,6 @@ class WorkerDraining(RuntimeError):
 
 class WorkerFailed(RuntimeError):
     """The engine loop died or never loaded; the message says why."""
-
-
-@dataclass
-class Chunk:
-    """One increment of a job's output, in the order produced."""
-
-    job_id: str
-    token_ids: list[int]
-    """The new tokens of this increment."""
-    text: str
-    """The new text (may lag the tokens while a multi-byte character is incomplete)."""
-    finish_reason: str | None = None
-    """Set on the last chunk only: `stop`, `length` or `abort`."""
-    usage: dict | None = None
-    """Last chunk only: `prompt_tokens` and `completion_tokens`."""
-    stats: dict | None = None
-    """Last chunk only: the request's speculation figures (`SpecStats.as_dict`)."""
-    spec: dict = field(default_factory=dict)
-    """So far: `draft_tokens`, `verified_tokens`, `accepted_tokens`, `spec_steps` (every
-    chunk, so that a caller whose worker dies mid-job still has them)."""
 
 
 @dataclass
@@ -265,21 +247,21 @@ class EngineLoop:
         for out in outputs:
             sink = self._sinks.get(out.req_id)
             stats = out.stats
-            chunk = Chunk(out.req_id, list(out.token_ids), out.text,
-                          spec={"draft_tokens": stats.draft_tokens_proposed,
-                                "verified_tokens": stats.tokens_verified,
-                                "accepted_tokens": stats.tokens_accepted,
-                                "spec_steps": len(stats.accept_lengths)})
+            spec = SpecCounts(draft_tokens=stats.draft_tokens_proposed,
+                              verified_tokens=stats.tokens_verified,
+                              accepted_tokens=stats.tokens_accepted,
+                              spec_steps=len(stats.accept_lengths))
+            usage = None
             if out.finished:
                 mal = stats.mean_accept_length if stats.accept_lengths else None
-                chunk.finish_reason = out.finish_reason
-                chunk.usage = {"prompt_tokens": stats.prompt_tokens,
-                               "completion_tokens": stats.completion_tokens}
-                chunk.stats = stats.as_dict()
+                usage = Usage(prompt_tokens=stats.prompt_tokens,
+                              completion_tokens=stats.completion_tokens)
                 finished.append((out.finish_reason, mal))
                 if mal is not None:
                     self._recent_accept.append(mal)
                 self._sinks.pop(out.req_id, None)
+            chunk = Chunk(out.req_id, tuple(out.token_ids), out.text,
+                          out.finish_reason if out.finished else None, usage, spec)
             if sink is not None:
                 sink(chunk)
         return finished
@@ -326,7 +308,7 @@ class EngineLoop:
             "batch_size": len(running),
             "cache_used_fraction": alloc.num_used_blocks / alloc.num_blocks,
             "cache_reserved_fraction": alloc.num_reserved_blocks / alloc.num_blocks,
-            "sps": asdict(engine.sps) if engine.sps is not None else None,
+            "sps": engine.sps,
             "steps": engine.counters.steps,
             **self._totals,
         }

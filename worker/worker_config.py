@@ -66,6 +66,12 @@ class WorkerConfig:
                              f"vocabulary), got {self.draft_vocab_size!r}")
 
     @property
+    def max_num_seqs(self) -> int:
+        """Most requests the engine decodes at once (more wait): 64, or fewer when a verify
+        forward holds fewer tokens."""
+        return min(64, self.max_batch_tokens)
+
+    @property
     def policy(self) -> str:
         """DSpark Algorithm 1 with a drafter; plain autoregressive decoding without."""
         return "prefix" if self.draft else "ar"

@@ -2,7 +2,7 @@
 drafter partly agrees with its target (`structured.py`), so acceptance is really partial.
 
 The pair's confidence head is random; its weights are scaled up here so that it is
-over-confident, the situation STS exists for (DSPARK.md section 3): raw a_k sit near 0 or 1
+over-confident, the situation STS exists for (docs/DSPARK.md section 3): raw a_k sit near 0 or 1
 while the true survival rates lie between. A temperature above 1 pulls them towards the rates,
 so held-out ECE falls at every position, by a margin (about 0.1) far above the sampling noise
 of a few hundred held-out blocks. (A merely random head, with logits near 0, is not: STS

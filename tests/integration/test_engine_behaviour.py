@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
+from sparkgrid.costs import SPSTable
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.draft_vocab import DraftVocab
 from worker.engine.engine import LLMEngine
 from worker.engine.kv_cache import CacheBudgetError
-from worker.engine.prefix_scheduler import SPSTable
 
 pytestmark = pytest.mark.integration
 

@@ -164,13 +164,6 @@ async def _bill(url: str, prefix: str) -> None:
         await store.close()
 
 
-def _registered() -> bool:
-    from worker.cli import COMMANDS
-
-    return "report" in COMMANDS
-
-
-@pytest.mark.skipif(not _registered(), reason="`report` is not in worker.cli.COMMANDS yet")
 def test_sparkgrid_report_subprocess_every_format_and_a_bad_day(redis_server, redis_prefix, tmp_path):
     asyncio.run(_bill(redis_server.url, redis_prefix))
     sparkgrid = str(Path(sys.executable).with_name("sparkgrid"))

@@ -16,9 +16,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from sparkgrid.costs import SPSTable
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
-from worker.engine.prefix_scheduler import SPSTable
 from worker.engine.spec_step import StepOverhead
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sparkgrid.costs import SPSTable
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
-from worker.engine.prefix_scheduler import SPSTable
 from worker.models import PAIR_DIR, shipped_pair
 from worker.training.corpus import load_corpus
 from worker.training.draft_stages import corpus_prefixes

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from worker.cli import main
+from sparkgrid.cli import main
 from worker.models import shipped_pair
 
 

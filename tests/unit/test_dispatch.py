@@ -5,6 +5,7 @@ and the record each job ends with."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +17,7 @@ from scheduler.prices import PriceBook
 from scheduler.requests import JobRequest
 from scheduler.router import WorkerSnapshot
 from scheduler.worker_pool import WorkerLost, WorkerRefused
-from worker.serving import Chunk
+from sparkgrid.contract import Chunk, Resume, SpecCounts, Usage
 
 REQUEST = JobRequest("p", (5, 6, 7), "m", 10, 0.0, 1.0, 0, 3, (), "")
 PRICES = PriceBook.parse({"version": "t1", "default_plan": "basic", "plans": {"basic": {
@@ -49,7 +50,7 @@ class FakePool:
         self.noted.append((worker, job_id, budget_tokens))
 
     def worker_stats(self, name):
-        return {"gpu_type": f"gpu-{name}"}
+        return SimpleNamespace(gpu_type=f"gpu-{name}")  # the one WorkerStats field read
 
     async def wait_changed(self, timeout_s):
         await asyncio.sleep(0)
@@ -99,9 +100,10 @@ class Records:
 
 
 def chunk(ids, text, finish=None):
-    return Chunk("j", list(ids), text, finish, spec={"draft_tokens": 4 * len(ids),
-                                                    "verified_tokens": 2 * len(ids),
-                                                    "accepted_tokens": len(ids)})
+    usage = None if finish is None else Usage(prompt_tokens=3, completion_tokens=len(ids))
+    return Chunk("j", tuple(ids), text, finish, usage,
+                 SpecCounts(draft_tokens=4 * len(ids), verified_tokens=2 * len(ids),
+                            accepted_tokens=len(ids)))
 
 
 def make(scripts, **config):
@@ -136,10 +138,11 @@ def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
     pieces = asyncio.run(collect(dispatcher))
     first, second = pool.calls
     assert second["worker"] != first["worker"]
-    assert second["resume"] == {"token_ids": [1, 2, 3], "num_chars": 2}
-    assert second["params"]["max_tokens"] == second["budget"] == 10 - 3
+    assert second["resume"] == Resume(token_ids=(1, 2, 3), num_chars=2)
+    assert first["resume"] is None
+    assert second["params"].max_tokens == second["budget"] == 10 - 3
     assert second["prompt_ids"] == first["prompt_ids"] == [5, 6, 7]
-    assert second["params"]["seed"] == first["params"]["seed"] == 3
+    assert second["params"].seed == first["params"].seed == 3
     assert [t for p in pieces for t in p.token_ids] == [1, 2, 3, 4, 5]
     assert "".join(p.text for p in pieces) == "abcde"
     assert pieces[-1].usage == {"prompt_tokens": 3, "completion_tokens": 5}

@@ -1,7 +1,7 @@
 """The DSpark draft: released checkpoint format, the documented computation, refusals at load.
 
 Tiny random targets only (no network). Exactness checks run in float64 against a plain
-per-request reference written from DSPARK.md 1-2 and 5, not from the drafter's code.
+per-request reference written from docs/DSPARK.md 1-2 and 5, not from the drafter's code.
 """
 
 import json
@@ -32,7 +32,7 @@ def qwen3_target(**overrides):
 
 
 def documented_tensor_names(num_layers, head_type, rank, confidence, attention_bias=False):
-    """The tensor names of DSPARK.md section 5, spelled out."""
+    """The tensor names of docs/DSPARK.md section 5, spelled out."""
     names = ["embed_tokens.weight", "norm.weight", "hidden_norm.weight", "fc.weight",
              "lm_head.weight"]
     for i in range(num_layers):
@@ -150,7 +150,7 @@ def test_llama_target_gets_a_qwen3_style_draft_config(tmp_path):
     assert config["model_type"] == "qwen3" and config["head_dim"] == D // H
     assert config["rope_theta"] == 5000.0 and config["num_target_layers"] == 3
     model = DSparkDraft.from_pretrained(tmp_path, llama, device="cpu", dtype=torch.float32)
-    # the recipe copies the target's embedding and lm_head (DSPARK.md 4)
+    # the recipe copies the target's embedding and lm_head (docs/DSPARK.md 4)
     assert torch.equal(model.embed_tokens.weight, target.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, target.lm_head.weight)
 
@@ -173,7 +173,7 @@ def rope(x, cos, sin):
 
 
 def reference_draft(w, cfg, features, anchor, rotary):
-    """One request, no cache, no batching, greedy: DSPARK.md 1.2-1.4 and 2 step by step.
+    """One request, no cache, no batching, greedy: docs/DSPARK.md 1.2-1.4 and 2 step by step.
 
     w: the checkpoint's tensors by name; features [T, n*d] for positions 0..T-1; the anchor
     sits at position T. Returns logits [G, V], ids [G], confidence logits [G] or None.

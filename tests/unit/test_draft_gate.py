@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from worker.engine.prefix_scheduler import SPSTable
+from sparkgrid.costs import SPSTable
 from worker.engine.spec_step import DraftGate, DraftProposal
 
 FLAT = SPSTable([1], [1.0])  # one second per verify forward, whatever its size

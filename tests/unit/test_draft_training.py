@@ -1,5 +1,5 @@
 """Training the DSpark drafter: the training forward is the inference path, masking and loss
-weights are as documented (DSPARK.md 4), and a short run on a tiny target's own answers is
+weights are as documented (docs/DSPARK.md 4), and a short run on a tiny target's own answers is
 something the engine can measure, resume exactly, load and serve.
 
 Exactness checks run in float64 on random drafts; the run uses the session's tiny Qwen3 target.
@@ -152,7 +152,7 @@ def test_loss_is_the_documented_formula_with_position_weights(tmp_path):
     anchors, anchor_valid = sample_anchors(batch, 6, torch.Generator().manual_seed(1))
     blocks = teacher_forced_blocks(draft, batch, anchors, anchor_valid)
     loss, metrics = dspark_loss(blocks)
-    # DSPARK.md 4, written out: weights exp(-(k-1)/4), means over valid slots
+    # docs/DSPARK.md 4, written out: weights exp(-(k-1)/4), means over valid slots
     w = torch.tensor([math.exp(-(k - 1) / 4) for k in range(1, 6)], dtype=torch.float64)
     w = w * blocks.valid
     p, pt = blocks.logits.softmax(-1), blocks.target_logits.softmax(-1)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from worker.cli import main
+from sparkgrid.cli import main
 
 
 @pytest.fixture

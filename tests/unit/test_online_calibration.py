@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparkgrid.costs import SPSTable
 from worker.engine.online_calibration import OnlineCalibration
-from worker.engine.prefix_scheduler import expected_throughput, prefix_lengths
+from worker.engine.verify_policy import expected_throughput, prefix_lengths
 from worker.engine.spec_step import StepOverhead
-from worker.engine.prefix_scheduler import SPSTable
 
 
 def simulate(calib: OnlineCalibration, true_c: torch.Tensor, stated_c: torch.Tensor,

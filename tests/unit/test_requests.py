@@ -3,6 +3,8 @@ and errors that name the field. The tokenizer is a real one (the tiny test token
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -10,7 +12,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.errors import InvalidArgument, Unauthenticated, Unavailable
 from scheduler.interceptors import bearer_key
 from scheduler.requests import JobRequest
-from scheduler.worker_pool import ModelInfo
+from scheduler.worker_pool import ModelInfo, PromptTokenizer
+from sparkgrid.contract import SamplingParams
 
 CONFIG = SchedulerConfig(max_tokens_cap=100, default_max_tokens=32, max_prompt_chars=2000)
 
@@ -28,8 +31,30 @@ class Catalog:
 
 @pytest.fixture(scope="module")
 def catalog(tiny_tokenizer_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok = PromptTokenizer((Path(tiny_tokenizer_dir) / "tokenizer.json").read_bytes())
     return Catalog([ModelInfo("org/code", tok, max_context=64, vocab_size=len(tok))])
+
+
+@pytest.mark.parametrize("pair_dir", ["tiny", "shipped"])
+def test_the_scheduler_splits_prompts_as_the_workers_tokenizer_does(pair_dir, tiny_tokenizer_dir):
+    """The scheduler bills and resumes with `tokenizers` alone (no torch in its process); its
+    ids must be the ones the worker's transformers tokenizer gives, specials included."""
+    from worker.models import shipped_pair
+
+    where = tiny_tokenizer_dir if pair_dir == "tiny" else (shipped_pair() or [None])[0]
+    if where is None:
+        pytest.skip("the shipped pair is not installed")
+    ours = PromptTokenizer((Path(where) / "tokenizer.json").read_bytes())
+    theirs = AutoTokenizer.from_pretrained(str(where))
+    for text in ("def f(x):\n    return x", " leading space", "ünïcödé ✓ 😀", "", "a" * 300,
+                 "<|endoftext|> in a prompt", "\t\ttabs\r\n"):
+        assert ours.encode(text) == theirs(text).input_ids, text
+    assert len(ours) == len(theirs)
+
+
+def test_a_bad_tokenizer_json_is_an_error_naming_the_file():
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        PromptTokenizer(b"{not json")
 
 
 def check(catalog, **fields):
@@ -41,8 +66,8 @@ def test_defaults_fill_what_the_client_left_unset(catalog):
     assert (req.model, req.temperature, req.top_p, req.top_k, req.seed, req.stop) == \
            ("org/code", 1.0, 1.0, 0, None, ())
     assert req.max_tokens == 32 and req.prompt_ids and req.request_id == ""
-    assert req.params(5) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                             "stop": [], "max_tokens": 5}
+    assert req.params(5) == SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=None,
+                                           stop=(), max_tokens=5)
 
 
 def test_default_max_tokens_shrinks_to_the_room_left_in_the_context(catalog):

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from scheduler.router import Router, WorkerSnapshot, predicted_seconds, throughput
-from worker.engine.prefix_scheduler import SPSTable
+from sparkgrid.costs import SPSTable
 
 # A device whose forwards cost the same up to 64 tokens, then grow: 100 forwards/s flat.
 FAST = SPSTable([1, 64, 512], [100.0, 100.0, 20.0])

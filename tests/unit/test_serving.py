@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from worker.engine.config import SamplingParams
-from worker.serving import Chunk, EngineLoop, WorkerDraining, WorkerFailed, build_engine
+from sparkgrid.contract import Chunk
+from worker.serving import EngineLoop, WorkerDraining, WorkerFailed, build_engine
 from worker.worker_config import WorkerConfig
 
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Point:\n"]

@@ -2,7 +2,7 @@
 verification logs, and write `sts.json` beside the draft.
 
 Runs prompts with the `fixed` policy (every draft position is verified, so the acceptance labels
-are complete: DSPARK.md section 3), splits the drafted blocks into a fit half and a held-out
+are complete: docs/DSPARK.md section 3), splits the drafted blocks into a fit half and a held-out
 half, fits the per-position temperatures on the first and reports, on the second, the
 calibration (ECE) and ranking quality (AUC) of the prefix survival a_k before and after.
 

@@ -1,4 +1,6 @@
-"""Engine and per-request settings: dataclasses validated on creation, never mutated after.
+"""Engine settings: a dataclass validated on creation, never mutated after. The per-request
+settings (`SamplingParams`, `Resume`) are the worker contract's (`sparkgrid.contract`), so the
+scheduler builds exactly what the engine runs; they are re-exported here.
 
 Every error names the field that is wrong and what was expected, so that a caller (the
 worker actor, the gRPC scheduler) can hand it to a user unchanged.
@@ -6,73 +8,15 @@ worker actor, the gRPC scheduler) can hand it to a user unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from worker.engine.prefix_scheduler import parse_policy
+from sparkgrid.checks import require
+from sparkgrid.contract import Resume, SamplingParams
+from worker.engine.verify_policy import parse_policy
 
-
-def _require(ok: bool, field_name: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{field_name}: expected {expected}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]; 1 disables it."""
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0 disables it."""
-    seed: int | None = None
-    """Seed of this request's own random stream; None draws one."""
-    max_tokens: int = 64
-    """Most tokens to generate (the finish reason is `length` when reached)."""
-    stop: tuple[str, ...] = ()
-    """Strings that end generation when they appear in the output (not included in it)."""
-    ignore_eos: bool = False
-    """Keep generating past the end-of-sequence token (benchmarks)."""
-
-    def __post_init__(self):
-        _require(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                 and 0 <= self.temperature <= 100, "temperature", "a number in [0, 100]",
-                 self.temperature)
-        _require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
-                 "a number in (0, 1]", self.top_p)
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-                 "an integer >= 0", self.top_k)
-        _require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-                 "seed", "None or an integer in [0, 2**63)", self.seed)
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-                 "an integer >= 1", self.max_tokens)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        _require(all(isinstance(s, str) and s for s in stop), "stop",
-                 "non-empty strings", self.stop)
-        object.__setattr__(self, "stop", stop)
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a request continues when another engine began it (the scheduler's failover)."""
-
-    token_ids: tuple[int, ...] = ()
-    """Tokens already generated (and delivered); they extend the prompt here."""
-    num_chars: int = 0
-    """Characters of their text the client already has; only later text is streamed, so a
-    character split over tokens or text held back for a stop string is neither lost nor
-    repeated."""
-
-    def __post_init__(self):
-        object.__setattr__(self, "token_ids", tuple(self.token_ids))
-        _require(all(isinstance(t, int) and not isinstance(t, bool) for t in self.token_ids),
-                 "resume.token_ids", "a list of token ids", self.token_ids)
-        _require(isinstance(self.num_chars, int) and self.num_chars >= 0, "resume.num_chars",
-                 "an integer >= 0", self.num_chars)
+__all__ = ["EngineConfig", "Resume", "SamplingParams"]
 
 
 @dataclass(frozen=True)
@@ -123,19 +67,19 @@ class EngineConfig:
         except RuntimeError:
             raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', "
                              f"got {self.device!r}") from None
-        _require(self.dtype is None or self.dtype in _DTYPES, "dtype",
+        require(self.dtype is None or self.dtype in _DTYPES, "dtype",
                  f"one of {sorted(_DTYPES)}", self.dtype)
         parse_policy(self.policy, field="policy")
-        _require(0 <= self.threshold <= 1, "threshold", "a number in [0, 1]", self.threshold)
+        require(0 <= self.threshold <= 1, "threshold", "a number in [0, 1]", self.threshold)
         for name in ("max_num_seqs", "max_batch_tokens", "max_prefill_tokens",
                      "kv_budget_tokens", "draft_kv_budget_tokens", "kv_block_size",
                      "sps_context_len"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
-        _require(isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 0,
+            require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        require(isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 0,
                  "draft_vocab_size", "an integer >= 0 (0: the full vocabulary)",
                  self.draft_vocab_size)
-        _require(self.max_batch_tokens >= self.max_num_seqs, "max_batch_tokens",
+        require(self.max_batch_tokens >= self.max_num_seqs, "max_batch_tokens",
                  f">= max_num_seqs ({self.max_num_seqs})", self.max_batch_tokens)
 
     @property

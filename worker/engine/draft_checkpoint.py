@@ -1,4 +1,4 @@
-"""Writing DSpark draft checkpoints in the released format (DSPARK.md 5).
+"""Writing DSpark draft checkpoints in the released format (docs/DSPARK.md 5).
 
 Scope: ``save_dspark_checkpoint`` writes ``config.json`` + ``model.safetensors`` from a model or
 state dict; ``random_dspark_checkpoint`` makes a randomly initialised draft for any Hugging Face
@@ -50,7 +50,7 @@ def draft_config_dict(target_config: PretrainedConfig, *, num_layers: int, gamma
                       target_layer_ids: list[int], mask_token_id: int, markov_rank: int,
                       head_type: str, confidence: bool, confidence_with_markov: bool,
                       num_anchors: int = 512) -> dict[str, Any]:
-    """The target's config in Qwen3 form plus the DSpark keys of DSPARK.md 5."""
+    """The target's config in Qwen3 form plus the DSpark keys of docs/DSPARK.md 5."""
     target_config = target_config.get_text_config()
     if target_config.model_type == "qwen3":
         d = target_config.to_diff_dict()
@@ -83,7 +83,8 @@ def random_dspark_checkpoint(target_config: PretrainedConfig, out_dir: str | Pat
 
     Defaults: ``target_layer_ids`` spread over the target's layers (never the last one),
     ``mask_token_id`` = the last vocabulary id. With ``target_model`` the draft's
-    ``embed_tokens`` and ``lm_head`` are copies of the target's, as in the recipe (DSPARK.md 4).
+    ``embed_tokens`` and ``lm_head`` are copies of the target's, as in the recipe
+    (docs/DSPARK.md 4).
     """
     text_config = target_config.get_text_config()
     if target_layer_ids is None:

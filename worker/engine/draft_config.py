@@ -1,6 +1,6 @@
 """The DSpark draft model's configuration, parsed from a checkpoint's ``config.json``.
 
-Scope: the released DeepSpec format (DSPARK.md section 5): the target's Qwen3 config plus the
+Scope: the released DeepSpec format (docs/DSPARK.md section 5): the target's Qwen3 config plus the
 DSpark keys. ``DraftConfig`` holds the fields the draft model needs and validates what can be
 checked without the target; ``check_fits_target`` checks that a draft fits a given target.
 
@@ -51,7 +51,7 @@ class DraftConfig:
     """The target's maximum position (used by scaled RoPE variants)."""
     attention_bias: bool
     """Whether q/k/v/o projections carry a bias (False for Qwen3)."""
-    # --- DSpark keys (DSPARK.md section 5) ---
+    # --- DSpark keys (docs/DSPARK.md section 5) ---
     num_target_layers: int
     """The target's layer count ``L``."""
     block_size: int
@@ -149,7 +149,7 @@ def check_fits_target(draft: DraftConfig, target_config: Any) -> None:
             if not -1 <= i <= last:
                 problems.append(f"target layer id {i} is out of range [-1, {last}]")
             elif i == last:
-                # DSPARK.md 2: the final target layer is never a context feature.
+                # docs/DSPARK.md 2: the final target layer is never a context feature.
                 problems.append(f"target layer id {i} is the target's last layer ({last})")
     if problems:
         raise DraftCheckpointError("draft does not fit the target: " + "; ".join(problems))

@@ -1,7 +1,7 @@
 """The DSpark draft model: DFlash-style backbone with KV injection, Markov and confidence heads.
 
-Scope: the draft network of DSPARK.md 1-2 with submodule names equal to the released tensor
-names (DSPARK.md 5), loading and validating a checkpoint, and the batched computations the
+Scope: the draft network of docs/DSPARK.md 1-2 with submodule names equal to the released tensor
+names (docs/DSPARK.md 5), loading and validating a checkpoint, and the batched computations the
 engine calls each step: context projection, context keys/values, the parallel backbone pass
 over a block, and the sequential Markov stage.
 
@@ -58,7 +58,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DraftAttention(nn.Module):
-    """Queries from the block; keys/values from ``[context ; block]`` (DSPARK.md 2)."""
+    """Queries from the block; keys/values from ``[context ; block]`` (docs/DSPARK.md 2)."""
 
     def __init__(self, c: DraftConfig):
         super().__init__()
@@ -210,14 +210,14 @@ class DSparkDraft(nn.Module):
 
     def context_kv(self, layer_idx: int, ctx: torch.Tensor, positions: torch.Tensor):
         """ctx [N, d], positions [N] -> k, v [N, kv_heads, hd]: layer ``layer_idx``'s keys and
-        values of the projected context at its absolute positions (DSPARK.md 2)."""
+        values of the projected context at its absolute positions (docs/DSPARK.md 2)."""
         cos, sin = self.rotary_emb(ctx, positions[None])  # [1, N, hd]
         return self.layers[layer_idx].self_attn.keys_values(ctx, cos[0], sin[0])
 
     def backbone(self, anchor_ids: torch.Tensor, anchor_positions: torch.Tensor,
                  ctx_k: list[torch.Tensor], ctx_v: list[torch.Tensor],
                  ctx_mask: torch.Tensor) -> torch.Tensor:
-        """The parallel stage (DSPARK.md 1.2) for R requests at once.
+        """The parallel stage (docs/DSPARK.md 1.2) for R requests at once.
 
         anchor_ids, anchor_positions: [R]. ctx_k / ctx_v: one [R, C, kv_heads, hd] per draft
         layer, padded; ctx_mask [R, C] bool, True where a real context position (< anchor).
@@ -229,7 +229,8 @@ class DSparkDraft(nn.Module):
                              f"got {len(ctx_k)} keys and {len(ctx_v)} values")
         x, cos, sin = self._block_input(anchor_ids, anchor_positions)
         num_rows, gamma = x.shape[:2]
-        # Block queries see the real context and the whole block, bidirectionally (DSPARK.md 2).
+        # Block queries see the real context and the whole block, bidirectionally
+        # (docs/DSPARK.md 2).
         block_visible = ctx_mask.new_ones(num_rows, gamma)
         mask = torch.cat([ctx_mask, block_visible], dim=1)[:, None, None, :]  # [R, 1, 1, C+G]
         for layer, k, v in zip(self.layers, ctx_k, ctx_v):
@@ -258,7 +259,7 @@ class DSparkDraft(nn.Module):
 
     def draft_block(self, h: torch.Tensor, anchor_ids: torch.Tensor, sample_fn: SampleFn,
                     vocab: DraftVocab | None = None):
-        """The sequential stage (DSPARK.md 1.3-1.4): for k = 1..gamma,
+        """The sequential stage (docs/DSPARK.md 1.3-1.4): for k = 1..gamma,
         ``logits_k = U_k + B(x_{k-1})`` with ``x_0`` the anchor, ``x_k, p_k = sample_fn(k,
         logits_k)``, and the raw confidence logit of position k from ``[h_k ; W1[x_{k-1}]]``.
 

@@ -1,9 +1,13 @@
 """The DSpark engine: continuous batching of many requests on one device.
 
-One `step()` = admit and prefill newcomers (one batched forward), then for every decoding
-request together: one draft backbone forward, the sequential Markov stage, the choice of
-how many draft tokens each request verifies, ONE target forward over all verify tokens
-(ragged), speculative sampling, commit and cache rollback.
+One `step()` is three calls. `Planner.plan` (`planner`) decides the step: which running
+requests decode and which of them draft, the costs the verify-length policy weighs, and which
+waiting requests are admitted. `_run` does its tensor work: for every decoding request
+together, one draft backbone forward and the sequential Markov stage, the verify lengths
+(`Planner.verify_lengths`), ONE target forward over all verify tokens (ragged), speculative
+sampling, cache rollback and the draft context of the committed positions; then one batched
+prefill of the newcomers. `_commit` appends the tokens and hands back every request's
+increment. Loading is `loader`'s, the cost profiles `profiler`'s.
 
 Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a job.
 """
@@ -11,37 +15,29 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
-import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from worker.engine.attention import attention_meta, implementation_id, paged_attention
 from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer
-from worker.engine.draft_vocab import RANKING_NAME, DraftVocab, load_ranking
+from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
-from worker.engine.model_runner import ForwardBatch, TargetRunner, load_target, packed_index
-from worker.engine.prefix_scheduler import Policy, parse_policy
-from worker.engine.profiler import (device_name, load_or_profile, load_or_profile_draft,
-                                    load_or_profile_overhead, load_or_profile_rows,
-                                    best_seconds, sync)
-from worker.engine.rejection import verify, verify_greedy
-from worker.engine.request import Request, RequestOutput, SpecStats, Status
-from worker.engine.sampling import sample, warp_probs
+from worker.engine.loader import (EngineModels, draft_vocab, eos_ids, load_models,
+                                  share_frozen_copies)
+from worker.engine.model_runner import TargetRunner, packed_index
 from worker.engine.online_calibration import OnlineCalibration
-from worker.engine.spec_step import (DraftGate, DraftProposal, StepOverhead, choose_lengths,
-                                     confidence, pad_rows)
-from worker.engine.sts import load_sts
+from worker.engine.planner import Planner, StepPlan, StepResult
+from worker.engine.profiler import profile_engine
+from worker.engine.rejection import verify, verify_greedy
+from worker.engine.request import Request, RequestOutput
+from worker.engine.sampling import sample, warp_probs
+from worker.engine.spec_step import DraftProposal, confidence, pad_rows
+from worker.engine.verify_policy import Policy, parse_policy
 
-
-# Bumped when the engine's own step work changes in cost (the draft and overhead profiles
-# cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings.
-_ENGINE_COST_VERSION = 3
+__all__ = ["Counters", "LLMEngine", "share_frozen_copies"]
 
 
 @dataclass
@@ -71,7 +67,7 @@ class LLMEngine:
         self.draft = draft
         self.shared_with_target = share_frozen_copies(draft, target) if draft is not None else []
         """The drafter's tensors that now point at the target's (equal frozen copies)."""
-        self.draft_vocab = self._draft_vocab(draft, draft_ranking, config.draft_vocab_size)
+        self.draft_vocab = draft_vocab(draft, draft_ranking, config.draft_vocab_size)
         """The tokens a draft pass may propose (`DraftVocab`); None: the whole vocabulary."""
         self.gamma = draft.gamma if draft is not None else 0
         self.sts = sts_temperatures
@@ -83,22 +79,9 @@ class LLMEngine:
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
         self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache", draft.config)
                          if draft is not None else None)
-        self.eos_ids = self._eos_ids(target, tokenizer, config)
-        self.sps = None
-        """SPS(B), the target's forwards per second by tokens per forward (the prefix policy's
-        cost model): profiled at start when `config.profile_sps`, or set by the owner."""
-        if config.profile_sps and draft is not None:
-            self.sps = load_or_profile(self.runner, dtype=self.dtype, max_tokens=config.max_batch_tokens,
-                                       ctx_len=config.sps_context_len, gamma=self.gamma,
-                                       cache_dir=config.sps_cache_dir)
-        self.step_cost = None
-        """The target's step cost by sequences and tokens (`RowCostTable`), which the `prefix`
-        policy plans with; profiled with SPS(B), or set by the owner."""
-        if self.sps is not None:
-            self.step_cost = load_or_profile_rows(
-                self.runner, dtype=self.dtype, max_rows=config.max_num_seqs,
-                ctx_len=config.sps_context_len, gamma=self.gamma, cache_dir=config.sps_cache_dir)
-        self._check_policy(parse_policy(config.policy), "policy")
+        self.draft_runner = (DraftRunner(draft, self.draft_kv, self.device, self.draft_vocab)
+                             if draft is not None else None)
+        self.eos_ids = eos_ids(target, tokenizer, config)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -110,44 +93,35 @@ class LLMEngine:
                             if draft is not None and config.online_calibration else None)
         """Per-position corrections of the confidence from this engine's own verifications
         (`OnlineCalibration`), or None."""
-        draft_cost, fit = None, 1
-        if self.sps is not None:
-            alloc = self.draft_kv.allocator  # a small cache cannot profile many rows
-            fit = (alloc.num_blocks - alloc.num_reserved_blocks) // alloc.blocks_for(1 + self.gamma)
-            draft_ident = {"device": device_name(self.device), "torch": torch.__version__,
-                           "dtype": str(self.dtype), "ctx_len": config.sps_context_len,
-                           "target": tcfg.to_json_string(use_diff=False),
-                           "draft": repr(draft.config),
-                           "draft_vocab_size": config.draft_vocab_size,
-                           "attention": implementation_id(self.runner.backend),
-                           "engine": _ENGINE_COST_VERSION}
-            draft_cost = load_or_profile_draft(
-                self._time_draft, max_rows=max(1, min(config.max_num_seqs, fit)),
-                cache_dir=config.sps_cache_dir, ident=draft_ident)
-        self.gate = DraftGate(self.gamma, self.sts, draft_cost)
+        self.planner = Planner(config, self.gamma, self.sts, self.kv.allocator,
+                               self.draft_kv.allocator if draft is not None else None, self.device)
+        self.gate = self.planner.gate
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
-        self._overhead_sink: list[float] | None = None
-        """Collects steps' non-forward seconds while `_time_overhead` profiles them."""
-        if draft_cost is not None:
-            self.gate.overhead = StepOverhead(*load_or_profile_overhead(
-                self._time_overhead, max_rows=max(1, min(config.max_num_seqs, fit)),
-                cache_dir=config.sps_cache_dir, ident=draft_ident))
+        self.sps = None
+        """SPS(B), the target's forwards per second by tokens per forward (the verify-length
+        policy's cost model): profiled at start when `config.profile_sps`, or set by the owner."""
+        self.step_cost = None
+        """The target's step cost by sequences and tokens (`RowCostTable`), which the `prefix`
+        policy plans with; profiled with SPS(B), or set by the owner."""
+        profiled = config.profile_sps and draft is not None
+        self._check_policy(parse_policy(config.policy), "policy", will_profile=profiled)
+        if profiled:
+            costs = profile_engine(self)
+            self.sps, self.step_cost = costs.sps, costs.step_cost
+            self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
 
     @classmethod
     def from_pretrained(cls, target: str, draft: str | None = None,
                         config: EngineConfig | None = None) -> "LLMEngine":
         """Load a Qwen3/Llama target (local dir or hub id) and a DSpark draft checkpoint."""
         config = config or EngineConfig()
-        model = load_target(target, device=config.torch_device, dtype=config.torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        drafter, sts, ranking = None, None, None
-        if draft is not None:
-            drafter = DSparkDraft.from_pretrained(draft, model.config, device=config.torch_device,
-                                                  dtype=config.torch_dtype)
-            if Path(draft).is_dir():
-                sts = load_sts(draft)
-                ranking = load_ranking(draft, drafter.config.vocab_size)
-        return cls(config, model, tokenizer, drafter, sts, ranking)
+        return cls.from_models(config, load_models(target, draft, config))
+
+    @classmethod
+    def from_models(cls, config: EngineConfig, models: EngineModels) -> "LLMEngine":
+        """An engine over models already loaded (`loader.load_models`)."""
+        return cls(config, models.target, models.tokenizer, models.draft, models.sts,
+                   models.ranking)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -197,19 +171,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the increments of every request that moved."""
-        self.counters.steps += 1
-        decoding = list(self.running)
-        if decoding:
-            self._decode(decoding)
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
-            self.running += admitted
-        outputs = [r.take_output() for r in decoding + admitted]
-        for req in decoding + admitted:
-            if req.finished:
-                self._release(req)
-        return outputs
+        plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
+        result = self._run(plan)
+        return self._commit(plan, result)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  policy: str | None = None) -> list[dict]:
@@ -227,92 +191,45 @@ class LLMEngine:
                         res.update(finish_reason=out.finish_reason, stats=out.stats.as_dict())
         return [results[i] for i in ids]
 
-    # -- admission and prefill -------------------------------------------------------------
-    def _admit(self) -> list[Request]:
-        admitted, prefill_tokens = [], 0
-        while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            total = len(req.prompt_ids) + req.params.max_tokens
-            spec = req.policy != Policy.AR
-            if admitted and prefill_tokens + len(req.prompt_ids) > self.config.max_prefill_tokens:
-                break
-            if not self.kv.allocator.can_reserve(total) or (
-                    spec and not self.draft_kv.allocator.can_reserve(total)):
-                break  # FIFO: wait for budget rather than let later requests overtake
-            self.kv.allocator.reserve(req.req_id, total)
-            if spec:
-                self.draft_kv.allocator.reserve(req.req_id, total)
-            self.waiting.popleft()
-            req.status = Status.RUNNING
-            admitted.append(req)
-            prefill_tokens += len(req.prompt_ids)
-        return admitted
+    # -- run: the step's forwards ------------------------------------------------------------
+    def _run(self, plan: StepPlan) -> StepResult:
+        """The decode (draft pass, verify forward, verification, cache upkeep), then the
+        prefill of the newcomers."""
+        result = self._decode(plan) if plan.decode else StepResult()
+        if plan.prefill:
+            result.first_tokens = self._prefill(plan)
+        return result
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        lengths = [len(r.prompt_ids) for r in reqs]
-        ids = torch.tensor([t for r in reqs for t in r.prompt_ids], device=self.device)
-        last_rows = torch.cumsum(torch.tensor(lengths, device=self.device), 0) - 1
-        spec = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]
-        batch = ForwardBatch([r.req_id for r in reqs], [0] * len(reqs), lengths, ids, last_rows)
-        logits, feats = self.runner.forward(batch, want_features=bool(spec))
-        self.counters.prefill_forwards += 1
-        self.counters.prompt_tokens += sum(lengths)
-        uniforms = torch.stack([self._uniforms(r, 1) for r in reqs])[:, 0]
-        first = self._next_tokens(reqs, logits, [1] * len(reqs), uniforms).tolist()
-        if spec:
-            starts = [int(last_rows[i]) - lengths[i] + 1 for i in spec]
-            self._extend_draft_context([reqs[i] for i in spec], feats, starts,
-                                       [lengths[i] for i in spec], [0] * len(spec))
-        for req, tok in zip(reqs, first):
-            req.commit([tok])
-        self.counters.generated_tokens += len(reqs)
-
-    # -- decoding ----------------------------------------------------------------------------
-    def _decode(self, reqs: list[Request]) -> None:
-        started = time.perf_counter()
-        forward = self._decode_step(reqs)
-        if self._overhead_sink is not None:  # profiling `StepOverhead`
-            sync(self.device)
-            self._overhead_sink.append(time.perf_counter() - started - forward)
-
-    def _decode_step(self, reqs: list[Request]) -> float:
-        """One decode step; returns the seconds its target forward took (CPU wall time)."""
-        spec_idx = [i for i, r in enumerate(reqs) if r.policy != Policy.AR]  # keep draft context
-        gamma = self.gamma
-        uniforms = torch.stack([self._uniforms(r, 2 * gamma + 1) for r in reqs])  # [R, 2G+1]
-        cost = self.step_cost or self.sps
-        draft_idx = self.gate.rows(reqs, spec_idx, cost, self.config.max_batch_tokens)
-        proposal = self._propose([reqs[i] for i in draft_idx], uniforms[draft_idx, :gamma]) \
-            if draft_idx else None
-        lengths = choose_lengths(reqs, draft_idx, proposal, gamma=gamma, sps=cost,
-                                 threshold=self.config.threshold, sts=self.sts,
-                                 max_batch_tokens=self.config.max_batch_tokens,
-                                 draft_seconds=self.gate.draft_seconds(len(draft_idx),
-                                                                       len(reqs)))
-        self.gate.observe(reqs, draft_idx, proposal)
-        draft_ids = pad_rows(proposal.ids if proposal else None, draft_idx, len(reqs), gamma,
+    def _decode(self, plan: StepPlan) -> StepResult:
+        reqs, rows, gamma = plan.decode, plan.drafting, self.gamma
+        proposal = self.draft_pass([reqs[i] for i in rows], plan.uniforms[rows, :gamma]) \
+            if rows else None
+        self.planner.verify_lengths(plan, proposal)
+        draft_ids = pad_rows(proposal.ids if proposal else None, rows, len(reqs), gamma,
                              self.device)
-        inputs = [[r.last_token] + draft_ids[i, :lengths[i]].tolist() for i, r in enumerate(reqs)]
-        num_new = [len(x) for x in inputs]
-        starts = [r.num_tokens - 1 for r in reqs]  # the anchor is committed, not yet cached
-        ids = torch.tensor([t for x in inputs for t in x], device=self.device)
-        batch = ForwardBatch([r.req_id for r in reqs], starts, num_new, ids,
-                             torch.arange(ids.numel(), device=self.device))
-        if self._overhead_sink is not None:
-            sync(self.device)
-        forward_started = time.perf_counter()
-        logits, feats = self.runner.forward(batch, want_features=bool(spec_idx))
-        if self._overhead_sink is not None:
-            sync(self.device)
-        forward = time.perf_counter() - forward_started
+        batch = plan.verify_batch(draft_ids)
+        logits, feats = self.runner.forward(batch, want_features=bool(plan.keep_context))
         self.counters.verify_forwards += 1
-        self.counters.verify_tokens += ids.numel()
-        if not draft_idx:  # plain decoding: sample the next token directly
-            nxt = self._next_tokens(reqs, logits, num_new, uniforms[:, 2 * gamma])
-            self._commit(reqs, spec_idx, draft_ids, lengths, [0] * len(reqs), nxt.tolist(),
-                         feats, starts, num_new)
-            return forward
-        num_verify = torch.tensor(lengths, device=self.device)
+        self.counters.verify_tokens += batch.input_ids.numel()
+        n_acc, nxt = self._verify(plan, logits, draft_ids, proposal)
+        for i, req in enumerate(reqs):
+            # roll back the target cache to the anchor plus the accepted draft tokens
+            self.kv.allocator.truncate(req.req_id, plan.starts[i] + n_acc[i] + 1)
+        if plan.keep_context:  # the target's features at committed positions: draft context
+            keep, row_starts = plan.keep_context, plan.verify_rows
+            self.draft_runner.extend_context([reqs[i].req_id for i in keep], feats,
+                                             [row_starts[i] for i in keep],
+                                             [n_acc[i] + 1 for i in keep],
+                                             [plan.starts[i] for i in keep])
+        return StepResult(proposal, draft_ids, n_acc, nxt)
+
+    def _verify(self, plan: StepPlan, logits, draft_ids, proposal) -> tuple[list[int], list[int]]:
+        """(accepted draft tokens, next token) per decoding row: speculative sampling against
+        the target's logits, or plain sampling when nobody drafted."""
+        reqs, num_new, gamma, u = plan.decode, plan.num_new, self.gamma, plan.uniforms
+        if not plan.drafting:  # plain decoding: sample the next token directly
+            return [0] * len(reqs), self._next_tokens(reqs, logits, num_new, u[:, 2 * gamma]).tolist()
+        num_verify = torch.tensor(plan.lengths, device=self.device)
         if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
             n_acc, nxt = verify_greedy(self._padded(logits.argmax(dim=-1), num_new, gamma, -1),
                                        draft_ids, num_verify)
@@ -322,37 +239,29 @@ class LLMEngine:
             q = proposal.probs  # None when the drafting requests are all greedy: one-hot
             if q is None:
                 q = torch.nn.functional.one_hot(proposal.ids, self.vocab_size).float()
-            draft_probs = pad_rows(q, draft_idx, len(reqs), gamma, self.device, self.vocab_size)
+            draft_probs = pad_rows(q, plan.drafting, len(reqs), gamma, self.device,
+                                   self.vocab_size)
             n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0), num_verify,
-                                uniforms[:, gamma:2 * gamma], uniforms[:, 2 * gamma])
-        self._commit(reqs, spec_idx, draft_ids, lengths, n_acc.tolist(), nxt.tolist(), feats,
-                     starts, num_new)
-        if self.calibration is not None and proposal.conf is not None:
-            self.calibration.update(proposal.conf, [reqs[i].params.temperature == 0
-                                                    for i in draft_idx],
-                                    [lengths[i] for i in draft_idx],
-                                    [int(n_acc[i]) for i in draft_idx])
-        if self.config.record_confidence and proposal.conf_logits is not None:
-            self._record_confidence(proposal.conf_logits, [lengths[i] for i in draft_idx],
-                                    [int(n_acc[i]) for i in draft_idx])
-        return forward
+                                u[:, gamma:2 * gamma], u[:, 2 * gamma])
+        return n_acc.tolist(), nxt.tolist()
 
-    def _propose(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
-        """One draft backbone forward for all drafting requests, then the Markov stage."""
-        anchors = torch.tensor([r.last_token for r in reqs], device=self.device)
-        ctx_lens = [r.num_tokens - 1 for r in reqs]  # the anchor's position: context before it
-        anchor_pos = torch.tensor(ctx_lens, device=self.device)
-        meta = attention_meta(self.draft_kv.block_tables([r.req_id for r in reqs]),
-                              [self.gamma] * len(reqs),  # every block row sees all the context
-                              [n for n in ctx_lens for _ in range(self.gamma)],
-                              self.draft_kv.allocator.block_size, self.runner.backend)
-        scale = self.draft.config.head_dim ** -0.5
+    def _prefill(self, plan: StepPlan) -> list[int]:
+        """One forward over every admitted prompt; returns each request's first token."""
+        reqs, batch, keep = plan.prefill, plan.prefill_batch(self.device), plan.prefill_context
+        logits, feats = self.runner.forward(batch, want_features=bool(keep))
+        self.counters.prefill_forwards += 1
+        self.counters.prompt_tokens += sum(batch.num_new)
+        first = self._next_tokens(reqs, logits, [1] * len(reqs), plan.prefill_uniforms).tolist()
+        if keep:
+            rows = plan.prefill_rows
+            self.draft_runner.extend_context([reqs[i].req_id for i in keep], feats,
+                                             [rows[i] for i in keep],
+                                             [batch.num_new[i] for i in keep], [0] * len(keep))
+        return first
 
-        def context_attention(layer: int, q: torch.Tensor):
-            return paged_attention(q, self.draft_kv.k[layer], self.draft_kv.v[layer], meta, scale)
-
-        h = self.draft.backbone_paged(anchors, anchor_pos, context_attention)
-        self.counters.draft_forwards += 1
+    def draft_pass(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
+        """One draft backbone forward for all drafting requests, then the Markov stage
+        (`uniforms`: [S, G] their draws). The profiler times it on stand-in rows."""
         temps, top_k, top_p = self._sampling_tensors(reqs, [1] * len(reqs))
         greedy = all(r.params.temperature == 0 for r in reqs)
 
@@ -364,7 +273,10 @@ class LLMEngine:
             probs = warp_probs(logits, temps, top_k, top_p)
             return sample(probs, uniforms[:, k - 1]), probs
 
-        ids, probs, conf_logits = self.draft.draft_block(h, anchors, sample_fn, self.draft_vocab)
+        ids, probs, conf_logits = self.draft_runner.propose(
+            [r.req_id for r in reqs], [r.last_token for r in reqs],
+            [r.num_tokens - 1 for r in reqs], sample_fn, self.runner.backend)
+        self.counters.draft_forwards += 1
         for r in reqs:
             r.stats.draft_tokens_proposed += self.gamma
         conf = None
@@ -373,108 +285,49 @@ class LLMEngine:
                                           [r.params.temperature == 0 for r in reqs])
         return DraftProposal(ids, probs, conf_logits, conf)
 
-    def _commit(self, reqs, spec_idx, draft_ids, lengths, n_acc, nxt, feats, starts, num_new):
-        spec = set(spec_idx)
-        row_starts = [sum(num_new[:i]) for i in range(len(reqs))]
-        for i, req in enumerate(reqs):
-            # roll back the target cache to the anchor plus the accepted draft tokens
-            self.kv.allocator.truncate(req.req_id, starts[i] + n_acc[i] + 1)
-        if spec_idx:  # the target's features at committed positions become draft context
-            self._extend_draft_context([reqs[i] for i in spec_idx], feats,
-                                       [row_starts[i] for i in spec_idx],
-                                       [n_acc[i] + 1 for i in spec_idx],
-                                       [starts[i] for i in spec_idx])
-        for i, req in enumerate(reqs):
-            if i in spec:
-                req.stats.record(lengths[i], n_acc[i], self.gamma)
-                self.counters.draft_tokens_verified += lengths[i]
-                self.counters.draft_tokens_accepted += n_acc[i]
+    # -- commit: tokens, statistics, outputs ---------------------------------------------------
+    def _commit(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        self.counters.steps += 1
+        keep = set(plan.keep_context)
+        for i, req in enumerate(plan.decode):
+            n_acc = result.accepted[i]
+            if i in keep:
+                req.stats.record(plan.lengths[i], n_acc, self.gamma)
+                self.counters.draft_tokens_verified += plan.lengths[i]
+                self.counters.draft_tokens_accepted += n_acc
             before = len(req.output_ids)
-            req.commit(draft_ids[i, :n_acc[i]].tolist() + [nxt[i]])
+            req.commit(result.draft_ids[i, :n_acc].tolist() + [result.next_tokens[i]])
             self.counters.generated_tokens += len(req.output_ids) - before
+        if result.proposal is not None:
+            self._learn(plan, result)
+        for req, tok in zip(plan.prefill, result.first_tokens):
+            req.commit([tok])
+        self.counters.generated_tokens += len(plan.prefill)
+        self.running += plan.prefill
+        moved = plan.decode + plan.prefill
+        outputs = [r.take_output() for r in moved]
+        for req in moved:
+            if req.finished:
+                self._release(req)
+        return outputs
 
-    def _extend_draft_context(self, reqs, feats, rows, counts, positions) -> None:
-        """Write draft-context keys/values for `counts[i]` tokens from packed feature rows."""
-        dev = self.device
-        seq_of, offset = packed_index(torch.tensor(counts, device=dev))
-        src = torch.tensor(rows, device=dev)[seq_of] + offset
-        pos = torch.tensor(positions, device=dev)[seq_of] + offset
-        seq_ids = [r.req_id for r in reqs]
-        for sid, p, c in zip(seq_ids, positions, counts):
-            self.draft_kv.allocator.grow(sid, p + c)
-        slots = self.draft_kv.packed_slots(seq_ids, seq_of, pos)
-        ctx = self.draft.project_context(feats[src])
-        for layer in range(self.draft.config.num_hidden_layers):
-            k, v = self.draft.context_kv(layer, ctx, pos)
-            self.draft_kv.write(layer, slots, k, v)
-
-    def _record_confidence(self, conf_logits, lengths, n_acc) -> None:
-        for row, verified, accepted in zip(conf_logits.float().cpu(), lengths, n_acc):
-            labels = torch.full((self.gamma,), -1, dtype=torch.int8)
-            labels[:accepted] = 1
-            if accepted < verified:
-                labels[accepted] = 0
-            self.confidence_records.append((row, labels))
+    def _learn(self, plan: StepPlan, result: StepResult) -> None:
+        """The drafted blocks' outcomes: online calibration, and the confidence records."""
+        proposal, rows = result.proposal, plan.drafting
+        lengths = [plan.lengths[i] for i in rows]
+        n_acc = [result.accepted[i] for i in rows]
+        if self.calibration is not None and proposal.conf is not None:
+            self.calibration.update(proposal.conf, [plan.decode[i].params.temperature == 0
+                                                    for i in rows], lengths, n_acc)
+        if self.config.record_confidence and proposal.conf_logits is not None:
+            for row, verified, accepted in zip(proposal.conf_logits.float().cpu(), lengths, n_acc):
+                labels = torch.full((self.gamma,), -1, dtype=torch.int8)
+                labels[:accepted] = 1
+                if accepted < verified:
+                    labels[accepted] = 0
+                self.confidence_records.append((row, labels))
 
     # -- helpers -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _time_draft(self, rows: int, repeats: int = 5) -> float:
-        """Best seconds of one greedy draft pass for `rows` requests on a profiling context."""
-        alloc = self.draft_kv.allocator
-        free = alloc.num_blocks - alloc.num_reserved_blocks
-        ctx_len = max(1, min(self.config.sps_context_len,
-                             free // rows * alloc.block_size - self.gamma))
-        stand_ins = [_DraftProfileRow(f"__draft_profile_{i}", ctx_len) for i in range(rows)]
-        try:
-            for row in stand_ins:
-                alloc.reserve(row.req_id, ctx_len + self.gamma)
-                alloc.grow(row.req_id, ctx_len)
-            uniforms = torch.zeros(rows, self.gamma, device=self.device)
-            forwards = self.counters.draft_forwards
-            seconds = best_seconds(lambda: self._propose(stand_ins, uniforms), self.device,
-                                     repeats)
-            self.counters.draft_forwards = forwards  # profiling is not work done
-        finally:
-            for row in stand_ins:
-                alloc.free(row.req_id)
-        return seconds
-
-    @torch.inference_mode()
-    def _time_overhead(self, rows: int, drafting: bool, steps: int = 6) -> float:
-        """Shortest seconds that a decode step of `rows` greedy stand-in requests spends besides
-        its target forward, all drafting (`fixed`) or none (`ar`); the engine must be idle."""
-        if self.requests:
-            raise RuntimeError("the engine must be idle to profile its step overhead")
-        ctx = max(1, min(self.config.sps_context_len, 64))
-        budget = ctx + steps * (self.gamma + 1) + 1
-        alloc = self.kv.allocator
-        rows = max(1, min(rows, alloc.num_blocks // alloc.blocks_for(budget)))
-        params = SamplingParams(temperature=0, max_tokens=budget - ctx, ignore_eos=True)
-        prompt = [t % self.vocab_size for t in range(2, 2 + ctx)]
-        counters, calibration = self.counters, self.calibration
-        self.counters = Counters()
-        self.calibration = None  # stand-ins teach the real requests nothing
-        ids = [self.add_request(prompt, params, req_id=f"__overhead_{i}",
-                                policy="fixed" if drafting else "ar") for i in range(rows)]
-        sink: list[float] = []
-        try:
-            while self.waiting:  # admit and prefill all of them
-                self.step()
-            self._overhead_sink = sink
-            for _ in range(steps):
-                self.step()
-        finally:
-            self._overhead_sink = None
-            for rid in ids:
-                self.abort(rid)
-            self.counters, self.calibration = counters, calibration
-        return min(sink) if sink else 0.0
-
-    def _uniforms(self, req: Request, n: int) -> torch.Tensor:
-        if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
-            return torch.zeros(n, device=self.device)
-        return torch.rand(n, generator=req.generator, device=self.device)
-
     def _next_tokens(self, reqs, logits, repeats, uniforms) -> torch.Tensor:
         """One token per logits row, drawn from the request's warped distribution."""
         if all(r.params.temperature == 0 for r in reqs):
@@ -497,13 +350,13 @@ class LLMEngine:
         return out
 
     def _release(self, req: Request) -> None:
-        was_waiting = req.req_id in self.kv.allocator
+        admitted = req.req_id in self.kv.allocator
         self.kv.allocator.free(req.req_id)
         if self.draft_kv is not None:
             self.draft_kv.allocator.free(req.req_id)
         self.requests.pop(req.req_id, None)
         self.gate.forget(req.req_id)
-        if was_waiting:
+        if admitted:
             self.running.remove(req)
         else:  # never admitted (aborted while queued)
             self.waiting.remove(req)
@@ -522,7 +375,7 @@ class LLMEngine:
             raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
-    def _check_policy(self, policy: Policy, field: str) -> None:
+    def _check_policy(self, policy: Policy, field: str, will_profile: bool = False) -> None:
         if policy is Policy.AR:
             return
         if self.draft is None:
@@ -532,7 +385,7 @@ class LLMEngine:
         if needs_conf and not self.draft.config.enable_confidence_head:
             raise ValueError(f"{field}: {policy.value!r} needs a draft with a confidence head; "
                              "this draft has none (use 'fixed' or 'ar')")
-        if policy is Policy.PREFIX and self.sps is None:
+        if policy is Policy.PREFIX and self.sps is None and not will_profile:
             raise ValueError(f"{field}: 'prefix' needs the SPS profile (profile_sps=True)")
 
     def _make_kv(self, budget: int, name: str, cfg) -> PagedKV:
@@ -541,48 +394,3 @@ class LLMEngine:
         alloc = BlockAllocator(-(-budget // bs), bs, name)
         return PagedKV(alloc, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                        device=self.device, dtype=self.dtype)
-
-    @staticmethod
-    def _draft_vocab(draft, ranking: list[int] | None, size: int) -> DraftVocab | None:
-        if not size or draft is None:
-            return None
-        if ranking is None:
-            raise ValueError("draft_vocab_size: a reduced draft vocabulary needs the draft's "
-                             f"token ranking ({RANKING_NAME} beside its weights); this draft "
-                             "has none (use 0, the full vocabulary)")
-        return DraftVocab.build(draft, ranking, size)
-
-    @staticmethod
-    def _eos_ids(target, tokenizer, config: EngineConfig) -> frozenset[int]:
-        ids = set(config.extra_eos_token_ids)
-        gen_eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-        for value in (gen_eos, target.config.eos_token_id, tokenizer.eos_token_id):
-            if value is not None:
-                ids.update(value if isinstance(value, (list, tuple)) else [value])
-        return frozenset(ids)
-
-
-def share_frozen_copies(draft: DSparkDraft, target) -> list[str]:
-    """Point the drafter's embedding and ``lm_head`` at the target's when they hold the same
-    values (DSPARK.md 2: the released drafters ship frozen copies of them). A copy costs memory
-    (about 0.8 GB for Qwen3-4B in bf16) and, on a CPU, cache room on every step. Returns the
-    names of the shared tensors; a drafter trained with its own ones keeps them."""
-    pairs = (("embed_tokens", target.get_input_embeddings()),
-             ("lm_head", target.get_output_embeddings()))
-    shared = []
-    for name, target_module in pairs:
-        mine = getattr(draft, name).weight
-        theirs = getattr(target_module, "weight", None)
-        if (theirs is not None and mine.shape == theirs.shape and mine.dtype == theirs.dtype
-                and mine.device == theirs.device and torch.equal(mine, theirs)):
-            getattr(draft, name).weight = theirs
-            shared.append(name)
-    return shared
-
-
-class _DraftProfileRow:
-    """What `_propose` reads of a request, for timing a draft pass with no real request."""
-
-    def __init__(self, req_id: str, ctx_len: int):
-        self.req_id, self.last_token, self.num_tokens = req_id, 0, ctx_len + 1
-        self.params, self.stats = SamplingParams(temperature=0), SpecStats()

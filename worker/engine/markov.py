@@ -1,9 +1,9 @@
-"""DSpark's sequential stage: the Markov heads and the confidence head (DSPARK.md 1.3, 1.4).
+"""DSpark's sequential stage: the Markov heads and the confidence head (docs/DSPARK.md 1.3, 1.4).
 
 Scope: one step ``k`` of the left-to-right loop for a batch of ``R`` rows: the transition bias
 ``B(x_{k-1})`` added to the base logits ``U_k``, and the raw confidence logit for position
 ``k``. Parameter names nest under ``markov_head.`` / ``confidence_head.`` to give exactly the
-tensor names of the released checkpoints (DSPARK.md 5).
+tensor names of the released checkpoints (docs/DSPARK.md 5).
 
 Not in scope: the loop itself and sampling (``drafter.DSparkDraft.draft_block`` and the
 engine's sampler), temperature scaling of confidence (STS lives with the prefix scheduler).
@@ -17,7 +17,7 @@ from torch import nn
 
 
 class MarkovHead(nn.Module):
-    """Vanilla low-rank transition: ``B(x) = W2 · W1[x]`` (DSPARK.md 1.3)."""
+    """Vanilla low-rank transition: ``B(x) = W2 · W1[x]`` (docs/DSPARK.md 1.3)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, rank: int):
         super().__init__()
@@ -83,7 +83,7 @@ MARKOV_HEADS = {"vanilla": MarkovHead, "gated": GatedMarkovHead, "rnn": RnnMarko
 
 
 class ConfidenceHead(nn.Module):
-    """``c_k = sigmoid(w · [h_k ; W1[x_{k-1}]] + b)`` (DSPARK.md 1.4), or ``w · h_k + b``
+    """``c_k = sigmoid(w · [h_k ; W1[x_{k-1}]] + b)`` (docs/DSPARK.md 1.4), or ``w · h_k + b``
     when the checkpoint's confidence head does not read the Markov embedding.
 
     Returns the raw logit: the engine applies sequential temperature scaling, then sigmoid.

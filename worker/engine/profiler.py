@@ -1,29 +1,169 @@
-"""SPS(B): the target's forward steps per second for a forward of B new tokens, profiled once;
-also the cost by sequences and tokens (`RowCostTable`) and the draft cost by rows.
+"""What the engine plans with, profiled once at start: `profile_engine` -> `EngineCosts`.
 
-DSpark Alg. 1 weighs expected accepted tokens against this cost table. It is measured at
-engine start with the engine's own runner and cache (verify-shaped batches: sequences of
-gamma + 1 new tokens on a fixed context), and cached on disk per device, model, dtype and
-grid, so a restart reads it back in milliseconds.
+SPS(B), the target's forward steps per second for a forward of B new tokens; the cost by
+sequences and tokens (`RowCostTable`); the seconds of a draft pass by rows; and what a decode
+step spends besides its target forward (`StepOverhead`). DSpark Alg. 1 weighs expected
+accepted tokens against these tables, and the draft gate decides with them. They are measured
+with the engine's own runner, caches and step (verify-shaped batches: sequences of gamma + 1
+new tokens on a fixed context; stand-in requests that the profiler adds and removes itself),
+and cached on disk per device, model, dtype, attention code and grid, so a restart reads them
+back in milliseconds.
 
-Does not know: requests, sampling or policies.
+Knows: timing (best of N), the cache files, the engine's public parts. Does not know: how a
+step is planned or verified, sampling or policies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sparkgrid.costs import SPSTable
 from worker.engine.attention import implementation_id
+from worker.engine.config import SamplingParams
 from worker.engine.model_runner import ForwardBatch, TargetRunner
-from worker.engine.prefix_scheduler import RowCostTable, SPSTable
+from worker.engine.request import SpecStats
+from worker.engine.spec_step import StepOverhead
+from worker.engine.verify_policy import RowCostTable
+
+# Bumped when the engine's own step work changes in cost (the draft and overhead profiles
+# cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings.
+ENGINE_COST_VERSION = 3
+
+
+@dataclass
+class EngineCosts:
+    """The cost tables an engine plans with (all None: not profiled)."""
+
+    sps: SPSTable | None = None
+    """SPS(B): target forwards per second by the tokens of the forward."""
+    step_cost: RowCostTable | None = None
+    """The target's step cost by sequences and tokens."""
+    draft_cost: SPSTable | None = None
+    """Draft passes per second by drafting rows (an `SPSTable` over rows)."""
+    overhead: StepOverhead = field(default_factory=StepOverhead)
+    """What a decode step spends besides its target forward."""
+
+
+def profile_engine(engine) -> EngineCosts:
+    """Every table of `EngineCosts` for `engine` (an `LLMEngine` with a drafter and no
+    request), each read from the cache under `config.sps_cache_dir` or measured and cached."""
+    cfg, gamma, runner = engine.config, engine.gamma, engine.runner
+    sps = load_or_profile(runner, dtype=engine.dtype, max_tokens=cfg.max_batch_tokens,
+                          ctx_len=cfg.sps_context_len, gamma=gamma, cache_dir=cfg.sps_cache_dir)
+    step_cost = load_or_profile_rows(runner, dtype=engine.dtype, max_rows=cfg.max_num_seqs,
+                                     ctx_len=cfg.sps_context_len, gamma=gamma,
+                                     cache_dir=cfg.sps_cache_dir)
+    alloc = engine.draft_kv.allocator  # a small cache cannot profile many rows
+    fit = (alloc.num_blocks - alloc.num_reserved_blocks) // alloc.blocks_for(1 + gamma)
+    max_rows = max(1, min(cfg.max_num_seqs, fit))
+    ident = {"device": device_name(engine.device), "torch": torch.__version__,
+             "dtype": str(engine.dtype), "ctx_len": cfg.sps_context_len,
+             "target": runner.model.config.to_json_string(use_diff=False),
+             "draft": repr(engine.draft.config), "draft_vocab_size": cfg.draft_vocab_size,
+             "attention": implementation_id(runner.backend), "engine": ENGINE_COST_VERSION}
+    draft_cost = load_or_profile_draft(lambda rows: time_draft(engine, rows), max_rows=max_rows,
+                                       cache_dir=cfg.sps_cache_dir, ident=ident)
+    overhead = StepOverhead(*load_or_profile_overhead(
+        lambda rows, drafting: time_overhead(engine, rows, drafting), max_rows=max_rows,
+        cache_dir=cfg.sps_cache_dir, ident=ident))
+    return EngineCosts(sps, step_cost, draft_cost, overhead)
+
+
+@torch.inference_mode()
+def time_draft(engine, rows: int, repeats: int = 5) -> float:
+    """Best seconds of one greedy draft pass (`engine.draft_pass`) for `rows` stand-in
+    requests on a profiling context."""
+    alloc, gamma = engine.draft_kv.allocator, engine.gamma
+    free = alloc.num_blocks - alloc.num_reserved_blocks
+    ctx_len = max(1, min(engine.config.sps_context_len, free // rows * alloc.block_size - gamma))
+    stand_ins = [_DraftProfileRow(f"__draft_profile_{i}", ctx_len) for i in range(rows)]
+    try:
+        for row in stand_ins:
+            alloc.reserve(row.req_id, ctx_len + gamma)
+            alloc.grow(row.req_id, ctx_len)
+        uniforms = torch.zeros(rows, gamma, device=engine.device)
+        forwards = engine.counters.draft_forwards
+        seconds = best_seconds(lambda: engine.draft_pass(stand_ins, uniforms), engine.device,
+                               repeats)
+        engine.counters.draft_forwards = forwards  # profiling is not work done
+    finally:
+        for row in stand_ins:
+            alloc.free(row.req_id)
+    return seconds
+
+
+@torch.inference_mode()
+def time_overhead(engine, rows: int, drafting: bool, steps: int = 6) -> float:
+    """Shortest seconds that a decode step of `rows` greedy stand-in requests spends besides
+    its target forward, all drafting (`fixed`) or none (`ar`); the engine must be idle."""
+    if engine.requests:
+        raise RuntimeError("the engine must be idle to profile its step overhead")
+    ctx = max(1, min(engine.config.sps_context_len, 64))
+    budget = ctx + steps * (engine.gamma + 1) + 1
+    alloc = engine.kv.allocator
+    rows = max(1, min(rows, alloc.num_blocks // alloc.blocks_for(budget)))
+    params = SamplingParams(temperature=0, max_tokens=budget - ctx, ignore_eos=True)
+    prompt = [t % engine.vocab_size for t in range(2, 2 + ctx)]
+    counters, calibration, runner = engine.counters, engine.calibration, engine.runner
+    engine.counters = dataclasses.replace(counters)  # the stand-ins' work is not counted
+    engine.calibration = None  # and teaches the real requests nothing
+    ids = [engine.add_request(prompt, params, req_id=f"__overhead_{i}",
+                              policy="fixed" if drafting else "ar") for i in range(rows)]
+    sink: list[float] = []
+    try:
+        while engine.waiting:  # admit and prefill all of them
+            engine.step()
+        engine.runner = timed = _TimedForwards(runner)
+        for _ in range(steps):
+            timed.seconds = 0.0
+            sync(engine.device)
+            started = time.perf_counter()
+            engine.step()
+            sync(engine.device)
+            sink.append(time.perf_counter() - started - timed.seconds)
+    finally:
+        engine.runner = runner
+        for rid in ids:
+            engine.abort(rid)
+        engine.counters, engine.calibration = counters, calibration
+    return min(sink) if sink else 0.0
+
+
+class _TimedForwards:
+    """A `TargetRunner` whose forwards add their (synchronised) seconds to `seconds`."""
+
+    def __init__(self, runner: TargetRunner):
+        self._runner, self.seconds = runner, 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+    def forward(self, *args, **kwargs):
+        sync(self._runner.device)
+        started = time.perf_counter()
+        try:
+            return self._runner.forward(*args, **kwargs)
+        finally:
+            sync(self._runner.device)
+            self.seconds += time.perf_counter() - started
+
+
+class _DraftProfileRow:
+    """What `LLMEngine.draft_pass` reads of a request, for timing one with no real request."""
+
+    def __init__(self, req_id: str, ctx_len: int):
+        self.req_id, self.last_token, self.num_tokens = req_id, 0, ctx_len + 1
+        self.params, self.stats = SamplingParams(temperature=0), SpecStats()
 
 
 def batch_token_grid(max_tokens: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Speculative sampling: accept draft tokens, resample at the first rejection, or add a bonus.
 
 The rule (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding",
-Algorithm 1; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"; DSPARK.md
+Algorithm 1; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"; docs/DSPARK.md
 section 1 step 6): with target distribution p_k and draft distribution q_k at draft position k,
 
 - accept x_k with probability min(1, p_k(x_k) / q_k(x_k)), left to right;

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.prefix_scheduler import (Policy, RowCostTable, SPSTable,
-                                            expected_throughput, prefix_lengths,
-                                            threshold_lengths)
+from sparkgrid.costs import SPSTable
+from worker.engine.verify_policy import (Policy, RowCostTable, expected_throughput,
+                                         prefix_lengths, threshold_lengths)
 from worker.engine.sts import apply_sts, survival
 
 

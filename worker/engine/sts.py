@@ -1,6 +1,6 @@
 """Sequential Temperature Scaling (STS) of the confidence head, and its calibration metrics.
 
-The raw confidence c_k = sigmoid(z_k) is over-confident. STS (DSPARK.md section 3) fits one
+The raw confidence c_k = sigmoid(z_k) is over-confident. STS (docs/DSPARK.md section 3) fits one
 temperature t_k per draft position, k = 1..G in turn, minimising the expected calibration error
 of the prefix survival a_k = prod_{j<=k} sigmoid(z_j / t_j) with t_{<k} already fixed. A positive
 temperature is monotone, so each position's ranking (and its AUC) is unchanged.

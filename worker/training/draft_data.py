@@ -1,4 +1,4 @@
-"""The drafter's training data, answered by the target itself (DSPARK.md 4).
+"""The drafter's training data, answered by the target itself (docs/DSPARK.md 4).
 
 For each prompt the target writes a continuation with the engine's batched `ar` mode. One plain
 Hugging Face forward over prompt + continuation then records, at every position, the context

@@ -1,4 +1,4 @@
-"""The DSpark training forward and loss (DSPARK.md 4), run on the drafter's own modules.
+"""The DSpark training forward and loss (docs/DSPARK.md 4), run on the drafter's own modules.
 
 Teacher forcing of many anchor blocks per sequence in one pass. A block is
 ``[anchor, mask x (gamma-1)]`` at positions ``anchor .. anchor+gamma-1``; slot ``j`` predicts
@@ -32,7 +32,7 @@ from worker.training.draft_data import DraftBatch
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Coefficients of the three loss terms and the per-position decay (DSPARK.md 4)."""
+    """Coefficients of the three loss terms and the per-position decay (docs/DSPARK.md 4)."""
 
     ce: float = 0.1
     """Cross-entropy against the ground-truth token."""
@@ -149,7 +149,7 @@ def _block_hidden(draft: DSparkDraft, batch: DraftBatch, anchors: torch.Tensor) 
 
 def _block_mask(anchors: torch.Tensor, width: int, gamma: int) -> torch.Tensor:
     """[B, 1, A*G, S + A*G] bool: a block's slots see context positions before its anchor and
-    all slots of their own block, nothing else (DSPARK.md 2)."""
+    all slots of their own block, nothing else (docs/DSPARK.md 2)."""
     num_seqs, num_anchors = anchors.shape
     ctx = torch.arange(width, device=anchors.device)[None, None, :] < anchors[..., None]  # [B, A, S]
     ctx = ctx.repeat_interleave(gamma, dim=1)  # [B, A*G, S]

@@ -1,4 +1,4 @@
-"""Training a DSpark drafter, or its DFlash baseline, against a frozen target (DSPARK.md 4).
+"""Training a DSpark drafter, or its DFlash baseline, against a frozen target (docs/DSPARK.md 4).
 
 The drafter starts as `random_dspark_checkpoint` with the target's embedding and `lm_head`
 copied in; those two stay frozen and everything else trains. Each step takes `batch_size`
@@ -39,7 +39,7 @@ from worker.training.target import lr_factor
 from worker.training.train_state import JsonlLog, check_same_run, load_checkpoint, save_checkpoint
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
-"""Copies of the target's, never trained (DSPARK.md 4)."""
+"""Copies of the target's, never trained (docs/DSPARK.md 4)."""
 SUMMARY_NAME = "training.json"
 """Written into the output directory last: its presence means the drafter is complete."""
 

@@ -1,6 +1,6 @@
 """The shipped target: a small Qwen3 causal LM trained from scratch on standard-library source.
 
-`target_config` gives the architecture (DSPARK.md section 4: 6 layers, width 256, 4 query and 2
+`target_config` gives the architecture (docs/DSPARK.md section 4: 6 layers, width 256, 4 query and 2
 key/value heads of 64, SwiGLU 768, untied embeddings; about 8.9M parameters with an 8k
 vocabulary, 4.7M of them outside the embedding and output matrices). `train_target` trains it:
 EOS-joined documents cut into fixed windows in a seeded order (`lm_data`), AdamW with a linear

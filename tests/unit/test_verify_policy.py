@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from worker.engine.prefix_scheduler import (
+from sparkgrid.costs import SPSTable
+from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
-    SPSTable,
     drafting_pays,
     fixed_lengths,
     parse_policy,
@@ -25,7 +25,7 @@ def _table_from_times(times: list[float]) -> SPSTable:
 
 
 def _reference_algorithm_1(survival, sps, extra_tokens=0, extra_tau=0.0, early_stop=True):
-    """Algorithm 1 as printed in DSPARK.md section 3, one candidate at a time."""
+    """Algorithm 1 as printed in docs/DSPARK.md section 3, one candidate at a time."""
     num_requests, gamma = survival.shape
     cands = sorted(
         ((float(survival[r, j]), r, j + 1) for r in range(num_requests) for j in range(gamma)),

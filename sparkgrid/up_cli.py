@@ -1,6 +1,6 @@
 """`sparkgrid up` and `sparkgrid demo`: the whole stack on this machine, in the foreground.
 
-`up` starts it (`scheduler/stack.py`), prints where everything is, and runs until Ctrl-C or
+`up` starts it (`sparkgrid/stack.py`), prints where everything is, and runs until Ctrl-C or
 SIGTERM, then stops all it started. `demo` starts it, sends a few real requests with their text
 streamed to the terminal (then a burst that both workers share), prints each request's figures
 and a short cost report, and stops.
@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from scheduler.config import shown_url
+from sparkgrid.home import home
+from sparkgrid.options import port, port_or_off
 
 DEMO_PROMPTS = (
     "def fibonacci(n):\n",
@@ -45,23 +47,22 @@ def _catch_signals() -> None:
 
 def up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker actors on the shipped pair")
-    p.add_argument("--grpc-port", type=int, default=50051, help="the API's port (0: any free one)")
+    p.add_argument("--grpc-port", type=port, default=50051, help="the API's port (0: any free one)")
     p.add_argument("--redis-url", default=None, help="a Redis to use (default: a private "
                    "redis-server, append-only, in $SPARKGRID_HOME/redis)")
-    p.add_argument("--metrics-port", type=int, default=9464, help="the scheduler's Prometheus "
-                   "port (-1: off)")
-    p.add_argument("--dashboard-port", type=int, default=8265, help="the Ray dashboard's port")
+    p.add_argument("--metrics-port", type=port_or_off, default=9464,
+                   help="the scheduler's Prometheus port (-1: off)")
+    p.add_argument("--dashboard-port", type=port, default=8265, help="the Ray dashboard's port")
     p.add_argument("--price-per-hour", type=float, default=0.10, help="the workers' price, USD "
                    "per hour (notional for a CPU; it gives the cost reports GPU costs)")
 
 
 def _stack(args, **changes):
-    from scheduler.client import home
-    from scheduler.stack import Stack, StackOptions
+    from sparkgrid.stack import Stack, StackOptions
 
     options = dict(home=home(), workers=args.workers, grpc_port=args.grpc_port,
                    redis_url=args.redis_url,
-                   metrics_port=None if args.metrics_port == -1 else args.metrics_port,
+                   metrics_port=args.metrics_port,
                    dashboard_port=args.dashboard_port, price_per_hour=args.price_per_hour)
     options.update(changes)
     return Stack(StackOptions(**options))
@@ -73,7 +74,7 @@ def _say(*parts) -> None:
 
 def _run_stack(stack, body, on_stop: str, done: str) -> int:
     """Start the stack, run `body(stack, info)`, and stop all of it, whatever happens."""
-    from scheduler.stack import StackError
+    from sparkgrid.stack import StackError
 
     _catch_signals()
     try:
@@ -172,9 +173,7 @@ def _demo_report(stack) -> None:
         _say("")
 
 
-COMMANDS = {  # name: (help, add options, run)
-    "up": ("the whole stack on this machine (Redis, Ray, workers, scheduler) until Ctrl-C",
-           up_options, run_up),
-    "demo": ("`up`, a few real requests streamed to the terminal, a cost report, a clean stop",
-             up_options, run_demo),
+COMMANDS = {  # name: (add options, run); the help is sparkgrid.cli's
+    "up": (up_options, run_up),
+    "demo": (up_options, run_demo),
 }

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import fcntl
 import io
-import json
 import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-UP_FILE = "up.json"
+from sparkgrid.contract import NAMESPACE
+from sparkgrid.home import UP_FILE, read_up_file, write_up_file
+
 LOCK_FILE = "up.lock"
 TENANT = "local"
 
@@ -118,7 +119,7 @@ class Stack:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            running = _read_up_file(self.home)
+            running = read_up_file(self.home)
             where = (f" (pid {running.get('pid')}, endpoint {running.get('endpoint')})"
                      if running else "")
             raise StackError(f"another `sparkgrid up` is running with SPARKGRID_HOME={self.home}"
@@ -146,11 +147,9 @@ class Stack:
     def _start_ray(self, log) -> str:
         import ray
 
-        from worker import actor
-
         if ray.is_initialized():
             raise StackError("this process is already connected to a Ray cluster")
-        ctx = ray.init(namespace=actor.NAMESPACE, include_dashboard=True,
+        ctx = ray.init(namespace=NAMESPACE, include_dashboard=True,
                        dashboard_host="127.0.0.1", dashboard_port=self.options.dashboard_port,
                        num_cpus=max(4, self.options.workers + 2), logging_level="ERROR",
                        log_to_driver=False)
@@ -207,10 +206,7 @@ class Stack:
         return self._head.call(coro, timeout_s)
 
     def _write_up_file(self) -> None:
-        path = self.home / UP_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.info, f, indent=2)
+        write_up_file(self.info, self.home)
 
     @staticmethod
     def _ray_address() -> str:
@@ -228,9 +224,3 @@ class Stack:
         except AttributeError:
             return None
 
-
-def _read_up_file(home: Path) -> dict:
-    try:
-        return json.loads((home / UP_FILE).read_text())
-    except (OSError, ValueError):
-        return {}

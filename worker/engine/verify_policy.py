@@ -1,23 +1,32 @@
 """How many draft tokens each request verifies: DSpark Algorithm 1 and the static baselines.
 
-The hardware-aware prefix scheduler (DSPARK.md section 3) admits draft positions in order of
-prefix survival probability a_{r,j} while the expected throughput
+This is the verify-length policy; it admits nothing and schedules no request (admission and
+the step's rows are the planner's, `planner`). DSpark Algorithm 1 (the paper's
+"hardware-aware prefix scheduler", docs/DSPARK.md section 3) admits draft positions in order
+of prefix survival probability a_{r,j} while the expected throughput
 theta = tau* x SPS(B) keeps rising, where tau* counts expected committed tokens and B the tokens
-the target forward will process. `SPSTable` is the profiled cost model SPS(B).
+the target forward will process. `sparkgrid.costs.SPSTable` is the profiled cost model SPS(B).
 
 Scope: pure functions over survival / confidence tensors and a cost table (`SPSTable` by
-tokens, `RowCostTable` by sequences and tokens).
-Not here: profiling the target (the engine measures and builds the tables), computing
-confidence (the drafter, then `sts`), or deciding which requests run this step.
+tokens, `RowCostTable` by sequences and tokens), and the `Policy` names.
+Not here: profiling the target (`profiler` measures and builds the tables), computing
+confidence (the drafter, then `sts`), or deciding which requests run this step (`planner`).
 """
 
-import bisect
+from __future__ import annotations
+
 import enum
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from sparkgrid.costs import json_object, piecewise_linear
+
+if TYPE_CHECKING:
+    from sparkgrid.costs import SPSTable
 
 
 class Policy(enum.StrEnum):
@@ -36,85 +45,6 @@ def parse_policy(value: "str | Policy", field: str = "policy") -> Policy:
     except ValueError:
         allowed = ", ".join(repr(p.value) for p in Policy)
         raise ValueError(f"{field} must be one of {allowed}; got {value!r}") from None
-
-
-@dataclass(frozen=True)
-class SPSTable:
-    """Target forward steps per second as a function of the tokens in the forward.
-
-    Between profiled points the step *time* (1 / sps) is interpolated linearly; past the last
-    point it is extrapolated from the last two points, with a slope clamped at 0 so a noisy
-    profile can never predict time shrinking with more tokens. A one-point table is flat.
-    """
-
-    batch_tokens: list[int]  # strictly increasing token counts, the first one 1
-    steps_per_second: list[float]  # measured target forwards per second at each count
-
-    def __post_init__(self) -> None:
-        tokens, sps = self.batch_tokens, self.steps_per_second
-        if not tokens or len(tokens) != len(sps):
-            raise ValueError(
-                "SPSTable needs batch_tokens and steps_per_second of equal, non-zero length; "
-                f"got {len(tokens)} and {len(sps)}"
-            )
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
-            raise ValueError(f"SPSTable batch_tokens must be integers; got {tokens}")
-        if tokens[0] != 1 or any(b <= a for a, b in zip(tokens, tokens[1:])):
-            raise ValueError(
-                f"SPSTable batch_tokens must start at 1 and strictly increase; got {tokens}"
-            )
-        if any(not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0 for s in sps):
-            raise ValueError(
-                f"SPSTable steps_per_second must be finite and positive; got {sps}"
-            )
-
-    def __call__(self, num_tokens: float) -> float:
-        """Predicted steps per second for a forward of `num_tokens` (>= 1) tokens; the scalar
-        form of `step_time`, in plain Python (the router calls it per worker per request)."""
-        if num_tokens < 1:
-            raise ValueError(f"SPSTable covers forwards of >= 1 token; got {num_tokens}")
-        xs, ts = self.batch_tokens, [1.0 / s for s in self.steps_per_second]
-        if len(xs) == 1:
-            return 1.0 / ts[0]
-        i = min(max(bisect.bisect_right(xs, num_tokens) - 1, 0), len(xs) - 2)
-        slope = (ts[i + 1] - ts[i]) / (xs[i + 1] - xs[i])
-        if num_tokens > xs[-1]:
-            return 1.0 / (ts[-1] + max(slope, 0.0) * (num_tokens - xs[-1]))
-        return 1.0 / (ts[i] + slope * (num_tokens - xs[i]))
-
-    def step_time(self, num_tokens: torch.Tensor) -> torch.Tensor:  # [N] -> [N] float64
-        """Predicted seconds per forward for each entry of `num_tokens` (all >= 1)."""
-        tokens = num_tokens.double().cpu()
-        if tokens.numel() and float(tokens.min()) < 1:
-            raise ValueError(f"SPSTable covers forwards of >= 1 token; got {float(tokens.min())}")
-        xs = torch.tensor(self.batch_tokens, dtype=torch.float64)  # [P]
-        ts = 1.0 / torch.tensor(self.steps_per_second, dtype=torch.float64)  # [P]
-        if len(xs) == 1:
-            return ts.expand_as(tokens).clone()
-        # Segment i spans xs[i]..xs[i+1]; counts past the last point use the last segment.
-        seg = (torch.searchsorted(xs, tokens, right=True) - 1).clamp(0, len(xs) - 2)
-        x0, x1, t0, t1 = xs[seg], xs[seg + 1], ts[seg], ts[seg + 1]
-        slope = (t1 - t0) / (x1 - x0)
-        inside = t0 + slope * (tokens - x0)
-        beyond = ts[-1] + slope.clamp(min=0) * (tokens - xs[-1])  # never faster than measured
-        return torch.where(tokens > xs[-1], beyond, inside)
-
-    def at_rows(self, rows: int) -> "SPSTable":
-        """The cost of a forward of `rows` sequences by its tokens: this table itself, which
-        knows only tokens (see `RowCostTable` for one that also knows sequences)."""
-        return self
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SPSTable":
-        fields = ("batch_tokens", "steps_per_second")
-        data = _json_object(text, "SPSTable", fields)
-        if not all(isinstance(data[f], list) for f in fields):
-            raise ValueError(f"SPSTable JSON: {' and '.join(map(repr, fields))} must be lists; "
-                             f"got {text[:200]!r}")
-        return cls(data["batch_tokens"], data["steps_per_second"])
 
 
 @dataclass(frozen=True)
@@ -156,40 +86,17 @@ class RowCostTable:
         """The cost of a forward of `rows` sequences, as a function of its tokens."""
         if rows < 1:
             raise ValueError(f"RowCostTable covers forwards of >= 1 sequence; got {rows}")
-        return _RowsCost(rows, _interpolate(self.rows, self.plain_seconds, rows),
-                         _interpolate(self.rows, self.full_seconds, rows), self.gamma)
+        return _RowsCost(rows, piecewise_linear(self.rows, self.plain_seconds, rows),
+                         piecewise_linear(self.rows, self.full_seconds, rows), self.gamma)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "RowCostTable":
-        data = _json_object(text, "RowCostTable", ("rows", "plain_seconds", "full_seconds",
+        data = json_object(text, "RowCostTable", ("rows", "plain_seconds", "full_seconds",
                                                    "gamma"))
         return cls(**data)
-
-
-def _json_object(text: str, name: str, fields: tuple[str, ...]) -> dict:
-    """`text` parsed as a JSON object with exactly `fields`; a ValueError naming `name`."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{name} JSON is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or set(data) != set(fields):
-        raise ValueError(f"{name} JSON must be an object with exactly the keys "
-                         f"{', '.join(map(repr, fields))}; got {text[:200]!r}")
-    return data
-
-
-def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
-    """Piecewise-linear y(x) through the points; past the last, the last slope (at least 0)."""
-    if len(xs) == 1:
-        return ys[0]
-    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
-    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    if x > xs[-1]:
-        return ys[-1] + max(slope, 0.0) * (x - xs[-1])
-    return ys[i] + slope * (x - xs[i])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""The drafter on ragged batches: its context cache, and one draft pass for many requests.
+
+The draft side of the engine, as `model_runner.TargetRunner` is the target side. A drafting
+request's context is the target's features at its committed positions, projected into the
+drafter's keys and values (`extend_context`) and kept in a `PagedKV` of its own. A draft pass
+(`propose`) runs the drafter's backbone once for all drafting requests, each block attending
+that cache where it lies (`attention.paged_attention`), then the sequential Markov stage.
+
+Knows: a `DSparkDraft`, its `PagedKV`, paged attention, the reduced draft vocabulary.
+Does not know: requests, sampling (the caller's `sample_fn` draws each block position),
+confidence calibration, policies or verification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.attention import attention_meta, paged_attention
+from worker.engine.draft_vocab import DraftVocab
+from worker.engine.drafter import DSparkDraft
+from worker.engine.kv_cache import PagedKV
+from worker.engine.model_runner import packed_index
+
+
+class DraftRunner:
+    """One drafter and its context cache on one device."""
+
+    def __init__(self, draft: DSparkDraft, kv: PagedKV, device: torch.device,
+                 vocab: DraftVocab | None = None):
+        self.draft, self.kv, self.device, self.vocab = draft, kv, device, vocab
+
+    def propose(self, seq_ids: list[str], anchors: list[int], ctx_lens: list[int], sample_fn,
+                backend: str):
+        """One draft block per sequence: the backbone over its cached context (`ctx_lens[i]`
+        positions, all before its anchor `anchors[i]`), then the Markov stage, drawing each
+        position with `sample_fn` (`DSparkDraft.draft_block`); `backend` is the paged
+        attention implementation (the target runner's). Returns (ids [S, G], probs [S, G, V]
+        or None, conf_logits [S, G] or None)."""
+        gamma = self.draft.gamma
+        anchor_ids = torch.tensor(anchors, device=self.device)
+        anchor_pos = torch.tensor(ctx_lens, device=self.device)  # the context before the anchor
+        meta = attention_meta(self.kv.block_tables(seq_ids),
+                              [gamma] * len(seq_ids),  # every block row sees all the context
+                              [n for n in ctx_lens for _ in range(gamma)],
+                              self.kv.allocator.block_size, backend)
+        scale = self.draft.config.head_dim ** -0.5
+
+        def context_attention(layer: int, q: torch.Tensor):
+            return paged_attention(q, self.kv.k[layer], self.kv.v[layer], meta, scale)
+
+        h = self.draft.backbone_paged(anchor_ids, anchor_pos, context_attention)
+        return self.draft.draft_block(h, anchor_ids, sample_fn, self.vocab)
+
+    def extend_context(self, seq_ids: list[str], feats: torch.Tensor, rows: list[int],
+                       counts: list[int], positions: list[int]) -> None:
+        """Write context keys/values for `counts[i]` tokens of sequence i, at `positions[i]`
+        onwards, from the packed target features `feats` starting at row `rows[i]`."""
+        seq_of, offset = packed_index(torch.tensor(counts, device=self.device))
+        src = torch.tensor(rows, device=self.device)[seq_of] + offset
+        pos = torch.tensor(positions, device=self.device)[seq_of] + offset
+        for sid, p, c in zip(seq_ids, positions, counts):
+            self.kv.allocator.grow(sid, p + c)
+        slots = self.kv.packed_slots(seq_ids, seq_of, pos)
+        ctx = self.draft.project_context(feats[src])
+        for layer in range(self.draft.config.num_hidden_layers):
+            k, v = self.draft.context_kv(layer, ctx, pos)
+            self.kv.write(layer, slots, k, v)

@@ -1,0 +1,190 @@
+"""What one engine step runs: the step plan, and the planner that makes it.
+
+`LLMEngine.step()` is three calls: `Planner.plan` (this module) -> the engine's run (draft
+pass, one verify forward, verification; then the prefill of newcomers) -> the engine's commit
+(tokens, statistics, outputs, releases). The plan is made before any forward: which running
+requests decode, which of them keep a draft context and which draft this step (the
+`DraftGate`), the cost table and the fixed seconds that the verify-length policy weighs, each
+decoding request's random draws and anchor position, and which waiting requests are admitted
+(their cache reserved) and prefilled. Only the verify lengths wait for the draft pass: they
+depend on its confidence, so the run hands the proposal back (`Planner.verify_lengths`)
+before the verify forward, and the plan then also lays out that forward's rows.
+
+Knows: requests, the engine's budgets (`EngineConfig`), the cache allocators' reservations,
+the policies (`spec_step.choose_lengths`, `DraftGate`). Does not know: models, logits,
+sampling, verification, or how tokens are committed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from sparkgrid.costs import SPSTable
+from worker.engine.kv_cache import BlockAllocator
+from worker.engine.model_runner import ForwardBatch
+from worker.engine.request import Request, Status
+from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths
+from worker.engine.verify_policy import Policy, RowCostTable
+
+
+@dataclass
+class StepPlan:
+    """One step, decided before its forwards (`verify_lengths` once the draft is in)."""
+
+    decode: list[Request]
+    """Running requests that decode this step: all of them (no preemption), in order."""
+    keep_context: list[int]
+    """Rows of `decode` whose policy drafts: the target's features at their committed
+    positions extend their draft context, whether or not they draft this step."""
+    drafting: list[int]
+    """Rows of `decode` that draft this step (the draft gate's choice among `keep_context`)."""
+    starts: list[int]
+    """Each decoding row's anchor position: its tokens already cached (the anchor, its last
+    committed token, is not yet)."""
+    uniforms: torch.Tensor | None
+    """[R, 2G+1] each decoding row's draws: G for the draft, G to verify, 1 for the bonus
+    token (zeros for greedy rows); None without decoding rows."""
+    cost: SPSTable | RowCostTable | None
+    """The target's step cost that the `prefix` policy and the gate plan with (None: none
+    profiled)."""
+    fixed_seconds: float
+    """Profiled seconds of this step besides its target forward, for its drafting rows (what
+    `prefix` weighs each verified token against; `DraftGate.draft_seconds`)."""
+    prefill: list[Request]
+    """Waiting requests admitted this step (their caches reserved), prefilled in one forward
+    after the decode."""
+    prefill_uniforms: torch.Tensor | None
+    """[P] each admitted request's draw for its first token; None without admissions."""
+    lengths: list[int] = field(default_factory=list)
+    """Draft tokens each decoding row verifies (0: none), set by `Planner.verify_lengths`."""
+
+    @property
+    def num_new(self) -> list[int]:
+        """Tokens of each decoding row in the verify forward: its anchor and verified drafts."""
+        return [1 + n for n in self.lengths]
+
+    @property
+    def verify_rows(self) -> list[int]:
+        """Each decoding row's first packed row in the verify forward."""
+        return _offsets(self.num_new)
+
+    def verify_batch(self, draft_ids: torch.Tensor) -> ForwardBatch:
+        """The verify forward: per decoding row its anchor and its first `lengths[r]` draft
+        tokens (`draft_ids`: [R, G]), packed; logits at every row."""
+        ids = [[r.last_token] + draft_ids[i, :self.lengths[i]].tolist()
+               for i, r in enumerate(self.decode)]
+        packed = torch.tensor([t for x in ids for t in x], device=draft_ids.device)
+        return ForwardBatch([r.req_id for r in self.decode], self.starts, self.num_new, packed,
+                            torch.arange(packed.numel(), device=draft_ids.device))
+
+    @property
+    def prefill_context(self) -> list[int]:
+        """Rows of `prefill` whose policy drafts (their prompt becomes draft context)."""
+        return [i for i, r in enumerate(self.prefill) if r.policy != Policy.AR]
+
+    @property
+    def prefill_rows(self) -> list[int]:
+        """Each admitted request's first packed row in the prefill forward."""
+        return _offsets([len(r.prompt_ids) for r in self.prefill])
+
+    def prefill_batch(self, device: torch.device) -> ForwardBatch:
+        """The prefill forward: every admitted prompt from position 0, packed; logits at each
+        prompt's last row."""
+        lengths = [len(r.prompt_ids) for r in self.prefill]
+        ids = torch.tensor([t for r in self.prefill for t in r.prompt_ids], device=device)
+        last_rows = torch.cumsum(torch.tensor(lengths, device=device), 0) - 1
+        return ForwardBatch([r.req_id for r in self.prefill], [0] * len(lengths), lengths, ids,
+                            last_rows)
+
+
+@dataclass
+class StepResult:
+    """What a step's run hands its commit: the verification of every decoding row and the
+    first token of every admitted request."""
+
+    proposal: DraftProposal | None = None
+    """The draft pass's proposal for `StepPlan.drafting`, or None (nobody drafted)."""
+    draft_ids: torch.Tensor | None = None
+    """[R, G] each decoding row's draft tokens (-1: none)."""
+    accepted: list[int] = field(default_factory=list)
+    """Draft tokens each decoding row accepted."""
+    next_tokens: list[int] = field(default_factory=list)
+    """Each decoding row's token after its accepted drafts (bonus, or correction)."""
+    first_tokens: list[int] = field(default_factory=list)
+    """Each admitted request's first generated token."""
+
+
+class Planner:
+    """Makes each step's `StepPlan`; owns admission and the draft gate."""
+
+    def __init__(self, config, gamma: int, sts: list[float] | None, kv: BlockAllocator,
+                 draft_kv: BlockAllocator | None, device: torch.device):
+        self.config, self.gamma, self.sts, self.device = config, gamma, sts, device
+        self.kv, self.draft_kv = kv, draft_kv
+        self.gate = DraftGate(gamma, sts, None)
+        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`);
+        its costs are the profiler's (`profiler.profile_engine`)."""
+
+    def plan(self, running: list[Request], waiting: deque[Request],
+             cost: SPSTable | RowCostTable | None) -> StepPlan:
+        """The plan of the next step over `running`, admitting from `waiting` (FIFO, within
+        `max_num_seqs`, `max_prefill_tokens` and the caches' budgets)."""
+        decode = list(running)
+        keep = [i for i, r in enumerate(decode) if r.policy != Policy.AR]
+        drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens)
+        admitted = self._admit(len(running), waiting)
+        return StepPlan(
+            decode=decode, keep_context=keep, drafting=drafting,
+            starts=[r.num_tokens - 1 for r in decode],
+            uniforms=(torch.stack([self._draws(r, 2 * self.gamma + 1) for r in decode])
+                      if decode else None),
+            cost=cost,
+            fixed_seconds=self.gate.draft_seconds(len(drafting), len(decode)) if decode else 0.0,
+            prefill=admitted,
+            prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]
+                              if admitted else None))
+
+    def verify_lengths(self, plan: StepPlan, proposal: DraftProposal | None) -> None:
+        """Set `plan.lengths` from the draft pass's proposal, under each row's policy; the gate
+        learns from the proposal's confidence."""
+        plan.lengths = choose_lengths(plan.decode, plan.drafting, proposal, gamma=self.gamma,
+                                      sps=plan.cost, threshold=self.config.threshold,
+                                      sts=self.sts, max_batch_tokens=self.config.max_batch_tokens,
+                                      draft_seconds=plan.fixed_seconds)
+        self.gate.observe(plan.decode, plan.drafting, proposal)
+
+    def _admit(self, num_running: int, waiting: deque[Request]) -> list[Request]:
+        admitted, prefill_tokens = [], 0
+        while waiting and num_running + len(admitted) < self.config.max_num_seqs:
+            req = waiting[0]
+            total = len(req.prompt_ids) + req.params.max_tokens
+            spec = req.policy != Policy.AR
+            if admitted and prefill_tokens + len(req.prompt_ids) > self.config.max_prefill_tokens:
+                break
+            if not self.kv.can_reserve(total) or (spec and not self.draft_kv.can_reserve(total)):
+                break  # FIFO: wait for budget rather than let later requests overtake
+            self.kv.reserve(req.req_id, total)
+            if spec:
+                self.draft_kv.reserve(req.req_id, total)
+            waiting.popleft()
+            req.status = Status.RUNNING
+            admitted.append(req)
+            prefill_tokens += len(req.prompt_ids)
+        return admitted
+
+    def _draws(self, req: Request, n: int) -> torch.Tensor:
+        if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw
+            return torch.zeros(n, device=self.device)
+        return torch.rand(n, generator=req.generator, device=self.device)
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    """Where each of consecutive runs of `counts` rows begins."""
+    out, total = [], 0
+    for n in counts:
+        out.append(total)
+        total += n
+    return out
