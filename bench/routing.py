@@ -37,7 +37,7 @@ from worker.launcher import LaunchOptions, launch
 from worker.models import shipped_pair
 from worker.worker_config import WorkerConfig
 
-PROMPT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"  # bench/prompts/README.md
 FALLBACK_PROMPTS = ("def fib(n):\n", "import json\n\ndef load(path):\n", "class Stack:\n",
                     "def quicksort(items):\n", "for i in range(10):\n")
 POLICIES = ("fastest", "round_robin", "jsq", "p2c")

@@ -128,3 +128,20 @@ def _local_redis(workdir, persistent: bool = False):
     except (FileNotFoundError, RuntimeError) as err:
         pytest.fail(f"cannot start a private Redis for the tests: {err}", pytrace=False)
     return server
+
+
+@pytest.fixture
+def stats_wire():
+    """A factory of a worker's `WorkerStats` in its wire form (a dict), with `changes` applied."""
+    def make(**changes) -> dict:
+        base = dict(name="w1", node_id="n", node_ip="10.0.0.2", device="cpu", device_name="x86",
+                    gpu_type="cpu", price_per_hour=0.1, model_id="org/m", target="/m/t",
+                    draft="/m/d", verify_policy="prefix", max_batch_tokens=512,
+                    max_num_seqs=64, max_context=2048, emulate_slowdown=1.0,
+                    version={"sparkgrid": "0.1.0"}, started_at=1.0, state="ready",
+                    uptime_s=3.0, num_waiting=1, num_running=2, remaining_tokens=40,
+                    tokens_per_s=12.5, mean_accept_length=2.5,
+                    sps={"batch_tokens": [1, 8], "steps_per_second": [50.0, 40.0]})
+        base.update(changes)
+        return base
+    return make

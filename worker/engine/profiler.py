@@ -114,9 +114,10 @@ def time_overhead(engine, rows: int, drafting: bool, steps: int = 6) -> float:
     rows = max(1, min(rows, alloc.num_blocks // alloc.blocks_for(budget)))
     params = SamplingParams(temperature=0, max_tokens=budget - ctx, ignore_eos=True)
     prompt = [t % engine.vocab_size for t in range(2, 2 + ctx)]
-    counters, calibration, runner = engine.counters, engine.calibration, engine.runner
-    engine.counters = dataclasses.replace(counters)  # the stand-ins' work is not counted
-    engine.calibration = None  # and teaches the real requests nothing
+    runner, counters = engine.runner, engine.counters
+    calibration, records = engine.calibration, engine.confidence_records
+    engine.counters = dataclasses.replace(counters)  # the stand-ins' work is not counted,
+    engine.calibration, engine.confidence_records = None, []  # nor teaches or records anything
     ids = [engine.add_request(prompt, params, req_id=f"__overhead_{i}",
                               policy="fixed" if drafting else "ar") for i in range(rows)]
     sink: list[float] = []
@@ -136,6 +137,7 @@ def time_overhead(engine, rows: int, drafting: bool, steps: int = 6) -> float:
         for rid in ids:
             engine.abort(rid)
         engine.counters, engine.calibration = counters, calibration
+        engine.confidence_records = records
     return min(sink) if sink else 0.0
 
 

@@ -1,0 +1,94 @@
+"""A worker is a stranger's machine: what it sends over a real Ray cluster is read through the
+contract. A named actor whose figures break it is never adopted; a worker that streams a
+malformed chunk loses the job (which may resume elsewhere) and is marked unhealthy."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sparkgrid.contract import NAMESPACE, SamplingParams
+from worker.models import shipped_pair
+
+pytestmark = pytest.mark.integration
+
+
+def _impostor_class():
+    import ray
+
+    @ray.remote
+    class Impostor:
+        def __init__(self, stats: dict, chunks: list, tokenizer: bytes):
+            self._stats, self._chunks, self._tokenizer = stats, chunks, tokenizer
+
+        async def stats(self):
+            return self._stats
+
+        async def check_health(self):
+            return None
+
+        async def renew(self, job_ids, lease_s):
+            return []
+
+        async def cancel(self, job_id):
+            return True
+
+        async def tokenizer_files(self):
+            return {"tokenizer.json": self._tokenizer}
+
+        @ray.method(num_returns="streaming")
+        async def generate(self, job_id, prompt_ids, params, resume, lease_s):
+            for chunk in self._chunks:
+                yield chunk
+
+    return Impostor
+
+
+async def _pool_view(chunks_by_name: dict, stats_by_name: dict):
+    from scheduler.worker_pool import WorkerLost, WorkerPool
+
+    tokenizer = (Path(shipped_pair()[0]) / "tokenizer.json").read_bytes()
+    impostor = _impostor_class()
+    actors = [impostor.options(name=name, namespace=NAMESPACE).remote(
+        stats_by_name[name], chunks_by_name.get(name, []), tokenizer) for name in stats_by_name]
+    pool = WorkerPool("auto", stats_interval_s=0.2, discovery_interval_s=0.2)
+    await pool.start()
+    await asyncio.sleep(1.0)
+    adopted = sorted(s.stats.name for s in pool.stats())
+    outcome = None
+    if "honest-but-garbled" in adopted:
+        try:
+            async for _ in pool.generate("honest-but-garbled", "job-1", [1, 2],
+                                         SamplingParams(max_tokens=4), None, 4):
+                pass
+        except WorkerLost as err:
+            outcome = str(err)
+        healthy = {s.stats.name: s.healthy for s in pool.stats()}
+    else:
+        healthy = {}
+    await pool.stop()
+    import ray
+
+    for a in actors:
+        ray.kill(a)
+    return adopted, outcome, healthy
+
+
+def test_bad_figures_keep_an_actor_out_and_a_bad_chunk_loses_the_job(cluster, stats_wire):
+    good_stats = stats_wire
+    stats = {"liar": good_stats(name="liar", tokens_per_s="infinite"),
+             "renamed": {**{k: v for k, v in good_stats(name="renamed").items()
+                            if k != "verify_policy"}, "policy": "prefix"},
+             "honest-but-garbled": good_stats(name="honest-but-garbled")}
+    chunks = {"honest-but-garbled": [
+        {"job_id": "job-1", "token_ids": [5], "text": "x", "finish_reason": None,
+         "usage": None, "spec": {}},
+        {"job_id": "job-1", "token_ids": [6], "text": "y", "finish_reason": "stop",
+         "usage": {"prompt_tokens": 2, "completion_tokens": -1_000_000}, "spec": {}},
+    ]}
+    adopted, outcome, healthy = asyncio.run(_pool_view(chunks, stats))
+    assert adopted == ["honest-but-garbled"]
+    assert outcome is not None and "bad chunk" in outcome and "completion_tokens" in outcome
+    assert healthy == {"honest-but-garbled": False}
