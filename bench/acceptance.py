@@ -30,16 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from worker.engine.config import EngineConfig, SamplingParams
-from worker.engine.draft_vocab import load_ranking
-from worker.engine.drafter import DSparkDraft
-from worker.engine.engine import LLMEngine
-from worker.engine.model_runner import load_target
-from worker.engine.profiler import device_name
 from worker.engine.calibration import complete_blocks, position_metrics
-from worker.engine.sts import load_sts
+from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.engine import LLMEngine
+from worker.engine.loader import EngineModels, load_models
+from worker.engine.profiler import device_name
 from worker.training.corpus import load_corpus
 from worker.training.draft_stages import corpus_prefixes
 
@@ -157,19 +153,17 @@ def mean_of(values: list) -> float | None:
 
 
 # -- models ---------------------------------------------------------------------------------
-def make_engine(args, target, tokenizer, name: str) -> LLMEngine:
-    """An engine over the shared target with the drafter `name`; every prompt of a set fits in
-    one batch with all gamma draft tokens verified (no batch-share cap)."""
-    draft_dir = Path(args.pair) / name
-    draft = DSparkDraft.from_pretrained(draft_dir, target.config, device=torch.device(args.device),
-                                        dtype=target.dtype)
+def make_engine(args, models: EngineModels, config: EngineConfig, name: str) -> LLMEngine:
+    """An engine over the shared target (`models`, loaded with `config`) with the drafter
+    `name`; every prompt of a set fits in one batch with all gamma draft tokens verified (no
+    batch-share cap)."""
+    models = models.with_draft(Path(args.pair) / name, config)
     num_seqs = args.num_prompts
-    config = EngineConfig(device=args.device, policy="fixed", profile_sps=False,
-                          record_confidence=True, max_num_seqs=num_seqs,
-                          max_batch_tokens=num_seqs * (draft.gamma + 1),
-                          draft_vocab_size=args.draft_vocab)
-    return LLMEngine(config, target, tokenizer, draft, load_sts(draft_dir),
-                     load_ranking(draft_dir, draft.config.vocab_size))
+    config = dataclasses.replace(config, policy="fixed", profile_sps=False,
+                                 record_confidence=True, max_num_seqs=num_seqs,
+                                 max_batch_tokens=num_seqs * (models.draft.gamma + 1),
+                                 draft_vocab_size=args.draft_vocab)
+    return LLMEngine.from_models(config, models)
 
 
 def describe(engine: LLMEngine) -> dict:
@@ -186,11 +180,13 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measure(args, target, tokenizer, sets: dict) -> tuple[dict, dict, dict, dict]:
-    """(acceptance[drafter][set][T], calibration[drafter], models, engine configs)."""
+def measure(args, loaded: EngineModels, config: EngineConfig,
+            sets: dict) -> tuple[dict, dict, dict, dict]:
+    """(acceptance[drafter][set][T], calibration[drafter], models, engine configs), each
+    drafter in turn on the target of `loaded`."""
     acceptance, calib, models, configs = {}, {}, {}, {}
     for name in DRAFTERS:
-        engine = make_engine(args, target, tokenizer, name)
+        engine = make_engine(args, loaded, config, name)
         models[name], configs[name] = describe(engine), dataclasses.asdict(engine.config)
         acceptance[name] = {s: {} for s in sets}
         for set_name, prompts in sets.items():
@@ -284,11 +280,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     pair = Path(args.pair)
     config = EngineConfig(device=args.device)
-    target = load_target(str(pair / "target"), device=config.torch_device,
-                         dtype=config.torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(pair / "target"))
-    sets = prompt_sets(tokenizer, args.num_prompts)
-    acceptance, calib, models, configs = measure(args, target, tokenizer, sets)
+    loaded = load_models(pair / "target", None, config)
+    target = loaded.target
+    sets = prompt_sets(loaded.tokenizer, args.num_prompts)
+    acceptance, calib, models, configs = measure(args, loaded, config, sets)
     out = Path(args.out)
     plots = {"position_acceptance": out.with_name(f"{out.stem}_position_acceptance.png"),
              "calibration": out.with_name(f"{out.stem}_calibration.png")}

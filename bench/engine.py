@@ -28,21 +28,17 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
+from closed_loop import hf_serial, median_figures, serve  # bench/closed_loop.py, beside this
 from worker import tiny
-from worker.engine.config import EngineConfig, SamplingParams
+from worker.engine.config import EngineConfig
 from worker.engine.draft_checkpoint import random_dspark_checkpoint
-from worker.engine.draft_vocab import load_ranking
-from worker.engine.drafter import DSparkDraft
 from worker.engine.engine import LLMEngine
-from worker.engine.model_runner import load_target
+from worker.engine.loader import load_models
 from worker.engine.profiler import device_name
-from worker.engine.sts import load_sts
 
 POLICIES = ("ar", "fixed", "threshold", "prefix")
 PROMPT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
@@ -136,10 +132,10 @@ def build_models(args, work: Path) -> tuple[str, str]:
                                            **RANDOM_SIZES[args.random_size]))
     if args.draft is not None:
         return target_dir, args.draft
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    target = load_target(target_dir, device=torch.device("cpu"), dtype=torch.float32)
-    draft_dir = random_dspark_checkpoint(target.config, work / "draft", gamma=7, seed=args.seed,
-                                         mask_token_id=tokenizer.mask_token_id, target_model=target)
+    cpu = load_models(target_dir, None, EngineConfig(device="cpu", dtype="float32"))
+    draft_dir = random_dspark_checkpoint(cpu.target.config, work / "draft", gamma=7,
+                                         seed=args.seed, target_model=cpu.target,
+                                         mask_token_id=cpu.tokenizer.mask_token_id)
     return target_dir, str(draft_dir)
 
 
@@ -159,82 +155,6 @@ def load_prompts(tokenizer, count: int, max_prompt_tokens: int = 200) -> tuple[l
 
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# -- the arms -----------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def hf_serial(model, prompts: list[list[int]], max_tokens: int, pad_id) -> dict:
-    """transformers `generate`, one request after another; every request makes `max_tokens`."""
-    device = model.device
-    latencies, outputs = [], []
-    _sync(device)
-    start = time.perf_counter()
-    for ids in prompts:
-        x = torch.tensor([ids], device=device)
-        t0 = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=pad_id)
-        _sync(device)
-        latencies.append(time.perf_counter() - t0)
-        outputs.append(out[0, x.shape[1]:].tolist())
-    wall = time.perf_counter() - start
-    assert all(len(o) == max_tokens for o in outputs), "generate stopped early"
-    return {"aggregate_tps": len(prompts) * max_tokens / wall, "wall_s": wall,
-            "per_request_tps": [max_tokens / t for t in latencies], "outputs": outputs}
-
-
-def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
-          max_tokens: int) -> dict:
-    """Serve `prompts` keeping at most `concurrency` in flight (a closed loop)."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    before = dataclasses.asdict(engine.counters)
-    queue = deque(enumerate(prompts))
-    started, latency, tokens, stats, index = {}, {}, {}, {}, {}
-    _sync(engine.device)
-    start = time.perf_counter()
-    while queue or engine.has_unfinished():
-        while queue and len(started) - len(latency) < concurrency:
-            i, ids = queue.popleft()
-            rid = engine.add_request(ids, params, policy=policy)
-            started[rid], tokens[rid], index[rid] = time.perf_counter(), [], i
-        outs = engine.step()
-        _sync(engine.device)
-        now = time.perf_counter()
-        for out in outs:
-            tokens[out.req_id] += out.token_ids
-            if out.finished:
-                latency[out.req_id], stats[out.req_id] = now - started[out.req_id], out.stats
-    wall = time.perf_counter() - start
-    delta = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
-    return _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens)
-
-
-def _serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> dict:
-    generated = sum(len(t) for t in tokens.values())
-    assert generated == len(tokens) * max_tokens, "a request did not make max_tokens tokens"
-    accept = [n for s in stats.values() for n in s.accept_lengths]
-    anchors = delta["verify_tokens"] - delta["draft_tokens_verified"]  # one per request-step
-    verified = delta["draft_tokens_verified"]
-    return {
-        "aggregate_tps": generated / wall,
-        "per_request_tps": statistics.mean(len(tokens[r]) / latency[r] for r in tokens),
-        # tau counts the bonus token; plain decoding commits exactly one token per step
-        "mean_accept_length": statistics.mean(accept) if accept else 1.0,
-        "acceptance_rate": delta["draft_tokens_accepted"] / verified if verified else None,
-        "verify_tokens_per_step": delta["verify_tokens"] / max(1, delta["verify_forwards"]),
-        "verify_tokens_per_request_step": delta["verify_tokens"] / max(1, anchors),
-        "steps": delta["steps"],
-        # decode steps in which no draft pass ran (plain decoding, or the draft gate's choice)
-        "steps_without_draft": delta["verify_forwards"] - delta["draft_forwards"],
-        "wall_s": wall,
-        "outputs": [tokens[r] for r in sorted(tokens, key=index.get)],
-    }
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -298,16 +218,6 @@ def paired_single_requests(model, engine, prompts, max_tokens, pad_id, rounds) -
                 h, e = hf(), eng()
             ratios.append(e / h)
     return ratios
-
-
-def median_figures(runs: list[dict]) -> dict:
-    out = {}
-    for key in runs[0]:  # a figure can be None in some runs (no draft token verified)
-        values = [r[key] for r in runs if isinstance(r[key], (int, float))]
-        if values:
-            out[key] = statistics.median(values)
-    out["aggregate_tps_runs"] = [round(r["aggregate_tps"], 2) for r in runs]
-    return out
 
 
 def compare_with_hf(args, hf_runs, engine_runs, pair_ratios) -> dict:
@@ -390,22 +300,16 @@ def plot(table: dict, hf_point: tuple[float, float], title: str, path: Path) -> 
     plt.close(fig)
 
 
-def load_models(args, work: Path):
-    """(config, model, tokenizer, draft, engine) on the requested device and dtype."""
+def load_engine(args, work: Path):
+    """(config, models, engine) on the requested device and dtype."""
     # Built models get a new path each run, so their SPS profile could never be reused:
     # keep it out of the shared cache.
     sps_dir = str(work / "sps") if args.target is None else None
     config = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64,
                           max_batch_tokens=256, sps_cache_dir=sps_dir,
                           draft_vocab_size=args.draft_vocab)
-    target_dir, draft_dir = build_models(args, work)
-    model = load_target(target_dir, device=config.torch_device, dtype=config.torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    draft = DSparkDraft.from_pretrained(draft_dir, model.config, device=config.torch_device,
-                                        dtype=config.torch_dtype)
-    engine = LLMEngine(config, model, tokenizer, draft, load_sts(draft_dir),
-                       load_ranking(draft_dir, draft.config.vocab_size))
-    return config, model, tokenizer, draft, engine
+    models = load_models(*build_models(args, work), config)
+    return config, models, LLMEngine.from_models(config, models)
 
 
 def describe_models(args, model, draft, engine) -> dict:
@@ -430,7 +334,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="sparkgrid-bench-") as work:
-        config, model, tokenizer, draft, engine = load_models(args, Path(work))
+        config, models, engine = load_engine(args, Path(work))
+    model, tokenizer, draft = models.target, models.tokenizer, models.draft
     prompts, prompt_source = load_prompts(tokenizer, args.num_prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warm_up(model, engine, prompts, pad_id)

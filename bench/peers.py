@@ -45,7 +45,7 @@ from worker.engine.attention import cache_bytes_per_token  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
 
-import engine as engine_bench  # noqa: E402  (bench/engine.py, beside this script)
+import closed_loop  # noqa: E402  (bench/closed_loop.py, beside this script)
 
 PAIR = ROOT / "worker" / "models" / "stdlib-pair"
 POLICIES = ("ar", "fixed", "prefix")
@@ -115,10 +115,10 @@ def held_out_prompts(tokenizer, package: str, count: int, max_tokens: int) -> li
 # -- the engine's arms -------------------------------------------------------------------------
 def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
           max_tokens: int) -> dict:
-    """`bench/engine.py`'s closed loop; above c = 1 the per-request figure is aggregate / c,
+    """`bench/closed_loop.py`'s loop; above c = 1 the per-request figure is aggregate / c,
     as for vLLM, whose offline API gives no per-request times."""
-    res = engine_bench.serve(engine, prompts, concurrency=concurrency, policy=policy,
-                             max_tokens=max_tokens)
+    res = closed_loop.serve(engine, prompts, concurrency=concurrency, policy=policy,
+                            max_tokens=max_tokens)
     if concurrency > 1:
         res["per_request_tps"] = res["aggregate_tps"] / concurrency
     return res

@@ -20,7 +20,8 @@ import grpc
 from scheduler.config import SchedulerConfig, shown_url
 from scheduler.errors import SchedulerError
 from scheduler.router import POLICIES
-from sparkgrid.options import add_redis_options, int_at_least, port, port_or_off, redis_url
+from sparkgrid.options import (add_redis_options, int_at_least, number_in, port, port_or_off,
+                               redis_url)
 
 
 # -- sparkgrid head ----------------------------------------------------------------------------
@@ -163,15 +164,19 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def generate_options(p: argparse.ArgumentParser) -> None:
     _client_options(p)
-    p.add_argument("--max-tokens", type=int, default=0, help="most tokens (0: the server's default)")
-    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int_at_least(0), default=0,
+                   help="most tokens (0: the server's default)")
+    p.add_argument("--temperature", type=number_in(0, 2), default=None,
+                   help="0 is greedy (default 1)")
+    p.add_argument("--top-p", type=number_in(0, 1, open_low=True), default=None,
+                   help="nucleus mass in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0: off")
+    p.add_argument("--seed", type=int_at_least(0), default=None)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--request-id", default="", help="idempotency key")
     p.add_argument("--model", default="")
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    p.add_argument("--timeout", type=number_in(0, 86400, open_low=True), default=300.0,
+                   help="deadline in seconds (default 300)")
     p.add_argument("prompt")
 
 

@@ -9,7 +9,6 @@ Knows: gRPC client calls, up.json. Does not know: the scheduler's insides.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,14 +16,10 @@ import grpc
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from sparkgrid.home import read_up_file, up_file
 
 API_KEY_ENV = "SPARKGRID_API_KEY"
 ENDPOINT_ENV = "SPARKGRID_ENDPOINT"
-
-
-def home() -> Path:
-    """Where sparkgrid keeps its state: `$SPARKGRID_HOME`, default `~/.sparkgrid`."""
-    return Path(os.environ.get("SPARKGRID_HOME") or Path.home() / ".sparkgrid")
 
 
 def connection_from_home(endpoint: str | None, api_key: str | None) -> tuple[str, str]:
@@ -33,13 +28,14 @@ def connection_from_home(endpoint: str | None, api_key: str | None) -> tuple[str
     api_key = api_key or os.environ.get(API_KEY_ENV)
     if endpoint and api_key:
         return endpoint, api_key
-    up = home() / "up.json"
-    if not up.is_file():
-        missing = "--endpoint" if not endpoint else "--api-key"
-        raise ValueError(f"{missing}: not given, not in ${ENDPOINT_ENV if not endpoint else API_KEY_ENV}, "
-                         f"and no {up} (written by a running `sparkgrid up`)")
-    info = json.loads(up.read_text())
-    return endpoint or info["endpoint"], api_key or info["api_key"]
+    info = read_up_file()
+    endpoint, api_key = endpoint or info.get("endpoint"), api_key or info.get("api_key")
+    if not (endpoint and api_key):
+        missing, env = (("--endpoint", ENDPOINT_ENV) if not endpoint
+                        else ("--api-key", API_KEY_ENV))
+        raise ValueError(f"{missing}: not given, not in ${env}, and no {up_file()} "
+                         "(written by a running `sparkgrid up`)")
+    return endpoint, api_key
 
 
 class Client:

@@ -9,11 +9,12 @@ last one has the finish reason and usage). Around the stream:
   of the budget and the same sampling settings (`Resume` tells the new worker how much text the
   client has, so nothing is repeated or lost); after `max_attempts` workers it fails;
 - closing the iterator (client gone, deadline, `cancel`) aborts the job on its worker;
-- the end is written once, atomically, with the bill counted here from what was delivered
-  (`LedgerWriter` retries it while Redis is down; the store's final-state check makes the
-  retry safe).
+- its end (finished, failed, cancelled) goes to `billing.settle` with what was delivered:
+  each worker's part is measured as it streams (`billing.Part`), and the bill is made and
+  written once there.
 
-Knows: the job's life, the store's and pool's interfaces. Does not know: gRPC, Ray, redis.
+Knows: the job's life, the store's and pool's interfaces. Does not know: prices, how a job is
+billed, gRPC, Ray, redis.
 """
 
 from __future__ import annotations
@@ -26,18 +27,19 @@ from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from scheduler.billing import Billing, JobEnd, Part, usage
 from scheduler.config import SchedulerConfig
 from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, StoreUnavailable,
                               Unavailable)
 from scheduler.jobs import FINAL, JobState
-from scheduler.ledger import Bill, Segment
+from scheduler.ledger import Segment, spec_totals
 from scheduler.metrics import Metrics
-from scheduler.prices import Plan, PriceBook
+from scheduler.prices import Plan
 from scheduler.quota import Admission
 from scheduler.requests import JobRequest
 from scheduler.router import Router
 from scheduler.worker_pool import WorkerLost, WorkerRefused
-from sparkgrid.contract import Chunk, Resume, SpecCounts
+from sparkgrid.contract import Resume
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
@@ -83,28 +85,33 @@ class _Run:
     cancelled: bool = False
     delivered_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    parts: list[_Part] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def delivered_chars(self) -> int:
         return sum(map(len, self.text))
 
-    def segments(self) -> list[Segment]:
+    def segments(self) -> tuple[Segment, ...]:
         """Each worker's part so far, as the ledger books it."""
-        return [part.segment() for part in self.parts]
+        return tuple(part.segment() for part in self.parts)
+
+    def end(self, state: JobState, finish_reason: str | None) -> JobEnd:
+        """What the job's bill and final record are made of."""
+        return JobEnd(self.job_id, self.tenant, self.request.model, self.plan.name, state,
+                      len(self.request.prompt_ids), self.segments(), finish_reason or "",
+                      "; ".join(self.errors) if state is JobState.FAILED else "",
+                      tuple(self.workers), "".join(self.text), tuple(self.delivered_ids))
 
 
 class Dispatcher:
-    def __init__(self, config: SchedulerConfig, pool, store, ledger_writer: LedgerWriter,
-                 owner: str, prices: PriceBook, metrics: Metrics | None = None,
-                 router: Router | None = None):
+    def __init__(self, config: SchedulerConfig, pool, store, billing: Billing, owner: str,
+                 metrics: Metrics | None = None, router: Router | None = None):
         self.config = config
-        self.prices = prices
         self.metrics = metrics or Metrics(config.policy)
         self.pool = pool
         self.store = store
-        self.ledger = ledger_writer
+        self.billing = billing
         self.owner = owner
         self.router = router or Router(config.policy)
         self._runs: dict[str, _Run] = {}
@@ -117,13 +124,15 @@ class Dispatcher:
         arrived = time.perf_counter()
         self._check_capacity(request.model)
         new_id = secrets.token_hex(12)
-        plan = self.prices.plan(await self.store.tenant_plan(tenant))
+        plan = await self.billing.plan(tenant)
         now = time.time()
         admission = Admission(plan.limits, len(request.prompt_ids) + request.max_tokens, now)
         job_id, created = await self.store.create_job({
             "job_id": new_id, "tenant": tenant, "model": request.model,
             "request_id": request.request_id, "params": request.params(),
-            "owner": self.owner, "created_at": now}, admission)
+            "owner": self.owner, "created_at": now,
+            # what an orphan's bill needs, should this scheduler die (`billing.orphan_end`)
+            "prompt_tokens": len(request.prompt_ids), "plan": plan.name}, admission)
         if not created and job_id != new_id:  # (the same id: a retried write that had landed)
             yield await self._repeat(tenant, job_id)
             return
@@ -141,7 +150,7 @@ class Dispatcher:
             raise
         finally:
             self._runs.pop(job_id, None)
-            self.ledger.finish(self._final_record(run, state, finish_reason))
+            self.billing.settle(run.end(state, finish_reason))
 
     async def cancel(self, tenant: str, job_id: str) -> tuple[bool, str]:
         """Abort a running job of the tenant; (cancelled now?, state after)."""
@@ -162,7 +171,7 @@ class Dispatcher:
         if run is None:
             return None
         return {"workers": list(run.workers), "completion_tokens": len(run.delivered_ids),
-                "prompt_tokens": len(run.request.prompt_ids), "spec": _spec_totals(run.segments())}
+                "prompt_tokens": len(run.request.prompt_ids), "spec": spec_totals(run.segments())}
 
     # -- running ------------------------------------------------------------------------------
     async def _attempts(self, run: _Run):
@@ -217,7 +226,7 @@ class Dispatcher:
         run.workers.append(worker)
         await self._store_quietly(self.store.start_job(run.job_id, worker, time.time()))
         stats = self.pool.worker_stats(worker)
-        part = _Part(worker, stats.gpu_type if stats is not None else "unknown",
+        part = Part(worker, stats.gpu_type if stats is not None else "unknown",
                      len(req.prompt_ids) + len(run.delivered_ids))
         run.parts.append(part)
         last_progress = time.monotonic()
@@ -248,12 +257,8 @@ class Dispatcher:
             await stream.aclose()
 
     def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
-        return Piece(run.job_id, text, list(token_ids), reason, self._usage(run))
-
-    @staticmethod
-    def _usage(run: _Run) -> dict:
-        return {"prompt_tokens": len(run.request.prompt_ids),
-                "completion_tokens": len(run.delivered_ids)}
+        return Piece(run.job_id, text, list(token_ids), reason,
+                     usage(len(run.request.prompt_ids), run.segments()))
 
     def _check_capacity(self, model: str) -> None:
         workers = [w for w in self.pool.snapshots()
@@ -272,22 +277,6 @@ class Dispatcher:
         except StoreUnavailable as err:
             log.warning("job store: %s (the final record will carry it)", err)
 
-    def _final_record(self, run: _Run, state: JobState, finish_reason: str | None) -> dict:
-        usage = self._usage(run)
-        now = time.time()
-        charge = self.prices.charge_uusd(run.plan, run.request.model, usage["prompt_tokens"],
-                                         usage["completion_tokens"])
-        segments = tuple(run.segments())
-        bill = Bill(run.job_id, run.tenant, run.request.model, now, usage["prompt_tokens"],
-                    usage["completion_tokens"], segments, charge)
-        fields = {"finish_reason": finish_reason or "", "finished_at": now,
-                  "charge_uusd": charge, "plan": run.plan.name, "price_version": self.prices.version,
-                  "error": "; ".join(run.errors) if state is JobState.FAILED else "",
-                  "workers": list(run.workers), "segments": [s.__dict__ for s in segments],
-                  "spec": _spec_totals(segments), "text": "".join(run.text),
-                  "token_ids": list(run.delivered_ids), **usage}
-        return {"job_id": run.job_id, "state": state, "fields": fields, "bill": bill}
-
     # -- a repeated request_id ------------------------------------------------------------------
     async def _repeat(self, tenant: str, job_id: str) -> Piece:
         """The first job's result, once it has one (the caller's deadline bounds the wait)."""
@@ -305,82 +294,3 @@ class Dispatcher:
                      {"prompt_tokens": record.get("prompt_tokens", 0),
                       "completion_tokens": record.get("completion_tokens", 0)},)
 
-
-class _Part:
-    """One worker's part of a job, as the scheduler saw it."""
-
-    def __init__(self, worker: str, gpu_type: str, prompt_tokens: int):
-        self.worker, self.gpu_type, self.prompt_tokens = worker, gpu_type, prompt_tokens
-        self.started = time.monotonic()
-        self.last = self.started
-        self.completion_tokens = 0
-        self.spec = SpecCounts()
-
-    def add(self, chunk: Chunk) -> None:
-        self.completion_tokens += len(chunk.token_ids)
-        self.spec = chunk.spec  # a running total: the latest chunk's
-        self.last = time.monotonic()
-
-    def segment(self) -> Segment:
-        return Segment(self.worker, self.gpu_type, self.prompt_tokens, self.completion_tokens,
-                       draft_tokens=self.spec.draft_tokens,
-                       verified_tokens=self.spec.verified_tokens,
-                       accepted_tokens=self.spec.accepted_tokens,
-                       spec_steps=self.spec.spec_steps,
-                       busy_ms=round(1000 * (self.last - self.started)))
-
-
-def _spec_totals(segments) -> dict:
-    return {k: sum(getattr(s, k) for s in segments)
-            for k in ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")}
-
-
-class LedgerWriter:
-    """Writes each job's end to the store, retrying while the store is down; the store's
-    final-state check makes a retried write bill nothing twice."""
-
-    def __init__(self, store, retry_s: float = 1.0):
-        self.store = store
-        self.retry_s = retry_s
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    def finish(self, record: dict) -> None:
-        self._queue.put_nowait(record)
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    async def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued record is written (True), or `timeout_s` passes (False)."""
-        try:
-            await asyncio.wait_for(self._queue.join(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        while True:
-            record = await self._queue.get()
-            while True:
-                try:
-                    await self.store.finish_job(record["job_id"], record["state"],
-                                                record["fields"], record["bill"])
-                    break
-                except StoreUnavailable as err:
-                    log.warning("ledger: job %s not yet written (%s); retrying",
-                                record["job_id"], err)
-                    await asyncio.sleep(self.retry_s)
-                except Exception:  # a bug or a vanished job: log it, never stop the writer
-                    log.exception("ledger: job %s could not be written", record["job_id"])
-                    break
-            self._queue.task_done()

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import secrets
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -24,12 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from scheduler.billing import Billing
 from scheduler.config import SchedulerConfig
-from scheduler.dispatch import Dispatcher, LedgerWriter
+from scheduler.dispatch import Dispatcher
 from scheduler.errors import StoreUnavailable
 from scheduler.interceptors import ApiInterceptor
-from scheduler.jobs import JobState
-from scheduler.ledger import Bill, Segment
 from scheduler.metrics import Metrics
 from scheduler.prices import DEFAULT_BOOK, PriceBook
 from scheduler.redis_store import RedisStore
@@ -49,11 +47,11 @@ class Scheduler:
         self.store = RedisStore(config.redis_url, prefix=config.redis_prefix)
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
                                config.discovery_interval_s, config.stall_timeout_s)
-        self.ledger = LedgerWriter(self.store, config.ledger_retry_s)
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
+        self.billing = Billing(self.store, self.prices, config.ledger_retry_s)
         self.metrics = Metrics(config.policy)
-        self.dispatcher = Dispatcher(config, self.pool, self.store, self.ledger, self.owner,
-                                     self.prices, self.metrics)
+        self.dispatcher = Dispatcher(config, self.pool, self.store, self.billing, self.owner,
+                                     self.metrics)
         self.metrics_server = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -64,8 +62,8 @@ class Scheduler:
         """Start serving; returns the port. Raises ConnectionError (Redis, Ray) saying why."""
         await self.store.ping()
         await self.pool.start()
-        self.ledger.start()
-        await self._settle_orphans()
+        self.billing.start()
+        await self.billing.settle_orphans(self.owner)  # jobs a dead scheduler left open
         self._time_task = asyncio.create_task(self._record_worker_time())
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
@@ -109,10 +107,10 @@ class Scheduler:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(grace_s)
-        if not await self.ledger.flush(grace_s):
+        if not await self.billing.flush(grace_s):
             log.error("ledger: %d job records could not be written (Redis down)",
-                      self.ledger.pending)
-        await self.ledger.stop()
+                      self.billing.pending)
+        await self.billing.stop()
         if self._time_task is not None:
             self._time_task.cancel()
             await asyncio.gather(self._time_task, return_exceptions=True)
@@ -141,30 +139,6 @@ class Scheduler:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
-
-    async def _settle_orphans(self) -> None:
-        """Jobs a dead scheduler left open end as failed, billed for the tokens it recorded
-        as delivered (its last progress); the store's final-state check bills each once."""
-        for record in await self.store.open_jobs():
-            if record.get("owner") == self.owner:
-                continue
-            delivered = int(record.get("progress_completion_tokens") or 0)
-            now = time.time()
-            # Which worker delivered them is not recorded per chunk: they are booked to
-            # "unknown", so the per-worker totals still sum to the tenants'.
-            segments = (Segment("unknown", "unknown", 0, delivered),) if delivered else ()
-            plan = self.prices.plan(await self.store.tenant_plan(record["tenant"]))
-            prompt = int(record.get("prompt_tokens") or 0)
-            charge = self.prices.charge_uusd(plan, record["model"], prompt, delivered)
-            bill = Bill(record["job_id"], record["tenant"], record["model"], now, prompt,
-                        delivered, segments, charge)
-            fields = {"finish_reason": "", "finished_at": now, "completion_tokens": delivered,
-                      "charge_uusd": charge, "plan": plan.name, "price_version": self.prices.version,
-                      "error": f"the scheduler that ran it ({record.get('owner')}) stopped"}
-            await self.store.finish_job(record["job_id"], JobState.FAILED, fields, bill)
-            log.warning("job %s: left open by %s; settled as failed", record["job_id"],
-                        record.get("owner"))
-
 
 
 class SchedulerThread:

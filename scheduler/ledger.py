@@ -1,8 +1,9 @@
-"""Billing arithmetic: what one job adds to the usage ledger, by dimension and UTC day.
+"""The usage ledger: how one job's bill is booked, by dimension and UTC day.
 
-A job is billed from what the scheduler itself delivered (`Bill`); the workers' own claims
-(draft, verified and accepted tokens, busy time) are kept beside for reports, never billed.
-`increments(bill)` maps (dimension, key, day) to {field: amount}:
+A `Bill` (what a job is billed, made and settled by `billing.py`) carries the job's segments,
+each worker's part; the workers' own claims in them (draft, verified and accepted tokens, busy
+time) are kept beside for reports, never billed. `increments(bill)` maps (dimension, key, day)
+to {field: amount}:
 
 - `tenant` (key: the tenant), `model` (key: the model) and `all` (key: "all") get the job's
   fields: `jobs` = 1, the billed `prompt_tokens`, `completion_tokens` and `charge_uusd`, and the
@@ -19,7 +20,8 @@ keys equals the `all` total exactly, and `worker` and `gpu` agree on the fields 
 have. A bill with no segments (a job that never reached a worker) is booked under the worker
 and GPU type `NO_WORKER`, which keeps the sums exact. Zero amounts are left out.
 
-Knows: bills, segments, UTC days. Does not know: Redis (see `redis_store.py`), prices, gRPC.
+Knows: bills, segments, UTC days. Does not know: what a job is billed or priced at
+(`billing.py`), Redis (see `redis_store.py`), gRPC.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ NO_WORKER = "(none)"
 MAX_DAYS = 3660
 """Longest range `days_between` returns: ten years and change."""
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_SPEC = ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")
+SPEC_FIELDS = ("draft_tokens", "verified_tokens", "accepted_tokens", "spec_steps")
+"""A segment's speculation figures (the worker's claims, never billed)."""
 
 
 def _check_count(owner: str, name: str, value) -> None:
@@ -100,7 +103,7 @@ class Bill:
     completion_tokens: int
     segments: tuple[Segment, ...] = ()
     charge_uusd: int = 0
-    """What the tenant is charged, in micro-dollars (`prices.py` computes it)."""
+    """What the tenant is charged, in micro-dollars (`billing.py` computes it)."""
 
     def __post_init__(self):
         _check_name("bill", "job_id", self.job_id)
@@ -143,11 +146,14 @@ def days_between(since: str, until: str) -> list[str]:
 
 
 def _job_fields(bill: Bill) -> dict[str, int]:
-    out = {"jobs": 1, "prompt_tokens": bill.prompt_tokens, "completion_tokens": bill.completion_tokens,
-           "charge_uusd": bill.charge_uusd}
-    for name in _SPEC:
-        out[name] = sum(getattr(s, name) for s in bill.segments)
-    return out
+    return {"jobs": 1, "prompt_tokens": bill.prompt_tokens,
+            "completion_tokens": bill.completion_tokens, "charge_uusd": bill.charge_uusd,
+            **spec_totals(bill.segments)}
+
+
+def spec_totals(segments) -> dict[str, int]:
+    """A job's speculation figures: its segments' summed."""
+    return {name: sum(getattr(s, name) for s in segments) for name in SPEC_FIELDS}
 
 
 def _per_owner(bill: Bill, attr: str) -> dict[str, dict[str, int]]:
@@ -164,7 +170,7 @@ def _per_owner(bill: Bill, attr: str) -> dict[str, dict[str, int]]:
         totals = out.setdefault(getattr(seg, attr), {})
         amounts = {"segments": 1, "completion_tokens": seg.completion_tokens,
                    "processed_prompt_tokens": seg.prompt_tokens, "busy_ms": seg.busy_ms}
-        amounts.update((name, getattr(seg, name)) for name in _SPEC)
+        amounts.update((name, getattr(seg, name)) for name in SPEC_FIELDS)
         for name, amount in amounts.items():
             totals[name] = totals.get(name, 0) + amount
     return out

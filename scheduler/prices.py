@@ -20,18 +20,16 @@ that lives in Redis (`sparkgrid keys create --tenant T --plan P`).
     completion_per_million = "0.40"
 
 Money is exact: prices are read as decimals and kept as integer micro-dollars per million
-tokens; a job's charge is `prompt x prompt price + completion x completion price` (per
-million), computed exactly and rounded half-even to whole micro-dollars once, per job. Every
-later sum is of integers.
+tokens (a finer price is refused). What a job is charged at these prices is `billing.py`'s.
 
-Knows: TOML, decimals. Does not know: Redis, gRPC, jobs.
+Knows: TOML, decimals. Does not know: what a job is charged (`billing.py`), Redis, gRPC, jobs.
 """
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from scheduler.quota import Limits
@@ -65,12 +63,6 @@ class PriceBook:
     def plan(self, name: str | None) -> Plan:
         """The named plan; the default one for a tenant with none (or an unknown one)."""
         return self.plans.get(name or "") or self.plans[self.default_plan]
-
-    def charge_uusd(self, plan: Plan, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        price = plan.price(model)
-        exact = (Decimal(prompt_tokens) * price.prompt_uusd_per_million
-                 + Decimal(completion_tokens) * price.completion_uusd_per_million) / 1_000_000
-        return int(exact.to_integral_value(ROUND_HALF_EVEN))
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_BOOK) -> PriceBook:

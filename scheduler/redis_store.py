@@ -47,6 +47,8 @@ from scheduler.redis_scripts import (CREATE_JOB, CREATE_KEY, FINISH_JOB, PROGRES
                                      START_JOB)
 
 CREATE_FIELDS = ("job_id", "tenant", "model", "request_id", "params", "owner", "created_at")
+CREATE_OPTIONAL = ("prompt_tokens", "plan")
+"""What `create_job` may also set: what the job's bill needs should its scheduler die."""
 FINISH_FIELDS = frozenset({"finish_reason", "error", "finished_at", "prompt_tokens", "completion_tokens",
                            "segments", "spec", "text", "token_ids", "workers", "charge_uusd", "plan",
                            "price_version"})
@@ -193,10 +195,10 @@ class RedisStore:
         `admission`, the tenant's quota is checked and the job's tokens reserved in the same
         step (`ResourceExhausted` with a retry hint when refused; nothing is created)."""
         missing = [name for name in CREATE_FIELDS if name not in fields]
-        extra = sorted(set(fields) - set(CREATE_FIELDS))
+        extra = sorted(set(fields) - set(CREATE_FIELDS) - set(CREATE_OPTIONAL))
         if missing or extra:
-            raise ValueError(f"create_job: fields must be exactly {CREATE_FIELDS}; "
-                             f"missing {missing}, unknown {extra}")
+            raise ValueError(f"create_job: fields must be {CREATE_FIELDS}, and may be "
+                             f"{CREATE_OPTIONAL}; missing {missing}, unknown {extra}")
         keys.check_tenant(fields["tenant"])
         job_id, request_id = fields["job_id"], fields["request_id"]
         record = {**fields, "state": JobState.QUEUED.value, "workers": [], "billed": "0"}
@@ -255,9 +257,10 @@ class RedisStore:
             raise NotFound(f"job {job_id}: not found")
 
     async def finish_job(self, job_id: str, state: JobState, fields: dict, bill: Bill | None) -> bool:
-        """Settles the job in `state` with `fields` and books `bill`, all at once. False (and
-        nothing changed) when the job was already final, so a retry never bills twice: also a
-        retry after a call whose reply was lost (StoreUnavailable) but which had landed."""
+        """Settles the job in `state` with `fields` and books `bill` (made by `billing.py`), all
+        at once. False (and nothing changed) when the job was already final, so a retry never
+        bills twice: also a retry after a call whose reply was lost (StoreUnavailable) but
+        which had landed, and a second scheduler settling the same orphan."""
         state = JobState(state)
         _check_finish(job_id, state, fields, bill)
         script_keys, args = self._finish_args(job_id, state, fields, bill)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from scheduler.config import shown_url
 from sparkgrid.home import home
-from sparkgrid.options import port, port_or_off
+from sparkgrid.options import int_at_least, number_in, port, port_or_off
 
 DEMO_PROMPTS = (
     "def fibonacci(n):\n",
@@ -46,14 +46,15 @@ def _catch_signals() -> None:
 
 
 def up_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=2, help="worker actors on the shipped pair")
+    p.add_argument("--workers", type=int_at_least(1), default=2,
+                   help="worker actors on the shipped pair (default 2, at most 16)")
     p.add_argument("--grpc-port", type=port, default=50051, help="the API's port (0: any free one)")
     p.add_argument("--redis-url", default=None, help="a Redis to use (default: a private "
                    "redis-server, append-only, in $SPARKGRID_HOME/redis)")
     p.add_argument("--metrics-port", type=port_or_off, default=9464,
                    help="the scheduler's Prometheus port (-1: off)")
     p.add_argument("--dashboard-port", type=port, default=8265, help="the Ray dashboard's port")
-    p.add_argument("--price-per-hour", type=float, default=0.10, help="the workers' price, USD "
+    p.add_argument("--price-per-hour", type=number_in(0, 1e6), default=0.10, help="the workers' price, USD "
                    "per hour (notional for a CPU; it gives the cost reports GPU costs)")
 
 

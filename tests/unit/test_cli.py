@@ -140,7 +140,7 @@ def test_engine_refusal_is_reported_without_traceback(run):
 
 def test_engine_defaults_to_the_shipped_pair_when_installed(tmp_path, monkeypatch):
     """With a packaged pair in place, `sparkgrid engine` serves it instead of the tiny pair."""
-    from worker import cli, models
+    from worker import models
     from worker.training import build_pair
 
     out = tmp_path / "pair"
@@ -148,5 +148,5 @@ def test_engine_defaults_to_the_shipped_pair_when_installed(tmp_path, monkeypatc
     assert build_pair.main(["--out", str(out), "--smoke"]) == 0
     monkeypatch.setattr(models, "PAIR_DIR", out / "package")
     monkeypatch.setenv("SPARKGRID_HOME", str(tmp_path / "home"))
-    assert cli.main(["engine", "--policy", "fixed", "--max-tokens", "4", "--json"]) == 0
+    assert main(["engine", "--verify-policy", "fixed", "--max-tokens", "4", "--json"]) == 0
     assert not (tmp_path / "home" / "tiny-pair").exists()

@@ -5,10 +5,12 @@ and the record each job ends with."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 
+from scheduler.billing import Billing, settlement
 from scheduler.config import SchedulerConfig
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -91,12 +93,16 @@ class FakeStore:
         pass
 
 
-class Records:
-    def __init__(self):
+class Records(Billing):
+    """The real billing, with what it would write kept here instead."""
+
+    def __init__(self, store):
+        super().__init__(store, PRICES)
         self.records = []
 
-    def finish(self, record):
-        self.records.append(record)
+    def settle(self, end):
+        self.records.append(settlement(end, self.prices, time.time()))
+        return self.records[-1]
 
 
 def chunk(ids, text, finish=None):
@@ -107,9 +113,10 @@ def chunk(ids, text, finish=None):
 
 
 def make(scripts, **config):
-    pool, store, ledger = FakePool(scripts, config.pop("queued", 0)), FakeStore(), Records()
+    pool, store = FakePool(scripts, config.pop("queued", 0)), FakeStore()
+    ledger = Records(store)
     cfg = SchedulerConfig(max_attempts=config.pop("max_attempts", 3), **config)
-    return Dispatcher(cfg, pool, store, ledger, "test", PRICES), pool, store, ledger
+    return Dispatcher(cfg, pool, store, ledger, "test"), pool, store, ledger
 
 
 async def collect(dispatcher, request=REQUEST):
@@ -147,17 +154,17 @@ def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
     assert "".join(p.text for p in pieces) == "abcde"
     assert pieces[-1].usage == {"prompt_tokens": 3, "completion_tokens": 5}
     (record,) = ledger.records
-    assert record["state"] is JobState.FINISHED and record["fields"]["workers"] == ["a", "b"]
+    assert record.state is JobState.FINISHED and record.fields["workers"] == ["a", "b"]
     # 3 prompt tokens at $1000/M and 5 completion tokens at $3000.5/M: 3000 + 15002.5 micro-dollars,
     # rounded half-even once; the quota reserved prompt + max_tokens.
-    assert record["bill"].charge_uusd == 18002 and record["fields"]["price_version"] == "t1"
+    assert record.bill.charge_uusd == 18002 and record.fields["price_version"] == "t1"
     (admission,) = dispatcher.store.admissions
     assert admission.reserve_tokens == 3 + 10 and admission.limits.tokens_per_day == 1000
-    bill = record["bill"]
+    bill = record.bill
     assert [(s.worker, s.completion_tokens, s.prompt_tokens) for s in bill.segments] == \
            [("a", 3, 3), ("b", 2, 6)]
     # A chunk's spec figures are the worker's running totals: each part's last one counts.
-    assert record["fields"]["spec"] == {"draft_tokens": 4 + 4, "verified_tokens": 2 + 2,
+    assert record.fields["spec"] == {"draft_tokens": 4 + 4, "verified_tokens": 2 + 2,
                                         "accepted_tokens": 1 + 1, "spec_steps": 0}
     assert [n[0] for n in pool.noted] == ["a", "b"]  # each routing counted at once, pending
 
@@ -178,7 +185,7 @@ def test_after_max_attempts_the_job_fails_naming_each_failure_and_bills_what_was
     assert len(pool.calls) == 3 and "after 3 attempts" in str(err)
     assert str(err).count("broke") == 3 and len(got) == 3
     (record,) = ledger.records
-    assert record["state"] is JobState.FAILED and record["bill"].completion_tokens == 3
+    assert record.state is JobState.FAILED and record.bill.completion_tokens == 3
 
 
 def test_a_worker_that_refuses_the_input_fails_the_job_with_the_field_named():
@@ -187,7 +194,7 @@ def test_a_worker_that_refuses_the_input_fails_the_job_with_the_field_named():
     with pytest.raises(InvalidArgument) as err:
         asyncio.run(collect(dispatcher))
     assert err.value.field == "max_tokens" and len(pool.calls) == 1
-    assert ledger.records[0]["state"] is JobState.FAILED
+    assert ledger.records[0].state is JobState.FAILED
 
 
 def test_an_abort_the_scheduler_did_not_ask_for_counts_as_a_lost_worker():
@@ -195,7 +202,7 @@ def test_an_abort_the_scheduler_did_not_ask_for_counts_as_a_lost_worker():
                                         "b": [chunk([2], "y", "length")]})
     pieces = asyncio.run(collect(dispatcher))
     assert [p.finish_reason for p in pieces][-1] == "length" and len(pool.calls) == 2
-    assert ledger.records[0]["state"] is JobState.FINISHED
+    assert ledger.records[0].state is JobState.FINISHED
 
 
 def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_delivered():
@@ -211,5 +218,48 @@ def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_del
     asyncio.run(run())
     assert pool.closed == ["a"]
     (record,) = ledger.records
-    assert record["state"] is JobState.CANCELLED and record["bill"].completion_tokens == 1
-    assert record["fields"]["finish_reason"] == "abort"
+    assert record.state is JobState.CANCELLED and record.bill.completion_tokens == 1
+    assert record.fields["finish_reason"] == "abort"
+
+
+class OrphanStore:
+    """What a scheduler starting after the job's one died finds: the job's record, open."""
+
+    def __init__(self, record):
+        self.record = record
+
+    async def open_jobs(self):
+        return [self.record]
+
+    async def tenant_plan(self, tenant):
+        raise AssertionError("the plan the job was admitted under is in its record")
+
+
+def test_a_job_is_billed_the_same_by_its_scheduler_and_as_an_orphan_of_a_dead_one():
+    lost = lambda n: [chunk([n], "x"), WorkerLost(f"{n} broke")]  # noqa: E731
+    dispatcher, _, store, ledger = make({"a": lost(1), "b": lost(2), "c": lost(3)})
+    with pytest.raises(Unavailable):
+        asyncio.run(collect(dispatcher))
+    (by_scheduler,) = ledger.records
+    # Had the scheduler died instead, its last progress note would have said 3 tokens.
+    record = dict(store.jobs[by_scheduler.job_id], progress_completion_tokens=3)
+    orphans = Records(OrphanStore(record))
+    assert asyncio.run(orphans.settle_orphans("the-next-scheduler")) == [by_scheduler.job_id]
+    (as_orphan,) = orphans.records
+
+    def billed(s):
+        return (s.job_id, s.state, s.bill.tenant, s.bill.model, s.bill.prompt_tokens,
+                s.bill.completion_tokens, s.bill.charge_uusd,
+                {k: s.fields[k] for k in ("prompt_tokens", "completion_tokens", "charge_uusd",
+                                          "plan", "price_version")})
+
+    # 3 prompt tokens at $1000/M and 3 delivered at $3000.5/M: 3000 + 9001.5, rounded once
+    assert billed(as_orphan) == billed(by_scheduler) == (
+        by_scheduler.job_id, JobState.FAILED, "acme", "m", 3, 3, 12002,
+        {"prompt_tokens": 3, "completion_tokens": 3, "charge_uusd": 12002, "plan": "basic",
+         "price_version": "t1"})
+    assert "stopped" in as_orphan.fields["error"] and "broke" in by_scheduler.fields["error"]
+    # an orphan's record keeps the text and workers it has; its tokens go to "unknown"
+    assert {"text", "token_ids", "workers"}.isdisjoint(
+        k for k, v in as_orphan.fields.items() if v is not None)
+    assert [(s.worker, s.completion_tokens) for s in as_orphan.bill.segments] == [("unknown", 3)]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from worker.engine.config import SamplingParams
-from sparkgrid.contract import Chunk
+from sparkgrid.contract import Chunk, Usage
 from worker.serving import EngineLoop, WorkerDraining, WorkerFailed, build_engine
 from worker.worker_config import WorkerConfig
 
@@ -78,8 +78,8 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
         assert sink.token_ids == ref["token_ids"]
         assert "".join(c.text for c in sink.items) == ref["text"]
         assert last.finish_reason == ref["finish_reason"]
-        assert last.usage == {"prompt_tokens": ref["stats"]["prompt_tokens"],
-                              "completion_tokens": len(ref["token_ids"])}
+        assert last.usage == Usage(prompt_tokens=ref["stats"]["prompt_tokens"],
+                                   completion_tokens=len(ref["token_ids"]))
         assert all(c.finish_reason is None for c in sink.items[:-1])
     assert figures["requests"] == 3 and figures["generated_tokens"] == sum(len(r["token_ids"]) for r in direct)
 

@@ -28,6 +28,7 @@ _SHARED_QWEN3_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "rope_theta", "rope_scaling", "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+    "rope_parameters",  # transformers >= 5: theta and scaling in one dict
 )
 
 

@@ -107,7 +107,7 @@ class DraftConfig:
             rms_norm_eps=r.get("rms_norm_eps", float),
             # transformers >= 5 writes the RoPE settings as one `rope_parameters` dict.
             rope_theta=r.get("rope_theta", float, rope_params.get("rope_theta", 10000.0)),
-            rope_scaling=r.get("rope_scaling", dict, None),
+            rope_scaling=r.get("rope_scaling", dict, _scaling_of(rope_params)),
             max_position_embeddings=r.get("max_position_embeddings", int, 32768),
             attention_bias=r.get("attention_bias", bool, False),
             num_target_layers=r.get("num_target_layers", int),
@@ -184,6 +184,13 @@ def _intrinsic_problems(c: DraftConfig) -> list[str]:
     if c.hidden_act != "silu":
         problems.append(f"hidden_act {c.hidden_act!r} is not supported; the draft MLP is SwiGLU (silu)")
     return problems
+
+
+def _scaling_of(rope_parameters: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The scaling part of a transformers >= 5 `rope_parameters` dict (None: plain RoPE)."""
+    if rope_parameters.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
 
 
 class _Reader:

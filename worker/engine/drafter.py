@@ -304,7 +304,8 @@ def _rotary_for(c: DraftConfig, device: torch.device | str | None = None) -> Qwe
         head_dim=c.head_dim, rope_theta=c.rope_theta,
         rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None,
         max_position_embeddings=c.max_position_embeddings)
-    return Qwen3RotaryEmbedding(rope_config, device=device)
+    rotary = Qwen3RotaryEmbedding(rope_config)  # transformers 5 takes no `device` argument
+    return rotary if device is None else rotary.to(device)
 
 
 def _resolve_checkpoint_dir(path: str | Path) -> Path:

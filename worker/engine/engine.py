@@ -228,7 +228,8 @@ class LLMEngine:
         the target's logits, or plain sampling when nobody drafted."""
         reqs, num_new, gamma, u = plan.decode, plan.num_new, self.gamma, plan.uniforms
         if not plan.drafting:  # plain decoding: sample the next token directly
-            return [0] * len(reqs), self._next_tokens(reqs, logits, num_new, u[:, 2 * gamma]).tolist()
+            nxt = self._next_tokens(reqs, logits, num_new, u[:, 2 * gamma])
+            return [0] * len(reqs), nxt.tolist()
         num_verify = torch.tensor(plan.lengths, device=self.device)
         if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
             n_acc, nxt = verify_greedy(self._padded(logits.argmax(dim=-1), num_new, gamma, -1),

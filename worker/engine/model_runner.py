@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+import transformers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from worker.engine.attention import (AttentionMeta, attention_meta, backend_for,
                                      paged_attention)
@@ -58,6 +60,30 @@ def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTr
         raise ValueError("target: sliding-window attention layers are not supported")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The target's tokenizer (a local directory or a Hugging Face id), whichever transformers
+    (4.x or 5.x) saved it.
+
+    transformers 5 saves a fast tokenizer with `tokenizer_class: TokenizersBackend`, its new
+    name for the class that 4.x calls `PreTrainedTokenizerFast`; 4.x's `AutoTokenizer` knows no
+    such class, so there the same files load as the fast tokenizer they are."""
+    if hasattr(transformers, "TokenizersBackend"):  # transformers >= 5
+        return AutoTokenizer.from_pretrained(path)
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    if get_tokenizer_config(path).get("tokenizer_class") == "TokenizersBackend":
+        return _TokenizersBackend.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+class _TokenizersBackend(PreTrainedTokenizerFast):
+    """transformers 4.x: a fast tokenizer saved by transformers 5 (same name, so 4.x's check
+    that the saved class matches the loading one stays quiet)."""
+
+
+_TokenizersBackend.__name__ = _TokenizersBackend.__qualname__ = "TokenizersBackend"
 
 
 @dataclass
