@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from closed_loop import hf_serial, median_figures, serve  # bench/closed_loop.py, beside this
+
 from worker import tiny
 from worker.engine.config import EngineConfig
 from worker.engine.draft_checkpoint import random_dspark_checkpoint
@@ -139,7 +139,8 @@ def build_models(args, work: Path) -> tuple[str, str]:
     return target_dir, str(draft_dir)
 
 
-def load_prompts(tokenizer, count: int, max_prompt_tokens: int = 200) -> tuple[list[list[int]], str]:
+def load_prompts(tokenizer, count: int,
+                 max_prompt_tokens: int = 200) -> tuple[list[list[int]], str]:
     """`count` token-id prompts: the code blocks of the first HumanEval prompts, cycled."""
     path = PROMPT_DIR / "humaneval.jsonl"
     texts, source = [], "built-in snippets"
@@ -206,16 +207,20 @@ def run_arms(args, model, engine, prompts, pad_id) -> tuple[list[dict], dict]:
 def paired_single_requests(model, engine, prompts, max_tokens, pad_id, rounds) -> list[float]:
     """Engine `ar` / transformers per-request speed, one prompt at a time, the two arms run
     back to back (their order alternating) so machine noise hits both of each pair alike."""
+    def hf(ids):
+        return hf_serial(model, [ids], max_tokens, pad_id)["per_request_tps"][0]
+
+    def eng(ids):
+        return serve(engine, [ids], concurrency=1, policy="ar",
+                     max_tokens=max_tokens)["per_request_tps"]
+
     ratios = []
     for rnd in range(rounds):
         for i, ids in enumerate(prompts):
-            hf = lambda: hf_serial(model, [ids], max_tokens, pad_id)["per_request_tps"][0]  # noqa: E731
-            eng = lambda: serve(engine, [ids], concurrency=1, policy="ar",  # noqa: E731
-                                max_tokens=max_tokens)["per_request_tps"]
             if (rnd + i) % 2:
-                e, h = eng(), hf()
+                e, h = eng(ids), hf(ids)
             else:
-                h, e = hf(), eng()
+                h, e = hf(ids), eng(ids)
             ratios.append(e / h)
     return ratios
 
@@ -337,7 +342,8 @@ def main(argv=None) -> int:
         config, models, engine = load_engine(args, Path(work))
     model, tokenizer, draft = models.target, models.tokenizer, models.draft
     prompts, prompt_source = load_prompts(tokenizer, args.num_prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
     warm_up(model, engine, prompts, pad_id)
     hf_runs, engine_runs = run_arms(args, model, engine, prompts, pad_id)
     pair_ratios = paired_single_requests(model, engine, prompts[:8], args.max_tokens, pad_id,

@@ -99,8 +99,8 @@ redis.call('HSET', KEYS[1], 'progress_completion_tokens', ARGV[1], 'progress_at'
 return 1
 """
 
-# Settle a job once: final state, fields, event, its bill, and its quota reservation swapped
-# for the tokens billed. KEYS: job, events, open_jobs, usage_days, then per usage entry its
+# Settle a job once: final state, fields, event, its bill (made by `billing.py`, split into
+# usage entries by `ledger.increments`), and its quota reservation swapped for the tokens billed. KEYS: job, events, open_jobs, usage_days, then per usage entry its
 # hash and its dimension's index set (the quota keys come from the job's record: standalone
 # Redis). ARGV[1]: JSON {job_id, state, tenant, event, final, allowed, day, quota_used,
 # usage: [{member, incr}]}; ARGV[2..]:

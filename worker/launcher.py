@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from sparkgrid.contract import WorkerStats
 from worker.worker_config import WorkerConfig
 
 READY_POLL_S = 0.5
@@ -149,20 +150,21 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     return _stay(actor, handle, config.name, opts, out)
 
 
-def _wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> dict:
+def _wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> WorkerStats:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            stats = actor.call(handle.stats.remote(), timeout_s=max(1.0, deadline - time.monotonic()))
+            stats = WorkerStats.from_dict(
+                actor.call(handle.stats.remote(), timeout_s=max(1.0, deadline - time.monotonic())))
         except actor.CallTimeout:
             break
         except actor.WorkerDied as err:
             raise LaunchError(f"worker {config.name} died while starting: {err}") from None
-        if stats["state"] == "ready":
+        if stats.state == "ready":
             return stats
-        if stats["state"] == "failed":
+        if stats.state == "failed":
             actor.kill(handle)
-            raise LaunchError(f"worker {config.name} failed to load: {stats['error']}")
+            raise LaunchError(f"worker {config.name} failed to load: {stats.error}")
         time.sleep(READY_POLL_S)
     actor.kill(handle)
     raise LaunchError(f"worker {config.name} was not ready after {timeout_s:g} s (removed); does "
@@ -170,16 +172,17 @@ def _wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> dict:
                       "long enough to load the weights?")
 
 
-def _print_ready(stats: dict, out) -> None:
-    print(f"worker {stats['name']} ready", file=out)
-    print(f"  node    {stats['node_ip']} ({stats['node_id']})", file=out)
-    print(f"  device  {stats['device']} ({stats['device_name']}), gpu type {stats['gpu_type']}, "
-          f"${stats['price_per_hour']:.2f}/h", file=out)
-    print(f"  model   {stats['model_id']} (target {stats['target']}, draft {stats['draft']}), "
-          f"policy {stats['policy']}", file=out)
-    sps = stats.get("sps")
+def _print_ready(stats: WorkerStats, out) -> None:
+    print(f"worker {stats.name} ready", file=out)
+    print(f"  node    {stats.node_ip} ({stats.node_id})", file=out)
+    print(f"  device  {stats.device} ({stats.device_name}), gpu type {stats.gpu_type}, "
+          f"${stats.price_per_hour:.2f}/h", file=out)
+    print(f"  model   {stats.model_id} (target {stats.target}, draft {stats.draft}), "
+          f"verify policy {stats.verify_policy}", file=out)
+    sps = stats.sps
     if sps:
-        points = ", ".join(f"{b}: {s:.0f}" for b, s in zip(sps["batch_tokens"], sps["steps_per_second"]))
+        points = ", ".join(f"{b}: {s:.0f}"
+                           for b, s in zip(sps.batch_tokens, sps.steps_per_second))
         print(f"  profile SPS(B), target forwards/s by tokens per forward: {points}", file=out)
 
 

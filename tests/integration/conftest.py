@@ -92,3 +92,72 @@ def make_worker(cluster, served_pair, sps_cache_dir):
         if (handle := actor.find_worker(name)) is not None:
             actor.kill(handle)
 
+
+
+# -- the scheduler end to end (test_scheduler_*.py) ---------------------------------------------
+PRICE_BOOK = """
+version = "test-1"
+default_plan = "standard"
+[plans.standard]
+[plans.standard.prices."*"]
+prompt_per_million = "1.00"
+completion_per_million = "3.00"
+[plans.tiny]
+tokens_per_day = 300
+[plans.tiny.prices."*"]
+prompt_per_million = "1.00"
+completion_per_million = "3.00"
+"""
+
+
+@pytest.fixture(scope="module")
+def workers(make_worker):
+    """Two workers; `w-2` is emulated 2x slower, so jobs last long enough to act on."""
+    return {"w-1": make_worker("w-1")[0], "w-2": make_worker("w-2", emulate_slowdown=2.0)[0]}
+
+
+@pytest.fixture(scope="module")
+def head(cluster, workers, persistent_redis, tmp_path_factory):
+    """The scheduler on its own event-loop thread in this process, on the module's workers and
+    a private append-only Redis (so that an outage can be staged), with PRICE_BOOK's prices."""
+    from scheduler_common import wait_for
+
+    from scheduler.config import SchedulerConfig
+    from scheduler.head import SchedulerThread
+
+    prices = tmp_path_factory.mktemp("prices") / "prices.toml"
+    prices.write_text(PRICE_BOOK)
+    config = SchedulerConfig(redis_url=persistent_redis.url, redis_prefix="sched-test",
+                             grpc_port=0, max_tokens_cap=512, discovery_interval_s=0.5,
+                             stats_interval_s=0.25, ledger_retry_s=0.2, prices=str(prices))
+    running = SchedulerThread(config)
+    wait_for(lambda: len(running.scheduler.pool.stats()) >= 2, 30, "both workers adopted")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def store_call(head):
+    """Runs a coroutine of a RedisStore of the head's Redis, on the head's loop."""
+    from scheduler.redis_store import RedisStore
+
+    store = RedisStore(head.scheduler.config.redis_url, prefix=head.scheduler.config.redis_prefix)
+
+    def call(method: str, *args):
+        return head.call(getattr(store, method)(*args))
+    yield call
+    head.call(store.close())
+
+
+@pytest.fixture(scope="module")
+def tenant_keys(store_call):
+    return {t: store_call("create_key", t) for t in ("acme", "globex")}
+
+
+@pytest.fixture(scope="module")
+def client(head, tenant_keys):
+    """A client of the tenant `acme`."""
+    from scheduler.client import Client
+
+    with Client(head.endpoint, tenant_keys["acme"][1]) as c:
+        yield c

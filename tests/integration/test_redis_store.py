@@ -209,6 +209,23 @@ def test_job_goes_queued_running_finished_with_events_and_typed_fields(redis_ser
     assert open_jobs == []
 
 
+def test_a_job_keeps_what_an_orphan_s_bill_needs_and_unknown_fields_are_named(
+        redis_server, redis_prefix):
+    async def scenario():
+        async with opened(redis_server.url, redis_prefix) as store:
+            await store.create_job(job_fields("j", prompt_tokens=12, plan="pro"))
+            with pytest.raises(ValueError, match=r"missing \[\], unknown \['colour'\]$"):
+                await store.create_job(job_fields("k", colour="red"))
+            without_owner = {k: v for k, v in job_fields("k").items() if k != "owner"}
+            with pytest.raises(ValueError, match=r"missing \['owner'\], unknown \[\]$"):
+                await store.create_job(without_owner)
+            return await store.get_job("j"), await store.get_job("k")
+
+    job, refused = asyncio.run(scenario())
+    assert (job["prompt_tokens"], job["plan"], job["state"]) == (12, "pro", "queued")
+    assert refused is None
+
+
 def test_a_final_job_cannot_restart_or_finish_again(redis_server, redis_prefix):
     async def scenario():
         async with opened(redis_server.url, redis_prefix) as store:

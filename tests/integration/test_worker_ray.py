@@ -22,9 +22,15 @@ from worker import actor  # noqa: E402
 from worker.launcher import LaunchError  # noqa: E402
 from worker.serving import WorkerDraining, build_engine  # noqa: E402
 from worker.engine.config import SamplingParams  # noqa: E402
+from sparkgrid.contract import Chunk  # noqa: E402
 
 pytestmark = pytest.mark.integration
 RAY_DASHBOARD = True  # the metrics test reads the dashboard's metrics endpoint
+
+
+def _chunk(ref) -> Chunk:
+    """One streamed item of `generate`, read as the scheduler reads it: through the contract."""
+    return Chunk.from_dict(ray.get(ref))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def slow_worker(make_worker):
 
 
 def _stream(handle, job_id, prompt, **params):
-    return [ray.get(ref) for ref in handle.generate.remote(job_id, prompt, params)]
+    return [_chunk(ref) for ref in handle.generate.remote(job_id, prompt, params)]
 
 
 def _wait(cond, timeout):
@@ -91,11 +97,11 @@ def test_bad_sampling_params_are_refused_naming_the_field(worker_a):
 def test_cancel_frees_the_slot(slow_worker):
     handle = slow_worker[0]
     gen = handle.generate.remote("long", "x = 1\n", {"max_tokens": 500, "ignore_eos": True})
-    first = ray.get(next(gen))
+    first = _chunk(next(gen))
     assert first.job_id == "long"
     assert ray.get(handle.stats.remote())["num_running"] == 1
     assert ray.get(handle.cancel.remote("long")) is True
-    rest = [ray.get(ref) for ref in gen]
+    rest = [_chunk(ref) for ref in gen]
     assert rest[-1].finish_reason == "abort"
     stats = ray.get(handle.stats.remote())
     assert stats["num_running"] == 0 and stats["cache_used_fraction"] == 0
@@ -119,12 +125,12 @@ def test_a_job_whose_lease_lapses_is_aborted_and_a_renewed_one_runs_on(slow_work
     while time.monotonic() < deadline:  # renew only `kept`, as a live scheduler would
         assert ray.get(handle.renew.remote(["kept", "never-seen"], 1.0)) == ["never-seen"]
         time.sleep(0.3)
-    orphan_chunks = [ray.get(ref) for ref in orphan]
+    orphan_chunks = [_chunk(ref) for ref in orphan]
     assert orphan_chunks[-1].finish_reason == "abort"
     assert sum(len(c.token_ids) for c in orphan_chunks) < 499  # stopped, not run to the end
     assert ray.get(handle.stats.remote())["num_running"] == 1  # `kept` still runs
     assert ray.get(handle.cancel.remote("kept")) is True
-    assert [ray.get(ref) for ref in kept][-1].finish_reason == "abort"
+    assert [_chunk(ref) for ref in kept][-1].finish_reason == "abort"
     assert ray.get(handle.renew.remote(["kept"], 1.0)) == ["kept"]  # no lease once it ended
     with pytest.raises(ValueError, match="lease_s"):
         ray.get(handle.renew.remote(["kept"], 0))
@@ -143,7 +149,7 @@ def test_drain_finishes_running_work_and_refuses_new(worker_b):
     gen = handle.generate.remote("running", "def f():\n", {"max_tokens": 40, "ignore_eos": True})
     ray.get(next(gen))
     drained = handle.drain.remote(60)
-    chunks = [ray.get(ref) for ref in gen]
+    chunks = [_chunk(ref) for ref in gen]
     assert chunks[-1].finish_reason == "length"
     figures = ray.get(drained)
     assert figures["state"] == "draining" and figures["num_running"] == 0

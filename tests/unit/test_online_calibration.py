@@ -7,8 +7,8 @@ import torch
 
 from sparkgrid.costs import SPSTable
 from worker.engine.online_calibration import OnlineCalibration
-from worker.engine.verify_policy import expected_throughput, prefix_lengths
 from worker.engine.spec_step import StepOverhead
+from worker.engine.verify_policy import expected_throughput, prefix_lengths
 
 
 def simulate(calib: OnlineCalibration, true_c: torch.Tensor, stated_c: torch.Tensor,

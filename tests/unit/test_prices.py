@@ -1,4 +1,5 @@
-"""The price book and quota arithmetic: exact money, one rounding, errors naming the entry."""
+"""The price book and quota arithmetic: exact prices, errors naming the entry (what a job is
+charged at them: test_billing.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from scheduler.billing import charge_uusd
 from scheduler.prices import DEFAULT_BOOK, PriceBook
 from scheduler.quota import Admission, Limits, refusal
 
@@ -23,19 +25,13 @@ def test_the_shipped_price_book_loads_and_its_default_plan_exists():
     shipped = PriceBook.load(DEFAULT_BOOK)
     assert shipped.default_plan in shipped.plans and shipped.version
     assert shipped.plan("no-such-plan") is shipped.plans[shipped.default_plan]
-    assert shipped.charge_uusd(shipped.plan("internal"), "m", 10**6, 10**6) == 0
+    assert charge_uusd(shipped.plan("internal"), "m", 10**6, 10**6) == 0
 
 
-def test_a_charge_is_exact_and_rounded_half_even_once_per_job():
-    b = book()
-    std = b.plan("std")
-    # 1 prompt token at $0.10/M = 0.1 micro-dollars; 5 of them 0.5 -> 0 (half to even), 15 -> 1.5 -> 2
-    assert b.charge_uusd(std, "any", 5, 0) == 0
-    assert b.charge_uusd(std, "any", 15, 0) == 2
-    assert b.charge_uusd(std, "any", 10**6, 10**6) == 500_000  # $0.10 + $0.40
-    assert b.charge_uusd(std, "org/big", 1000, 2000) == 2_500 + 20_000  # the model's own price
-    # one rounding per job, not per token kind: 0.5 + 0.4 = 0.9 -> 1 (two roundings would give 0)
-    assert b.charge_uusd(std, "any", 5, 1) == 1
+def test_a_model_without_its_own_price_has_the_plan_s_any_model_price():
+    std = book().plan("std")
+    assert std.price("org/big").completion_uusd_per_million == 10_000_000
+    assert std.price("any") == std.price("*") and std.price("any").prompt_uusd_per_million == 100_000
 
 
 @pytest.mark.parametrize("change, where", [

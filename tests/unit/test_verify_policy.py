@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from sparkgrid.costs import SPSTable
+from worker.engine.rejection import verify
+from worker.engine.sampling import sample
 from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
@@ -15,8 +17,6 @@ from worker.engine.verify_policy import (
     prefix_lengths,
     threshold_lengths,
 )
-from worker.engine.rejection import verify
-from worker.engine.sampling import sample
 
 
 def _table_from_times(times: list[float]) -> SPSTable:

@@ -77,8 +77,8 @@ class LLMEngine:
         self.vocab_size = tcfg.vocab_size
         self.kv = self._make_kv(config.kv_budget_tokens, "target kv cache", tcfg)
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
-        self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache", draft.config)
-                         if draft is not None else None)
+        self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache",
+                                       draft.config) if draft is not None else None)
         self.draft_runner = (DraftRunner(draft, self.draft_kv, self.device, self.draft_vocab)
                              if draft is not None else None)
         self.eos_ids = eos_ids(target, tokenizer, config)
@@ -142,7 +142,8 @@ class LLMEngine:
         total = len(context) + params.max_tokens
         if total > self.max_context:
             raise ValueError(f"max_tokens: prompt ({len(context)} tokens) + max_tokens "
-                             f"({params.max_tokens}) exceeds the model context of {self.max_context}")
+                             f"({params.max_tokens}) exceeds the model context of "
+                             f"{self.max_context}")
         self.kv.allocator.check_fits_ever(total)
         if self.draft_kv is not None and pol is not Policy.AR:
             self.draft_kv.allocator.check_fits_ever(total)
@@ -175,7 +176,8 @@ class LLMEngine:
         result = self._run(plan)
         return self._commit(plan, result)
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams],
                  policy: str | None = None) -> list[dict]:
         """Run prompts to completion; returns per prompt its token ids, text, reason, stats."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
@@ -373,7 +375,8 @@ class LLMEngine:
             raise ValueError(f"{field}: must not be empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         return ids
 
     def _check_policy(self, policy: Policy, field: str, will_profile: bool = False) -> None:

@@ -17,12 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from worker.engine.config import EngineConfig
 from worker.engine.draft_vocab import RANKING_NAME, DraftVocab, load_ranking
 from worker.engine.drafter import DSparkDraft
-from worker.engine.model_runner import load_target
+from worker.engine.model_runner import load_target, load_tokenizer
 from worker.engine.sts import load_sts
 
 
@@ -59,7 +58,7 @@ def load_models(target: str | Path, draft: str | Path | None = None,
     a DSpark draft checkpoint, on `config`'s device and dtype."""
     config = config or EngineConfig()
     model = load_target(str(target), device=config.torch_device, dtype=config.torch_dtype)
-    models = EngineModels(model, AutoTokenizer.from_pretrained(str(target)))
+    models = EngineModels(model, load_tokenizer(str(target)))
     return models.with_draft(draft, config) if draft is not None else models
 
 

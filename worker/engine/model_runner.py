@@ -5,14 +5,17 @@ own modules (projections, norms, MLP, rotary embedding), with keys and values ke
 `PagedKV` cache. Every linear layer runs once over all new tokens of all sequences packed
 together (no padding). Decode and verify rows attend the cache where it lies
 (`attention.paged_attention`: no copy of any context); a prefill from position 0 attends only
-its own new keys (causal attention per sequence, no cache read).
+its own new keys (causal attention per sequence, no cache read). `load_target` and
+`load_tokenizer` read checkpoints saved by transformers 4.x or 5.x with either installed.
 
 Does not know: sampling, drafting, which sequences run (the `ForwardBatch` says), or budgets.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +51,13 @@ class _Layout:
     num_new: list[int]        # new tokens of each sequence (prefill: split points)
 
 
+TRANSFORMERS_5 = int(transformers.__version__.split(".", 1)[0]) >= 5
+"""transformers 5.x, whose checkpoints differ from 4.x's in the two ways handled below."""
+
+
 def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """Load a Qwen3 or Llama causal LM from a local directory or a Hugging Face id."""
+    """Load a Qwen3 or Llama causal LM from a local directory or a Hugging Face id, saved by
+    transformers 4.x or 5.x."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
@@ -58,8 +66,41 @@ def load_target(path: str, *, device: torch.device, dtype: torch.dtype) -> PreTr
         )
     if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
         raise ValueError("target: sliding-window attention layers are not supported")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if not TRANSFORMERS_5:
+        _rope_parameters_to_4x(config)
+    with _no_progress_bars(Path(path).is_dir()):  # a hub id keeps its download bars
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _rope_parameters_to_4x(config) -> None:
+    """transformers 5 saves RoPE settings as one `rope_parameters` dict (theta, type, scaling)
+    where 4.x reads `rope_theta` and `rope_scaling`; 4.x keeps the unknown dict and would run
+    its default theta. Set the fields 4.x reads from it."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return
+    if "rope_theta" in params:
+        config.rope_theta = float(params["rope_theta"])
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        config.rope_scaling = scaling
+
+
+@contextmanager
+def _no_progress_bars(quiet: bool):
+    """transformers 5 draws a progress bar over loading the weights, on stderr: noise for a
+    local directory (the CLI's and the worker's output). Restores the setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -69,7 +110,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     transformers 5 saves a fast tokenizer with `tokenizer_class: TokenizersBackend`, its new
     name for the class that 4.x calls `PreTrainedTokenizerFast`; 4.x's `AutoTokenizer` knows no
     such class, so there the same files load as the fast tokenizer they are."""
-    if hasattr(transformers, "TokenizersBackend"):  # transformers >= 5
+    if TRANSFORMERS_5:
         return AutoTokenizer.from_pretrained(path)
     from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
@@ -79,8 +120,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 class _TokenizersBackend(PreTrainedTokenizerFast):
-    """transformers 4.x: a fast tokenizer saved by transformers 5 (same name, so 4.x's check
-    that the saved class matches the loading one stays quiet)."""
+    """transformers 4.x: a fast tokenizer saved by transformers 5 (named as it was saved, so
+    4.x's check that the saved class matches the loading one stays quiet)."""
 
 
 _TokenizersBackend.__name__ = _TokenizersBackend.__qualname__ = "TokenizersBackend"

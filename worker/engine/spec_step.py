@@ -1,4 +1,10 @@
-"""How many draft tokens each request of a step verifies, under its policy.
+"""How many draft tokens each request of a step verifies, under its policy, and which
+requests draft at all.
+
+The step-level side of the verify-length policy (its pure rules are `verify_policy`'s):
+`choose_lengths` applies each request's policy under caps, `DraftGate` decides before a step
+which requests draft, from the profiled costs (`StepOverhead` among them). The planner
+(`planner`) calls both.
 
 Knows: the policies (`ar`, `fixed`, `threshold`, `prefix`), STS calibration, and the caps
 every request obeys. Does not know: models, caches or sampling.
@@ -17,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from sparkgrid.costs import SPSTable
+from worker.engine.sts import apply_sts, survival
 from worker.engine.verify_policy import (Policy, RowCostTable, expected_throughput,
                                          prefix_lengths, threshold_lengths)
-from worker.engine.sts import apply_sts, survival
 
 
 @dataclass
@@ -153,7 +159,7 @@ class DraftGate:
         self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
         self.smoothing = smoothing
         self.overhead = StepOverhead()
-        """What steps spend besides their target forward (profiled by the engine)."""
+        """What steps spend besides their target forward (`profiler.profile_engine`)."""
         self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh

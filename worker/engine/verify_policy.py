@@ -138,10 +138,11 @@ def prefix_lengths(
     on a GPU, where a draft pass is cheap, changes little; on a CPU, where a draft pass costs
     about half a verify forward, leaving it out sets the bar for one more token (a_{r,j} >
     theta x its marginal cost) too high and verifies too little. It is known before drafting,
-    so it no more depends on the draft tokens than the cost table does. Candidates (r, j) are scanned by a_{r,j}
-    descending, ties by request index then position, so the result is deterministic and each
-    request's admitted positions form a prefix. `early_stop=False` is an ablation only: it keeps
-    scanning and commits the best-theta point, which biases the output distribution.
+    so it no more depends on the draft tokens than the cost table does. Candidates (r, j) are
+    scanned by a_{r,j} descending, ties by request index then position, so the result is
+    deterministic and each request's admitted positions form a prefix. `early_stop=False` is
+    an ablation only: it keeps scanning and commits the best-theta point, which biases the
+    output distribution.
     """
     _check_survival(survival)
     num_requests, gamma = survival.shape

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer
 
+from worker.engine.model_runner import load_tokenizer
 from worker.models import PAIR_DIR
 from worker.training.corpus import Corpus, load_corpus
 from worker.training.draft_stages import DraftPipelineConfig, draft_stages
@@ -104,7 +104,7 @@ class Context:
     def tokenizer(self):
         if not (self.out / "tokenizer").is_dir():
             raise FileNotFoundError(f"{self.out / 'tokenizer'} is missing; run the tokenizer stage first")
-        return AutoTokenizer.from_pretrained(self.out / "tokenizer")
+        return load_tokenizer(str(self.out / "tokenizer"))
 
 
 def run_corpus(ctx: Context) -> dict:

@@ -35,11 +35,10 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
-from worker.engine.model_runner import load_target
+from worker.engine.model_runner import load_target, load_tokenizer
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -96,7 +95,7 @@ def build_draft_data(target_dir: str | Path, prompts: Sequence[str | list[int]],
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    tokenizer = load_tokenizer(str(target_dir))
     prompt_ids = [list(p) if not isinstance(p, str) else tokenizer(p).input_ids for p in prompts]
     if not prompt_ids or any(not p for p in prompt_ids):
         raise ValueError("prompts: expected at least one prompt, none of them empty")

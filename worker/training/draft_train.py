@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.engine.draft_checkpoint import random_dspark_checkpoint, save_dspark_checkpoint
 from worker.engine.draft_config import MARKOV_HEAD_TYPES
 from worker.engine.drafter import DSparkDraft
+from worker.engine.model_runner import load_target, load_tokenizer
 from worker.training.draft_data import DraftDataset
 from worker.training.draft_forward import LossWeights, dspark_loss, sample_anchors, teacher_forced_blocks
 from worker.training.lm_data import epoch_order
@@ -150,11 +150,11 @@ def _initial_draft(target_dir, data: DraftDataset, init_dir: Path,
                    config: DraftTrainConfig) -> DSparkDraft:
     """A random draft fitted to the target (its embedding and lm_head copied in), in float32,
     with everything but the frozen copies trainable. Written to `init_dir` (the same every time)."""
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    target = load_target(str(target_dir), device=torch.device("cpu"), dtype=torch.float32)
     data.check_fits(target.config)
     mask_token_id = config.mask_token_id
     if mask_token_id is None:
-        mask_token_id = AutoTokenizer.from_pretrained(target_dir).mask_token_id
+        mask_token_id = load_tokenizer(str(target_dir)).mask_token_id
         if mask_token_id is None:
             raise ValueError(f"{target_dir}: the tokenizer has no mask token; give mask_token_id")
     random_dspark_checkpoint(
