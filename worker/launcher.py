@@ -6,19 +6,22 @@ loaded, SPS(B) profiled) and prints what it is. With `--foreground` it stays, wa
 worker's health, and on Ctrl-C or SIGTERM drains and removes it; without, the worker keeps
 serving after the command exits (`sparkgrid worker --stop NAME` drains and removes it).
 
-Knows: the operator's options and messages. Does not know: Ray (worker/actor.py does the
-calls), how the engine works.
+Knows: the operator's options and messages, and whether the cluster wants an authentication
+token that this shell lacks (`check_ray_auth`, asked of the cluster before Ray joins it). Does
+not know: Ray's API (worker/actor.py does the calls), how the engine works.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from sparkgrid.contract import WorkerStats
 from worker.worker_config import WorkerConfig
@@ -127,6 +130,7 @@ def default_name(device: str) -> str:
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     """Start the worker and wait until it is ready; with `foreground`, stay until signalled."""
+    check_ray_auth(opts.ray_address)
     from worker import actor
 
     node = actor.connect(opts.ray_address)
@@ -224,6 +228,7 @@ def stop_worker(actor, handle, name: str, drain_timeout_s: float, out) -> None:
 
 
 def stop_by_name(ray_address: str, name: str, out=sys.stdout) -> int:
+    check_ray_auth(ray_address)
     from worker import actor
 
     actor.connect(ray_address)
@@ -232,3 +237,82 @@ def stop_by_name(ray_address: str, name: str, out=sys.stdout) -> int:
         raise LaunchError(f"--stop {name}: no worker of that name is running")
     stop_worker(actor, handle, name, LaunchOptions.drain_timeout_s, out)
     return 0
+
+
+# -- the cluster's authentication token ---------------------------------------------------------
+TOKEN_HELP = ("use the cluster's token: on its head node `ray get-auth-token` prints it (it is "
+              "the file ~/.ray/auth_token of the user who started the cluster, e.g. with "
+              "`sparkgrid up`); put it in ~/.ray/auth_token here, or in RAY_AUTH_TOKEN, or in a "
+              "file that RAY_AUTH_TOKEN_PATH names")
+
+
+def check_ray_auth(address: str, timeout_s: float = 5.0) -> None:
+    """Before joining the Ray cluster at `address` (host:port of its GCS): make this process
+    send the cluster's authentication token if the cluster wants one, or raise LaunchError
+    naming the cause.
+
+    Ray turns token authentication on for a cluster that `ray.init()` or `ray start --head`
+    starts (`sparkgrid up`'s too), but a process that joins one by its address sends a token
+    only with RAY_AUTH_MODE=token in its environment; without, Ray retries for 20 s, printing
+    an InvalidAuthToken warning a second, and then blames node membership. So the cluster's GCS
+    is asked first, once without a token and, if it wants one, once with this machine's token
+    (found where Ray looks: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
+    ~/.ray/auth_token); token mode is switched on only when that token is accepted. An address
+    that is not host:port, or a cluster that does not answer, is left to `actor.connect`."""
+    if not re.fullmatch(r"[^/\s]+:\d+", address):  # 'auto', ray://..., or malformed
+        return
+    import grpc
+
+    if _gcs_answer(address, None, timeout_s) != grpc.StatusCode.UNAUTHENTICATED:
+        return  # no token needed, or nothing answers there (connect says so)
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        raise LaunchError(f"--ray-address {address}: the Ray cluster there requires an "
+                          f"authentication token, but RAY_AUTH_MODE={mode} is set here; unset "
+                          "it (or set RAY_AUTH_MODE=token) and give this shell the cluster's token")
+    token, source = _ray_token()
+    if token is None:
+        raise LaunchError(f"--ray-address {address}: the Ray cluster there requires an "
+                          "authentication token, and this shell has none (no RAY_AUTH_TOKEN, "
+                          f"RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); {TOKEN_HELP}")
+    if _gcs_answer(address, token, timeout_s) == grpc.StatusCode.UNAUTHENTICATED:
+        raise LaunchError(f"--ray-address {address}: the Ray cluster there does not accept this "
+                          f"shell's authentication token (from {source}): it is not the "
+                          f"cluster's; {TOKEN_HELP}")
+    os.environ["RAY_AUTH_MODE"] = "token"  # read by ray.init in this process
+
+
+def _ray_token() -> tuple[str | None, str]:
+    """This machine's Ray token and where it came from, in Ray's own order of sources."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token, "RAY_AUTH_TOKEN"
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as err:
+            raise LaunchError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token there "
+                              f"({err.strerror})") from None
+        if not token:
+            raise LaunchError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty")
+        return token, path
+    default = Path.home() / ".ray" / "auth_token"
+    try:
+        token = default.read_text().strip()
+    except OSError:
+        return None, str(default)
+    return token or None, str(default)
+
+
+def _gcs_answer(address: str, token: str | None, timeout_s: float):
+    """The gRPC status of one cheap call to the GCS at `address` (its cluster id), made with
+    `token` as Ray sends it, or with none."""
+    import grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK

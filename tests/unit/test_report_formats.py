@@ -1,6 +1,7 @@
 """Reports as text, CSV, JSON and HTML: each states the UTC range, CSV parses with its
-documented columns, JSON money is exact strings, and the HTML page is one self-contained file
-with three charts."""
+documented columns, JSON money is exact strings, tables show money to enough decimals that no
+amount reads as zero and the shown rows add up to the shown totals, and the HTML page is one
+self-contained file with three charts."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def test_json_keeps_tokens_per_tenant_and_nulls(reports):
 def test_table_states_the_range_and_aligns_every_line(reports, by):
     text = to_table(reports[by])
     lines = text.splitlines()
-    assert f"UTC days {SINCE} to {UNTIL}" in lines[0] and "2 decimals" in lines[1]
+    assert f"UTC days {SINCE} to {UNTIL}" in lines[0]
+    assert re.match(r"money in USD to [2-6] decimals: ", lines[1])
     table = lines[3:]
     assert table[-1].startswith(TOTAL)
     assert len({len(table[1]), len(table[-2])}) == 1  # the two rules
@@ -155,3 +157,80 @@ def test_html_of_an_empty_ledger_still_draws_the_charts(empty):
     assert page.count("<svg") == 3 and "no usage in this range" in page
     with pytest.raises(ValueError, match="^reports:"):
         to_html({})
+
+
+# -- how many decimals tables show ------------------------------------------------------------------
+def tiny_ledger(price_uusd_per_hour=100_000, charge_uusd=(700, 300)):
+    """Two minutes of two workers at $0.10/h and a few hundred tokens: a demo's sub-cent day."""
+    day, cells, info = "2025-06-02", {}, {}
+    for i, worker in enumerate(("w1", "w2")):
+        info[worker] = {"gpu_type": "cpu", "price_uusd_per_hour": price_uusd_per_hour}
+        cells[("worker", worker, day)] = {
+            "jobs": 3 - i, "completion_tokens": 300 - 100 * i, "charge_uusd": charge_uusd[i],
+            "spec_steps": 100, "accepted_tokens": 150, "verified_tokens": 400,
+            "online_ms": 120_000 + i, "active_ms": 4_000 * (i + 1),
+            "gpu_cost_scaled": (120_000 + i) * price_uusd_per_hour}
+        cells[("gpu", "cpu", day)] = {"completion_tokens": 500, "active_ms": 12_000}
+    cells[("tenant", "local", day)] = {"jobs": 5, "prompt_tokens": 60, "completion_tokens": 500,
+                                       "charge_uusd": sum(charge_uusd)}
+    cells[("all", "all", day)] = {"jobs": 5, "prompt_tokens": 60, "completion_tokens": 500,
+                                  "charge_uusd": sum(charge_uusd)}
+    return asyncio.run(build_reports(FakeStore(cells, info), SINCE, UNTIL))
+
+
+def table_cells(text: str) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column names, body rows, totals row) of a `to_table` text, cut where the rule's dashes are."""
+    lines = text.splitlines()[3:]
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
+    split = [[line[a:b].strip() for a, b in spans] for line in lines]
+    return split[0], split[2:-2], split[-1]
+
+
+@pytest.mark.parametrize("by", BY)
+def test_sub_cent_money_keeps_two_significant_digits_and_the_rows_add_up(by):
+    report = tiny_ledger()[by]
+    names, body, totals = table_cells(to_table(report))
+    decimals = int(re.search(r"to (\d) decimals", to_table(report)).group(1))
+    for column in report.columns:
+        if column.unit != "USD":
+            continue
+        i = names.index(column.name)
+        shown = [Decimal(row[i].replace(",", "")) for row in body]
+        total = Decimal(totals[i].replace(",", ""))
+        assert sum(shown) == total, (column.name, shown, total)
+        for cell, value in zip([*shown, total], [*(r[column.name] for r in report.rows),
+                                                 report.totals[column.name]]):
+            assert -cell.as_tuple().exponent == decimals  # one count for every amount
+            if value:  # shown digits: from the first non-zero one to the last decimal
+                assert cell != 0 and (decimals + cell.adjusted() + 1 >= 2 or decimals == 6), \
+                    (column.name, cell, value)
+    assert 2 < decimals <= 6
+
+
+def test_sub_cent_money_is_never_all_zero_in_tables_or_html():
+    reports = tiny_ledger()
+    for by, report in reports.items():
+        names, body, totals = table_cells(to_table(report))
+        for column in (c for c in report.columns if c.unit.startswith("USD")):
+            cells = [row[names.index(column.name)] for row in body + [totals]]
+            values = [r[column.name] for r in report.rows] + [report.totals[column.name]]
+            assert all(c != "-" and Decimal(c.replace(",", "")) != 0
+                       for c, v in zip(cells, values) if v), (by, column.name, cells)
+    page = to_html(reports)
+    decimals = int(re.search(r"to (\d) decimals", to_table(reports["day"])).group(1))
+    gpu_cost = reports["day"].totals["gpu_cost_usd"].quantize(Decimal(1).scaleb(-decimals))
+    assert 'class="v">$0.00<' not in page and f'class="v">${gpu_cost}<' in page
+    assert f"money in USD to {decimals} decimals" in page
+
+
+def test_prices_and_hours_take_the_decimals_their_column_needs():
+    worker = tiny_ledger(price_uusd_per_hour=45_000)["worker"]
+    names, body, totals = table_cells(to_table(worker))
+    assert [row[names.index("price_per_hour_usd")] for row in body] == ["0.045", "0.045"]
+    assert [row[names.index("online_hours")] for row in body] == ["0.033", "0.033"]
+    assert totals[names.index("price_per_hour_usd")] == "-"
+
+
+def test_whole_dollar_reports_keep_cents():
+    text = to_table(tiny_ledger(price_uusd_per_hour=30_000_000, charge_uusd=(2_500_000, 1_250_000))["tenant"])
+    assert "money in USD to 2 decimals" in text and " 3.75 " in text

@@ -34,7 +34,7 @@ from worker.engine.profiler import profile_engine
 from worker.engine.rejection import verify, verify_greedy
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import sample, warp_probs
-from worker.engine.spec_step import DraftProposal, confidence, pad_rows
+from worker.engine.spec_step import DraftGate, DraftProposal, confidence, pad_rows
 from worker.engine.verify_policy import Policy, parse_policy
 
 __all__ = ["Counters", "LLMEngine", "share_frozen_copies"]
@@ -95,8 +95,6 @@ class LLMEngine:
         (`OnlineCalibration`), or None."""
         self.planner = Planner(config, self.gamma, self.sts, self.kv.allocator,
                                self.draft_kv.allocator if draft is not None else None, self.device)
-        self.gate = self.planner.gate
-        """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`)."""
         self.sps = None
         """SPS(B), the target's forwards per second by tokens per forward (the verify-length
         policy's cost model): profiled at start when `config.profile_sps`, or set by the owner."""
@@ -109,6 +107,11 @@ class LLMEngine:
             costs = profile_engine(self)
             self.sps, self.step_cost = costs.sps, costs.step_cost
             self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
+
+    @property
+    def gate(self) -> DraftGate:
+        """Skips drafting in `prefix` steps where it is not expected to pay (the planner's)."""
+        return self.planner.gate
 
     @classmethod
     def from_pretrained(cls, target: str, draft: str | None = None,
@@ -203,6 +206,7 @@ class LLMEngine:
         return result
 
     def _decode(self, plan: StepPlan) -> StepResult:
+        """Draft, fix the verify lengths, verify every decoding row in one forward."""
         reqs, rows, gamma = plan.decode, plan.drafting, self.gamma
         proposal = self.draft_pass([reqs[i] for i in rows], plan.uniforms[rows, :gamma]) \
             if rows else None
@@ -290,6 +294,9 @@ class LLMEngine:
 
     # -- commit: tokens, statistics, outputs ---------------------------------------------------
     def _commit(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Append every decoding row's accepted drafts and next token and every newcomer's
+        first token, learn from the drafted blocks, release the finished; returns the
+        increments of every request that moved."""
         self.counters.steps += 1
         keep = set(plan.keep_context)
         for i, req in enumerate(plan.decode):

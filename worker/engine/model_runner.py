@@ -20,11 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
-from worker.engine.attention import (AttentionMeta, attention_meta, backend_for,
-                                     paged_attention)
+from worker.engine.attention import AttentionMeta, attention_meta, backend_for, paged_attention
 from worker.engine.kv_cache import PagedKV
 
 SUPPORTED_FAMILIES = ("qwen3", "llama")

@@ -33,7 +33,12 @@ from worker.engine.draft_config import MARKOV_HEAD_TYPES
 from worker.engine.drafter import DSparkDraft
 from worker.engine.model_runner import load_target, load_tokenizer
 from worker.training.draft_data import DraftDataset
-from worker.training.draft_forward import LossWeights, dspark_loss, sample_anchors, teacher_forced_blocks
+from worker.training.draft_forward import (
+    LossWeights,
+    dspark_loss,
+    sample_anchors,
+    teacher_forced_blocks,
+)
 from worker.training.lm_data import epoch_order
 from worker.training.target import lr_factor
 from worker.training.train_state import JsonlLog, check_same_run, load_checkpoint, save_checkpoint
