@@ -1,12 +1,11 @@
 """A `Report` as text: an aligned table, CSV, JSON, or one self-contained HTML page.
 
-- `to_table`: a header line stating the UTC range, a line stating how money is rounded, then
-  aligned columns and the totals row. Money is rounded half-even to the fewest decimals, from
-  2 (cents) to 6 (the ledger's exact micro-dollars), at which every non-zero figure keeps 2
-  significant digits, so a report of sub-cent amounts never reads 0.00: one count for all
-  amounts (USD) of a report, raised further until every column's shown rows add up to its
-  shown total (at 6 they always do); prices per hour and per million tokens, and hours, get
-  the fewest decimals of their own column by the same digits rule. Ratios as percent.
+- `to_table`: a line stating the UTC range, one stating the rounding, then aligned columns
+  and the totals row. Amounts (USD) share the fewest decimals, from 2 (cents) to 6 (exact
+  micro-dollars), at which every non-zero one keeps 2 significant digits (so sub-cent amounts
+  never read 0.00) and every column's shown rows add up to its shown total (at 6 they always
+  do); prices per hour or per million tokens, and hours, take the fewest of their own column
+  that keep 2 digits. Ratios as percent.
 - `to_csv`: a header row of column names, one row per report row, then the totals row (its
   key column reads `(total)`). Every row also carries `since` and `until`, the UTC range, as
   CSV allows no comment line. Money as exact USD with 6 decimals ("12.345678"); empty cells
@@ -54,20 +53,19 @@ def _is_map(column: Column) -> bool:
     return column.unit == "tokens by tenant"
 
 
+def _decimal(value) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(repr(value))
+
+
 def _round(value, places: int) -> Decimal:
-    exact = value if isinstance(value, Decimal) else Decimal(repr(value))
-    return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
+    return _decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
 
 
 def _significant_places(values) -> int:
     """The fewest decimals, MIN_PLACES to MAX_PLACES, at which every non-zero value of
     `values` (None skipped) keeps SIGNIFICANT digits."""
-    places = MIN_PLACES
-    for value in values:
-        if value:
-            exponent = (value if isinstance(value, Decimal) else Decimal(repr(value))).adjusted()
-            places = max(places, SIGNIFICANT - 1 - exponent)
-    return min(places, MAX_PLACES)
+    needed = [SIGNIFICANT - 1 - _decimal(v).adjusted() for v in values if v]
+    return min(max([MIN_PLACES, *needed]), MAX_PLACES)
 
 
 def _adds_up(report: Report, name: str, places: int) -> bool:
@@ -75,8 +73,8 @@ def _adds_up(report: Report, name: str, places: int) -> bool:
     total = report.totals[name]
     if total is None or any(row[name] is None for row in report.rows):
         return True
-    return sum((_round(row[name], places) for row in report.rows), Decimal(0)) == \
-        _round(total, places)
+    shown = sum((_round(row[name], places) for row in report.rows), Decimal(0))
+    return shown == _round(total, places)
 
 
 def _places(report: Report) -> dict[str, int]:
@@ -91,16 +89,16 @@ def _places(report: Report) -> dict[str, int]:
     return places | {name: shared for name in amounts}
 
 
-_RULE = (f"the fewest ({MIN_PLACES} to {MAX_PLACES}) at which every amount keeps {SIGNIFICANT} "
-         "significant digits and every column adds up to its total; prices and hours: the fewest "
-         f"that keep {SIGNIFICANT} digits in their column; rounded half-even; CSV and JSON carry "
-         "exact micro-dollars")
+_RULE = (f"the fewest decimals ({MIN_PLACES} to {MAX_PLACES}) at which every amount keeps "
+         f"{SIGNIFICANT} significant digits and every column adds up to its total; prices and "
+         f"hours: the fewest that keep {SIGNIFICANT} digits in their column; rounded half-even; "
+         "CSV and JSON carry exact micro-dollars")
 
 
-def money_note(places: dict[str, int], report: Report) -> str:
-    """The line in which a table of `report`, shown to `places`, states its rounding."""
-    amounts = sorted({places[c.name] for c in report.columns if c.unit == _AMOUNT})
-    return f"money in USD to {amounts[0] if amounts else MIN_PLACES} decimals: {_RULE}"
+def _money_note(report: Report, places: dict[str, int]) -> str:
+    """"money in USD to N decimals": how a table of `report` shows its amounts."""
+    shared = next((places[c.name] for c in report.columns if c.unit == _AMOUNT), MIN_PLACES)
+    return f"money in USD to {shared} decimals"
 
 
 def _shown(column: Column, value, places: int | None = None) -> str:
@@ -147,7 +145,7 @@ def to_table(report: Report) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     out = [f"sparkgrid cost report by {report.by}: {_range_line(report)}",
-           money_note(places, report), "",
+           f"{_money_note(report, places)}, {_RULE}", "",
            line([c.name for c in columns]), rule, *(line(r) for r in body)]
     if not body:
         out.append("(no usage in this range)")
@@ -375,7 +373,7 @@ def _html_table(report: Report) -> str:
         body = f'<tr><td colspan="{len(columns)}">no usage in this range</td></tr>'
     return (f'<section class="card"><h2>{_TITLES[report.by]}</h2>'
             f'<div class="sub">hover a column name for its definition; '
-            f"{escape(money_note(places, report).split(':')[0])}</div><div class=\"scroll\">"
+            f"{_money_note(report, places)}</div><div class=\"scroll\">"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             f"<tfoot><tr>{_html_cells(columns, report.totals, places)}</tr></tfoot></table></div>"
             "</section>")

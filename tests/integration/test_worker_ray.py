@@ -82,7 +82,7 @@ def test_streaming_matches_the_engines_direct_output_for_the_same_seed(worker_a)
         assert [t for c in chunks for t in c.token_ids] == direct["token_ids"]
         assert "".join(c.text for c in chunks) == direct["text"]
         assert chunks[-1].finish_reason == direct["finish_reason"]
-        assert chunks[-1].usage["completion_tokens"] == len(direct["token_ids"])
+        assert chunks[-1].usage.completion_tokens == len(direct["token_ids"])
         assert len(chunks) > 1  # streamed in increments, not one final blob
 
 

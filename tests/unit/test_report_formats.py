@@ -120,7 +120,7 @@ def test_table_states_the_range_and_aligns_every_line(reports, by):
     text = to_table(reports[by])
     lines = text.splitlines()
     assert f"UTC days {SINCE} to {UNTIL}" in lines[0]
-    assert re.match(r"money in USD to [2-6] decimals: ", lines[1])
+    assert re.match(r"money in USD to [2-6] decimals, the fewest ", lines[1])
     table = lines[3:]
     assert table[-1].startswith(TOTAL)
     assert len({len(table[1]), len(table[-2])}) == 1  # the two rules
@@ -159,7 +159,7 @@ def test_html_of_an_empty_ledger_still_draws_the_charts(empty):
         to_html({})
 
 
-# -- how many decimals tables show ------------------------------------------------------------------
+# -- how many decimals tables show ---------------------------------------------------------------
 def tiny_ledger(price_uusd_per_hour=100_000, charge_uusd=(700, 300)):
     """Two minutes of two workers at $0.10/h and a few hundred tokens: a demo's sub-cent day."""
     day, cells, info = "2025-06-02", {}, {}

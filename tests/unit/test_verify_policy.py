@@ -243,7 +243,8 @@ def test_drafting_pays_hand_computed_case():
     sps = _table_from_times([1.0, 1.1, 1.2])
     est = torch.tensor([[0.9, 0.5]])
     # plain: 1 token / 1.0 s. Alg. 1 reaches n = 2: (1 + 0.9) / 1.1 = 1.727, 2.4 / 1.2 = 2.0.
-    # with draft time d: best of 1.9 / (1.1 + d) and 2.4 / (1.2 + d); 2.4 / (1.2 + d) > 1 iff d < 1.2
+    # with draft time d: best of 1.9 / (1.1 + d) and 2.4 / (1.2 + d);
+    # 2.4 / (1.2 + d) > 1 iff d < 1.2
     assert drafting_pays(est, sps, draft_seconds=1.19)
     assert not drafting_pays(est, sps, draft_seconds=1.21)
 

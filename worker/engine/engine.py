@@ -3,11 +3,12 @@
 One `step()` is three calls. `Planner.plan` (`planner`) decides the step: which running
 requests decode and which of them draft, the costs the verify-length policy weighs, and which
 waiting requests are admitted. `_run` does its tensor work: for every decoding request
-together, one draft backbone forward and the sequential Markov stage, the verify lengths
-(`Planner.verify_lengths`), ONE target forward over all verify tokens (ragged), speculative
-sampling, cache rollback and the draft context of the committed positions; then one batched
-prefill of the newcomers. `_commit` appends the tokens and hands back every request's
-increment. Loading is `loader`'s, the cost profiles `profiler`'s.
+together, one draft pass (`DraftRunner`: backbone forward, sequential Markov stage), the
+verify lengths (`Planner.verify_lengths`), ONE target forward over all verify tokens (ragged,
+`TargetRunner`), speculative sampling (`verifier`), cache rollback and the draft context of
+the committed positions; then one batched prefill of the newcomers. `_commit` appends the
+tokens and hands back every request's increment. Loading is `loader`'s, the cost profiles
+`profiler`'s.
 
 Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a job.
 """
@@ -27,14 +28,14 @@ from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.loader import (EngineModels, draft_vocab, eos_ids, load_models,
                                   share_frozen_copies)
-from worker.engine.model_runner import TargetRunner, packed_index
+from worker.engine.model_runner import TargetRunner
 from worker.engine.online_calibration import OnlineCalibration
 from worker.engine.planner import Planner, StepPlan, StepResult
 from worker.engine.profiler import profile_engine
-from worker.engine.rejection import verify, verify_greedy
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import sample, warp_probs
 from worker.engine.spec_step import DraftGate, DraftProposal, confidence, pad_rows
+from worker.engine.verifier import next_tokens, sampling_columns, verify_step
 from worker.engine.verify_policy import Policy, parse_policy
 
 __all__ = ["Counters", "LLMEngine", "share_frozen_copies"]
@@ -217,7 +218,8 @@ class LLMEngine:
         logits, feats = self.runner.forward(batch, want_features=bool(plan.keep_context))
         self.counters.verify_forwards += 1
         self.counters.verify_tokens += batch.input_ids.numel()
-        n_acc, nxt = self._verify(plan, logits, draft_ids, proposal)
+        n_acc, nxt = verify_step(plan, logits, draft_ids, proposal, gamma=gamma,
+                                 vocab_size=self.vocab_size, device=self.device)
         for i, req in enumerate(reqs):
             # roll back the target cache to the anchor plus the accepted draft tokens
             self.kv.allocator.truncate(req.req_id, plan.starts[i] + n_acc[i] + 1)
@@ -229,36 +231,14 @@ class LLMEngine:
                                              [plan.starts[i] for i in keep])
         return StepResult(proposal, draft_ids, n_acc, nxt)
 
-    def _verify(self, plan: StepPlan, logits, draft_ids, proposal) -> tuple[list[int], list[int]]:
-        """(accepted draft tokens, next token) per decoding row: speculative sampling against
-        the target's logits, or plain sampling when nobody drafted."""
-        reqs, num_new, gamma, u = plan.decode, plan.num_new, self.gamma, plan.uniforms
-        if not plan.drafting:  # plain decoding: sample the next token directly
-            nxt = self._next_tokens(reqs, logits, num_new, u[:, 2 * gamma])
-            return [0] * len(reqs), nxt.tolist()
-        num_verify = torch.tensor(plan.lengths, device=self.device)
-        if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
-            n_acc, nxt = verify_greedy(self._padded(logits.argmax(dim=-1), num_new, gamma, -1),
-                                       draft_ids, num_verify)
-        else:
-            target_probs = self._padded(
-                warp_probs(logits, *self._sampling_tensors(reqs, num_new)), num_new, gamma, 0)
-            q = proposal.probs  # None when the drafting requests are all greedy: one-hot
-            if q is None:
-                q = torch.nn.functional.one_hot(proposal.ids, self.vocab_size).float()
-            draft_probs = pad_rows(q, plan.drafting, len(reqs), gamma, self.device,
-                                   self.vocab_size)
-            n_acc, nxt = verify(target_probs, draft_probs, draft_ids.clamp(min=0), num_verify,
-                                u[:, gamma:2 * gamma], u[:, 2 * gamma])
-        return n_acc.tolist(), nxt.tolist()
-
     def _prefill(self, plan: StepPlan) -> list[int]:
         """One forward over every admitted prompt; returns each request's first token."""
         reqs, batch, keep = plan.prefill, plan.prefill_batch(self.device), plan.prefill_context
         logits, feats = self.runner.forward(batch, want_features=bool(keep))
         self.counters.prefill_forwards += 1
         self.counters.prompt_tokens += sum(batch.num_new)
-        first = self._next_tokens(reqs, logits, [1] * len(reqs), plan.prefill_uniforms).tolist()
+        first = next_tokens(reqs, logits, [1] * len(reqs), plan.prefill_uniforms,
+                            self.device).tolist()
         if keep:
             rows = plan.prefill_rows
             self.draft_runner.extend_context([reqs[i].req_id for i in keep], feats,
@@ -269,7 +249,7 @@ class LLMEngine:
     def draft_pass(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
         """One draft backbone forward for all drafting requests, then the Markov stage
         (`uniforms`: [S, G] their draws). The profiler times it on stand-in rows."""
-        temps, top_k, top_p = self._sampling_tensors(reqs, [1] * len(reqs))
+        temps, top_k, top_p = sampling_columns(reqs, [1] * len(reqs), self.device)
         greedy = all(r.params.temperature == 0 for r in reqs)
 
         def sample_fn(k: int, logits: torch.Tensor):
@@ -338,27 +318,6 @@ class LLMEngine:
                 self.confidence_records.append((row, labels))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _next_tokens(self, reqs, logits, repeats, uniforms) -> torch.Tensor:
-        """One token per logits row, drawn from the request's warped distribution."""
-        if all(r.params.temperature == 0 for r in reqs):
-            return logits.argmax(dim=-1)  # what warp_probs' one-hot rows would give
-        return sample(warp_probs(logits, *self._sampling_tensors(reqs, repeats)), uniforms)
-
-    def _sampling_tensors(self, reqs: list[Request], repeats: list[int]):
-        rep = torch.tensor(repeats, device=self.device)
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device).repeat_interleave(rep)
-        return (col([r.params.temperature for r in reqs], torch.float32),
-                col([r.params.top_k for r in reqs], torch.long),
-                col([r.params.top_p for r in reqs], torch.float32))
-
-    def _padded(self, packed: torch.Tensor, num_new, gamma: int, fill) -> torch.Tensor:
-        """Packed per-token rows `[N, ...]` -> `[R, gamma + 1, ...]`, padded with `fill`."""
-        out = packed.new_full((len(num_new), gamma + 1, *packed.shape[1:]), fill)
-        seq_of, offset = packed_index(torch.tensor(num_new, device=self.device))
-        out[seq_of, offset] = packed
-        return out
-
     def _release(self, req: Request) -> None:
         admitted = req.req_id in self.kv.allocator
         self.kv.allocator.free(req.req_id)
