@@ -24,7 +24,8 @@
 #   SPARKGRID_METRICS_PORT      the scheduler's Prometheus /metrics port [9464]
 #   SPARKGRID_TLS_CERT, SPARKGRID_TLS_KEY   PEM files: serve the API over TLS only []
 #   SPARKGRID_PRICES            the price book (TOML) [the shipped scheduler/prices.toml]
-#   SPARKGRID_POLICY            routing policy: fastest, round_robin, jsq, p2c [fastest]
+#   SPARKGRID_ROUTING           how the scheduler picks a worker: fastest, round_robin, jsq, p2c
+#                               [fastest] (SPARKGRID_POLICY, its old name, is still read)
 #   SPARKGRID_HEAD_EXTRA_ARGS   more `sparkgrid head` options, space-separated []
 #   SPARKGRID_VENV              the virtual environment sparkgrid is installed in [PATH's]
 #   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN    the cluster's Ray token [~/.ray/auth_token,
@@ -52,7 +53,7 @@ metrics_port=${SPARKGRID_METRICS_PORT:-9464}
 tls_cert=${SPARKGRID_TLS_CERT:-}
 tls_key=${SPARKGRID_TLS_KEY:-}
 prices=${SPARKGRID_PRICES:-}
-policy=${SPARKGRID_POLICY:-fastest}
+policy=${SPARKGRID_ROUTING:-${SPARKGRID_POLICY:-fastest}}
 
 # -- check everything before starting anything ------------------------------------------------
 sg_require_port SPARKGRID_RAY_PORT "$ray_port"
@@ -64,7 +65,7 @@ sg_require_uint SPARKGRID_RAY_WAIT_S "$ray_wait_s"
 sg_require_uint SPARKGRID_REDIS_WAIT_S "$redis_wait_s"
 case $policy in
 fastest | round_robin | jsq | p2c) ;;
-*) sg_die "SPARKGRID_POLICY: expected fastest, round_robin, jsq or p2c, got '$policy'" ;;
+*) sg_die "SPARKGRID_ROUTING: expected fastest, round_robin, jsq or p2c, got '$policy'" ;;
 esac
 if [[ -n $tls_cert || -n $tls_key ]]; then
     [[ -n $tls_cert && -n $tls_key ]] || sg_die "SPARKGRID_TLS_CERT and SPARKGRID_TLS_KEY go together: set both or neither"
@@ -172,7 +173,7 @@ sg_log "Ray head is up: workers join ${node_ip:-this host}:$ray_port;" \
 
 # -- the scheduler ----------------------------------------------------------------------------
 head_cmd=(sparkgrid head --ray-address "$gcs_host:$ray_port" --host "$grpc_host"
-    --grpc-port "$grpc_port" --metrics-port "$metrics_port" --policy "$policy")
+    --grpc-port "$grpc_port" --metrics-port "$metrics_port" --routing "$policy")
 if [[ -n $tls_cert ]]; then
     head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
 fi

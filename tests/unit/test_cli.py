@@ -38,7 +38,7 @@ def run(home, monkeypatch, capsys):
 
 
 def test_engine_serves_the_shipped_pair_by_default_and_streams_every_request(run, home):
-    code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12", "--policy", "fixed")
+    code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12", "--verify-policy", "fixed")
     assert code == 0, err
     assert "stdlib-pair/target" in out.splitlines()[0] and "gibberish" not in out
     assert "building" not in err and not (home / "tiny-pair").exists()
