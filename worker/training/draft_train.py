@@ -133,12 +133,12 @@ def train_draft(target_dir: str | Path, data_dir: str | Path | list, out_dir: st
     work_dir.mkdir(parents=True, exist_ok=True)
     data = DraftDataset(data_dir)
     draft = _initial_draft(target_dir, data, work_dir / "init", config)
-    optimizer, scheduler = _optimizer(draft, config)
-    state = _restore(work_dir, draft, optimizer, scheduler, config, data)
+    optimizer, lr_schedule = _optimizer(draft, config)
+    state = _restore(work_dir, draft, optimizer, lr_schedule, config, data)
     if state is None:
         state = {"step": 0, "elapsed_s": 0.0}
     log = JsonlLog(work_dir / "log.jsonl")
-    finished = _run_steps(draft, optimizer, scheduler, data, config, state, log, work_dir)
+    finished = _run_steps(draft, optimizer, lr_schedule, data, config, state, log, work_dir)
     summary = {"finished": finished, "steps": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
                "num_params": sum(p.numel() for p in draft.parameters()),
                "num_trained_params": sum(p.numel() for p in draft.parameters() if p.requires_grad),
@@ -179,12 +179,12 @@ def _optimizer(draft: DSparkDraft, config: DraftTrainConfig):
     groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]  # gains, biases
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup_frac, config.final_lr_frac))
-    return optimizer, scheduler
+    return optimizer, lr_schedule
 
 
-def _restore(work_dir, draft, optimizer, scheduler, config, data) -> dict | None:
+def _restore(work_dir, draft, optimizer, lr_schedule, config, data) -> dict | None:
     saved = load_checkpoint(work_dir)
     if saved is None:
         return None
@@ -192,13 +192,13 @@ def _restore(work_dir, draft, optimizer, scheduler, config, data) -> dict | None
     check_same_run(saved["data"], _data_identity(data), "the training data", work_dir)
     draft.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    lr_schedule.load_state_dict(saved["scheduler"])
     return saved["progress"]
 
 
-def _checkpoint(work_dir, draft, optimizer, scheduler, config, data, state) -> None:
+def _checkpoint(work_dir, draft, optimizer, lr_schedule, config, data, state) -> None:
     save_checkpoint(work_dir, {"model": draft.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "progress": dict(state),
+                               "scheduler": lr_schedule.state_dict(), "progress": dict(state),
                                "trajectory": config.trajectory(), "data": _data_identity(data)})
 
 
@@ -208,7 +208,7 @@ def _data_identity(data: DraftDataset) -> dict:
     return ids[0] if len(ids) == 1 else {"combined": ids}
 
 
-def train_step(draft: DSparkDraft, optimizer, scheduler, data: DraftDataset,
+def train_step(draft: DSparkDraft, optimizer, lr_schedule, data: DraftDataset,
                config: DraftTrainConfig, step: int) -> dict:
     """One optimizer step at data position `step`; returns its metrics."""
     batch = data.batch(_sequence_indices(len(data), step, config.batch_size, config.seed))
@@ -221,7 +221,7 @@ def train_step(draft: DSparkDraft, optimizer, scheduler, data: DraftDataset,
     trained = [p for p in draft.parameters() if p.requires_grad]
     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trained, config.grad_clip))
     optimizer.step()
-    scheduler.step()
+    lr_schedule.step()
     return metrics
 
 
@@ -237,20 +237,20 @@ def _sequence_indices(num_seqs: int, step: int, batch_size: int, seed: int) -> l
     return indices
 
 
-def _run_steps(draft, optimizer, scheduler, data, config: DraftTrainConfig, state: dict,
+def _run_steps(draft, optimizer, lr_schedule, data, config: DraftTrainConfig, state: dict,
                log: JsonlLog, work_dir: Path) -> bool:
     """Steps until the budget is spent (True) or `stop_after_steps` pauses the run (False)."""
     start_time, start_elapsed, start_step = time.monotonic(), state["elapsed_s"], state["step"]
     last_ckpt = interval_start = time.monotonic()
     interval: list[dict] = []
-    save = lambda: _checkpoint(work_dir, draft, optimizer, scheduler, config, data, state)  # noqa: E731
+    save = lambda: _checkpoint(work_dir, draft, optimizer, lr_schedule, config, data, state)  # noqa: E731
     bar = tqdm(total=config.steps, initial=state["step"], desc="draft", unit="step", mininterval=5.0)
     while state["step"] < config.steps:
         if config.stop_after_steps is not None and state["step"] - start_step >= config.stop_after_steps:
             save()
             bar.close()
             return False
-        interval.append(train_step(draft, optimizer, scheduler, data, config, state["step"]))
+        interval.append(train_step(draft, optimizer, lr_schedule, data, config, state["step"]))
         state["step"] += 1
         state["elapsed_s"] = start_elapsed + time.monotonic() - start_time
         bar.update(1)
@@ -258,7 +258,7 @@ def _run_steps(draft, optimizer, scheduler, data, config: DraftTrainConfig, stat
         if step % config.log_every == 0 or step == config.steps:
             step_s = (time.monotonic() - interval_start) / len(interval)
             means = _mean_metrics(interval)
-            log.write(step=step, **means, lr=scheduler.get_last_lr()[0], step_s=round(step_s, 4),
+            log.write(step=step, **means, lr=lr_schedule.get_last_lr()[0], step_s=round(step_s, 4),
                       elapsed_s=round(state["elapsed_s"], 1))
             bar.set_postfix(loss=f"{means['loss']:.3f}", step_s=f"{step_s:.2f}")
             interval, interval_start = [], time.monotonic()

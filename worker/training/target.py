@@ -163,14 +163,14 @@ def train_target(corpus: Corpus, tokenizer, out_dir, work_dir, *, model_config: 
         raise ValueError(f"the train split has {train_windows.shape[0]} windows of {train.seq_len} tokens; "
                          f"expected at least batch_size={train.batch_size}")
     eval_windows = heldout_windows(tokenizer, corpus, train.seq_len, train.eval_tokens)
-    model, optimizer, scheduler = _build(model_config, train)
+    model, optimizer, lr_schedule = _build(model_config, train)
     log = JsonlLog(work_dir / "log.jsonl")
-    state = _restore(work_dir, model, optimizer, scheduler, model_config, train) if resume else None
+    state = _restore(work_dir, model, optimizer, lr_schedule, model_config, train) if resume else None
     if state is None:
         state = {"step": 0, "position": 0, "elapsed_s": 0.0,
                  "initial_heldout_loss": evaluate(model, eval_windows, train.batch_size)}
         log.write(step=0, tokens=0, heldout_loss=state["initial_heldout_loss"], elapsed_s=0.0)
-    finished = _Loop(model, optimizer, scheduler, train_windows, eval_windows, train, state, log, work_dir).run()
+    finished = _Loop(model, optimizer, lr_schedule, train_windows, eval_windows, train, state, log, work_dir).run()
     summary = {"finished": finished, "steps": state["step"], "tokens": state["step"] * train.tokens_per_step,
                "initial_heldout_loss": state["initial_heldout_loss"], "elapsed_s": round(state["elapsed_s"], 1),
                "num_params": sum(p.numel() for p in model.parameters()),
@@ -193,12 +193,12 @@ def _build(model_config: Qwen3Config, train: TrainConfig):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.total_steps, train.warmup_frac, train.final_lr_frac))
-    return model, optimizer, scheduler
+    return model, optimizer, lr_schedule
 
 
-def _restore(work_dir, model, optimizer, scheduler, model_config, train) -> dict | None:
+def _restore(work_dir, model, optimizer, lr_schedule, model_config, train) -> dict | None:
     saved = load_checkpoint(work_dir)
     if saved is None:
         return None
@@ -206,13 +206,13 @@ def _restore(work_dir, model, optimizer, scheduler, model_config, train) -> dict
     check_same_run(saved["trajectory"], train.trajectory(), "the training settings", work_dir)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    lr_schedule.load_state_dict(saved["scheduler"])
     return saved["progress"]
 
 
-def _checkpoint(work_dir, model, optimizer, scheduler, model_config, train, state) -> None:
+def _checkpoint(work_dir, model, optimizer, lr_schedule, model_config, train, state) -> None:
     save_checkpoint(work_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "progress": dict(state),
+                               "scheduler": lr_schedule.state_dict(), "progress": dict(state),
                                "model_config": _comparable(model_config), "trajectory": train.trajectory()})
 
 
@@ -223,9 +223,9 @@ def _comparable(config: Qwen3Config) -> dict:
 class _Loop:
     """The step loop of one call: optimizer steps, plus logging, evaluation and checkpoints between them."""
 
-    def __init__(self, model, optimizer, scheduler, windows, eval_windows, train: TrainConfig,
+    def __init__(self, model, optimizer, lr_schedule, windows, eval_windows, train: TrainConfig,
                  state: dict, log: JsonlLog, work_dir: Path):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
         self.windows, self.eval_windows = windows, eval_windows  # [num_windows, seq_len] each
         self.train, self.state, self.log, self.work_dir = train, state, log, work_dir
         self.start_step, self.start_elapsed, self.start_time = state["step"], state["elapsed_s"], time.monotonic()
@@ -261,7 +261,7 @@ class _Loop:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["position"] += train.batch_size
@@ -275,7 +275,7 @@ class _Loop:
         now = time.monotonic()
         loss = sum(self.interval_losses) / len(self.interval_losses)
         speed = len(self.interval_losses) * self.train.tokens_per_step / max(1e-9, now - self.interval_start)
-        self.log.write(step=self.state["step"], tokens=self.tokens(), loss=loss, lr=self.scheduler.get_last_lr()[0],
+        self.log.write(step=self.state["step"], tokens=self.tokens(), loss=loss, lr=self.lr_schedule.get_last_lr()[0],
                        tokens_per_s=round(speed, 1), elapsed_s=round(self.state["elapsed_s"], 1))
         self.interval_losses, self.interval_start = [], now
         return f"loss={loss:.3f} tok/s={speed:.0f}"
@@ -286,7 +286,7 @@ class _Loop:
                 or time.monotonic() - self.last_checkpoint >= 60 * train.checkpoint_minutes)
 
     def checkpoint(self) -> None:
-        _checkpoint(self.work_dir, self.model, self.optimizer, self.scheduler, self.model.config, self.train,
+        _checkpoint(self.work_dir, self.model, self.optimizer, self.lr_schedule, self.model.config, self.train,
                     self.state)
         self.last_checkpoint = time.monotonic()
 

@@ -1,6 +1,6 @@
 """Training bookkeeping on disk: atomic checkpoints and a JSON-lines log.
 
-A checkpoint holds everything a run needs to continue exactly: model, optimizer and scheduler
+A checkpoint holds everything a run needs to continue exactly: model, optimizer and learning-rate schedule
 states, RNG states, the step, the data position (windows consumed) and the elapsed time, plus
 the settings that shaped the run so a resume with different ones is refused. It is written to
 a temporary file and renamed into place, so a crash mid-write leaves the previous one intact.
