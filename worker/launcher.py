@@ -52,15 +52,20 @@ class LaunchOptions:
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", required=True, metavar="A",
                    help="the Ray cluster's GCS address (host:port), or 'auto' on a node of it")
-    p.add_argument("--target", metavar="DIR", help="target model directory (required unless --stop)")
-    p.add_argument("--draft", metavar="DIR", help="DSpark draft checkpoint directory (required unless --stop)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU Ray assigns this worker; default cpu)")
+    p.add_argument("--target", metavar="DIR",
+                   help="target model directory (required unless --stop)")
+    p.add_argument("--draft", metavar="DIR",
+                   help="DSpark draft checkpoint directory (required unless --stop)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (the GPU Ray assigns this worker; default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--gpu-type", metavar="G", help="what the device is, e.g. 'RTX 4090' (default: detected)")
+    p.add_argument("--gpu-type", metavar="G",
+                   help="what the device is, e.g. 'RTX 4090' (default: detected)")
     p.add_argument("--price-per-hour", type=float, default=0.0, metavar="USD",
                    help="what this device costs per hour (default 0)")
-    p.add_argument("--name", metavar="N", help="worker name, unique in the cluster (default: host-device)")
+    p.add_argument("--name", metavar="N",
+                   help="worker name, unique in the cluster (default: host-device)")
     p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
                    help="most tokens in one verify forward (default 512)")
     p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
@@ -205,7 +210,7 @@ def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
             except actor.WorkerDied:
                 print(f"worker {name} died", file=out)
                 return 1
-            except Exception as err:  # unhealthy: say so and keep watching; the scheduler routes around it
+            except Exception as err:  # unhealthy: say so, watch on (the scheduler routes around)
                 print(f"worker {name} unhealthy: {err}", file=out)
     except KeyboardInterrupt:
         stop_worker(actor, handle, name, opts.drain_timeout_s, out)

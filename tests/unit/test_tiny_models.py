@@ -87,7 +87,7 @@ def test_demo_pair_draft_uses_the_tokenizers_mask_token(tmp_path):
 
 def test_a_drafter_shares_the_targets_embedding_and_head_only_when_equal(tmp_path):
     from worker.engine.drafter import DSparkDraft
-    from worker.engine.engine import share_frozen_copies
+    from worker.engine.loader import share_frozen_copies
 
     target_dir, draft_dir = build_demo_pair(tmp_path, seed=0)  # the draft copies both
     target = AutoModelForCausalLM.from_pretrained(target_dir)

@@ -7,7 +7,7 @@ half, fits the per-position temperatures on the first and reports, on the second
 calibration (ECE) and ranking quality (AUC) of the prefix survival a_k before and after.
 
 Knows: the engine's public API and `sts`. Does not know: the command line, or how the
-scheduler later uses the calibrated confidence (`prefix_scheduler`).
+verify-length policy later uses the calibrated confidence (`verify_policy`).
 """
 
 from __future__ import annotations

@@ -38,8 +38,6 @@ from worker.engine.spec_step import DraftGate, DraftProposal, confidence, pad_ro
 from worker.engine.verifier import next_tokens, sampling_columns, verify_step
 from worker.engine.verify_policy import Policy, parse_policy
 
-__all__ = ["Counters", "LLMEngine", "share_frozen_copies"]
-
 
 @dataclass
 class Counters:

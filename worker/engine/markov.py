@@ -6,7 +6,7 @@ Scope: one step ``k`` of the left-to-right loop for a batch of ``R`` rows: the t
 tensor names of the released checkpoints (docs/DSPARK.md 5).
 
 Not in scope: the loop itself and sampling (``drafter.DSparkDraft.draft_block`` and the
-engine's sampler), temperature scaling of confidence (STS lives with the prefix scheduler).
+engine's sampler), temperature scaling of confidence (STS feeds the verify-length policy).
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ class TargetRunner:
         self._backend: str | None = None
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: ForwardBatch,
+                want_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns logits `[M, V]` (float32) and, if asked, features `[N, n * d]`."""
         layout = self._layout(batch)
         body = self.model.model

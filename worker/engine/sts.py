@@ -9,7 +9,7 @@ Labels come from verification logs: accepted[m, k] is 1 when draft token k was a
 1..k-1 were, 0 when it was rejected, -1 when unknown (not verified, or after a rejection).
 
 Scope: fitting on held-out logs, applying, metrics, and the `sts.json` file.
-Not here: collecting the logs (the engine) or using the calibrated values (prefix_scheduler).
+Not here: collecting the logs (the engine) or using the calibrated values (verify_policy).
 """
 
 import json
