@@ -42,7 +42,7 @@ from worker.training.draft_stages import corpus_prefixes
 DRAFTERS = ("dspark", "dflash")
 COLORS = {"dspark": "C0", "dflash": "C1"}
 TEMPERATURES = (0.0, 1.0)
-HUMANEVAL = Path(__file__).resolve().parents[1].parent / "shared/data/prompts/humaneval.jsonl"
+HUMANEVAL = Path(__file__).resolve().parent / "prompts" / "humaneval.jsonl"  # bench/prompts/
 HELDOUT_SEED = 3  # build_pair fits STS on seed-2 held-out prefixes: these are other ones
 PREFIX_TOKENS = 128
 

@@ -41,8 +41,8 @@ from worker.engine.loader import load_models
 from worker.engine.profiler import device_name
 
 POLICIES = ("ar", "fixed", "threshold", "prefix")
-PROMPT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
-# Used when the shared prompt files are absent: short functions of mixed length.
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"  # bench/prompts/README.md
+# Used when the prompt files are absent: short functions of mixed length.
 FALLBACK_PROMPTS = (
     "def fib(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n\n\n"

@@ -98,3 +98,14 @@ def test_no_hand_written_module_is_over_450_lines():
             and (ROOT / name).is_file()
             and (n := len((ROOT / name).read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_nothing_reaches_outside_the_repository():
+    """The project stands alone: no file reads data from beside the repository."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.md", "*.toml", "*.yaml"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside = ("parents[1].parent", "parents[2].parent", "shared/data/", "../shared")
+    hits = [f"{name}: {pattern}" for name in files if name != "tests/unit/test_layering.py"
+            and (ROOT / name).is_file()
+            for pattern in outside if pattern in (ROOT / name).read_text(errors="replace")]
+    assert not hits, hits
