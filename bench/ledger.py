@@ -64,8 +64,8 @@ def make_workers(num_workers: int, rng: random.Random) -> dict[str, dict]:
         gpu = gpus[i % len(gpus)]
         price = round(GPUS[gpu][0] * rng.uniform(0.9, 1.1))
         out[f"{gpu.lower()}-{i // len(gpus):02d}"] = {
-            "gpu_type": gpu, "price_uusd_per_hour": price, "node_ip": f"10.0.{i // 250}.{i % 250 + 1}",
-            "model": "qwen3-8b"}
+            "gpu_type": gpu, "price_uusd_per_hour": price,
+            "node_ip": f"10.0.{i // 250}.{i % 250 + 1}", "model": "qwen3-8b"}
     return out
 
 
@@ -172,9 +172,10 @@ async def bench_size(url: str, num_jobs: int, args) -> dict:
         write_s = time.perf_counter() - start
         report_s, runs = {}, {}
         for by in BY:
-            report_s[by], runs[by] = await timed(lambda: build_report(store, since, until, by),
-                                                 args.repeats)
-        html_s, runs["all_four"] = await timed(lambda: build_reports(store, since, until), args.repeats)
+            report_s[by], runs[by] = await timed(
+                lambda by=by: build_report(store, since, until, by), args.repeats)
+        html_s, runs["all_four"] = await timed(lambda: build_reports(store, since, until),
+                                               args.repeats)
         reports = await build_reports(store, since, until)
     finally:
         await store.close()

@@ -41,11 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import closed_loop  # noqa: E402  (bench/closed_loop.py, beside this script)
+
 from worker.engine.attention import cache_bytes_per_token  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
-
-import closed_loop  # noqa: E402  (bench/closed_loop.py, beside this script)
 
 PAIR = ROOT / "worker" / "models" / "stdlib-pair"
 POLICIES = ("ar", "fixed", "prefix")

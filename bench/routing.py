@@ -62,7 +62,8 @@ def load_prompts() -> list[str]:
     for name in ("humaneval.jsonl", "mbpp.jsonl"):
         path = PROMPT_DIR / name
         if path.is_file():
-            prompts += [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line]
+            prompts += [json.loads(line)["turns"][0]
+                        for line in path.read_text().splitlines() if line]
     return [p for p in prompts if len(p) < 1500] or list(FALLBACK_PROMPTS)
 
 
@@ -113,7 +114,8 @@ def summarize(results, start, decisions, slow_name: str) -> dict:
     by_job = {d.job_id: d for d in decisions}
     mine = [by_job[r["job_id"]] for r in results if r["job_id"] in by_job]
     return {
-        "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95), "latency_p99_s": pct(lat, 0.99),
+        "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
+        "latency_p99_s": pct(lat, 0.99),
         "latency_mean_s": statistics.fmean(lat),
         "ttft_p50_s": pct([r["ttft_s"] for r in results], 0.5),
         "ttft_p95_s": pct([r["ttft_s"] for r in results], 0.95),
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
                 head.stop()
             report["policies"][policy] = summarize(results, start, decisions, "slow")
             report["latencies"][policy] = [r["latency_s"] for r in results]
-            print(f"{policy}: {json.dumps(report['policies'][policy])}", file=sys.stderr, flush=True)
+            print(f"{policy}: {json.dumps(report['policies'][policy])}", file=sys.stderr,
+                  flush=True)
         report["checks"] = checks(report["policies"])
     finally:
         for name in names:

@@ -20,8 +20,14 @@ import grpc
 from scheduler.config import SchedulerConfig, shown_url
 from scheduler.errors import SchedulerError
 from scheduler.router import POLICIES
-from sparkgrid.options import (add_redis_options, int_at_least, number_in, port, port_or_off,
-                               redis_url)
+from sparkgrid.options import (
+    add_redis_options,
+    int_at_least,
+    number_in,
+    port,
+    port_or_off,
+    redis_url,
+)
 
 
 # -- sparkgrid head ----------------------------------------------------------------------------
@@ -60,7 +66,8 @@ def run_head(args) -> int:
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
         field, _, problem = str(err).partition(":")
         raise ValueError(f"--{field.replace('_', '-')}:{problem}") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(_serve(Scheduler(config)))
 
 
@@ -91,9 +98,11 @@ def keys_options(p: argparse.ArgumentParser) -> None:
     redis = argparse.ArgumentParser(add_help=False)  # accepted after the action too
     add_redis_options(redis, "API keys")
     sub = p.add_subparsers(dest="action", metavar="action", required=True)
-    create = sub.add_parser("create", parents=[redis], help="a new API key for a tenant (shown once)")
+    create = sub.add_parser("create", parents=[redis],
+                            help="a new API key for a tenant (shown once)")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--plan", default=None, help="set the tenant's plan (a plan of the price book)")
+    create.add_argument("--plan", default=None,
+                        help="set the tenant's plan (a plan of the price book)")
     plan = sub.add_parser("plan", parents=[redis], help="set a tenant's plan")
     plan.add_argument("--tenant", required=True)
     plan.add_argument("--plan", required=True)
@@ -156,7 +165,8 @@ def _check_plan(plan: str, prices: str | None) -> None:
 
 # -- sparkgrid generate / workers ---------------------------------------------------------------
 def _client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", default=None, help="host:port of the scheduler (default: up.json's)")
+    p.add_argument("--endpoint", default=None,
+                   help="host:port of the scheduler (default: up.json's)")
     p.add_argument("--api-key", default=None, help="default: $SPARKGRID_API_KEY, else up.json's")
     p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -36,7 +36,8 @@ class SchedulerConfig:
     prices: str | None = None
     """The price book (TOML, see `prices.py`); None: the one shipped with sparkgrid."""
     policy: str = "fastest"
-    """Routing policy: `fastest` (smallest predicted completion time), `round_robin`, `jsq`, `p2c`."""
+    """Routing policy: `fastest` (smallest predicted completion time), `round_robin`, `jsq`,
+    `p2c`."""
     default_model: str | None = None
     """Model of requests that name none; None: the only model served (an error if several)."""
     default_max_tokens: int = 256
@@ -72,12 +73,14 @@ class SchedulerConfig:
         require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
                  "a redis://, rediss:// or unix:// URL", shown_url(self.redis_url))
         for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_chars", "max_stop_strings",
-                     "max_stop_chars", "max_request_id_chars", "max_queue_per_worker", "max_attempts"):
+                     "max_stop_chars", "max_request_id_chars", "max_queue_per_worker",
+                     "max_attempts"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         require(self.default_max_tokens <= self.max_tokens_cap, "default_max_tokens",
                  f"at most max_tokens_cap ({self.max_tokens_cap})", self.default_max_tokens)
-        for name in ("stall_timeout_s", "stats_interval_s", "discovery_interval_s", "ledger_retry_s"):
+        for name in ("stall_timeout_s", "stats_interval_s", "discovery_interval_s",
+                     "ledger_retry_s"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
 

@@ -29,8 +29,13 @@ from dataclasses import dataclass, field
 
 from scheduler.billing import Billing, JobEnd, Part, usage
 from scheduler.config import SchedulerConfig
-from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, StoreUnavailable,
-                              Unavailable)
+from scheduler.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StoreUnavailable,
+    Unavailable,
+)
 from scheduler.jobs import FINAL, JobState
 from scheduler.ledger import Segment, spec_totals
 from scheduler.metrics import Metrics

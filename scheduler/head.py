@@ -99,8 +99,9 @@ class Scheduler:
                 return self.server.add_secure_port(address, credentials)
             return self.server.add_insecure_port(address)
         except RuntimeError as err:  # grpc: "Failed to bind to address ..."
-            raise OSError(f"--grpc-port {self.config.grpc_port}: cannot serve on {address} ({err}); "
-                          "is another server there? --grpc-port 0 picks a free port") from None
+            raise OSError(f"--grpc-port {self.config.grpc_port}: cannot serve on {address} "
+                          f"({err}); is another server there? "
+                          "--grpc-port 0 picks a free port") from None
 
     async def stop(self, grace_s: float = 10.0) -> None:
         for service in ("", SERVICE_NAME):
@@ -159,7 +160,8 @@ class SchedulerThread:
             finally:
                 self._end_loop()
             raise
-        self.endpoint = f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{self.port}"
+        self.endpoint = (f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}"
+                         f":{self.port}")
 
     def call(self, coro, timeout_s: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

@@ -20,8 +20,14 @@ import time
 
 import grpc
 
-from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, SchedulerError,
-                              Unauthenticated, Unavailable)
+from scheduler.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SchedulerError,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")

@@ -62,5 +62,7 @@ def check_tenant(name: str) -> None:
     """Raises `InvalidArgument("tenant", ...)` unless `name` is 1-64 characters of
     A-Z a-z 0-9 `.` `_` `-` (no `:`, so a tenant can sit inside a Redis key unambiguously)."""
     if not isinstance(name, str) or _TENANT.fullmatch(name) is None:
-        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80] + "...")
-        raise InvalidArgument("tenant", f"expected 1-64 characters of A-Z a-z 0-9 . _ -; got {shown}")
+        shown = (repr(name) if not isinstance(name, str) or len(name) <= 80
+                 else repr(name[:80] + "..."))
+        raise InvalidArgument("tenant",
+                              f"expected 1-64 characters of A-Z a-z 0-9 . _ -; got {shown}")

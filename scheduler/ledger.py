@@ -116,7 +116,8 @@ class Bill:
         _check_count(owner, "prompt_tokens", self.prompt_tokens)
         _check_count(owner, "completion_tokens", self.completion_tokens)
         _check_count(owner, "charge_uusd", self.charge_uusd)
-        if not (isinstance(self.segments, tuple) and all(isinstance(s, Segment) for s in self.segments)):
+        if not (isinstance(self.segments, tuple)
+                and all(isinstance(s, Segment) for s in self.segments)):
             raise ValueError(f"{owner}: segments must be a tuple of Segment; got {self.segments!r}")
 
 
@@ -213,11 +214,12 @@ def increments(bill: Bill) -> dict[tuple[str, str, str], dict[str, int]]:
     """
     delivered = sum(s.completion_tokens for s in bill.segments)
     if delivered != bill.completion_tokens:
-        raise ValueError(f"bill of job {bill.job_id}: its segments delivered {delivered} completion "
-                         f"tokens but the bill counts {bill.completion_tokens}")
+        raise ValueError(f"bill of job {bill.job_id}: its segments delivered {delivered} "
+                         f"completion tokens but the bill counts {bill.completion_tokens}")
     day = utc_day(bill.finished_at)
     job = _job_fields(bill)
-    out = {("tenant", bill.tenant, day): job, ("model", bill.model, day): job, ("all", "all", day): job}
+    out = {("tenant", bill.tenant, day): job, ("model", bill.model, day): job,
+           ("all", "all", day): job}
     for dimension, attr in (("worker", "worker"), ("gpu", "gpu_type")):
         for key, amounts in _per_owner(bill, attr).items():
             out[(dimension, key, day)] = amounts

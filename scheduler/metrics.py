@@ -27,7 +27,8 @@ class Metrics:
         self.policy = policy
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sparkgrid_scheduler_requests", "API calls by method and status code",
+        self.requests = Counter("sparkgrid_scheduler_requests",
+                                "API calls by method and status code",
                                 ("method", "code"), registry=r)
         self.latency = Histogram("sparkgrid_scheduler_request_seconds", "API call latency",
                                  ("method",), buckets=LATENCY_BUCKETS, registry=r)

@@ -99,7 +99,8 @@ def _plan(name: str, body) -> Plan:
     for field in ("tokens_per_day", "tokens_per_month", "requests_per_minute"):
         value = body.get(field, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{where}.{field}: expected an integer >= 0 (0: unlimited), got {value!r}")
+            raise ValueError(f"{where}.{field}: expected an integer >= 0 (0: unlimited), "
+                             f"got {value!r}")
         limits[field] = value
     prices = body.get("prices")
     if not isinstance(prices, dict) or ANY_MODEL not in prices:
@@ -118,7 +119,8 @@ def _price(where: str, body) -> ModelPrice:
 def _uusd(where: str, text) -> int:
     """A USD price given as a decimal string, in whole micro-dollars (finer is refused)."""
     if not isinstance(text, str):
-        raise ValueError(f'{where}: expected a decimal string such as "0.40" (not a float), got {text!r}')
+        raise ValueError(f'{where}: expected a decimal string such as "0.40" (not a float), '
+                         f'got {text!r}')
     try:
         usd = Decimal(text)
     except InvalidOperation:

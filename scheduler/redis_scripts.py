@@ -53,7 +53,9 @@ if type(q) == 'table' then
     return tonumber(h[1] or 0) + tonumber(h[2] or 0) + q.reserve > limit
   end
   if over(KEYS[5], q.day_limit) then return {'', 0, 'tokens_per_day', tostring(q.day_retry)} end
-  if over(KEYS[6], q.month_limit) then return {'', 0, 'tokens_per_month', tostring(q.month_retry)} end
+  if over(KEYS[6], q.month_limit) then
+    return {'', 0, 'tokens_per_month', tostring(q.month_retry)}
+  end
   if q.rpm > 0 then
     redis.call('ZADD', KEYS[7], q.now, a.job_id)
     redis.call('EXPIRE', KEYS[7], math.ceil(2 * q.window))
@@ -100,12 +102,13 @@ return 1
 """
 
 # Settle a job once: final state, fields, event, its bill (made by `billing.py`, split into
-# usage entries by `ledger.increments`), and its quota reservation swapped for the tokens billed. KEYS: job, events, open_jobs, usage_days, then per usage entry its
-# hash and its dimension's index set (the quota keys come from the job's record: standalone
-# Redis). ARGV[1]: JSON {job_id, state, tenant, event, final, allowed, day, quota_used,
-# usage: [{member, incr}]}; ARGV[2..]:
-# field/value pairs. Returns {'ok'}, {'missing'}, {'final', state}, {'refused', state} or
-# {'tenant', the job's tenant}; only 'ok' changes anything.
+# usage entries by `ledger.increments`), and its quota reservation swapped for the tokens
+# billed. KEYS: job, events, open_jobs, usage_days, then per usage entry its hash and its
+# dimension's index set (the quota keys come from the job's record: standalone Redis).
+# ARGV[1]: JSON {job_id, state, tenant, event, final, allowed, day, quota_used,
+# usage: [{member, incr}]}; ARGV[2..]: field/value pairs. Returns {'ok'}, {'missing'},
+# {'final', state}, {'refused', state} or {'tenant', the job's tenant}; only 'ok' changes
+# anything.
 FINISH_JOB = """
 local a = cjson.decode(ARGV[1])
 local state = redis.call('HGET', KEYS[1], 'state')

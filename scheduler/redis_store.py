@@ -38,20 +38,31 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from scheduler import keys, ledger
-from scheduler.errors import (InvalidArgument, NotFound, ResourceExhausted, StoreUnavailable,
-                              Unauthenticated)
+from scheduler.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StoreUnavailable,
+    Unauthenticated,
+)
 from scheduler.jobs import FINAL, TRANSITIONS, JobState, check_transition
 from scheduler.ledger import DIMENSIONS, Bill, days_between, increments, utc_day
 from scheduler.quota import RATE_WINDOW_S, Admission, Limits, refusal
-from scheduler.redis_scripts import (CREATE_JOB, CREATE_KEY, FINISH_JOB, PROGRESS, REVOKE_KEY,
-                                     START_JOB)
+from scheduler.redis_scripts import (
+    CREATE_JOB,
+    CREATE_KEY,
+    FINISH_JOB,
+    PROGRESS,
+    REVOKE_KEY,
+    START_JOB,
+)
 
 CREATE_FIELDS = ("job_id", "tenant", "model", "request_id", "params", "owner", "created_at")
 CREATE_OPTIONAL = ("prompt_tokens", "plan")
 """What `create_job` may also set: what the job's bill needs should its scheduler die."""
-FINISH_FIELDS = frozenset({"finish_reason", "error", "finished_at", "prompt_tokens", "completion_tokens",
-                           "segments", "spec", "text", "token_ids", "workers", "charge_uusd", "plan",
-                           "price_version"})
+FINISH_FIELDS = frozenset({"finish_reason", "error", "finished_at", "prompt_tokens",
+                           "completion_tokens", "segments", "spec", "text", "token_ids", "workers",
+                           "charge_uusd", "plan", "price_version"})
 """What `finish_job` may set. `workers` too: a dispatch write lost while Redis was down is
 carried by the final record, which the caller retries until it lands."""
 INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "progress_completion_tokens",
@@ -97,7 +108,8 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "sparkgrid", timeout_s: float = 2.0):
         parts = urlsplit(url)
-        self._where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        self._where = (parts.path if parts.scheme == "unix"
+                       else f"{parts.hostname}:{parts.port or 6379}")
         self._password = parts.password
         self._p = prefix
         self._redis = redis.asyncio.Redis.from_url(
@@ -141,7 +153,8 @@ class RedisStore:
             key_id, api_key = keys.new_key()
             with self._reachable():
                 created = await self._create_key(
-                    keys=[self._k("key", key_id), self._k("tenant_keys", tenant), self._k("tenants")],
+                    keys=[self._k("key", key_id), self._k("tenant_keys", tenant),
+                          self._k("tenants")],
                     args=[key_id, tenant, keys.hash_key(api_key), repr(time.time())])
             if created:
                 return key_id, api_key
@@ -152,7 +165,8 @@ class RedisStore:
             raise InvalidArgument(
                 "key_id", f"expected {keys.KEY_ID_LENGTH} lowercase hex characters; got {key_id!r}")
         with self._reachable():
-            revoked = await self._revoke_key(keys=[self._k("key", key_id)], args=[repr(time.time())])
+            revoked = await self._revoke_key(keys=[self._k("key", key_id)],
+                                             args=[repr(time.time())])
         return bool(revoked)
 
     async def list_keys(self, tenant: str | None = None) -> list[dict]:
@@ -189,7 +203,8 @@ class RedisStore:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(self, fields: dict, admission: Admission | None = None) -> tuple[str, bool]:
+    async def create_job(self, fields: dict,
+                         admission: Admission | None = None) -> tuple[str, bool]:
         """(job_id, True) for a new queued job; (the earlier job's id, False) when the tenant's
         request_id (or the job id) is already known, and then nothing is created. With an
         `admission`, the tenant's quota is checked and the job's tokens reserved in the same
@@ -215,7 +230,8 @@ class RedisStore:
             answer = await self._create_job(keys=script_keys, args=args)
         if answer[0] == "":
             retry = float(answer[3])
-            raise ResourceExhausted(refusal(tenant, answer[2], admission, retry), retry_after_s=retry)
+            raise ResourceExhausted(refusal(tenant, answer[2], admission, retry),
+                                    retry_after_s=retry)
         return answer[0], bool(answer[1])
 
     def _quota_keys(self, tenant: str, admission: Admission) -> list[str]:
@@ -256,7 +272,8 @@ class RedisStore:
         if answer == 0:
             raise NotFound(f"job {job_id}: not found")
 
-    async def finish_job(self, job_id: str, state: JobState, fields: dict, bill: Bill | None) -> bool:
+    async def finish_job(self, job_id: str, state: JobState, fields: dict,
+                         bill: Bill | None) -> bool:
         """Settles the job in `state` with `fields` and books `bill` (made by `billing.py`), all
         at once. False (and nothing changed) when the job was already final, so a retry never
         bills twice: also a retry after a call whose reply was lost (StoreUnavailable) but
@@ -269,7 +286,8 @@ class RedisStore:
         if answer[0] == "final":
             return False
         if answer[0] == "tenant":
-            raise ValueError(f"finish_job: the bill is for tenant {bill.tenant}, the job of {answer[1]}")
+            raise ValueError(f"finish_job: the bill is for tenant {bill.tenant}, "
+                             f"the job of {answer[1]}")
         self._raise_refusal(job_id, answer, state)
         return True
 
@@ -279,7 +297,8 @@ class RedisStore:
         record = {**fields, "finished_at": finished_at, **({"billed": "1"} if bill else {})}
         usage = increments(bill) if bill else {}
         header = {"job_id": job_id, "state": state.value, "tenant": bill.tenant if bill else "",
-                  "event": _event(finished_at, state.value, finish_reason=fields.get("finish_reason"),
+                  "event": _event(finished_at, state.value,
+                                  finish_reason=fields.get("finish_reason"),
                                   error=fields.get("error")),
                   "final": FINAL_STATES,
                   "allowed": [s.value for s in JobState if state in TRANSITIONS[s]],
@@ -360,7 +379,8 @@ class RedisStore:
                         pipe.hincrby(self._k("usage", dimension, key, day), name, amount)
                     pipe.sadd(self._k("usage_keys", dimension), key)
                 pipe.sadd(self._k("usage_days"), day)
-                pipe.hset(self._k("workers"), worker, json.dumps({**info, "last_seen": time.time()}))
+                pipe.hset(self._k("workers"), worker,
+                          json.dumps({**info, "last_seen": time.time()}))
                 await pipe.execute()
 
     async def workers_info(self) -> dict[str, dict]:
@@ -400,4 +420,5 @@ def _quota_args(admission: Admission | None) -> dict | None:
 
 def _check_dimension(dimension: str) -> None:
     if dimension not in DIMENSIONS:
-        raise InvalidArgument("dimension", f"expected one of {', '.join(DIMENSIONS)}; got {dimension!r}")
+        raise InvalidArgument("dimension",
+                              f"expected one of {', '.join(DIMENSIONS)}; got {dimension!r}")

@@ -29,7 +29,8 @@ DEFAULT_DAYS = 30
 
 def report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", default=None,
-                   help=f"first UTC day, YYYY-MM-DD (default: {DEFAULT_DAYS - 1} days before --until)")
+                   help=f"first UTC day, YYYY-MM-DD "
+                        f"(default: {DEFAULT_DAYS - 1} days before --until)")
     p.add_argument("--until", default=None, help="last UTC day, included (default: today, UTC)")
     p.add_argument("--by", default="tenant", choices=BY, help="one row per (default: tenant)")
     p.add_argument("--format", default="table", choices=FORMATS,

@@ -4,8 +4,8 @@
   and the totals row. Amounts (USD) share the fewest decimals, from 2 (cents) to 6 (exact
   micro-dollars), at which every non-zero one keeps 2 significant digits (so sub-cent amounts
   never read 0.00) and every column's shown rows add up to its shown total (at 6 they always
-  do); prices per hour or per million tokens, and hours, take the fewest of their own column
-  that keep 2 digits. Ratios as percent.
+  do); hours share the fewest that keep 2 digits in all of them, and prices per hour or per
+  million tokens take the fewest that keep 2 digits in their own column. Ratios as percent.
 - `to_csv`: a header row of column names, one row per report row, then the totals row (its
   key column reads `(total)`). Every row also carries `since` and `until`, the UTC range, as
   CSV allows no comment line. Money as exact USD with 6 decimals ("12.345678"); empty cells
@@ -36,10 +36,9 @@ MIN_PLACES, MAX_PLACES = 2, 6
 """Decimals of money and hours that tables (text and HTML) show: from cents to micro-dollars."""
 SIGNIFICANT = 2
 """Significant digits every non-zero figure keeps in a table (up to MAX_PLACES decimals)."""
-_AMOUNT = "USD"
-"""The unit of amounts, which add up over rows; prices (USD/h, USD/Mtok) do not."""
-_ROUNDED = (_AMOUNT, "USD/h", "USD/Mtok", "h")
-"""Units shown with `_places` decimals; money of them as Decimal, hours as float."""
+_AMOUNT, _ROUNDED = "USD", ("USD", "USD/h", "USD/Mtok", "h")
+"""Amounts add up over rows, prices (per hour, per Mtok) do not; `_places` picks the decimals
+of all four units (money as Decimal, hours as float)."""
 _FLOAT_FORMAT = {"tokens/s": "{:,.1f}", "tokens/step": "{:.2f}", "ratio": "{:.1%}"}
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
             "#ff9da7", "#9c755f")
@@ -81,24 +80,27 @@ def _places(report: Report) -> dict[str, int]:
     """Decimals shown per column of money and hours (see the module's docstring)."""
     rows = report.rows + [report.totals]
     places = {c.name: _significant_places(row[c.name] for row in rows)
-              for c in report.columns if c.unit in _ROUNDED and c.unit != _AMOUNT}
-    amounts = [c.name for c in report.columns if c.unit == _AMOUNT]
-    shared = _significant_places(row[name] for name in amounts for row in rows)
-    while shared < MAX_PLACES and not all(_adds_up(report, name, shared) for name in amounts):
-        shared += 1
-    return places | {name: shared for name in amounts}
+              for c in report.columns if c.unit in _ROUNDED}
+    for unit in (_AMOUNT, "h"):  # comparable side by side: one count for the report
+        names = [c.name for c in report.columns if c.unit == unit]
+        shared = max((places[name] for name in names), default=MIN_PLACES)
+        while unit == _AMOUNT and shared < MAX_PLACES and not all(
+                _adds_up(report, name, shared) for name in names):
+            shared += 1
+        places |= dict.fromkeys(names, shared)
+    return places
 
 
 _RULE = (f"the fewest decimals ({MIN_PLACES} to {MAX_PLACES}) at which every amount keeps "
-         f"{SIGNIFICANT} significant digits and every column adds up to its total; prices and "
-         f"hours: the fewest that keep {SIGNIFICANT} digits in their column; rounded half-even; "
-         "CSV and JSON carry exact micro-dollars")
+         f"{SIGNIFICANT} significant digits and every column adds up to its total; hours: the "
+         f"fewest that keep {SIGNIFICANT} digits in every hours column, prices: in their column; "
+         "rounded half-even; CSV and JSON carry exact micro-dollars")
 
 
 def _money_note(report: Report, places: dict[str, int]) -> str:
     """"money in USD to N decimals": how a table of `report` shows its amounts."""
-    shared = next((places[c.name] for c in report.columns if c.unit == _AMOUNT), MIN_PLACES)
-    return f"money in USD to {shared} decimals"
+    shared = {places[c.name] for c in report.columns if c.unit == _AMOUNT} or {MIN_PLACES}
+    return f"money in USD to {max(shared)} decimals"
 
 
 def _shown(column: Column, value, places: int | None = None) -> str:

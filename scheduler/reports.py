@@ -57,8 +57,8 @@ UNALLOCATED = "(unallocated)"
 UNREGISTERED = "(unregistered)"
 """The GPU type of a worker with usage but no registration."""
 ROUNDING = ("money in USD as exact micro-dollars (6 decimals); GPU cost rounded half-even to whole "
-            "micro-dollars once per (worker, UTC day), then summed exactly; cost per million tokens "
-            "rounded half-even to 6 decimals")
+            "micro-dollars once per (worker, UTC day), then summed exactly; "
+            "cost per million tokens rounded half-even to 6 decimals")
 _MICRO = Decimal(1_000_000)
 _Q6 = Decimal("0.000001")
 _MS_PER_HOUR = 3_600_000
@@ -242,12 +242,14 @@ async def _read(store, dimension: str, since: str, until: str, limit: asyncio.Se
 
 def _tenant_row(name: str, a: dict[str, int]) -> dict:
     charge, cost = a.get("charge_uusd", 0), a.get("gpu_cost_uusd", 0)
-    return {"tenant": name, "requests": a.get("jobs", 0), "prompt_tokens": a.get("prompt_tokens", 0),
+    return {"tenant": name, "requests": a.get("jobs", 0),
+            "prompt_tokens": a.get("prompt_tokens", 0),
             "completion_tokens": a.get("completion_tokens", 0), "charges_usd": usd(charge),
             "gpu_cost_usd": usd(cost), "margin_usd": usd(charge - cost)}
 
 
-def _by_tenant(ledger: dict[str, Cells], costs: dict[str, dict[str, int]], _info) -> dict[str, dict]:
+def _by_tenant(ledger: dict[str, Cells], costs: dict[str, dict[str, int]],
+               _info) -> dict[str, dict]:
     tenants = ledger["tenant"]
     raw = {tenant: _summed(days) for tenant, days in sorted(tenants.items())}
     unallocated = 0
@@ -275,7 +277,8 @@ def _worker_row(name: str, a: dict[str, int], info: dict) -> dict:
             "busy_hours": a.get("active_ms", 0) / _MS_PER_HOUR,
             "online_hours": a.get("online_ms", 0) / _MS_PER_HOUR,
             "gpu_cost_usd": usd(cost), "payout_usd": usd(cost), "revenue_usd": usd(revenue),
-            "margin_usd": usd(revenue - cost), "cost_per_million_tokens_usd": _per_mtok(cost, tokens),
+            "margin_usd": usd(revenue - cost),
+            "cost_per_million_tokens_usd": _per_mtok(cost, tokens),
             "utilisation": _ratio(a.get("active_ms", 0), a.get("online_ms", 0)),
             "mean_accept_length": None if not steps else 1 + accepted / steps,
             "verification_efficiency": _ratio(accepted, a.get("verified_tokens", 0))}

@@ -114,7 +114,8 @@ def _number(value, field: str, default: float, low: float, high: float,
         value > low if open_low else value >= low)
     if not ok:
         bracket = "(" if open_low else "["
-        raise InvalidArgument(field, f"expected a number in {bracket}{low:g}, {high:g}], got {value!r}")
+        raise InvalidArgument(field, f"expected a number in {bracket}{low:g}, {high:g}], "
+                                     f"got {value!r}")
     return float(value)
 
 

@@ -47,8 +47,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 text.append(piece.text)
                 ids.extend(piece.token_ids)
                 last = piece
-        return pb.Completion(job_id=last.job_id, text="".join(text), token_ids=ids, finish_reason=last.finish_reason,
-                             usage=pb.Usage(**last.usage))
+        return pb.Completion(job_id=last.job_id, text="".join(text), token_ids=ids,
+                             finish_reason=last.finish_reason, usage=pb.Usage(**last.usage))
 
     async def Cancel(self, request, context):
         job_id = _job_id_field(request.job_id)

@@ -33,8 +33,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from scheduler.ledger import utc_day
 from scheduler.router import WorkerSnapshot
-from sparkgrid.contract import (NAMESPACE, Chunk, ContractError, Resume, SamplingParams,
-                                WorkerStats)
+from sparkgrid.contract import NAMESPACE, Chunk, ContractError, Resume, SamplingParams, WorkerStats
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
@@ -125,7 +124,8 @@ class WorkerPool:
         self._workers: dict[str, _Worker] = {}
         self._models: dict[str, ModelInfo] = {}
         self._tasks: list[asyncio.Task] = []
-        self._time: dict[tuple[str, str], list] = {}  # (worker, day) -> [online ms, active ms, registration]
+        # (worker, day) -> [online ms, active ms, registration]
+        self._time: dict[tuple[str, str], list] = {}
         self._changed = asyncio.Event()
         self._refused: dict[str, str] = {}  # actor -> why its stats were refused (said once)
 
@@ -339,7 +339,8 @@ class WorkerPool:
         if w.last_read is not None:
             elapsed_ms = round(1000 * min(now - w.last_read, MAX_READ_GAP_S))
             busy = any(s.num_running + s.num_waiting for s in (w.stats, stats))
-            acc = self._time.setdefault((w.name, utc_day(time.time())), [0, 0, _registration(stats)])
+            acc = self._time.setdefault((w.name, utc_day(time.time())),
+                                        [0, 0, _registration(stats)])
             acc[0] += elapsed_ms
             acc[1] += elapsed_ms if busy else 0
         w.last_read = now
@@ -347,7 +348,8 @@ class WorkerPool:
     def take_worker_time(self) -> list[tuple[str, dict, str, int, int]]:
         """(worker, registration, day, online ms, active ms) counted since the last call."""
         taken, self._time = self._time, {}
-        return [(name, reg, day, online, active) for (name, day), (online, active, reg) in taken.items()]
+        return [(name, reg, day, online, active)
+                for (name, day), (online, active, reg) in taken.items()]
 
     def give_back_worker_time(self, entries) -> None:
         """Entries `take_worker_time` returned that could not be stored: counted again later."""

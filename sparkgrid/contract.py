@@ -165,7 +165,8 @@ class SamplingParams(_Message):
     """Keep generating past the end-of-sequence token (benchmarks)."""
 
     def __post_init__(self):
-        require(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+        require(isinstance(self.temperature, (int, float))
+                and not isinstance(self.temperature, bool)
                 and math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
                 "temperature", "a number in [0, 100]", self.temperature)
         require(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)

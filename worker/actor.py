@@ -54,7 +54,8 @@ class _Metrics:
         self.tokens_per_s = Gauge("sparkgrid_tokens_per_second",
                                   "Generated tokens per second over the recent window", TAG_KEYS)
         self.accept_length = Histogram(
-            "sparkgrid_accepted_length", "Mean accepted length (bonus included) per finished request",
+            "sparkgrid_accepted_length",
+            "Mean accepted length (bonus included) per finished request",
             [1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9], TAG_KEYS)
         self.verify_tokens = Histogram(
             "sparkgrid_verify_tokens_per_step", "Tokens in one verify forward of the target",
@@ -109,7 +110,8 @@ class WorkerActor:
         chunks: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         accepted = self._loop.submit(job_id, prompt, sampling,
-                                     lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item),
+                                     lambda item: loop.call_soon_threadsafe(chunks.put_nowait,
+                                                                            item),
                                      resume)
         await asyncio.wrap_future(accepted)
         if lease_s is not None:
@@ -186,7 +188,8 @@ def _identity(config: WorkerConfig) -> dict:
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "device": config.device,
-        "device_name": torch.cuda.get_device_name(config.device) if cuda else (platform.processor() or "cpu"),
+        "device_name": (torch.cuda.get_device_name(config.device) if cuda
+                        else (platform.processor() or "cpu")),
         "gpu_type": config.gpu_type,
         "price_per_hour": config.price_per_hour,
         "model_id": model_id(config.target),
@@ -197,7 +200,8 @@ def _identity(config: WorkerConfig) -> dict:
         "max_num_seqs": config.max_num_seqs,
         "max_context": _max_context(config.target),
         "emulate_slowdown": config.emulate_slowdown,
-        "version": {"sparkgrid": _version("sparkgrid"), "torch": torch.__version__, "ray": ray.__version__},
+        "version": {"sparkgrid": _version("sparkgrid"), "torch": torch.__version__,
+                    "ray": ray.__version__},
         "started_at": time.time(),
     }
 
@@ -252,7 +256,8 @@ def connect(address: str, timeout_s: float = 5.0) -> dict:
 def _this_node() -> dict:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    return {"node_id": node_id, "node_ip": node["NodeManagerAddress"], "resources": node["Resources"]}
+    return {"node_id": node_id, "node_ip": node["NodeManagerAddress"],
+            "resources": node["Resources"]}
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:

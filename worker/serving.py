@@ -112,7 +112,8 @@ class EngineLoop:
         return self._state
 
     def submit(self, job_id: str, prompt: str | list[int], params: SamplingParams,
-               sink: Callable[[Chunk | BaseException], None], resume: Resume | None = None) -> Future:
+               sink: Callable[[Chunk | BaseException], None],
+               resume: Resume | None = None) -> Future:
         """Queue a job (`resume`: continue one another worker began); the future resolves once
         the engine has accepted it (or raises ValueError naming the bad field, WorkerDraining,
         WorkerFailed)."""
@@ -231,7 +232,8 @@ class EngineLoop:
         start = time.monotonic()
         outputs = self.engine.step()
         elapsed = time.monotonic() - start
-        if self.config.emulate_slowdown > 1:  # a slower device, honestly: the step takes F x as long
+        # a slower device, honestly: the step takes F x as long
+        if self.config.emulate_slowdown > 1:
             time.sleep((self.config.emulate_slowdown - 1) * elapsed)
             elapsed = time.monotonic() - start
         new_tokens = sum(len(o.token_ids) for o in outputs)
@@ -301,7 +303,8 @@ class EngineLoop:
         self._figures = {
             "num_waiting": len(waiting),
             "num_running": len(running),
-            "remaining_tokens": sum(r.params.max_tokens - len(r.output_ids) for r in waiting + running),
+            "remaining_tokens": sum(r.params.max_tokens - len(r.output_ids)
+                                    for r in waiting + running),
             "tokens_per_s": sum(n for _, n in self._recent_steps) / span if span > 0 else 0.0,
             "mean_accept_length": (sum(self._recent_accept) / len(self._recent_accept)
                                    if self._recent_accept else None),

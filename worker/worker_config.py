@@ -49,18 +49,20 @@ class WorkerConfig:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise ValueError(f"name: expected 1-63 letters, digits, '.', '_' or '-' starting with a "
-                             f"letter or digit, got {self.name!r}")
+            raise ValueError(f"name: expected 1-63 letters, digits, '.', '_' or '-' starting "
+                             f"with a letter or digit, got {self.name!r}")
         if not isinstance(self.gpu_type, str) or not self.gpu_type.strip():
             raise ValueError(f"gpu_type: expected a non-empty string, got {self.gpu_type!r}")
         _positive_number("price_per_hour", self.price_per_hour, allow_zero=True)
         _positive_number("rate_window_s", self.rate_window_s)
         _positive_number("stuck_after_s", self.stuck_after_s)
-        if not (isinstance(self.emulate_slowdown, (int, float)) and 1 <= self.emulate_slowdown <= 1000):
+        if not (isinstance(self.emulate_slowdown, (int, float))
+                and 1 <= self.emulate_slowdown <= 1000):
             raise ValueError(f"emulate_slowdown: expected a number in [1, 1000], got "
                              f"{self.emulate_slowdown!r}")
         if not (isinstance(self.max_batch_tokens, int) and self.max_batch_tokens >= 1):
-            raise ValueError(f"max_batch_tokens: expected an integer >= 1, got {self.max_batch_tokens!r}")
+            raise ValueError(f"max_batch_tokens: expected an integer >= 1, "
+                             f"got {self.max_batch_tokens!r}")
         if not (isinstance(self.draft_vocab_size, int) and self.draft_vocab_size >= 0):
             raise ValueError(f"draft_vocab_size: expected an integer >= 0 (0: the full "
                              f"vocabulary), got {self.draft_vocab_size!r}")
@@ -80,4 +82,5 @@ class WorkerConfig:
 def _positive_number(name: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a number {'>=' if allow_zero else '>'} 0, got {value!r}")
+        raise ValueError(f"{name}: expected a number {'>=' if allow_zero else '>'} 0, "
+                         f"got {value!r}")

@@ -38,7 +38,8 @@ def main() -> int:
         print(f"unhealthy: {target}: {err.code().name} {err.details()}", file=sys.stderr)
         return 1
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        print(f"unhealthy: {target} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
+        print(f"unhealthy: {target} is "
+              f"{health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
               file=sys.stderr)
         return 1
     return 0

@@ -58,7 +58,7 @@ def cluster(request):
     try:
         ctx = ray.init(**options)
     except RuntimeError as err:  # a daemon that failed to start (seen once under load): again
-        warnings.warn(f"ray.init failed, retrying once: {err}")
+        warnings.warn(f"ray.init failed, retrying once: {err}", stacklevel=2)
         ray.shutdown()
         ctx = ray.init(**options)
     yield ctx

@@ -54,7 +54,8 @@ def test_a_concurrent_burst_cannot_overspend_the_daily_budget(redis_server, redi
     assert err.retry_after_s == pytest.approx(3600, abs=1)  # the next UTC day starts in an hour
 
 
-def test_the_end_of_a_job_swaps_its_reservation_for_what_was_billed_once(redis_server, redis_prefix):
+def test_the_end_of_a_job_swaps_its_reservation_for_what_was_billed_once(redis_server,
+                                                                         redis_prefix):
     limits = Limits(tokens_per_day=500, tokens_per_month=10_000)
 
     async def scenario():
@@ -95,7 +96,8 @@ def test_the_request_rate_is_limited_per_rolling_minute_and_per_tenant(redis_ser
     assert other is True
 
 
-def test_a_request_larger_than_the_whole_budget_is_refused_with_its_size_named(redis_server, redis_prefix):
+def test_a_request_larger_than_the_whole_budget_is_refused_with_its_size_named(redis_server,
+                                                                               redis_prefix):
     async def scenario():
         store = RedisStore(redis_server.url, redis_prefix)
         try:

@@ -52,7 +52,8 @@ async def run_to_billed(store, job_id, finished_at, tenant="acme"):
     await store.start_job(job_id, "w2", finished_at - 1)
     bill = two_segment_bill(job_id, finished_at, tenant)
     return await store.finish_job(job_id, JobState.FINISHED,
-                                  {"finished_at": finished_at, "segments": list(bill.segments)}, bill)
+                                  {"finished_at": finished_at, "segments": list(bill.segments)},
+                                  bill)
 
 
 # --- API keys ---------------------------------------------------------------------------------
@@ -184,11 +185,12 @@ def test_job_goes_queued_running_finished_with_events_and_typed_fields(redis_ser
                 "spec": {"draft_tokens": 6, "verified_tokens": 0, "accepted_tokens": 3},
                 "text": "héllo wörld ✓", "token_ids": [5, 6, 7, 8, 9, 10, 11]}, bill)
             await store.record_progress("j1", 99, MIDNIGHT + 60)  # late: ignored
-            return (queued, running, finished, await store.get_job("j1"), await store.job_events("j1"),
-                    await store.open_jobs())
+            return (queued, running, finished, await store.get_job("j1"),
+                    await store.job_events("j1"), await store.open_jobs())
 
     queued, running, finished, done, events, open_jobs = asyncio.run(scenario())
-    assert queued["state"] == "queued" and queued["params"] == {"max_tokens": 16, "temperature": 0.5}
+    assert (queued["state"] == "queued"
+            and queued["params"] == {"max_tokens": 16, "temperature": 0.5})
     assert queued["created_at"] == 1000.25 and queued["billed"] is False and queued["workers"] == []
     assert running["state"] == "running" and running["workers"] == ["w1", "w2"]
     assert running["started_at"] == MIDNIGHT + 10
@@ -231,7 +233,8 @@ def test_a_final_job_cannot_restart_or_finish_again(redis_server, redis_prefix):
         async with opened(redis_server.url, redis_prefix) as store:
             await store.create_job(job_fields("j"))
             assert await store.finish_job("j", JobState.CANCELLED, {"finished_at": 5.0}, None)
-            with pytest.raises(TransitionError, match="^job j: cannot go from cancelled to running$"):
+            with pytest.raises(TransitionError,
+                               match="^job j: cannot go from cancelled to running$"):
                 await store.start_job("j", "w1", 6.0)
             assert await store.finish_job("j", JobState.FAILED, {"error": "late"}, None) is False
             job = await store.get_job("j")
@@ -252,7 +255,8 @@ def test_the_final_record_carries_dispatches_lost_while_redis_was_down(redis_ser
     async def scenario():
         async with opened(redis_server.url, redis_prefix) as store:
             await store.create_job(job_fields("j"))  # its start_job write never landed
-            assert await store.finish_job("j", JobState.FAILED, {"workers": ["wü"], "error": ""}, bill)
+            assert await store.finish_job("j", JobState.FAILED, {"workers": ["wü"], "error": ""},
+                                          bill)
             return (await store.get_job("j"), await store.usage_keys("worker"),
                     await store.usage("worker", "wü", "2025-06-02", "2025-06-02"))
 
@@ -284,11 +288,13 @@ def test_concurrent_finishes_bill_exactly_once(redis_server, redis_prefix):
             await stores[2].start_job("j", "w2", MIDNIGHT + 1)
             bill = two_segment_bill("j", MIDNIGHT + 2)
             results = await asyncio.gather(*(
-                stores[i % 4].finish_job("j", JobState.FINISHED, {"finished_at": MIDNIGHT + 2}, bill)
+                stores[i % 4].finish_job("j", JobState.FINISHED, {"finished_at": MIDNIGHT + 2},
+                                         bill)
                 for i in range(20)))
             day = "2025-06-02"
             return (results, await stores[3].usage("tenant", "acme", day, day),
-                    await stores[3].usage("worker", "w1", day, day), await stores[0].job_events("j"))
+                    await stores[3].usage("worker", "w1", day, day),
+                    await stores[0].job_events("j"))
         finally:
             for store in stores:
                 await store.close()
@@ -335,7 +341,8 @@ def test_usage_is_booked_per_utc_day_across_midnight(redis_server, redis_prefix)
                     await store.usage("tenant", "acme", "2025-06-02", "2025-06-02"),
                     await store.usage("all", "all", "2025-06-01", "2025-06-02"),
                     await store.usage("gpu", "L4", "2025-06-02", "2025-06-02"),
-                    [await store.usage_keys(d) for d in ("tenant", "model", "worker", "gpu", "all")])
+                    [await store.usage_keys(d)
+                     for d in ("tenant", "model", "worker", "gpu", "all")])
 
     acme, acme_day2, everything, l4, keys = asyncio.run(scenario())
     one = {"jobs": 1, "prompt_tokens": 10, "completion_tokens": 7, "draft_tokens": 6,
@@ -345,8 +352,8 @@ def test_usage_is_booked_per_utc_day_across_midnight(redis_server, redis_prefix)
     assert acme == [("2025-06-01", one), ("2025-06-02", two)]
     assert acme_day2 == [("2025-06-02", two)]
     assert everything == [("2025-06-01", one), ("2025-06-02", three)]
-    assert l4 == [("2025-06-02", {"segments": 3, "completion_tokens": 9, "processed_prompt_tokens": 42,
-                                  "busy_ms": 75})]
+    assert l4 == [("2025-06-02", {"segments": 3, "completion_tokens": 9,
+                                  "processed_prompt_tokens": 42, "busy_ms": 75})]
     assert keys == [["acme", "beta"], ["qwen"], ["w1", "w2"], ["H200", "L4"], ["all"]]
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert client.smembers(f"{redis_prefix}:usage_days") == {"2025-06-01", "2025-06-02"}
@@ -360,8 +367,10 @@ def test_no_redis_fails_fast_with_store_unavailable_and_no_password(redis_prefix
     port = free_port()
 
     async def scenario():
-        async with opened(f"redis://:s3cretpw@127.0.0.1:{port}/0", redis_prefix, timeout_s=1.0) as store:
-            calls = (store.ping(), store.authenticate(new_key()[1]), store.create_job(job_fields("j")),
+        async with opened(f"redis://:s3cretpw@127.0.0.1:{port}/0", redis_prefix,
+                          timeout_s=1.0) as store:
+            calls = (store.ping(), store.authenticate(new_key()[1]),
+                     store.create_job(job_fields("j")),
                      store.usage("all", "all", "2025-01-01", "2025-01-31"))
             for call in calls:
                 started = time.monotonic()

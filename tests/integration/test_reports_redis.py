@@ -42,7 +42,8 @@ def bills() -> list[Bill]:
     def seg(worker, prompt, completion, steps):
         return Segment(worker, WORKERS[worker]["gpu_type"], prompt, completion,
                        draft_tokens=7 * steps, verified_tokens=7 * steps,
-                       accepted_tokens=completion - steps, busy_ms=100 + completion, spec_steps=steps)
+                       accepted_tokens=completion - steps, busy_ms=100 + completion,
+                       spec_steps=steps)
 
     return [Bill("j1", "acme", "qwen", NOON1, 120, 40, (seg("w-h200", 120, 40, 15),), 1_234_567),
             Bill("j2", "beta", "qwen", NOON1 + 60, 300, 90, (seg("w-l4", 300, 90, 30),), 2_345_679),
@@ -90,11 +91,13 @@ def test_every_reports_totals_equal_what_was_billed(billed):
     charged = sum(b.charge_uusd for b in bills())
     gpu_cost = sum(cost_uusd(online, WORKERS[w]["price_uusd_per_hour"])
                    for (w, _), (online, _) in TIME.items())
-    prompt, completion = sum(b.prompt_tokens for b in bills()), sum(b.completion_tokens for b in bills())
+    prompt, completion = (sum(b.prompt_tokens for b in bills()),
+                          sum(b.completion_tokens for b in bills()))
     for by in BY:
         totals = billed[by].totals
         assert uusd(totals["gpu_cost_usd"]) == gpu_cost, by
-        assert uusd(totals["revenue_usd" if by in ("worker", "gpu") else "charges_usd"]) == charged, by
+        assert uusd(totals["revenue_usd" if by in ("worker", "gpu")
+                           else "charges_usd"]) == charged, by
         assert uusd(totals["margin_usd"]) == charged - gpu_cost, by
     for by in ("tenant", "day"):
         totals = billed[by].totals
@@ -132,7 +135,8 @@ def run_in_process(capsys, *argv) -> str:
     return capsys.readouterr().out
 
 
-def test_report_command_in_process_prints_every_format(redis_server, redis_prefix, capsys, tmp_path):
+def test_report_command_in_process_prints_every_format(redis_server, redis_prefix, capsys,
+                                                       tmp_path):
     asyncio.run(_bill(redis_server.url, redis_prefix))
     common = ("--since", DAY1, "--until", DAY2, "--redis-url", redis_server.url,
               "--redis-prefix", redis_prefix)
@@ -164,7 +168,8 @@ async def _bill(url: str, prefix: str) -> None:
         await store.close()
 
 
-def test_sparkgrid_report_subprocess_every_format_and_a_bad_day(redis_server, redis_prefix, tmp_path):
+def test_sparkgrid_report_subprocess_every_format_and_a_bad_day(redis_server, redis_prefix,
+                                                                tmp_path):
     asyncio.run(_bill(redis_server.url, redis_prefix))
     sparkgrid = str(Path(sys.executable).with_name("sparkgrid"))
     common = ["report", "--since", DAY1, "--until", DAY2, "--redis-url", redis_server.url,

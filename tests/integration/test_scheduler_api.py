@@ -47,7 +47,8 @@ def test_streamed_and_unary_generation_agree_and_the_ledger_says_what_the_client
     assert last.finish_reason in ("stop", "length") and last.finish_reason == whole.finish_reason
     assert last.usage.completion_tokens == len(whole.token_ids) == whole.usage.completion_tokens
     assert last.usage.prompt_tokens == whole.usage.prompt_tokens > 0
-    job = wait_for(lambda: (j := client.job(last.job_id)).state == "finished" and j, 10, "job final")
+    job = wait_for(lambda: (j := client.job(last.job_id)).state == "finished" and j, 10,
+                   "job final")
     assert job.usage == last.usage and job.finish_reason == last.finish_reason
     assert list(job.workers) and job.spec.verified_tokens >= job.spec.accepted_tokens
     assert job.created_at <= job.finished_at
@@ -92,7 +93,8 @@ def test_every_bad_field_is_refused_naming_it_before_any_work(client, head):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_calls_without_a_valid_key_are_unauthenticated_and_revocation_is_immediate(head, store_call):
+def test_calls_without_a_valid_key_are_unauthenticated_and_revocation_is_immediate(head,
+                                                                                   store_call):
     key_id, api_key = store_call("create_key", "initech")
     with Client(head.endpoint, api_key) as ok:
         assert len(ok.workers()) == 2
@@ -119,16 +121,18 @@ def test_health_and_reflection_answer_without_a_key(head):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                           timeout=10)
+    replies = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert "sparkgrid.v1.Inference" in names and "grpc.health.v1.Health" in names
 
 
 def test_a_taken_port_is_refused_naming_the_option(head, persistent_redis):
     for changes, option in (({"grpc_port": head.port}, "--grpc-port"),
-                            ({"grpc_port": 0, "metrics_port": _listening_port()}, "--metrics-port")):
-        config = SchedulerConfig(redis_url=persistent_redis.url, redis_prefix="sched-test", **changes)
+                            ({"grpc_port": 0, "metrics_port": _listening_port()},
+                             "--metrics-port")):
+        config = SchedulerConfig(redis_url=persistent_redis.url, redis_prefix="sched-test",
+                                 **changes)
         with pytest.raises(OSError, match=f"^{option} \\d+: cannot serve"):
             SchedulerThread(config)
 
@@ -160,7 +164,8 @@ def test_cancel_ends_the_stream_and_frees_the_workers_slot(client, head):
     assert rest[-1].finish_reason == "abort"
     wait_for(lambda: running_on_workers(head) == 0, 1.5, "the slot freed")
     delivered = len(first.token_ids) + sum(len(c.token_ids) for c in rest)
-    job = wait_for(lambda: (j := client.job(first.job_id)).state == "cancelled" and j, 10, "cancelled")
+    job = wait_for(lambda: (j := client.job(first.job_id)).state == "cancelled" and j, 10,
+                   "cancelled")
     assert job.usage.completion_tokens == delivered == rest[-1].usage.completion_tokens < 400
 
 
@@ -170,7 +175,8 @@ def test_a_client_that_disconnects_frees_the_workers_slot_within_a_second(client
     assert running_on_workers(head) == 1
     stream.cancel()
     wait_for(lambda: running_on_workers(head) == 0, 1.0, "the slot freed")
-    job = wait_for(lambda: (j := client.job(first.job_id)).state == "cancelled" and j, 10, "cancelled")
+    job = wait_for(lambda: (j := client.job(first.job_id)).state == "cancelled" and j, 10,
+                   "cancelled")
     assert job.finish_reason == "abort"
 
 
@@ -207,11 +213,13 @@ def test_get_usage_agrees_with_what_the_client_received(head, tenant_keys):
         report = wait_for(lambda: (r := c.usage()).completion_tokens == want_completion and r, 10,
                        "usage booked")
         assert report.tenant == "globex" and report.jobs == before.jobs + 3
-        assert report.prompt_tokens == before.prompt_tokens + sum(g.usage.prompt_tokens for g in got)
+        assert report.prompt_tokens == (before.prompt_tokens
+                                        + sum(g.usage.prompt_tokens for g in got))
         assert sum(d.completion_tokens for d in report.days) == report.completion_tokens
         with pytest.raises(grpc.RpcError) as err:
             c.usage(since="2026-13-01")
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "since" in err.value.details()
+        assert (err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and "since" in err.value.details())
 
 
 def test_a_tenant_over_its_budget_is_refused_before_any_work_and_a_burst_cannot_overspend(
@@ -247,7 +255,8 @@ def test_a_tenant_over_its_budget_is_refused_before_any_work_and_a_burst_cannot_
 
 
 # -- TLS -----------------------------------------------------------------------------------------
-def test_with_a_certificate_the_api_speaks_tls_only(cluster, workers, persistent_redis, tenant_keys, tmp_path):
+def test_with_a_certificate_the_api_speaks_tls_only(cluster, workers, persistent_redis, tenant_keys,
+                                                    tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"

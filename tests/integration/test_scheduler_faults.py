@@ -34,8 +34,9 @@ from worker import actor  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-# -- faults -----------------------------------------------------------------------------------------
-def test_redis_down_refuses_new_work_and_bills_a_running_job_once_when_back(head, persistent_redis, tenant_keys):
+# -- faults ----------------------------------------------------------------------------------------
+def test_redis_down_refuses_new_work_and_bills_a_running_job_once_when_back(head, persistent_redis,
+                                                                            tenant_keys):
     with Client(head.endpoint, tenant_keys["globex"][1]) as c:
         before = c.usage()
         stream = c.generate(PROMPT, max_tokens=60, temperature=0, timeout_s=120)
@@ -51,7 +52,8 @@ def test_redis_down_refuses_new_work_and_bills_a_running_job_once_when_back(head
             persistent_redis.start()
         delivered = len(first.token_ids) + sum(len(x.token_ids) for x in rest)
         assert rest[-1].usage.completion_tokens == delivered
-        after = wait_for(lambda: (r := c.usage()).jobs == before.jobs + 1 and r, 20, "billed when back")
+        after = wait_for(lambda: (r := c.usage()).jobs == before.jobs + 1 and r, 20,
+                         "billed when back")
         assert after.completion_tokens == before.completion_tokens + delivered  # once, not lost
         time.sleep(1.0)
         assert c.usage().jobs == before.jobs + 1
@@ -66,7 +68,8 @@ def test_a_worker_killed_mid_stream_is_lossless_at_temperature_0(client, head, m
     serving = wait_for(lambda: list(client.job(job_id).workers), 5, "the job's worker")[-1]
     actor.kill(actor.find_worker(serving))
     got += list(stream)
-    wait_for(lambda: serving not in {w.name for w in client.workers()}, 5, "the lost worker dropped")
+    wait_for(lambda: serving not in {w.name for w in client.workers()}, 5,
+             "the lost worker dropped")
     assert "".join(c.text for c in got) == reference.text
     assert [t for c in got for t in c.token_ids] == list(reference.token_ids)
     assert got[-1].usage == reference.usage
@@ -118,11 +121,12 @@ def test_reconciliation_over_200_mixed_requests(head, tenant_keys, make_worker):
     records = [head.call(head.scheduler.store.get_job(j)) for _, _, _, j in results]
     assert any(len(r["workers"]) > 1 for r in records), "no job failed over"
     for t in tenants:
-        def booked():
+        def booked(t=t):
             r = clients[t].usage()
             return (r.jobs - before[t].jobs, r.prompt_tokens - before[t].prompt_tokens,
                     r.completion_tokens - before[t].completion_tokens)
-        wait_for(lambda: booked() == tuple(received[t]), 20, f"{t}'s ledger equal to what it received")
+        wait_for(lambda t=t: booked() == tuple(received[t]), 20,
+                 f"{t}'s ledger equal to what it received")
     for c in clients.values():
         c.close()
 
@@ -174,8 +178,8 @@ def _start_head(cluster, redis_url: str, home) -> tuple[subprocess.Popen, str]:
 
 def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
         cluster, workers, persistent_redis, tmp_path):
-    created = _sparkgrid("keys", "create", "--tenant", "cli-co", "--redis-url", persistent_redis.url,
-                         "--redis-prefix", "cli-test", home=tmp_path)
+    created = _sparkgrid("keys", "create", "--tenant", "cli-co", "--redis-url",
+                         persistent_redis.url, "--redis-prefix", "cli-test", home=tmp_path)
     assert created.returncode == 0, created.stderr
     api_key = re.search(r"api key: (\S+)", created.stdout).group(1)
     bad = _sparkgrid("keys", "create", "--tenant", "no spaces", "--redis-url", persistent_redis.url,
@@ -194,8 +198,11 @@ def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
                          "--max-tokens", "12", "--temperature", "0", PROMPT, home=tmp_path)
         assert out.returncode == 0 and out.stdout and "completion tokens" in out.stderr
         wrong = _sparkgrid("generate", "--endpoint", endpoint, "--api-key", api_key,
-                           "--temperature", "9", PROMPT, home=tmp_path)
-        assert wrong.returncode == 2 and "INVALID_ARGUMENT: temperature" in wrong.stderr
+                           "--max-tokens", "99999", PROMPT, home=tmp_path)  # the server's cap
+        assert wrong.returncode == 2 and "INVALID_ARGUMENT: max_tokens" in wrong.stderr
+        local = _sparkgrid("generate", "--endpoint", endpoint, "--api-key", api_key,
+                           "--temperature", "9", PROMPT, home=tmp_path)  # refused before a call
+        assert local.returncode == 2 and "--temperature" in local.stderr
 
         client = Client(endpoint, api_key)
         before = client.usage()
@@ -216,7 +223,8 @@ def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
     # longer renewed, lapses 10 s after the last read (JOB_LEASE_S) and the worker aborts it
     wait_for(lambda: running_on_workers() == 0, 20, "the orphaned job freed on its worker")
 
-    for restart in range(2):  # a restarted scheduler settles it; a second restart bills nothing more
+    # a restarted scheduler settles it; a second restart bills nothing more
+    for _restart in range(2):
         proc, endpoint = _start_head(cluster, persistent_redis.url, tmp_path)
         try:
             with Client(endpoint, api_key) as again:
@@ -225,7 +233,8 @@ def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
                 assert 0 < job.usage.completion_tokens <= received
                 after = again.usage()
                 assert after.jobs == before.jobs + 1
-                assert after.completion_tokens == before.completion_tokens + job.usage.completion_tokens
+                assert after.completion_tokens == (before.completion_tokens
+                                                   + job.usage.completion_tokens)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0

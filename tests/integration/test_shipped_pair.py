@@ -44,23 +44,27 @@ def test_the_package_holds_target_and_both_drafters_within_60_mb():
     assert (PAIR_DIR / "dspark" / "sts.json").is_file()
 
 
-@pytest.mark.parametrize("drafter, policy", [("dspark", "prefix"), ("dspark", "fixed"), ("dflash", "fixed")])
+@pytest.mark.parametrize("drafter, policy",
+                         [("dspark", "prefix"), ("dspark", "fixed"), ("dflash", "fixed")])
 def test_greedy_output_equals_the_targets_own_generate(pair, heldout_prompts, drafter, policy):
     target_dir, draft_dir = shipped_pair(drafter)
     engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
-                                       EngineConfig(dtype="float64", policy="fixed", profile_sps=False))
+                                       EngineConfig(dtype="float64", policy="fixed",
+                                                    profile_sps=False))
     if policy == "prefix":
         # As on a GPU, where a verify forward costs the same up to hundreds of tokens: the
         # policy then verifies deep blocks, so the acceptance path runs (on this CPU's own
         # profile it would verify few tokens).
         engine.sps = SPSTable([1, 512], [100.0, 100.0])
-    got = engine.generate(heldout_prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+    got = engine.generate(heldout_prompts,
+                          SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
                           policy=policy)
     target = AutoModelForCausalLM.from_pretrained(target_dir, torch_dtype=torch.float64)
     for prompt, result in zip(heldout_prompts, got):
         ids = torch.tensor([prompt])
         want = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                               min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+                               min_new_tokens=MAX_TOKENS, do_sample=False,
+                               pad_token_id=0)[0, len(prompt):]
         assert result["token_ids"] == want.tolist()
     accepted = sum(r["stats"]["tokens_accepted"] for r in got)
     assert accepted > 0  # the drafter really drafts for this target: the acceptance path ran

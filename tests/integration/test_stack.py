@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from procs import Lines
 
 pytestmark = pytest.mark.integration
@@ -37,7 +36,8 @@ def _left_running(home: Path) -> list[str]:
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                   .decode(errors="replace"))
         except OSError:
             continue
         if state != "Z" and marker in env:
@@ -64,7 +64,8 @@ def test_up_serves_the_client_commands_refuses_a_second_up_and_stops_cleanly(tmp
     home = tmp_path / "home"
     proc = subprocess.Popen([SPARKGRID, "up", "--workers", "1", "--grpc-port", "0",
                              "--metrics-port", "-1", "--dashboard-port", "8385"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(home))
     try:
         Lines(proc).until("running; Ctrl-C", 300)
         info = json.loads((home / "up.json").read_text())

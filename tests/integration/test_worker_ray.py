@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 import ray.util.state  # noqa: E402
-
 from procs import Lines  # noqa: E402
+
+from sparkgrid.contract import Chunk  # noqa: E402
 from worker import actor  # noqa: E402
+from worker.engine.config import SamplingParams  # noqa: E402
 from worker.launcher import LaunchError  # noqa: E402
 from worker.serving import WorkerDraining, build_engine  # noqa: E402
-from worker.engine.config import SamplingParams  # noqa: E402
-from sparkgrid.contract import Chunk  # noqa: E402
 
 pytestmark = pytest.mark.integration
 RAY_DASHBOARD = True  # the metrics test reads the dashboard's metrics endpoint
@@ -77,8 +77,10 @@ def test_streaming_matches_the_engines_direct_output_for_the_same_seed(worker_a)
     handle, config, _ = worker_a
     engine = build_engine(config)  # the same SPS table: read from the worker's cache
     for i, (prompt, temperature) in enumerate((("def add(a, b):\n", 0.0), ("import os\n", 0.9))):
-        chunks = _stream(handle, f"same-seed-{i}", prompt, temperature=temperature, max_tokens=24, seed=11)
-        direct = engine.generate([prompt], SamplingParams(temperature=temperature, max_tokens=24, seed=11))[0]
+        chunks = _stream(handle, f"same-seed-{i}", prompt, temperature=temperature, max_tokens=24,
+                         seed=11)
+        direct = engine.generate([prompt], SamplingParams(temperature=temperature, max_tokens=24,
+                                                          seed=11))[0]
         assert [t for c in chunks for t in c.token_ids] == direct["token_ids"]
         assert "".join(c.text for c in chunks) == direct["text"]
         assert chunks[-1].finish_reason == direct["finish_reason"]
@@ -162,7 +164,8 @@ def test_a_taken_name_is_refused_with_a_clear_message(worker_a, make_worker):
         make_worker("w-a")
 
 
-def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, served_pair, sparkgrid_home):
+def test_foreground_launcher_drains_and_removes_its_worker_on_ctrl_c(cluster, served_pair,
+                                                                     sparkgrid_home):
     """The real command in its own process, joining this cluster by address."""
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "worker",
            "--ray-address", cluster.address_info["gcs_address"], "--target", served_pair[0],
@@ -188,9 +191,10 @@ def test_metrics_reach_the_ray_metrics_endpoint_with_worker_tags(worker_a):
     _stream(handle, "metrics", "def g():\n", max_tokens=16, ignore_eos=True)
     node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = ("ray_sparkgrid_generated_tokens", "ray_sparkgrid_requests", "ray_sparkgrid_queue_depth",
-              "ray_sparkgrid_tokens_per_second", "ray_sparkgrid_accepted_length",
-              "ray_sparkgrid_verify_tokens_per_step", "ray_sparkgrid_step_seconds")
+    wanted = ("ray_sparkgrid_generated_tokens", "ray_sparkgrid_requests",
+              "ray_sparkgrid_queue_depth", "ray_sparkgrid_tokens_per_second",
+              "ray_sparkgrid_accepted_length", "ray_sparkgrid_verify_tokens_per_step",
+              "ray_sparkgrid_step_seconds")
 
     def tagged_lines():
         text = urllib.request.urlopen(url, timeout=10).read().decode()
@@ -199,7 +203,8 @@ def test_metrics_reach_the_ray_metrics_endpoint_with_worker_tags(worker_a):
     lines = _wait(tagged_lines, 60)
     tokens = [ln for ln in lines if ln.startswith("ray_sparkgrid_generated_tokens")]
     assert float(tokens[0].rsplit(" ", 1)[1]) >= 16
-    assert any('finish_reason="length"' in ln for ln in lines if ln.startswith("ray_sparkgrid_requests"))
+    assert any('finish_reason="length"' in ln
+               for ln in lines if ln.startswith("ray_sparkgrid_requests"))
 
 
 def test_ray_list_actors_shows_workers_by_name(worker_a, cluster):

@@ -38,7 +38,8 @@ def run(home, monkeypatch, capsys):
 
 
 def test_engine_serves_the_shipped_pair_by_default_and_streams_every_request(run, home):
-    code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12", "--verify-policy", "fixed")
+    code, out, err = run("engine", "--num-prompts", "3", "--max-tokens", "12",
+                         "--verify-policy", "fixed")
     assert code == 0, err
     assert "stdlib-pair/target" in out.splitlines()[0] and "gibberish" not in out
     assert "building" not in err and not (home / "tiny-pair").exists()
@@ -50,9 +51,9 @@ def test_engine_serves_the_shipped_pair_by_default_and_streams_every_request(run
                          r"mean accepted length \d+\.\d\d", lines[done[0]])
     streamed = [int(m.group(1)) for line in lines if (m := re.match(r"\[(\d)\] \| ", line))]
     assert streamed, out  # text arrives as it is produced, before the request's done line
-    first_text = {n: lines.index(next(l for l in lines if l.startswith(f"[{n}] | ")))
+    first_text = {n: lines.index(next(line for line in lines if line.startswith(f"[{n}] | ")))
                   for n in set(streamed)}
-    assert all(i < lines.index(next(l for l in lines if l.startswith(f"[{n}] done")))
+    assert all(i < lines.index(next(line for line in lines if line.startswith(f"[{n}] done")))
                for n, i in first_text.items())
     assert re.search(r"^total: 3 requests, \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\), \d+ steps$",
                      out, re.M)

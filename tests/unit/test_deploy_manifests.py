@@ -144,7 +144,8 @@ def test_dockerfile_base_images_are_pinned(dockerfile):
 def test_dockerfile_runs_as_a_user(dockerfile):
     users = [line.split()[1] for line in dockerfile.read_text().splitlines()
              if line.split()[:1] == ["USER"]]
-    assert users and users[-1] not in ("root", "0"), f"{dockerfile.name} must end as a non-root USER"
+    assert users and users[-1] not in ("root", "0"), \
+        f"{dockerfile.name} must end as a non-root USER"
 
 
 @needs_yaml
@@ -176,5 +177,6 @@ def test_head_and_worker_images_share_python_and_ray():
         "Dockerfile.worker must take its Python from the head's base image"
     version = re.match(r"python:(\d+)\.(\d+)\.(\d+)", head_python).groups()
     assert f"sys.version_info[:3] == ({', '.join(version)})" in worker.read_text()
-    ray = {re.search(r"^ARG RAY_VERSION=(\S+)$", d.read_text(), re.M).group(1) for d in (head, worker)}
+    ray = {re.search(r"^ARG RAY_VERSION=(\S+)$", d.read_text(), re.M).group(1)
+           for d in (head, worker)}
     assert ray == {raycluster()["spec"]["rayVersion"]}

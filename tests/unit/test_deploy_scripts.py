@@ -27,7 +27,8 @@ fi
 
 FAKE_SPARKGRID = """#!/usr/bin/env bash
 echo "sparkgrid $* auth=$RAY_AUTH_MODE" >> "$FAKE_LOG"
-trap 'echo "worker draining" >> "$FAKE_LOG"; sleep 0.5; echo "worker drained" >> "$FAKE_LOG"; exit 0' TERM
+trap 'echo "worker draining" >> "$FAKE_LOG"; sleep 0.5; \
+echo "worker drained" >> "$FAKE_LOG"; exit 0' TERM
 for ((i = 0; i < 600; i++)); do sleep 0.1; done
 """
 
@@ -37,7 +38,8 @@ def fake_node(tmp_path):
     """A PATH with stand-in `ray` and `sparkgrid`, model directories, and the environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("ray", FAKE_RAY), ("sparkgrid", FAKE_SPARKGRID), ("python-ok", "#!/bin/sh\nexit 0\n")):
+    for name, text in (("ray", FAKE_RAY), ("sparkgrid", FAKE_SPARKGRID),
+                       ("python-ok", "#!/bin/sh\nexit 0\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     models = {}
@@ -55,7 +57,8 @@ def fake_node(tmp_path):
                SPARKGRID_DRAFT=str(models["draft"]), SPARKGRID_DEVICE="cpu",
                SPARKGRID_RAY_SETTLE_S="1",
                # KubeRay's generated command: no reachability check of the head.
-               KUBERAY_GEN_RAY_START_CMD="ray start --address=head.invalid:6379 --metrics-export-port=8080")
+               KUBERAY_GEN_RAY_START_CMD="ray start --address=head.invalid:6379 "
+                                         "--metrics-export-port=8080")
     return env, log
 
 
@@ -75,7 +78,8 @@ def _wait_for(log: Path, text: str, timeout: float = 30) -> None:
     ("SPARKGRID_DEVICE", "gpu", "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu"),
     ("SPARKGRID_PRICE_PER_HOUR", "cheap", "SPARKGRID_PRICE_PER_HOUR: expected USD per hour"),
     ("SPARKGRID_WORKER_NAME", "gpu 7", "SPARKGRID_WORKER_NAME: expected up to 63"),
-    ("RAY_AUTH_MODE", "disabled", "RAY_AUTH_MODE=disabled: sparkgrid nodes run with Ray token authentication only"),
+    ("RAY_AUTH_MODE", "disabled",
+     "RAY_AUTH_MODE=disabled: sparkgrid nodes run with Ray token authentication only"),
 ])
 def test_start_worker_refuses_bad_settings(fake_node, setting, value, message):
     env, log = fake_node

@@ -159,7 +159,8 @@ def _request_stream(tokenizer, prompt_ids, new_ids, stop=(), resume=None):
     resume = resume or Resume()
     params = SamplingParams(max_tokens=len(new_ids) + 1, stop=stop)
     req = Request("r", list(prompt_ids) + list(resume.token_ids), params, "ar",
-                  IncrementalDetokenizer(tokenizer, prompt_ids), frozenset(), 0, torch.device("cpu"))
+                  IncrementalDetokenizer(tokenizer, prompt_ids), frozenset(), 0,
+                  torch.device("cpu"))
     req.resume(resume)
     pieces = []
     for tok in new_ids:
@@ -184,7 +185,8 @@ def test_a_stream_resumed_at_any_token_continues_without_repeated_or_missing_tex
     num_committed = len(whole) - 1  # a worker can die only before the stop string completes
     assert num_committed > 3
     for cut in range(1, num_committed):
-        delivered = "".join(_request_stream(tokenizer, prompt_ids, new_ids[:cut], stop)[:-1])  # no flush
+        # no flush
+        delivered = "".join(_request_stream(tokenizer, prompt_ids, new_ids[:cut], stop)[:-1])
         rest = _request_stream(tokenizer, prompt_ids, new_ids[cut:], stop,
                        Resume(tuple(new_ids[:cut]), len(delivered)))
         assert delivered + "".join(rest) == expected, f"cut after {cut} tokens"

@@ -255,8 +255,10 @@ def batched_draft(model, features_per_request, anchors):
     kv_shape = (R, C, model.config.num_key_value_heads, model.config.head_dim)
     gen = torch.Generator().manual_seed(7)
     # padding holds garbage: the mask alone must keep it out
-    ctx_k = [100 * torch.randn(kv_shape, generator=gen, dtype=torch.float64) for _ in range(n_layers)]
-    ctx_v = [100 * torch.randn(kv_shape, generator=gen, dtype=torch.float64) for _ in range(n_layers)]
+    ctx_k = [100 * torch.randn(kv_shape, generator=gen, dtype=torch.float64)
+             for _ in range(n_layers)]
+    ctx_v = [100 * torch.randn(kv_shape, generator=gen, dtype=torch.float64)
+             for _ in range(n_layers)]
     ctx_mask = torch.zeros(R, C, dtype=torch.bool)
     for r, feats in enumerate(features_per_request):
         T = feats.shape[0]
@@ -275,7 +277,7 @@ def batched_draft(model, features_per_request, anchors):
 
     ids, probs, conf = model.draft_block(h, anchor_ids, greedy)
     assert [k for k, _ in seen] == list(range(1, model.gamma + 1))
-    return torch.stack([l for _, l in seen], dim=1), ids, probs, conf
+    return torch.stack([lg for _, lg in seen], dim=1), ids, probs, conf
 
 
 @pytest.mark.parametrize("head_type,rank,confidence,with_markov",

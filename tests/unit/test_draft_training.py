@@ -21,8 +21,13 @@ from worker.engine.drafter import DSparkDraft
 from worker.engine.engine import LLMEngine
 from worker.tiny import corpus_text
 from worker.training.draft_data import DraftBatch, DraftDataConfig, DraftDataset, build_draft_data
-from worker.training.draft_forward import (LossWeights, dspark_loss, sample_anchors,
-                                           teacher_forced_blocks, weighted_mean)
+from worker.training.draft_forward import (
+    LossWeights,
+    dspark_loss,
+    sample_anchors,
+    teacher_forced_blocks,
+    weighted_mean,
+)
 from worker.training.draft_train import DraftTrainConfig, dflash_variant, train_draft
 
 V, D, L, H, KVH, HD, FFN = 128, 32, 4, 4, 2, 8, 64
@@ -95,8 +100,9 @@ def test_training_forward_equals_the_inference_path(tmp_path, head_type, rank, w
             # teacher forcing with the greedy draft as ground truth: x_{k-1} agree
             batch.input_ids[b, a + 1:a + gamma] = ids[:gamma - 1]
     batch.features[1, 25:] = 1e6  # padding must not be seen
-    blocks = teacher_forced_blocks(draft, batch, anchors, torch.ones_like(anchors, dtype=torch.bool))
-    for r, (b, a) in enumerate((b, a) for b in range(2) for a in anchors[b].tolist()):
+    blocks = teacher_forced_blocks(draft, batch, anchors,
+                                   torch.ones_like(anchors, dtype=torch.bool))
+    for r, (b, a) in enumerate((i, j) for i in range(2) for j in anchors[i].tolist()):
         logits, conf = expected[b, a]
         torch.testing.assert_close(blocks.logits[r], logits, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(blocks.conf_logits[r], conf, rtol=1e-10, atol=1e-10)
@@ -217,12 +223,14 @@ def trained(qwen3_target_dir, draft_data, tmp_path_factory):
 def mean_accept_length(target_dir, draft_dir, prompt_ids):
     engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
                                        EngineConfig(policy="fixed", profile_sps=False))
-    results = engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32), policy="fixed")
+    results = engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=32),
+                              policy="fixed")
     lengths = [n for r in results for n in r["stats"]["accept_lengths"]]
     return sum(lengths) / len(lengths)
 
 
-def test_draft_data_holds_the_targets_answers_and_skips_finished_shards(qwen3_target_dir, draft_data):
+def test_draft_data_holds_the_targets_answers_and_skips_finished_shards(qwen3_target_dir,
+                                                                        draft_data):
     data_dir, config = draft_data
     data = DraftDataset(data_dir)
     assert len(data) == 48 and data.target_layer_ids == (0, 2)
@@ -268,12 +276,14 @@ def test_trained_draft_loads_serves_and_calibrates(qwen3_target_dir, trained):
     frozen = load_file(str(root / "work" / "init" / "model.safetensors"))
     assert torch.equal(engine.draft.lm_head.weight, frozen["lm_head.weight"])
     assert torch.equal(engine.draft.embed_tokens.weight, frozen["embed_tokens.weight"])
-    assert json.loads((root / "draft" / "config.json").read_text())["num_anchors"] == TRAIN.num_anchors
+    assert (json.loads((root / "draft" / "config.json").read_text())["num_anchors"]
+            == TRAIN.num_anchors)
     tokenizer = AutoTokenizer.from_pretrained(qwen3_target_dir)
     out = engine.generate(prompts(tokenizer, 2, 2), SamplingParams(temperature=0, max_tokens=8))
     assert all(len(r["token_ids"]) == 8 for r in out)
-    metrics = calibrate_sts(engine, prompts(tokenizer, 3, 6), SamplingParams(temperature=1.0, seed=0,
-                            max_tokens=24), draft_dir=root / "draft")
+    metrics = calibrate_sts(engine, prompts(tokenizer, 3, 6),
+                            SamplingParams(temperature=1.0, seed=0, max_tokens=24),
+                            draft_dir=root / "draft")
     assert len(metrics["temperatures"]) == TRAIN.gamma and (root / "draft" / "sts.json").is_file()
 
 
@@ -304,7 +314,8 @@ def test_data_directories_combine_and_must_match(qwen3_target_dir, draft_data, t
     both = DraftDataset([data_dir, greedy])
     assert len(both) == len(DraftDataset(data_dir)) + 3
     last = both.batch([len(both) - 1])
-    assert last.input_ids[0, :4].tolist() == [5, 6, 7, 8]  # the second directory's sequences come last
+    # the second directory's sequences come last
+    assert last.input_ids[0, :4].tolist() == [5, 6, 7, 8]
     other_layers = build_draft_data(qwen3_target_dir, [[5, 6, 7, 8]], tmp_path / "other",
                                     replace(config, target_layer_ids=(1,)))
     with pytest.raises(ValueError, match="other layers"):

@@ -47,7 +47,8 @@ def test_other_key_does_not_match():
 @pytest.mark.parametrize("bad", [
     "", "sg_", "sk_0123456789ab_" + "a" * 43, "sg_0123456789AB_" + "a" * 43,
     "sg_0123456789a_" + "a" * 44, "sg_0123456789abc" + "a" * 43, "sg_0123456789ab_" + "a" * 42,
-    "sg_0123456789ab_" + "a" * 44, "sg_0123456789ab_" + "a" * 42 + "=", " sg_0123456789ab_" + "a" * 43,
+    "sg_0123456789ab_" + "a" * 44, "sg_0123456789ab_" + "a" * 42 + "=",
+    " sg_0123456789ab_" + "a" * 43,
     None, 12345,
 ])
 def test_malformed_keys_are_refused_naming_the_api_key(bad):

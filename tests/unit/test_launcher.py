@@ -37,7 +37,8 @@ def test_missing_model_directory(capsys, models, tmp_path):
 
 
 def test_a_directory_that_is_not_a_model(capsys, models, tmp_path):
-    err = _error(capsys, ["worker", "--ray-address", "auto", "--target", models[1], "--draft", str(tmp_path)])
+    err = _error(capsys, ["worker", "--ray-address", "auto", "--target", models[1],
+                          "--draft", str(tmp_path)])
     assert "--draft" in err and "config.json" in err
 
 
@@ -67,10 +68,12 @@ def test_malformed_ray_address(capsys, models):
     assert "--ray-address headnode" in err and "host:port" in err
 
 
-@pytest.mark.parametrize("option, value, field", [("--name", "my worker!", "name"),
-                                                   ("--price-per-hour", "-2", "price_per_hour"),
-                                                   ("--emulate-slowdown", "0.5", "emulate_slowdown"),
-                                                   ("--draft-vocab", "-1", "draft_vocab_size")])
+@pytest.mark.parametrize("option, value, field", [
+    ("--name", "my worker!", "name"),
+    ("--price-per-hour", "-2", "price_per_hour"),
+    ("--emulate-slowdown", "0.5", "emulate_slowdown"),
+    ("--draft-vocab", "-1", "draft_vocab_size"),
+])
 def test_bad_values_name_the_field(capsys, models, option, value, field):
     err = _error(capsys, ["worker", "--ray-address", "auto", *models, option, value])
     assert field in err

@@ -9,8 +9,18 @@ from datetime import datetime, timezone
 import pytest
 
 from scheduler.errors import InvalidArgument
-from scheduler.ledger import (DIMENSIONS, JOB_FIELDS, MAX_DAYS, NO_WORKER, WORKER_FIELDS, Bill, Segment,
-                              days_between, increments, utc_day)
+from scheduler.ledger import (
+    DIMENSIONS,
+    JOB_FIELDS,
+    MAX_DAYS,
+    NO_WORKER,
+    WORKER_FIELDS,
+    Bill,
+    Segment,
+    days_between,
+    increments,
+    utc_day,
+)
 
 NOON = datetime(2025, 3, 14, 12, tzinfo=timezone.utc).timestamp()
 
@@ -45,12 +55,14 @@ def test_failover_job_over_two_workers_and_two_gpu_types():
                 Segment("w2", "L4", 14, 3, draft_tokens=2, verified_tokens=2, accepted_tokens=1,
                         busy_ms=70),
                 Segment("w1", "H200", 17, 2, busy_ms=30))
-    bill = Bill("j2", "acme", "qwen", NOON, prompt_tokens=10, completion_tokens=9, segments=segments)
+    bill = Bill("j2", "acme", "qwen", NOON, prompt_tokens=10, completion_tokens=9,
+                segments=segments)
     got = increments(bill)
     day = "2025-03-14"
     job = {"jobs": 1, "prompt_tokens": 10, "completion_tokens": 9, "draft_tokens": 8,
            "verified_tokens": 2, "accepted_tokens": 4}
-    assert got[("tenant", "acme", day)] == got[("model", "qwen", day)] == got[("all", "all", day)] == job
+    assert (got[("tenant", "acme", day)] == got[("model", "qwen", day)]
+            == got[("all", "all", day)] == job)
     w1 = {"jobs": 1, "prompt_tokens": 10, "segments": 2, "completion_tokens": 6,
           "processed_prompt_tokens": 27, "draft_tokens": 6, "accepted_tokens": 3, "busy_ms": 80}
     w2 = {"segments": 1, "completion_tokens": 3, "processed_prompt_tokens": 14, "draft_tokens": 2,
@@ -66,7 +78,8 @@ def test_first_segment_worker_gets_the_job_even_when_a_gpu_type_is_shared():
     assert got[("worker", "w2", "2025-03-14")]["jobs"] == 1
     assert "jobs" not in got[("worker", "w1", "2025-03-14")]
     assert got[("gpu", "L4", "2025-03-14")] == {"jobs": 1, "prompt_tokens": 5, "segments": 2,
-                                                "completion_tokens": 2, "processed_prompt_tokens": 12}
+                                                "completion_tokens": 2,
+                                                "processed_prompt_tokens": 12}
     assert got[("gpu", "H200", "2025-03-14")] == {"segments": 1, "completion_tokens": 1,
                                                   "processed_prompt_tokens": 6}
 
@@ -157,7 +170,8 @@ def _random_bill(rng: random.Random, n: int) -> Bill:
         delivered += done
     day = rng.choice([NOON - 86400, NOON, NOON + 86400 * 40]) + rng.uniform(-80000, 80000)
     return Bill(f"j{n}", rng.choice(["acme", "beta", "c.co"]), rng.choice(["qwen", "llama"]), day,
-                prompt, delivered, tuple(segments), charge_uusd=rng.choice([0, 1, 7, rng.randint(0, 10**7)]))
+                prompt, delivered, tuple(segments),
+                charge_uusd=rng.choice([0, 1, 7, rng.randint(0, 10**7)]))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -198,8 +212,10 @@ def test_a_jobs_charge_is_split_over_its_workers_by_delivered_tokens_in_whole_mi
     inc = increments(Bill("j", "acme", "m", NOON, 5, 3, segs, charge_uusd=10))
     day = utc_day(NOON)
     assert [inc[("worker", w, day)]["charge_uusd"] for w in ("w1", "w2", "w3")] == [4, 3, 3]
-    assert inc[("gpu", "A", day)]["charge_uusd"] == 7 and inc[("tenant", "acme", day)]["charge_uusd"] == 10
-    nothing_delivered = increments(Bill("k", "acme", "m", NOON, 5, 0, (Segment("w1", "A", 5, 0),
-                                                                        Segment("w2", "B", 5, 0)), charge_uusd=9))
+    assert (inc[("gpu", "A", day)]["charge_uusd"] == 7
+            and inc[("tenant", "acme", day)]["charge_uusd"] == 10)
+    nothing_delivered = increments(Bill("k", "acme", "m", NOON, 5, 0,
+                                        (Segment("w1", "A", 5, 0), Segment("w2", "B", 5, 0)),
+                                        charge_uusd=9))
     assert nothing_delivered[("worker", "w1", day)]["charge_uusd"] == 9
     assert "charge_uusd" not in nothing_delivered[("worker", "w2", day)]

@@ -31,15 +31,21 @@ def test_the_shipped_price_book_loads_and_its_default_plan_exists():
 def test_a_model_without_its_own_price_has_the_plan_s_any_model_price():
     std = book().plan("std")
     assert std.price("org/big").completion_uusd_per_million == 10_000_000
-    assert std.price("any") == std.price("*") and std.price("any").prompt_uusd_per_million == 100_000
+    assert (std.price("any") == std.price("*")
+            and std.price("any").prompt_uusd_per_million == 100_000)
 
 
 @pytest.mark.parametrize("change, where", [
-    ({"prices": {"*": {"prompt_per_million": 0.1, "completion_per_million": "1"}}}, "plans.std.prices.*.prompt_per_million"),
-    ({"prices": {"*": {"prompt_per_million": "abc", "completion_per_million": "1"}}}, "plans.std.prices.*.prompt_per_million"),
-    ({"prices": {"*": {"prompt_per_million": "-1", "completion_per_million": "1"}}}, "plans.std.prices.*.prompt_per_million"),
-    ({"prices": {"*": {"prompt_per_million": "0.0000001", "completion_per_million": "1"}}}, "plans.std.prices.*.prompt_per_million"),
-    ({"prices": {"org/x": {"prompt_per_million": "1", "completion_per_million": "1"}}}, "plans.std.prices"),
+    ({"prices": {"*": {"prompt_per_million": 0.1, "completion_per_million": "1"}}},
+     "plans.std.prices.*.prompt_per_million"),
+    ({"prices": {"*": {"prompt_per_million": "abc", "completion_per_million": "1"}}},
+     "plans.std.prices.*.prompt_per_million"),
+    ({"prices": {"*": {"prompt_per_million": "-1", "completion_per_million": "1"}}},
+     "plans.std.prices.*.prompt_per_million"),
+    ({"prices": {"*": {"prompt_per_million": "0.0000001", "completion_per_million": "1"}}},
+     "plans.std.prices.*.prompt_per_million"),
+    ({"prices": {"org/x": {"prompt_per_million": "1", "completion_per_million": "1"}}},
+     "plans.std.prices"),
     ({"tokens_per_day": -1}, "plans.std.tokens_per_day"),
     ({"requests_per_minute": 1.5}, "plans.std.requests_per_minute"),
 ])

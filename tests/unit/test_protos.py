@@ -22,9 +22,11 @@ def test_the_contract_names_exist():
 
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
     assert inference_pb2.DESCRIPTOR.package == "sparkgrid.v1"
-    assert {"Generate", "Complete", "Cancel", "GetJob", "ListWorkers", "GetUsage"} <= set(service.methods_by_name)
+    assert ({"Generate", "Complete", "Cancel", "GetJob", "ListWorkers", "GetUsage"}
+            <= set(service.methods_by_name))
     assert service.methods_by_name["Generate"].server_streaming
     fields = set(inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)
     assert {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "request_id"} <= fields
-    assert {"job_id", "text", "token_ids", "finish_reason", "usage"} <= set(inference_pb2.GenerateChunk.DESCRIPTOR.fields_by_name)
+    assert ({"job_id", "text", "token_ids", "finish_reason", "usage"}
+            <= set(inference_pb2.GenerateChunk.DESCRIPTOR.fields_by_name))
     assert hasattr(inference_pb2_grpc, "InferenceServicer")

@@ -179,7 +179,7 @@ def tiny_ledger(price_uusd_per_hour=100_000, charge_uusd=(700, 300)):
 
 
 def table_cells(text: str) -> tuple[list[str], list[list[str]], list[str]]:
-    """(column names, body rows, totals row) of a `to_table` text, cut where the rule's dashes are."""
+    """(column names, body rows, totals row) of a `to_table` text, cut at the rule's dashes."""
     lines = text.splitlines()[3:]
     spans = [m.span() for m in re.finditer(r"-+", lines[1])]
     split = [[line[a:b].strip() for a, b in spans] for line in lines]
@@ -223,14 +223,21 @@ def test_sub_cent_money_is_never_all_zero_in_tables_or_html():
     assert f"money in USD to {decimals} decimals" in page
 
 
-def test_prices_and_hours_take_the_decimals_their_column_needs():
+def test_prices_take_the_decimals_their_column_needs_and_hours_share_theirs():
     worker = tiny_ledger(price_uusd_per_hour=45_000)["worker"]
     names, body, totals = table_cells(to_table(worker))
     assert [row[names.index("price_per_hour_usd")] for row in body] == ["0.045", "0.045"]
-    assert [row[names.index("online_hours")] for row in body] == ["0.033", "0.033"]
+    assert [row[names.index("cost_per_million_tokens_usd")] for row in body] == ["5.00", "7.50"]
+    assert [row[names.index("busy_hours")] for row in body] == ["0.0011", "0.0022"]
+    assert [row[names.index("online_hours")] for row in body] == ["0.0333", "0.0333"]
     assert totals[names.index("price_per_hour_usd")] == "-"
 
 
 def test_whole_dollar_reports_keep_cents():
-    text = to_table(tiny_ledger(price_uusd_per_hour=30_000_000, charge_uusd=(2_500_000, 1_250_000))["tenant"])
+    reports = tiny_ledger(price_uusd_per_hour=30_000_000, charge_uusd=(2_500_000, 1_250_000))
+    text = to_table(reports["tenant"])
     assert "money in USD to 2 decimals" in text and " 3.75 " in text
+    names, body, _ = table_cells(to_table(reports["worker"]))  # hours need more; money does not
+    assert "money in USD to 2 decimals" in to_table(reports["worker"])
+    assert [row[names.index("gpu_cost_usd")] for row in body] == ["1.00", "1.00"]
+    assert [row[names.index("online_hours")] for row in body] == ["0.0333", "0.0333"]

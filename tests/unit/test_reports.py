@@ -13,8 +13,17 @@ import pytest
 from scheduler.errors import InvalidArgument
 from scheduler.ledger import GPU_COST_SCALE, JOB_FIELDS, WORKER_FIELDS
 from scheduler.report_cli import day_range
-from scheduler.reports import (BY, COLUMNS, TOTAL, UNALLOCATED, UNREGISTERED, allocate,
-                               build_report, build_reports, cell_cost_uusd)
+from scheduler.reports import (
+    BY,
+    COLUMNS,
+    TOTAL,
+    UNALLOCATED,
+    UNREGISTERED,
+    allocate,
+    build_report,
+    build_reports,
+    cell_cost_uusd,
+)
 
 D1, D2, D3 = "2025-06-01", "2025-06-02", "2025-06-03"
 HOUR = 3_600_000
@@ -208,7 +217,8 @@ def random_ledger(seed: int, num_cells: int = 300):
     """Random (dimension, key, day) cells of every dimension, and registrations."""
     rng = random.Random(seed)
     days = [f"2025-07-{d:02d}" for d in range(1, 11)]
-    keys = {"tenant": [f"t{i}" for i in range(6)], "worker": [f"w{i}" for i in range(8)] + ["(none)"],
+    keys = {"tenant": [f"t{i}" for i in range(6)],
+            "worker": [f"w{i}" for i in range(8)] + ["(none)"],
             "gpu": ["A100", "H100", "L4"], "all": ["all"]}
     fields = {"tenant": JOB_FIELDS, "all": JOB_FIELDS + ("online_ms", "active_ms"),
               "worker": WORKER_FIELDS, "gpu": WORKER_FIELDS + ("online_ms", "active_ms")}
@@ -238,6 +248,7 @@ def test_totals_equal_the_sum_of_rows_exactly(seed):
                    for (dim, _, _), c in cells.items() if dim == "worker")
     assert {uusd(v) for v in gpu_costs.values()} == {expected}, gpu_costs
     worker, gpu = reports["worker"].totals, reports["gpu"].totals
-    assert uusd(worker["revenue_usd"]) == sum(c.get("charge_uusd", 0) for (d, _, _), c in cells.items()
+    assert uusd(worker["revenue_usd"]) == sum(c.get("charge_uusd", 0)
+                                              for (d, _, _), c in cells.items()
                                               if d == "worker")
     assert gpu["workers"] == len(reports["worker"].rows)

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from worker.engine.config import SamplingParams
 from sparkgrid.contract import Chunk, Usage
+from worker.engine.config import SamplingParams
 from worker.serving import EngineLoop, WorkerDraining, WorkerFailed, build_engine
 from worker.worker_config import WorkerConfig
 
@@ -63,7 +63,8 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
     loop = EngineLoop(config, lambda: build_engine(config))
     loop.start()
     _wait(lambda: loop.state == "ready", 120)
-    params = [SamplingParams(temperature=t, max_tokens=24, seed=7 + i) for i, t in enumerate((0, 0.8, 1.0))]
+    params = [SamplingParams(temperature=t, max_tokens=24, seed=7 + i)
+              for i, t in enumerate((0, 0.8, 1.0))]
     sinks = []
     for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
         sinks.append(Collector())
@@ -81,7 +82,8 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
         assert last.usage == Usage(prompt_tokens=ref["stats"]["prompt_tokens"],
                                    completion_tokens=len(ref["token_ids"]))
         assert all(c.finish_reason is None for c in sink.items[:-1])
-    assert figures["requests"] == 3 and figures["generated_tokens"] == sum(len(r["token_ids"]) for r in direct)
+    assert (figures["requests"] == 3
+            and figures["generated_tokens"] == sum(len(r["token_ids"]) for r in direct))
 
 
 def test_concurrent_greedy_jobs_give_the_targets_greedy_output(config):
@@ -109,7 +111,8 @@ def test_cancel_frees_the_slot_within_a_step(config):
     try:
         _wait(lambda: slow.state == "ready", 120)
         sink = Collector()
-        slow.submit("long", "x = 1\n", SamplingParams(max_tokens=400, ignore_eos=True), sink).result(10)
+        slow.submit("long", "x = 1\n", SamplingParams(max_tokens=400, ignore_eos=True),
+                    sink).result(10)
         _wait(lambda: slow.figures()["num_running"] == 1, 30)
         assert slow.figures()["cache_used_fraction"] > 0
         assert slow.cancel("long").result(30) is True
@@ -123,7 +126,8 @@ def test_cancel_frees_the_slot_within_a_step(config):
 
 def test_drain_finishes_running_work_and_refuses_new(loop):
     sink = Collector()
-    loop.submit("running", "def f():\n", SamplingParams(max_tokens=32, ignore_eos=True), sink).result(10)
+    loop.submit("running", "def f():\n", SamplingParams(max_tokens=32, ignore_eos=True),
+                sink).result(10)
     drained = loop.drain()
     figures = drained.result(60)
     assert sink.done.is_set() and sink.items[-1].finish_reason == "length"
@@ -203,11 +207,13 @@ def test_emulated_slowdown_slows_steps(config):
     for factor in (1.0, 4.0):
         loop = EngineLoop(_slowed(config, factor), lambda: build_engine(config))
         seconds = []
-        loop._on_step = lambda report: seconds.append(report.seconds)
+        loop._on_step = lambda report, seconds=seconds: seconds.append(report.seconds)
         loop.start()
-        _wait(lambda: loop.state == "ready", 120)
+        _wait(lambda loop=loop: loop.state == "ready", 120)
         sink = Collector()
-        loop.submit("j", "x = 1\n", SamplingParams(max_tokens=48, ignore_eos=True, temperature=0), sink).result(10)
+        loop.submit("j", "x = 1\n",
+                    SamplingParams(max_tokens=48, ignore_eos=True, temperature=0),
+                    sink).result(10)
         sink.wait(120)
         loop.stop()
         figures[factor] = sorted(seconds)[len(seconds) // 2]
@@ -225,7 +231,8 @@ def _slowed(config, factor):
     return replace(config, emulate_slowdown=factor)
 
 
-@pytest.mark.parametrize("field, value", [("name", "bad name!"), ("name", ""), ("price_per_hour", -1.0),
+@pytest.mark.parametrize("field, value", [("name", "bad name!"), ("name", ""),
+                                          ("price_per_hour", -1.0),
                                           ("emulate_slowdown", 0.5), ("gpu_type", " "),
                                           ("max_batch_tokens", 0), ("stuck_after_s", 0)])
 def test_worker_config_names_the_bad_field(field, value):

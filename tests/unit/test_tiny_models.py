@@ -7,14 +7,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from worker.tiny import EOS_TOKEN, MASK_TOKEN, MULTIBYTE_SAMPLE, build_demo_pair, build_target, build_tokenizer
+from worker.tiny import (
+    EOS_TOKEN,
+    MASK_TOKEN,
+    MULTIBYTE_SAMPLE,
+    build_demo_pair,
+    build_target,
+    build_tokenizer,
+)
 
 TARGET_FIXTURES = ["qwen3_target_dir", "llama_target_dir"]
 
 
 def test_tokenizer_round_trips_multibyte_text(tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    for text in [MULTIBYTE_SAMPLE, "def f(x):\n    return x ** 2  # ½ ≠ ∞ 🚀", "  leading and trailing spaces  "]:
+    for text in [MULTIBYTE_SAMPLE, "def f(x):\n    return x ** 2  # ½ ≠ ∞ 🚀",
+                 "  leading and trailing spaces  "]:
         assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
@@ -31,7 +39,8 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     first = build_tokenizer(tmp_path / "a")
     second = build_tokenizer(tmp_path / "b")
     assert first.get_vocab() == second.get_vocab()
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert ((tmp_path / "a" / "tokenizer.json").read_bytes()
+            == (tmp_path / "b" / "tokenizer.json").read_bytes())
 
 
 @pytest.mark.parametrize("target_fixture", TARGET_FIXTURES)
@@ -40,7 +49,8 @@ def test_target_loads_with_the_tokenizer_beside_it(target_fixture, request):
     model = AutoModelForCausalLM.from_pretrained(target_dir)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     assert model.config.vocab_size == len(tokenizer)
-    assert model.config.eos_token_id == model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert (model.config.eos_token_id == model.generation_config.eos_token_id
+            == tokenizer.eos_token_id)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert not model.config.tie_word_embeddings
     assert model.dtype == torch.float32
@@ -60,12 +70,14 @@ def test_target_greedy_output_is_not_one_repeated_token(target_fixture, request)
 def test_target_build_is_deterministic_per_seed(tmp_path, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     weights = {
-        name: load_file(build_target(tmp_path / name, "qwen3", tokenizer, seed=seed) / "model.safetensors")
+        name: load_file(build_target(tmp_path / name, "qwen3", tokenizer, seed=seed)
+                        / "model.safetensors")
         for name, seed in [("a", 0), ("b", 0), ("c", 1)]
     }
     assert weights["a"].keys() == weights["b"].keys()
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
-    assert not torch.equal(weights["a"]["model.embed_tokens.weight"], weights["c"]["model.embed_tokens.weight"])
+    assert not torch.equal(weights["a"]["model.embed_tokens.weight"],
+                           weights["c"]["model.embed_tokens.weight"])
 
 
 def test_target_build_leaves_the_callers_rng_alone(tmp_path, tiny_tokenizer_dir):

@@ -38,19 +38,23 @@ def tokenizer(tmp_path_factory, small_corpus):
 
 
 def _train(corpus, tokenizer, root, **train_overrides):
-    model_config = target_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, **TINY_MODEL)
-    settings = dict(target_tokens=40 * 8 * 32, seq_len=32, batch_size=8, eval_tokens=2048, eval_every=0,
-                    log_every=10)
+    model_config = target_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 **TINY_MODEL)
+    settings = dict(target_tokens=40 * 8 * 32, seq_len=32, batch_size=8, eval_tokens=2048,
+                    eval_every=0, log_every=10)
     train = TrainConfig(**{**settings, **train_overrides})
-    return train_target(corpus, tokenizer, root / "target", root / "work", model_config=model_config, train=train)
+    return train_target(corpus, tokenizer, root / "target", root / "work",
+                        model_config=model_config, train=train)
 
 
 def test_corpus_split_is_deterministic_disjoint_and_about_five_percent(corpus):
     again = load_corpus()
     modules = lambda docs: [d.module for d in docs]  # noqa: E731
-    assert modules(again.train) == modules(corpus.train) and modules(again.heldout) == modules(corpus.heldout)
+    assert (modules(again.train) == modules(corpus.train)
+            and modules(again.heldout) == modules(corpus.heldout))
     assert not set(modules(corpus.train)) & set(modules(corpus.heldout))
-    assert all(is_heldout(m) for m in modules(corpus.heldout)) and not any(map(is_heldout, modules(corpus.train)))
+    assert (all(is_heldout(m) for m in modules(corpus.heldout))
+            and not any(map(is_heldout, modules(corpus.train))))
     assert modules(corpus.train) == sorted(modules(corpus.train))
     assert 0.02 < len(corpus.heldout) / (len(corpus.train) + len(corpus.heldout)) < 0.10
     summary = corpus.summary()
@@ -66,8 +70,9 @@ def test_corpus_excludes_test_packages_and_counts_undecodable_files(corpus, tmp_
 
     heldout_name = next(f"m{i}" for i in range(1000) if is_heldout(f"m{i}"))
     files = {f"{heldout_name}.py": "x = 1\n", "pkg/__init__.py": "y = 2\n", "pkg/mod.py": "z = 3\n",
-             "pkg/tests/test_mod.py": "t = 1\n", "test/test_x.py": "t = 2\n", "idle_test/a.py": "t = 3\n",
-             "site-packages/lib.py": "t = 4\n", "_sysconfigdata__linux.py": "t = 5\n", "empty.py": "\n"}
+             "pkg/tests/test_mod.py": "t = 1\n", "test/test_x.py": "t = 2\n",
+             "idle_test/a.py": "t = 3\n", "site-packages/lib.py": "t = 4\n",
+             "_sysconfigdata__linux.py": "t = 5\n", "empty.py": "\n"}
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
@@ -78,9 +83,11 @@ def test_corpus_excludes_test_packages_and_counts_undecodable_files(corpus, tmp_
     assert fake.num_undecodable == 1 and fake.undecodable == ["latin"]
 
 
-def test_tokenizer_fits_vocab_has_special_tokens_and_round_trips_heldout_source(tokenizer, corpus, tmp_path):
+def test_tokenizer_fits_vocab_has_special_tokens_and_round_trips_heldout_source(
+        tokenizer, corpus, tmp_path):
     assert len(tokenizer) <= 400
-    assert tokenizer.eos_token == EOS_TOKEN and tokenizer.pad_token == EOS_TOKEN and tokenizer.mask_token == MASK_TOKEN
+    assert (tokenizer.eos_token == EOS_TOKEN and tokenizer.pad_token == EOS_TOKEN
+            and tokenizer.mask_token == MASK_TOKEN)
     assert tokenizer.convert_tokens_to_ids([EOS_TOKEN, MASK_TOKEN]) == [0, 1]
     texts = [d.text for d in corpus.heldout[:8]] + ["Zürich — 你好 🚀\r\n\tx  =  1  "]
     for text in texts:
@@ -92,14 +99,16 @@ def test_tokenizer_fits_vocab_has_special_tokens_and_round_trips_heldout_source(
     assert reloaded.model_input_names == ["input_ids", "attention_mask"]
 
 
-def test_tiny_training_lowers_heldout_loss_and_saves_a_loadable_model(small_corpus, tokenizer, tmp_path):
+def test_tiny_training_lowers_heldout_loss_and_saves_a_loadable_model(small_corpus, tokenizer,
+                                                                      tmp_path):
     summary = _train(small_corpus, tokenizer, tmp_path, target_tokens=120 * 8 * 32)
     assert summary["finished"] and summary["steps"] == 120
     assert summary["final_heldout_loss"] < summary["initial_heldout_loss"] - 0.5
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "target")
     assert model.config.num_hidden_layers == 2 and not model.config.tie_word_embeddings
     assert json.loads((tmp_path / "target" / SUMMARY_NAME).read_text())["steps"] == 120
-    records = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(records[1])
 
 
@@ -119,38 +128,45 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights_as_an_uninterrupt
         _train(small_corpus, tokenizer, tmp_path / "resumed", lr=2e-3)
 
 
-def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_serves(tmp_path, capsys):
+def test_smoke_pipeline_builds_a_pair_that_transformers_loads_and_the_engine_serves(tmp_path,
+                                                                                    capsys):
     out = tmp_path / "pair"
     assert build_pair.main(["--out", str(out), "--smoke"]) == 0
-    for path in ("corpus.json", "tokenizer/tokenizer.json", "target/config.json", "target/model.safetensors",
-                 "target/tokenizer.json", f"target/{SUMMARY_NAME}", "target_train/log.jsonl",
-                 "dspark/config.json", "dspark/model.safetensors", "dspark/sts.json",
-                 "dflash/config.json", "dflash/model.safetensors", "package/pair.json",
-                 "package/target/tokenizer.json", "package/dflash/model.safetensors",
-                 "package/dspark/draft_vocab.json", "package/dflash/draft_vocab.json"):
+    for path in ("corpus.json", "tokenizer/tokenizer.json", "target/config.json",
+                 "target/model.safetensors", "target/tokenizer.json", f"target/{SUMMARY_NAME}",
+                 "target_train/log.jsonl", "dspark/config.json", "dspark/model.safetensors",
+                 "dspark/sts.json", "dflash/config.json", "dflash/model.safetensors",
+                 "package/pair.json", "package/target/tokenizer.json",
+                 "package/dflash/model.safetensors", "package/dspark/draft_vocab.json",
+                 "package/dflash/draft_vocab.json"):
         assert (out / path).exists(), path
     model = AutoModelForCausalLM.from_pretrained(out / "target")
     assert model.config.model_type == "qwen3"
-    engine = LLMEngine.from_pretrained(str(out / "target"), None, EngineConfig(policy="ar", profile_sps=False))
-    result = engine.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+    engine = LLMEngine.from_pretrained(str(out / "target"), None,
+                                       EngineConfig(policy="ar", profile_sps=False))
+    result = engine.generate(["def main():\n"],
+                             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     assert len(result["token_ids"]) == 16 and result["text"]
     spec = LLMEngine.from_pretrained(str(out / "target"), str(out / "dspark"),
                                      EngineConfig(policy="fixed", profile_sps=False))
     assert spec.sts is not None  # the STS stage's temperatures are picked up
-    packaged = LLMEngine.from_pretrained(str(out / "package" / "target"), str(out / "package" / "dspark"),
+    packaged = LLMEngine.from_pretrained(str(out / "package" / "target"),
+                                         str(out / "package" / "dspark"),
                                          EngineConfig(policy="fixed", profile_sps=False))
     assert packaged.sts == spec.sts  # float16 copies of all three models, STS included
-    assert len(packaged.generate(["def main():\n"], SamplingParams(max_tokens=8))[0]["token_ids"]) >= 1
+    assert len(packaged.generate(["def main():\n"],
+                                 SamplingParams(max_tokens=8))[0]["token_ids"]) >= 1
     reduced = LLMEngine.from_pretrained(  # the shipped ranking serves a reduced draft vocabulary
         str(out / "package" / "target"), str(out / "package" / "dspark"),
         EngineConfig(policy="fixed", profile_sps=False, draft_vocab_size=64))
     assert reduced.draft_vocab.token_ids.numel() == 64
-    assert spec.generate(["def main():\n"], SamplingParams(temperature=0, max_tokens=16,
-                                                           ignore_eos=True))[0]["token_ids"] == result["token_ids"]
+    assert spec.generate(["def main():\n"], SamplingParams(
+        temperature=0, max_tokens=16, ignore_eos=True))[0]["token_ids"] == result["token_ids"]
 
     assert build_pair.main(["--out", str(out), "--smoke"]) == 0  # rerun: everything is complete
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["stage"] for e in events if e["event"] == "skipped"] == [s.name for s in build_pair.STAGES]
+    assert ([e["stage"] for e in events if e["event"] == "skipped"]
+            == [s.name for s in build_pair.STAGES])
     assert build_pair.main(["--out", str(out)]) == 2  # a smoke directory refuses a full build
     assert build_pair.main(["--out", str(out), "--smoke", "--stages", "corpus,nope"]) == 2
     assert "unknown stages ['nope']" in capsys.readouterr().err

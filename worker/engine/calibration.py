@@ -17,8 +17,15 @@ import math
 import torch
 
 from worker.engine.config import SamplingParams
-from worker.engine.sts import (apply_sts, expected_calibration_error, fit_sts, roc_auc,
-                               save_sts, survival, survival_labels)
+from worker.engine.sts import (
+    apply_sts,
+    expected_calibration_error,
+    fit_sts,
+    roc_auc,
+    save_sts,
+    survival,
+    survival_labels,
+)
 
 
 def calibrate_sts(engine, prompts: list, params: SamplingParams | list[SamplingParams], *,

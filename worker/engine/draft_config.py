@@ -38,7 +38,8 @@ class DraftConfig:
     num_key_value_heads: int
     """Key/value heads per draft layer (GQA); divides ``num_attention_heads``."""
     head_dim: int
-    """Per-head width; Qwen3 sets it explicitly, otherwise ``hidden_size // num_attention_heads``."""
+    """Per-head width; Qwen3 sets it explicitly, otherwise
+    ``hidden_size // num_attention_heads``."""
     intermediate_size: int
     """Width of the SwiGLU MLP."""
     rms_norm_eps: float
@@ -85,7 +86,8 @@ class DraftConfig:
     @property
     def confidence_uses_markov(self) -> bool:
         """The confidence head reads ``[h_k ; W1[x_{k-1}]]`` rather than ``h_k`` alone."""
-        return self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank > 0
+        return (self.enable_confidence_head and self.confidence_head_with_markov
+                and self.markov_rank > 0)
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "DraftConfig":
@@ -168,7 +170,8 @@ def _intrinsic_problems(c: DraftConfig) -> list[str]:
     if c.block_size < 1:
         problems.append(f"block_size must be >= 1, got {c.block_size}")
     if not 0 <= c.mask_token_id < c.vocab_size:
-        problems.append(f"mask_token_id {c.mask_token_id} is outside [0, vocab_size={c.vocab_size})")
+        problems.append(f"mask_token_id {c.mask_token_id} is outside "
+                        f"[0, vocab_size={c.vocab_size})")
     ids = c.target_layer_ids
     if not ids:
         problems.append("target_layer_ids is empty")
@@ -182,7 +185,8 @@ def _intrinsic_problems(c: DraftConfig) -> list[str]:
         problems.append(f"unknown markov_head_type {c.markov_head_type!r}; "
                         f"expected one of {list(MARKOV_HEAD_TYPES)}")
     if c.hidden_act != "silu":
-        problems.append(f"hidden_act {c.hidden_act!r} is not supported; the draft MLP is SwiGLU (silu)")
+        problems.append(f"hidden_act {c.hidden_act!r} is not supported; "
+                        "the draft MLP is SwiGLU (silu)")
     return problems
 
 

@@ -57,7 +57,8 @@ def load_ranking(draft_dir: str | Path, vocab_size: int) -> list[int] | None:
     try:
         ranked = json.loads(path.read_text())["ranked_token_ids"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: expected a JSON object with 'ranked_token_ids' ({err})") from None
+        raise ValueError(f"{path}: expected a JSON object with 'ranked_token_ids' "
+                         f"({err})") from None
     if (not isinstance(ranked, list) or len(ranked) != vocab_size
             or sorted(ranked) != list(range(vocab_size))):
         raise ValueError(f"{path}: ranked_token_ids must list every token id of the "

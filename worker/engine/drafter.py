@@ -6,8 +6,8 @@ engine calls each step: context projection, context keys/values, the parallel ba
 over a block, and the sequential Markov stage.
 
 Not in scope: the paged KV cache (the engine caches what ``context_kv`` returns and hands back
-either padded context or a function that attends it in place, ``ContextAttention``), sampling (a ``sample_fn`` from the engine), prefix scheduling and
-verification, the target model.
+either padded context or a function that attends it in place, ``ContextAttention``), sampling
+(a ``sample_fn`` from the engine), prefix scheduling and verification, the target model.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from worker.engine.attention import merge
 from worker.engine.draft_config import DraftCheckpointError, DraftConfig, check_fits_target
 from worker.engine.draft_vocab import DraftVocab
 from worker.engine.markov import MARKOV_HEADS, ConfidenceHead
-from worker.engine.attention import merge
 from worker.engine.model_runner import sdpa
 
 # context_attention(layer, q [R * G, heads, hd]) -> (out [R * G, heads, hd], lse [R * G, heads]):
@@ -342,7 +342,8 @@ def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], ckpt_dir: P
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [f"{n} {tuple(state[n].shape)} (expected {expected[n]})"
-                 for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != expected[n]]
+                 for n in sorted(set(expected) & set(state))
+                 if tuple(state[n].shape) != expected[n]]
     problems = [f"{label}: {', '.join(names)}" for label, names in
                 (("missing tensors", missing), ("unexpected tensors", unexpected),
                  ("wrong-shaped tensors", misshaped)) if names]

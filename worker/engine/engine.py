@@ -26,8 +26,13 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
-from worker.engine.loader import (EngineModels, draft_vocab, eos_ids, load_models,
-                                  share_frozen_copies)
+from worker.engine.loader import (
+    EngineModels,
+    draft_vocab,
+    eos_ids,
+    load_models,
+    share_frozen_copies,
+)
 from worker.engine.model_runner import TargetRunner
 from worker.engine.online_calibration import OnlineCalibration
 from worker.engine.planner import Planner, StepPlan, StepResult

@@ -128,7 +128,8 @@ class BlockAllocator:
 
 
 class PagedKV:
-    """The key/value tensors one allocator indexes: `[num_layers, num_slots, kv_heads, head_dim]`."""
+    """The key/value tensors one allocator indexes:
+    `[num_layers, num_slots, kv_heads, head_dim]`."""
 
     def __init__(self, allocator: BlockAllocator, num_layers: int, num_kv_heads: int,
                  head_dim: int, *, device: torch.device, dtype: torch.dtype):

@@ -59,7 +59,8 @@ class SpecStats:
     @property
     def conditional_acceptance(self) -> list[float | None]:
         """P(position k accepted | positions 1..k-1 accepted), None where never verified."""
-        return [a / v if v else None for a, v in zip(self.position_accepted, self.position_verified)]
+        return [a / v if v else None
+                for a, v in zip(self.position_accepted, self.position_verified)]
 
     def as_dict(self) -> dict:
         return {

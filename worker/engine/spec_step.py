@@ -24,8 +24,13 @@ import torch
 
 from sparkgrid.costs import SPSTable
 from worker.engine.sts import apply_sts, survival
-from worker.engine.verify_policy import (Policy, RowCostTable, expected_throughput,
-                                         prefix_lengths, threshold_lengths)
+from worker.engine.verify_policy import (
+    Policy,
+    RowCostTable,
+    expected_throughput,
+    prefix_lengths,
+    threshold_lengths,
+)
 
 
 @dataclass

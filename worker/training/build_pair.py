@@ -68,12 +68,13 @@ class PipelineConfig:
 FULL = PipelineConfig(smoke=False, vocab_size=8192)
 SMOKE = PipelineConfig(
     smoke=True, vocab_size=512, max_corpus_bytes=(400_000, 40_000), torch_threads=1,
-    target_overrides=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, intermediate_size=128),
-    train=TrainConfig(target_tokens=300 * 8 * 64, seq_len=64, batch_size=8, eval_tokens=4096, eval_every=100,
-                      log_every=50, checkpoint_every=100),
+    target_overrides=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=128),
+    train=TrainConfig(target_tokens=300 * 8 * 64, seq_len=64, batch_size=8, eval_tokens=4096,
+                      eval_every=100, log_every=50, checkpoint_every=100),
     draft=DraftPipelineConfig(
-        num_prompts=16, greedy_prompts=8, prompt_tokens=24, num_feature_layers=1, sts_prompts=12, sts_max_tokens=24,
+        num_prompts=16, greedy_prompts=8, prompt_tokens=24, num_feature_layers=1, sts_prompts=12,
+        sts_max_tokens=24,
         data=dict(max_new_tokens=24, seqs_per_shard=8, gen_batch_size=8),
         train=DraftTrainConfig(markov_rank=16, gamma=4, batch_size=4, num_anchors=8, steps=20,
                                log_every=10, checkpoint_every=10)),
@@ -96,14 +97,15 @@ class Context:
         recorded = _read_json(self.out / "corpus.json", "run the corpus stage first")
         if recorded["modules"] != _module_lists(corpus):
             raise ValueError(f"{self.out} was built from a different standard library (Python "
-                             f"{recorded['python']}, this is {platform.python_version()}); use that Python "
-                             "or a new --out directory")
+                             f"{recorded['python']}, this is {platform.python_version()}); "
+                             "use that Python or a new --out directory")
         return corpus
 
     @cached_property
     def tokenizer(self):
         if not (self.out / "tokenizer").is_dir():
-            raise FileNotFoundError(f"{self.out / 'tokenizer'} is missing; run the tokenizer stage first")
+            raise FileNotFoundError(f"{self.out / 'tokenizer'} is missing; "
+                                    "run the tokenizer stage first")
         return load_tokenizer(str(self.out / "tokenizer"))
 
 
@@ -111,7 +113,8 @@ def run_corpus(ctx: Context) -> dict:
     corpus = load_corpus()
     if ctx.config.max_corpus_bytes:
         corpus = corpus.capped(*ctx.config.max_corpus_bytes)
-    record = {"python": platform.python_version(), **corpus.summary(), "modules": _module_lists(corpus)}
+    record = {"python": platform.python_version(), **corpus.summary(),
+              "modules": _module_lists(corpus)}
     _write_json(ctx.out / "corpus.json", record)
     return corpus.summary()
 
@@ -127,7 +130,8 @@ def run_tokenizer(ctx: Context) -> dict:
 
 def run_target(ctx: Context) -> dict:
     tok = ctx.tokenizer
-    model_config = target_config(len(tok), tok.eos_token_id, tok.pad_token_id, **ctx.config.target_overrides)
+    model_config = target_config(len(tok), tok.eos_token_id, tok.pad_token_id,
+                                 **ctx.config.target_overrides)
     summary = train_target(ctx.corpus, tok, ctx.out / "target", ctx.out / "target_train",
                            model_config=model_config, train=ctx.config.train)
     return {k: v for k, v in summary.items() if k != "train_config"}
@@ -180,8 +184,10 @@ def build_pair(out, config: PipelineConfig = FULL, stages: list[str] | None = No
         ctx.log.write(stage=stage.name, event="start")
         start = time.monotonic()
         summary = stage.run(ctx)
-        ctx.log.write(stage=stage.name, event="done", elapsed_s=round(time.monotonic() - start, 1), summary=summary)
-        print(f"[{stage.name}] done in {time.monotonic() - start:.1f} s: {json.dumps(summary)}", file=sys.stderr)
+        ctx.log.write(stage=stage.name, event="done", elapsed_s=round(time.monotonic() - start, 1),
+                      summary=summary)
+        print(f"[{stage.name}] done in {time.monotonic() - start:.1f} s: {json.dumps(summary)}",
+              file=sys.stderr)
 
 
 def _check_mode(out: Path, config: PipelineConfig) -> None:
@@ -190,13 +196,15 @@ def _check_mode(out: Path, config: PipelineConfig) -> None:
         built_smoke = _read_json(path, "")["smoke"]
         if built_smoke != config.smoke:
             raise ValueError(f"{out} holds a {'smoke' if built_smoke else 'full'} build; rerun "
-                             f"{'with' if built_smoke else 'without'} --smoke or use a new --out directory")
+                             f"{'with' if built_smoke else 'without'} --smoke "
+                             "or use a new --out directory")
     else:
         _write_json(path, {"smoke": config.smoke})
 
 
 def _module_lists(corpus: Corpus) -> dict:
-    return {"train": [d.module for d in corpus.train], "heldout": [d.module for d in corpus.heldout]}
+    return {"train": [d.module for d in corpus.train],
+            "heldout": [d.module for d in corpus.heldout]}
 
 
 def _read_json(path: Path, hint: str) -> dict:
@@ -215,14 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.training.build_pair",
                                      description="Build the shipped model pair from local data.")
     parser.add_argument("--out", required=True, help="output directory (created; rerun to resume)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: an end-to-end check in under a minute")
-    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(s.name for s in STAGES)}")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes: an end-to-end check in under a minute")
+    parser.add_argument("--stages",
+                        help=f"comma-separated subset of {','.join(s.name for s in STAGES)}")
     parser.add_argument("--target-tokens", type=int, help="target training token budget "
-                        f"(default {FULL.train.target_tokens:,}; smoke {SMOKE.train.target_tokens:,})")
+                        f"(default {FULL.train.target_tokens:,}; "
+                        f"smoke {SMOKE.train.target_tokens:,})")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens per evaluation")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else FULL
-    overrides = {k: v for k, v in (("target_tokens", args.target_tokens), ("eval_tokens", args.eval_tokens))
+    overrides = {k: v for k, v in (("target_tokens", args.target_tokens),
+                                   ("eval_tokens", args.eval_tokens))
                  if v is not None}
     try:
         config = replace(config, train=replace(config.train, **overrides))

@@ -24,7 +24,8 @@ from pathlib import Path
 
 HELDOUT_MODULUS = 20
 """A module is held out iff crc32(name) % HELDOUT_MODULUS == 0."""
-EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
+                           "__pycache__"})
 """Directory names never descended into, at any depth."""
 
 
@@ -57,7 +58,8 @@ class Corpus:
 
     def capped(self, max_train_bytes: int, max_heldout_bytes: int) -> "Corpus":
         """A prefix of each split (in module order) of at most the given sizes; for smoke runs."""
-        return Corpus(_prefix(self.train, max_train_bytes), _prefix(self.heldout, max_heldout_bytes),
+        return Corpus(_prefix(self.train, max_train_bytes),
+                      _prefix(self.heldout, max_heldout_bytes),
                       self.num_undecodable, self.root, list(self.undecodable))
 
 
@@ -75,7 +77,8 @@ def load_corpus(root: str | os.PathLike | None = None) -> Corpus:
     """Read every source file under `root` (default: the standard library) and split it."""
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
-        raise FileNotFoundError(f"corpus root {root} is not a directory; expected a standard library tree")
+        raise FileNotFoundError(f"corpus root {root} is not a directory; "
+                                "expected a standard library tree")
     train, heldout, undecodable = [], [], []
     for path in _source_files(root):
         module = module_name(path.relative_to(root))
@@ -88,8 +91,8 @@ def load_corpus(root: str | os.PathLike | None = None) -> Corpus:
             continue
         (heldout if is_heldout(module) else train).append(Document(module, text))
     if not train or not heldout:
-        raise ValueError(f"corpus under {root} has {len(train)} train and {len(heldout)} held-out files; "
-                         "expected both splits non-empty")
+        raise ValueError(f"corpus under {root} has {len(train)} train and {len(heldout)} "
+                         "held-out files; expected both splits non-empty")
     key = lambda d: d.module  # noqa: E731
     return Corpus(sorted(train, key=key), sorted(heldout, key=key), len(undecodable), str(root),
                   sorted(undecodable))
@@ -108,7 +111,8 @@ def _source_files(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         dirnames[:] = sorted(d for d in dirnames
-                             if d not in EXCLUDED_DIRS and not (rel == Path(".") and d.startswith("config-")))
+                             if d not in EXCLUDED_DIRS
+                             and not (rel == Path(".") and d.startswith("config-")))
         found += [Path(dirpath, f) for f in sorted(filenames)
                   if f.endswith(".py") and not f.startswith("_sysconfigdata_")]
     return found

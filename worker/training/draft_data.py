@@ -70,7 +70,8 @@ class DraftDataConfig:
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature: expected a number in [0, 100], got {self.temperature!r}")
+            raise ValueError(f"temperature: expected a number in [0, 100], "
+                             f"got {self.temperature!r}")
         if not self.target_layer_ids:
             raise ValueError("target_layer_ids: expected at least one layer id")
 
@@ -119,7 +120,8 @@ def build_draft_data(target_dir: str | Path, prompts: Sequence[str | list[int]],
                 continue
             lo, hi = index * size, min(len(prompt_ids), (index + 1) * size)
             answers = _answer(engine, prompt_ids[lo:hi], lo, config)
-            shard = _record(target, [(prompt_ids[lo + i], a) for i, a in enumerate(answers)], config)
+            shard = _record(target, [(prompt_ids[lo + i], a) for i, a in enumerate(answers)],
+                            config)
             name = f"shard_{index:05d}.pt"
             _atomic_save(shard, out / name)
             manifest["shards"].append({"index": index, "file": name, "num_seqs": hi - lo,
@@ -151,11 +153,12 @@ def _record(target, seqs: list[tuple[list[int], list[int]]], config: DraftDataCo
         for b, (p, c) in enumerate(chunk):
             ids[b, :lengths[b]] = torch.tensor(p + c)
             attention[b, :lengths[b]] = 1
-        out = target.model(input_ids=ids.to(target.device), attention_mask=attention.to(target.device),
+        out = target.model(input_ids=ids.to(target.device),
+                           attention_mask=attention.to(target.device),
                            output_hidden_states=True, use_cache=False)
         # hidden_states[i + 1] is layer i's output, [0] the embeddings; the last is normed
         feats = torch.cat([out.hidden_states[i + 1] for i in config.target_layer_ids], dim=-1)
-        for b, (p, c) in enumerate(chunk):
+        for b, (p, _c) in enumerate(chunk):
             n = lengths[b]
             parts["input_ids"].append(ids[b, :n].to(torch.int32))
             parts["loss_mask"].append(torch.arange(n) >= len(p))
@@ -216,8 +219,8 @@ class DraftDataset:
         expected = self.manifest["target"]
         actual = _target_shape(target_config)
         if actual != expected:
-            raise ValueError(f"{self.dirs[0]}: the data was recorded from a target with {expected}, "
-                             f"but this target has {actual}")
+            raise ValueError(f"{self.dirs[0]}: the data was recorded from a target with "
+                             f"{expected}, but this target has {actual}")
 
     def batch(self, indices: Sequence[int]) -> DraftBatch:
         """The sequences `indices`, padded to the longest."""

@@ -73,7 +73,8 @@ def sample_anchors(batch: DraftBatch, num_anchors: int,
 
 def teacher_forced_blocks(draft: DSparkDraft, batch: DraftBatch, anchors: torch.Tensor,
                           anchor_valid: torch.Tensor) -> Blocks:
-    """The draft's outputs for every anchor block of the batch; anchors [B, A], anchor_valid [B, A]."""
+    """The draft's outputs for every anchor block of the batch; anchors [B, A],
+    anchor_valid [B, A]."""
     gamma = draft.gamma
     label_pos = anchors[..., None] + torch.arange(gamma, device=anchors.device) + 1  # [B, A, G]
     labels, valid = _labels(batch, label_pos, anchor_valid)  # [B, A, G] each
@@ -151,7 +152,8 @@ def _block_mask(anchors: torch.Tensor, width: int, gamma: int) -> torch.Tensor:
     """[B, 1, A*G, S + A*G] bool: a block's slots see context positions before its anchor and
     all slots of their own block, nothing else (docs/DSPARK.md 2)."""
     num_seqs, num_anchors = anchors.shape
-    ctx = torch.arange(width, device=anchors.device)[None, None, :] < anchors[..., None]  # [B, A, S]
+    # [B, A, S]
+    ctx = torch.arange(width, device=anchors.device)[None, None, :] < anchors[..., None]
     ctx = ctx.repeat_interleave(gamma, dim=1)  # [B, A*G, S]
     own = torch.eye(num_anchors, dtype=torch.bool, device=anchors.device)
     own = own.repeat_interleave(gamma, 0).repeat_interleave(gamma, 1)  # [A*G, A*G]

@@ -25,10 +25,13 @@ from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.draft_checkpoint import default_target_layer_ids
 from worker.engine.draft_vocab import save_ranking
 from worker.engine.engine import LLMEngine
-from worker.training.draft_data import (MANIFEST_NAME, DraftDataConfig, DraftDataset,
-                                        build_draft_data)
-from worker.training.draft_train import (SUMMARY_NAME, DraftTrainConfig, dflash_variant,
-                                         train_draft)
+from worker.training.draft_data import (
+    MANIFEST_NAME,
+    DraftDataConfig,
+    DraftDataset,
+    build_draft_data,
+)
+from worker.training.draft_train import SUMMARY_NAME, DraftTrainConfig, dflash_variant, train_draft
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,8 @@ def run_draft_data_greedy(ctx) -> dict:
 
 
 def _build_data(ctx, name: str, count: int, seed: int, data_cfg: DraftDataConfig) -> dict:
-    prompts = corpus_prefixes(ctx.corpus.train, ctx.tokenizer, count, ctx.config.draft.prompt_tokens,
-                              seed=seed)
+    prompts = corpus_prefixes(ctx.corpus.train, ctx.tokenizer, count,
+                              ctx.config.draft.prompt_tokens, seed=seed)
     build_draft_data(ctx.out / "target", prompts, ctx.out / name, data_cfg)
     manifest = json.loads((ctx.out / name / MANIFEST_NAME).read_text())
     return {"prompts": len(prompts), "shards": len(manifest.get("shards", [])),
@@ -162,7 +165,8 @@ def draft_stages(stage_type) -> list:
     return [
         stage_type("draft_data", run_draft_data, lambda ctx: _data_complete(ctx, "draft_data")),
         stage_type("draft_data_greedy", run_draft_data_greedy,
-                   lambda ctx: not ctx.config.draft.greedy_prompts or _data_complete(ctx, "draft_data_greedy")),
+                   lambda ctx: (not ctx.config.draft.greedy_prompts
+                                or _data_complete(ctx, "draft_data_greedy"))),
         stage_type("dspark", run_dspark, complete("dspark", SUMMARY_NAME)),
         stage_type("dflash", run_dflash, complete("dflash", SUMMARY_NAME)),
         stage_type("sts", run_sts, complete("dspark", "sts.json")),

@@ -103,11 +103,12 @@ class DraftTrainConfig:
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if self.markov_rank < 0 or self.markov_head_type not in MARKOV_HEAD_TYPES:
-            raise ValueError(f"expected markov_rank >= 0 and markov_head_type in {MARKOV_HEAD_TYPES}; "
-                             f"got {self.markov_rank}, {self.markov_head_type!r}")
+            raise ValueError(f"expected markov_rank >= 0 and markov_head_type in "
+                             f"{MARKOV_HEAD_TYPES}; got {self.markov_rank}, "
+                             f"{self.markov_head_type!r}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.final_lr_frac <= 1 and self.lr > 0):
-            raise ValueError(f"expected lr > 0, warmup_frac in [0, 1), final_lr_frac in [0, 1]; got "
-                             f"{self.lr}, {self.warmup_frac}, {self.final_lr_frac}")
+            raise ValueError(f"expected lr > 0, warmup_frac in [0, 1), final_lr_frac in [0, 1]; "
+                             f"got {self.lr}, {self.warmup_frac}, {self.final_lr_frac}")
 
     def trajectory(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -126,8 +127,9 @@ def train_draft(target_dir: str | Path, data_dir: str | Path | list, out_dir: st
                 work_dir: str | Path, config: DraftTrainConfig = DraftTrainConfig()) -> dict:
     """Train (or resume) a drafter for the target; save it to `out_dir` when done.
 
-    `data_dir` is one data directory or a list of them (combined). `work_dir` holds the initial draft (`init/`), `checkpoint.pt` and `log.jsonl`. Returns a
-    summary dict; its `finished` is False when `config.stop_after_steps` paused the run.
+    `data_dir` is one data directory or a list of them (combined). `work_dir` holds the initial
+    draft (`init/`), `checkpoint.pt` and `log.jsonl`. Returns a summary dict; its `finished` is
+    False when `config.stop_after_steps` paused the run.
     """
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,8 @@ def train_draft(target_dir: str | Path, data_dir: str | Path | list, out_dir: st
         state = {"step": 0, "elapsed_s": 0.0}
     log = JsonlLog(work_dir / "log.jsonl")
     finished = _run_steps(draft, optimizer, lr_schedule, data, config, state, log, work_dir)
-    summary = {"finished": finished, "steps": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
+    summary = {"finished": finished, "steps": state["step"],
+               "elapsed_s": round(state["elapsed_s"], 1),
                "num_params": sum(p.numel() for p in draft.parameters()),
                "num_trained_params": sum(p.numel() for p in draft.parameters() if p.requires_grad),
                "num_sequences": len(data), "train_config": asdict(config)}
@@ -180,7 +183,8 @@ def _optimizer(draft: DSparkDraft, config: DraftTrainConfig):
               {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]  # gains, biases
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.steps, config.warmup_frac, config.final_lr_frac))
+        optimizer,
+        lambda step: lr_factor(step, config.steps, config.warmup_frac, config.final_lr_frac))
     return optimizer, lr_schedule
 
 
@@ -244,9 +248,11 @@ def _run_steps(draft, optimizer, lr_schedule, data, config: DraftTrainConfig, st
     last_ckpt = interval_start = time.monotonic()
     interval: list[dict] = []
     save = lambda: _checkpoint(work_dir, draft, optimizer, lr_schedule, config, data, state)  # noqa: E731
-    bar = tqdm(total=config.steps, initial=state["step"], desc="draft", unit="step", mininterval=5.0)
+    bar = tqdm(total=config.steps, initial=state["step"], desc="draft", unit="step",
+               mininterval=5.0)
     while state["step"] < config.steps:
-        if config.stop_after_steps is not None and state["step"] - start_step >= config.stop_after_steps:
+        if (config.stop_after_steps is not None
+                and state["step"] - start_step >= config.stop_after_steps):
             save()
             bar.close()
             return False
@@ -263,7 +269,8 @@ def _run_steps(draft, optimizer, lr_schedule, data, config: DraftTrainConfig, st
             bar.set_postfix(loss=f"{means['loss']:.3f}", step_s=f"{step_s:.2f}")
             interval, interval_start = [], time.monotonic()
         if ((config.checkpoint_every and step % config.checkpoint_every == 0)
-                or time.monotonic() - last_ckpt >= 60 * config.checkpoint_minutes or step == config.steps):
+                or time.monotonic() - last_ckpt >= 60 * config.checkpoint_minutes
+                or step == config.steps):
             save()
             last_ckpt = time.monotonic()
     bar.close()

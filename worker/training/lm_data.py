@@ -18,7 +18,8 @@ from worker.training.corpus import Document
 def token_windows(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor:
     """All full windows of the EOS-joined token stream of `docs`.  # [num_windows, seq_len] int64"""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
+        raise ValueError(f"seq_len must be at least 2 (one input and one target token), "
+                         f"got {seq_len}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; expected one to separate documents")
@@ -27,11 +28,13 @@ def token_windows(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor
         stream += ids
         stream.append(eos)
     num_windows = len(stream) // seq_len
-    return torch.tensor(stream[: num_windows * seq_len], dtype=torch.long).view(num_windows, seq_len)
+    return torch.tensor(stream[: num_windows * seq_len],
+                        dtype=torch.long).view(num_windows, seq_len)
 
 
 def batch_at(windows: torch.Tensor, position: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The `batch_size` windows starting at global `position` of the seeded epoch order.  # [batch, seq_len]"""
+    """The `batch_size` windows starting at global `position` of the seeded epoch order.
+    # [batch, seq_len]"""
     num_windows = windows.shape[0]
     rows, orders = [], {}
     for p in range(position, position + batch_size):

@@ -43,8 +43,8 @@ def package_pair(src: Path, dst: Path) -> dict:
         for path in weights:
             tensors.update(load_file(path))
         half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        save_file({k: v.contiguous() for k, v in half.items()}, scratch / part / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in half.items()},
+                  scratch / part / "model.safetensors", metadata={"format": "pt"})
         sizes[part] = sum(f.stat().st_size for f in (scratch / part).iterdir())
     summary = {"bytes": sizes, "total_mb": round(sum(sizes.values()) / 1e6, 1)}
     (scratch / MARKER).write_text(json.dumps({**summary, "source": _source_id(src)}, indent=1))

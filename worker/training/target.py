@@ -1,7 +1,7 @@
 """The shipped target: a small Qwen3 causal LM trained from scratch on standard-library source.
 
-`target_config` gives the architecture (docs/DSPARK.md section 4: 6 layers, width 256, 4 query and 2
-key/value heads of 64, SwiGLU 768, untied embeddings; about 8.9M parameters with an 8k
+`target_config` gives the architecture (docs/DSPARK.md section 4: 6 layers, width 256, 4 query
+and 2 key/value heads of 64, SwiGLU 768, untied embeddings; about 8.9M parameters with an 8k
 vocabulary, 4.7M of them outside the embedding and output matrices). `train_target` trains it:
 EOS-joined documents cut into fixed windows in a seeded order (`lm_data`), AdamW with a linear
 warmup then a cosine decay to a tenth of the peak rate, gradient clipping, a held-out loss
@@ -37,14 +37,17 @@ tokens/s in float32 there, 8 x 512 windows), plus ~2 minutes of evaluation and c
 About 1.05 passes over the 3.05M-token train split."""
 
 
-def target_config(vocab_size: int, eos_token_id: int, pad_token_id: int, **overrides) -> Qwen3Config:
-    """The shipped target's Qwen3 config; keyword `overrides` (e.g. tiny sizes for tests) replace defaults."""
-    params = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64, intermediate_size=768, max_position_embeddings=2048, rope_theta=10000.0,
-                  tie_word_embeddings=False)
+def target_config(vocab_size: int, eos_token_id: int, pad_token_id: int,
+                  **overrides) -> Qwen3Config:
+    """The shipped target's Qwen3 config; keyword `overrides` (e.g. tiny sizes for tests)
+    replace defaults."""
+    params = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, intermediate_size=768,
+                  max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False)
     unknown = sorted(set(overrides) - set(Qwen3Config().to_dict()))
     if unknown:
-        raise ValueError(f"unknown Qwen3Config fields {unknown}; expected names such as {sorted(params)}")
+        raise ValueError(f"unknown Qwen3Config fields {unknown}; "
+                         f"expected names such as {sorted(params)}")
     params.update(overrides)
     return Qwen3Config(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, **params)
@@ -52,7 +55,8 @@ def target_config(vocab_size: int, eos_token_id: int, pad_token_id: int, **overr
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the target is trained. Fields above `eval_tokens` shape the result; a resume must keep them."""
+    """How the target is trained. Fields above `eval_tokens` shape the result; a resume must
+    keep them."""
 
     target_tokens: int = DEFAULT_TARGET_TOKENS
     """Token budget: the run takes target_tokens // (batch_size * seq_len) optimizer steps."""
@@ -94,11 +98,11 @@ class TrainConfig:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
         if self.target_tokens < self.tokens_per_step:
-            raise ValueError(f"target_tokens: expected at least one step of {self.tokens_per_step} tokens, "
-                             f"got {self.target_tokens}")
+            raise ValueError(f"target_tokens: expected at least one step of "
+                             f"{self.tokens_per_step} tokens, got {self.target_tokens}")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.final_lr_frac <= 1 and self.lr > 0):
-            raise ValueError(f"expected lr > 0, warmup_frac in [0, 1), final_lr_frac in [0, 1]; got "
-                             f"{self.lr}, {self.warmup_frac}, {self.final_lr_frac}")
+            raise ValueError(f"expected lr > 0, warmup_frac in [0, 1), final_lr_frac in [0, 1]; "
+                             f"got {self.lr}, {self.warmup_frac}, {self.final_lr_frac}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -116,7 +120,8 @@ class TrainConfig:
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, final_frac: float) -> float:
-    """Multiplier of the peak rate for optimizer step `step` (0-based): linear warmup, cosine to `final_frac`."""
+    """Multiplier of the peak rate for optimizer step `step` (0-based): linear warmup, cosine
+    to `final_frac`."""
     warmup = max(1, round(total_steps * warmup_frac))
     if step < warmup:
         return (step + 1) / warmup
@@ -142,10 +147,12 @@ def evaluate(model, windows: torch.Tensor, batch_size: int) -> float:
 
 
 def heldout_windows(tokenizer, corpus: Corpus, seq_len: int, eval_tokens: int) -> torch.Tensor:
-    """The first whole windows of the held-out stream, at most `eval_tokens` tokens.  # [n, seq_len]"""
+    """The first whole windows of the held-out stream, at most `eval_tokens` tokens.
+    # [n, seq_len]"""
     windows = token_windows(tokenizer, corpus.heldout, seq_len)
     if windows.shape[0] == 0:
-        raise ValueError(f"the held-out split has fewer than seq_len={seq_len} tokens; expected at least one window")
+        raise ValueError(f"the held-out split has fewer than seq_len={seq_len} tokens; "
+                         f"expected at least one window")
     return windows[: max(1, eval_tokens // seq_len)]
 
 
@@ -160,26 +167,31 @@ def train_target(corpus: Corpus, tokenizer, out_dir, work_dir, *, model_config: 
     work_dir.mkdir(parents=True, exist_ok=True)
     train_windows = token_windows(tokenizer, corpus.train, train.seq_len)  # [num_windows, seq_len]
     if train_windows.shape[0] < train.batch_size:
-        raise ValueError(f"the train split has {train_windows.shape[0]} windows of {train.seq_len} tokens; "
-                         f"expected at least batch_size={train.batch_size}")
+        raise ValueError(f"the train split has {train_windows.shape[0]} windows of "
+                         f"{train.seq_len} tokens; expected at least batch_size={train.batch_size}")
     eval_windows = heldout_windows(tokenizer, corpus, train.seq_len, train.eval_tokens)
     model, optimizer, lr_schedule = _build(model_config, train)
     log = JsonlLog(work_dir / "log.jsonl")
-    state = _restore(work_dir, model, optimizer, lr_schedule, model_config, train) if resume else None
+    state = (_restore(work_dir, model, optimizer, lr_schedule, model_config, train)
+             if resume else None)
     if state is None:
         state = {"step": 0, "position": 0, "elapsed_s": 0.0,
                  "initial_heldout_loss": evaluate(model, eval_windows, train.batch_size)}
         log.write(step=0, tokens=0, heldout_loss=state["initial_heldout_loss"], elapsed_s=0.0)
-    finished = _Loop(model, optimizer, lr_schedule, train_windows, eval_windows, train, state, log, work_dir).run()
-    summary = {"finished": finished, "steps": state["step"], "tokens": state["step"] * train.tokens_per_step,
-               "initial_heldout_loss": state["initial_heldout_loss"], "elapsed_s": round(state["elapsed_s"], 1),
+    finished = _Loop(model, optimizer, lr_schedule, train_windows, eval_windows, train, state, log,
+                     work_dir).run()
+    summary = {"finished": finished, "steps": state["step"],
+               "tokens": state["step"] * train.tokens_per_step,
+               "initial_heldout_loss": state["initial_heldout_loss"],
+               "elapsed_s": round(state["elapsed_s"], 1),
                "num_params": sum(p.numel() for p in model.parameters()),
                "train_windows": train_windows.shape[0], "eval_tokens": eval_windows.numel(),
                "train_config": asdict(train)}
     if finished:
         summary["final_heldout_loss"] = evaluate(model, eval_windows, train.batch_size)
-        log.write(step=state["step"], tokens=summary["tokens"], heldout_loss=summary["final_heldout_loss"],
-                  elapsed_s=summary["elapsed_s"], final=True)
+        log.write(step=state["step"], tokens=summary["tokens"],
+                  heldout_loss=summary["final_heldout_loss"], elapsed_s=summary["elapsed_s"],
+                  final=True)
         _save_final(model, tokenizer, out_dir, summary)
     return summary
 
@@ -194,7 +206,8 @@ def _build(model_config: Qwen3Config, train: TrainConfig):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train.total_steps, train.warmup_frac, train.final_lr_frac))
+        optimizer,
+        lambda step: lr_factor(step, train.total_steps, train.warmup_frac, train.final_lr_frac))
     return model, optimizer, lr_schedule
 
 
@@ -213,7 +226,8 @@ def _restore(work_dir, model, optimizer, lr_schedule, model_config, train) -> di
 def _checkpoint(work_dir, model, optimizer, lr_schedule, model_config, train, state) -> None:
     save_checkpoint(work_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": lr_schedule.state_dict(), "progress": dict(state),
-                               "model_config": _comparable(model_config), "trajectory": train.trajectory()})
+                               "model_config": _comparable(model_config),
+                               "trajectory": train.trajectory()})
 
 
 def _comparable(config: Qwen3Config) -> dict:
@@ -221,32 +235,39 @@ def _comparable(config: Qwen3Config) -> dict:
 
 
 class _Loop:
-    """The step loop of one call: optimizer steps, plus logging, evaluation and checkpoints between them."""
+    """The step loop of one call: optimizer steps, plus logging, evaluation and checkpoints
+    between them."""
 
     def __init__(self, model, optimizer, lr_schedule, windows, eval_windows, train: TrainConfig,
                  state: dict, log: JsonlLog, work_dir: Path):
         self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
         self.windows, self.eval_windows = windows, eval_windows  # [num_windows, seq_len] each
         self.train, self.state, self.log, self.work_dir = train, state, log, work_dir
-        self.start_step, self.start_elapsed, self.start_time = state["step"], state["elapsed_s"], time.monotonic()
+        self.start_step, self.start_elapsed, self.start_time = (state["step"], state["elapsed_s"],
+                                                                time.monotonic())
         self.last_checkpoint = self.interval_start = time.monotonic()
         self.interval_losses: list[float] = []
 
     def run(self) -> bool:
         """Steps until the budget is spent (True) or `stop_after_steps` pauses the run (False)."""
         train, state = self.train, self.state
-        with tqdm(total=train.total_steps, initial=state["step"], desc="target", unit="step", mininterval=5.0) as bar:
+        with tqdm(total=train.total_steps, initial=state["step"], desc="target", unit="step",
+                  mininterval=5.0) as bar:
             while state["step"] < train.total_steps:
-                if train.stop_after_steps is not None and state["step"] - self.start_step >= train.stop_after_steps:
+                if (train.stop_after_steps is not None
+                        and state["step"] - self.start_step >= train.stop_after_steps):
                     self.checkpoint()
                     return False
                 self.interval_losses.append(self.step())
                 bar.update(1)
                 if state["step"] % train.log_every == 0 or state["step"] == train.total_steps:
                     bar.set_postfix_str(self.log_interval())
-                if train.eval_every and state["step"] % train.eval_every == 0 and state["step"] < train.total_steps:
-                    self.log.write(step=state["step"], tokens=self.tokens(), elapsed_s=round(state["elapsed_s"], 1),
-                                   heldout_loss=evaluate(self.model, self.eval_windows, train.batch_size))
+                if (train.eval_every and state["step"] % train.eval_every == 0
+                        and state["step"] < train.total_steps):
+                    self.log.write(step=state["step"], tokens=self.tokens(),
+                                   elapsed_s=round(state["elapsed_s"], 1),
+                                   heldout_loss=evaluate(self.model, self.eval_windows,
+                                                         train.batch_size))
                     self.interval_start = time.monotonic()  # evaluation time is not training time
                 if self.checkpoint_due():
                     self.checkpoint()
@@ -255,7 +276,8 @@ class _Loop:
     def step(self) -> float:
         """One optimizer step on the next batch; returns its training loss."""
         train, state = self.train, self.state
-        ids = batch_at(self.windows, state["position"], train.batch_size, train.seed)  # [batch, seq_len]
+        # [batch, seq_len]
+        ids = batch_at(self.windows, state["position"], train.batch_size, train.seed)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.bf16_autocast):
             loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -274,20 +296,23 @@ class _Loop:
     def log_interval(self) -> str:
         now = time.monotonic()
         loss = sum(self.interval_losses) / len(self.interval_losses)
-        speed = len(self.interval_losses) * self.train.tokens_per_step / max(1e-9, now - self.interval_start)
-        self.log.write(step=self.state["step"], tokens=self.tokens(), loss=loss, lr=self.lr_schedule.get_last_lr()[0],
-                       tokens_per_s=round(speed, 1), elapsed_s=round(self.state["elapsed_s"], 1))
+        speed = (len(self.interval_losses) * self.train.tokens_per_step
+                 / max(1e-9, now - self.interval_start))
+        self.log.write(step=self.state["step"], tokens=self.tokens(), loss=loss,
+                       lr=self.lr_schedule.get_last_lr()[0], tokens_per_s=round(speed, 1),
+                       elapsed_s=round(self.state["elapsed_s"], 1))
         self.interval_losses, self.interval_start = [], now
         return f"loss={loss:.3f} tok/s={speed:.0f}"
 
     def checkpoint_due(self) -> bool:
         step, train = self.state["step"], self.train
-        return (step == train.total_steps or bool(train.checkpoint_every and step % train.checkpoint_every == 0)
+        return (step == train.total_steps
+                or bool(train.checkpoint_every and step % train.checkpoint_every == 0)
                 or time.monotonic() - self.last_checkpoint >= 60 * train.checkpoint_minutes)
 
     def checkpoint(self) -> None:
-        _checkpoint(self.work_dir, self.model, self.optimizer, self.lr_schedule, self.model.config, self.train,
-                    self.state)
+        _checkpoint(self.work_dir, self.model, self.optimizer, self.lr_schedule, self.model.config,
+                    self.train, self.state)
         self.last_checkpoint = time.monotonic()
 
 
@@ -296,4 +321,5 @@ def _save_final(model, tokenizer, out_dir: Path, summary: dict) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks completion
+    # last: marks completion
+    (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")

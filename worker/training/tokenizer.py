@@ -22,9 +22,12 @@ EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 
 
-def train_tokenizer(corpus: Corpus, out_dir: str | os.PathLike, vocab_size: int = 8192) -> PreTrainedTokenizerFast:
-    """Train on `corpus.train`, save to `out_dir`, and return the tokenizer (at most `vocab_size` entries)."""
-    return train_byte_bpe((doc.text for doc in corpus.train), out_dir, vocab_size, num_texts=len(corpus.train))
+def train_tokenizer(corpus: Corpus, out_dir: str | os.PathLike,
+                    vocab_size: int = 8192) -> PreTrainedTokenizerFast:
+    """Train on `corpus.train`, save to `out_dir`, and return the tokenizer (at most
+    `vocab_size` entries)."""
+    return train_byte_bpe((doc.text for doc in corpus.train), out_dir, vocab_size,
+                          num_texts=len(corpus.train))
 
 
 def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int,
@@ -32,8 +35,8 @@ def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size:
     """A byte-level BPE tokenizer with sparkgrid's two special tokens, trained on `texts`."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
-        raise ValueError(f"vocab_size must be at least {len(alphabet) + 2} (256 bytes + 2 special tokens), "
-                         f"got {vocab_size}")
+        raise ValueError(f"vocab_size must be at least {len(alphabet) + 2} "
+                         f"(256 bytes + 2 special tokens), got {vocab_size}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -1,9 +1,10 @@
 """Training bookkeeping on disk: atomic checkpoints and a JSON-lines log.
 
-A checkpoint holds everything a run needs to continue exactly: model, optimizer and learning-rate schedule
-states, RNG states, the step, the data position (windows consumed) and the elapsed time, plus
-the settings that shaped the run so a resume with different ones is refused. It is written to
-a temporary file and renamed into place, so a crash mid-write leaves the previous one intact.
+A checkpoint holds everything a run needs to continue exactly: model, optimizer and
+learning-rate schedule states, RNG states, the step, the data position (windows consumed) and
+the elapsed time, plus the settings that shaped the run so a resume with different ones is
+refused. It is written to a temporary file and renamed into place, so a crash mid-write leaves
+the previous one intact.
 
 Knows: files. Does not know: what is being trained.
 """
@@ -46,8 +47,9 @@ def check_same_run(saved: dict, current: dict, what: str, work_dir: Path) -> Non
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume from {Path(work_dir) / CHECKPOINT_NAME}: {what} changed ({details}); "
-                         "use the original settings, or delete the checkpoint to start over")
+        raise ValueError(f"cannot resume from {Path(work_dir) / CHECKPOINT_NAME}: {what} changed "
+                         f"({details}); use the original settings, or delete the checkpoint to "
+                         "start over")
 
 
 class JsonlLog:
