@@ -7,7 +7,7 @@ of `--by` first. A user error (a bad day, Redis unreachable) raises ValueError n
 option; the table's `main` prints it and exits 2.
 
 Knows: options and where output goes. Does not know: the arithmetic (`reports.py`) or the
-formats (`report_formats.py`).
+formats (`report_formats.py`, `report_html.py`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_report(args) -> int:
 
 
 async def _render(args, since: str, until: str) -> str:
-    from scheduler import report_formats
+    from scheduler import report_formats, report_html
     from scheduler.redis_store import RedisStore
     from scheduler.reports import build_reports
 
@@ -80,7 +80,7 @@ async def _render(args, since: str, until: str) -> str:
         if args.format == "html":
             order = [args.by] + [by for by in BY if by != args.by]
             reports = await build_reports(store, since, until, order)
-            return report_formats.to_html(reports, {"Redis key prefix": args.redis_prefix})
+            return report_html.to_html(reports, {"Redis key prefix": args.redis_prefix})
         report = (await build_reports(store, since, until, (args.by,)))[args.by]
     except SchedulerError as err:
         raise ValueError(str(err)) from None

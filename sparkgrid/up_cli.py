@@ -63,8 +63,9 @@ def up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=port_or_off, default=9464,
                    help="the scheduler's Prometheus port (-1: off)")
     p.add_argument("--dashboard-port", type=port, default=8265, help="the Ray dashboard's port")
-    p.add_argument("--price-per-hour", type=number_in(0, 1e6), default=0.10, help="the workers' price, USD "
-                   "per hour (notional for a CPU; it gives the cost reports GPU costs)")
+    p.add_argument("--price-per-hour", type=number_in(0, 1e6), default=0.10,
+                   help="the workers' price, USD per hour (notional for a CPU; it gives the cost "
+                        "reports GPU costs)")
 
 
 def _stack(args, **changes):
@@ -265,7 +266,8 @@ def _figures(client, last, seconds: float) -> str:
     spec = job.spec
     tau = f"{1 + spec.accepted_tokens / spec.spec_steps:.2f}" if spec.spec_steps else "-"
     n = last.usage.completion_tokens
-    return (f"    [{n} tokens in {seconds:.2f} s, {n / seconds:.0f} tok/s; finish {last.finish_reason}; "
+    return (f"    [{n} tokens in {seconds:.2f} s, {n / seconds:.0f} tok/s; "
+            f"finish {last.finish_reason}; "
             f"worker {', '.join(job.workers)}; accepted length {tau}; "
             f"draft tokens accepted {spec.accepted_tokens}/{spec.verified_tokens} verified]")
 

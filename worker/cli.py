@@ -25,11 +25,12 @@ from sparkgrid.options import UsageError, int_at_least, number_in
 from worker import launcher
 from worker.models import shipped_pair
 
-BUILTIN_PROMPTS = (
-    "def fibonacci(n):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "import json\n\ndef load_config(path):\n",
-    "for i in range(10):\n",
+BUILTIN_PROMPTS = (  # no trailing newline: the tokenizer merges a newline with the next line's
+    # indentation, so a prompt ending in a bare newline tells the model "no indent follows"
+    "def fibonacci(n):",
+    "class Stack:\n    def __init__(self):",
+    "import json\n\ndef load_config(path):",
+    "for i in range(10):",
 )
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 POLICIES = ("ar", "fixed", "threshold", "prefix")

@@ -14,7 +14,8 @@ from decimal import Decimal
 
 import pytest
 
-from scheduler.report_formats import to_csv, to_html, to_json, to_table
+from scheduler.report_formats import to_csv, to_json, to_table
+from scheduler.report_html import to_html
 from scheduler.reports import BY, COLUMNS, ROUNDING, TOTAL, build_reports
 
 SINCE, UNTIL = "2025-06-01", "2025-06-07"
@@ -99,7 +100,8 @@ def test_json_states_the_range_and_carries_money_as_six_decimal_strings(reports,
     doc = json.loads(to_json(r))
     assert (doc["by"], doc["since"], doc["until"], doc["timezone"]) == (by, SINCE, UNTIL, "UTC")
     assert doc["rounding"] == ROUNDING and doc["generated_at"] == r.generated_at
-    assert [(c["name"], c["unit"]) for c in doc["columns"]] == [(c.name, c.unit) for c in COLUMNS[by]]
+    assert [(c["name"], c["unit"]) for c in doc["columns"]] == \
+        [(c.name, c.unit) for c in COLUMNS[by]]
     assert all(c["doc"] for c in doc["columns"])
     for row in doc["rows"] + [doc["totals"]]:
         for name in money_columns(r):
