@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh-machine setup; safe to rerun. Creates .venv (if missing), installs torch first with
-# an exact pin, then sparkgrid in editable mode with its dev extra.
+# an exact pin, then sparkgrid in editable mode with its worker (engine) and dev extras.
 #
 # SPARKGRID_TORCH_SPEC  the pip requirement for torch; default torch==2.13.0.
 #   Why an exact pin and why first: where pip has a local CPU wheel of that version it takes
@@ -39,6 +39,6 @@ pip_install=("$venv/bin/python" -m pip install --quiet --disable-pip-version-che
 if [[ $torch_spec != system ]]; then
     "${pip_install[@]}" "$torch_spec"
 fi
-"${pip_install[@]}" -e '.[dev]'
+"${pip_install[@]}" -e '.[worker,dev]'
 
 "$venv/bin/python" -c 'import torch; print(f"bootstrap: .venv ready (torch {torch.__version__})")' >&2

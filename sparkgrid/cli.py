@@ -18,6 +18,8 @@ import sys
 
 from sparkgrid.options import Parser, UsageError
 
+ENGINE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "tqdm", "ninja")
+"""The `worker` extra: what the engine's commands need and the scheduler's never load."""
 COMMANDS = {  # name: (module, help)
     "engine": ("worker.cli", "a small generation run of the DSpark engine on this machine"),
     "worker": ("worker.cli", "join this machine's GPU to the network: a detached, named worker "
@@ -58,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         return args.run(args)
+    except ModuleNotFoundError as err:
+        if err.name not in ENGINE_PACKAGES:
+            raise
+        print(f"error: `sparkgrid {command}` runs the engine, which needs the `worker` extra "
+              f"(missing: {err.name}); install it with: pip install 'sparkgrid[worker]'",
+              file=sys.stderr)
+        return 2
     except (UsageError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

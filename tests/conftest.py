@@ -13,7 +13,8 @@ from worker.tiny import build_target, build_tokenizer
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="torch device for device-aware tests, e.g. cpu, cuda, cuda:1")
+    parser.addoption("--device", default="cpu",
+                     help="torch device for device-aware tests, e.g. cpu, cuda, cuda:1")
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
@@ -26,7 +27,8 @@ def pytest_configure(config):
     device = config.getoption("--device")
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise pytest.UsageError(f"--device {device} asked for, but this torch ({torch.__version__}) sees no CUDA device")
+            raise pytest.UsageError(f"--device {device} asked for, but this torch "
+                                    f"({torch.__version__}) sees no CUDA device")
 
 
 def pytest_collection_modifyitems(config, items):

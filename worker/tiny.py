@@ -84,7 +84,8 @@ def build_target(
         head_dim=head_dim or hidden_size // num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        # Wider than the usual 0.02: random weights then give varied greedy text, not one token repeated.
+        # Wider than the usual 0.02: random weights then give varied greedy text, not one token
+        # repeated.
         initializer_range=0.15,
         tie_word_embeddings=False,
         bos_token_id=None,
@@ -103,7 +104,8 @@ def build_target(
     return out_dir
 
 
-def build_demo_pair(out_dir, *, family: str = "qwen3", head_type: str = "vanilla", seed: int = 0) -> tuple[Path, Path]:
+def build_demo_pair(out_dir, *, family: str = "qwen3", head_type: str = "vanilla",
+                    seed: int = 0) -> tuple[Path, Path]:
     """Build a tiny target (with tokenizer) and a random DSpark draft for it under `out_dir`.
 
     Returns (target_dir, draft_dir).

@@ -10,6 +10,7 @@ would dominate the time; `prefix` itself is covered by the engine's own tests.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -151,3 +152,18 @@ def test_engine_defaults_to_the_shipped_pair_when_installed(tmp_path, monkeypatc
     monkeypatch.setenv("SPARKGRID_HOME", str(tmp_path / "home"))
     assert main(["engine", "--verify-policy", "fixed", "--max-tokens", "4", "--json"]) == 0
     assert not (tmp_path / "home" / "tiny-pair").exists()
+
+
+def test_an_engine_command_without_the_worker_extra_says_what_to_install(tmp_path):
+    """A head-only install (no torch) gets one line naming the extra, not a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None  # as if torch were not installed\n"
+            "from sparkgrid.cli import main\n"
+            "sys.exit(main(['engine', '--max-tokens', '2', '--num-prompts', '1']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "SPARKGRID_HOME": str(tmp_path)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "sparkgrid[worker]" in out.stderr and "missing: torch" in out.stderr
+    assert "Traceback" not in out.stderr
