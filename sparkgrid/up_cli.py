@@ -120,6 +120,8 @@ def _print_info(stack, info: dict) -> None:
     if info.get("metrics_url"):
         _say(f"  metrics:    {info['metrics_url']}")
     _say(f"  written to: {stack.home / 'up.json'}")
+    _say(f"  a worker more, from another shell of this user (Ray's token in ~/.ray/auth_token): "
+         f"sparkgrid worker --ray-address {info['ray_address']} --target DIR --draft DIR")
     _say("")
 
 

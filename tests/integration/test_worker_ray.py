@@ -69,7 +69,8 @@ def test_launcher_starts_a_named_detached_worker_pinned_to_this_node(worker_a):
     assert stats["node_id"] == ray.get_runtime_context().get_node_id()
     assert stats["sps"] and stats["sps"]["batch_tokens"][0] == 1
     assert "worker w-a ready" in printed and stats["node_ip"] in printed and "SPS(B)" in printed
-    info = ray.util.state.get_actor(handle._actor_id.hex())
+    info = ray.util.state.get_actor(handle._actor_id.hex(),
+                                    address=ray.get_runtime_context().gcs_address)
     assert info.name == "w-a" and info.ray_namespace == actor.NAMESPACE and info.state == "ALIVE"
 
 
