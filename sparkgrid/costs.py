@@ -11,23 +11,40 @@ works on anything with arithmetic and `clamp`, so a torch tensor or a float).
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 from dataclasses import asdict, dataclass
 
 
-def piecewise_linear(xs: list[float], ys: list[float], x: float) -> float:
+def piecewise_linear(xs: list[float], ys: list[float], x):
     """y(x) through the points (xs strictly increasing): linear between two points; before the
     first, the first segment; past the last, the last slope, but never a negative one (a noisy
-    profile must not predict that more work takes less time). One point: flat."""
-    if len(xs) == 1:
-        return ys[0]
-    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
-    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    if x > xs[-1]:
-        return ys[-1] + max(slope, 0.0) * (x - xs[-1])
-    return ys[i] + slope * (x - xs[i])
+    profile must not predict that more work takes less time). One point: flat.
+
+    `x` is a number, or a torch tensor (float64) for many at once: the line is written as a
+    sum of hinges, one per segment, so that it needs only arithmetic and `clamp`, and this one
+    rule serves the router (floats) and the engine (tensors) alike."""
+    if hasattr(x, "clamp"):
+        def hinge(at, low, high):
+            return (x - at).clamp(min=low, max=high)
+    else:
+        def hinge(at, low, high):
+            return _clamped(x - at, low, high)
+    y = x * 0.0 + ys[0]
+    slope = 0.0
+    for i in range(len(xs) - 1):
+        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+        # segment i: its slope across its width; the first one extends before the first point
+        y = y + slope * hinge(xs[i], None if i == 0 else 0, xs[i + 1] - xs[i])
+    return y + max(slope, 0.0) * hinge(xs[-1], 0, None)  # past the last point
+
+
+def _clamped(v: float, low, high) -> float:
+    if low is not None and v < low:
+        return low
+    if high is not None and v > high:
+        return high
+    return v
 
 
 def json_object(text: str, name: str, fields: tuple[str, ...]) -> dict:
@@ -78,24 +95,18 @@ class SPSTable:
         """Predicted steps per second for a forward of `num_tokens` (>= 1) tokens."""
         if num_tokens < 1:
             raise ValueError(f"SPSTable covers forwards of >= 1 token; got {num_tokens}")
-        times = [1.0 / s for s in self.steps_per_second]
-        return 1.0 / piecewise_linear(self.batch_tokens, times, num_tokens)
+        return 1.0 / piecewise_linear(self.batch_tokens, self._times(), num_tokens)
 
     def step_time(self, num_tokens):
         """Predicted seconds per forward for each entry of `num_tokens` (a torch tensor of
-        counts >= 1; float64 on the CPU comes back), in one pass: the interpolation written
-        as a sum of hinges, one per segment, so that it needs only `clamp` and arithmetic."""
+        counts >= 1); float64 on the CPU comes back."""
         tokens = num_tokens.double().cpu()
         if tokens.numel() and float(tokens.min()) < 1:
             raise ValueError(f"SPSTable covers forwards of >= 1 token; got {float(tokens.min())}")
-        xs, ts = self.batch_tokens, [1.0 / s for s in self.steps_per_second]
-        out = tokens * 0.0 + ts[0]
-        for i in range(len(xs) - 1):  # segment i: its slope over its width, none past it
-            slope = (ts[i + 1] - ts[i]) / (xs[i + 1] - xs[i])
-            out = out + slope * (tokens - xs[i]).clamp(min=0, max=xs[i + 1] - xs[i])
-            if i == len(xs) - 2:  # past the last point: the last slope, never below 0
-                out = out + max(slope, 0.0) * (tokens - xs[-1]).clamp(min=0)
-        return out
+        return piecewise_linear(self.batch_tokens, self._times(), tokens)
+
+    def _times(self) -> list[float]:
+        return [1.0 / s for s in self.steps_per_second]
 
     def at_rows(self, rows: int) -> "SPSTable":
         """The cost of a forward of `rows` sequences by its tokens: this table itself, which

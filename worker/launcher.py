@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sparkgrid.contract import WorkerStats
+from sparkgrid.options import int_at_least, number_in
 from worker.worker_config import WorkerConfig
 
 READY_POLL_S = 0.5
@@ -62,20 +63,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--gpu-type", metavar="G",
                    help="what the device is, e.g. 'RTX 4090' (default: detected)")
-    p.add_argument("--price-per-hour", type=float, default=0.0, metavar="USD",
+    p.add_argument("--price-per-hour", type=number_in(0, 1e6), default=0.0, metavar="USD",
                    help="what this device costs per hour (default 0)")
     p.add_argument("--name", metavar="N",
                    help="worker name, unique in the cluster (default: host-device)")
-    p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--max-batch-tokens", type=int_at_least(1), default=512, metavar="N",
                    help="most tokens in one verify forward (default 512)")
-    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+    p.add_argument("--draft-vocab", type=int_at_least(0), default=0, metavar="N",
                    help="draft only the N tokens the target writes most often (needs the "
                         "draft's draft_vocab.json; default 0: the full vocabulary)")
-    p.add_argument("--emulate-slowdown", type=float, default=1.0, metavar="F",
+    p.add_argument("--emulate-slowdown", type=number_in(1, 1000), default=1.0, metavar="F",
                    help="benchmarks only: make every engine step F times slower (default 1)")
     p.add_argument("--foreground", action="store_true",
                    help="stay; on Ctrl-C drain the worker and remove it")
-    p.add_argument("--ready-timeout", type=float, default=900.0, metavar="S",
+    p.add_argument("--ready-timeout", type=number_in(0, 86400, open_low=True), default=900.0,
+                   metavar="S",
                    help="seconds loading may take (default 900)")
     p.add_argument("--stop", metavar="NAME", help="drain and remove the worker NAME, then exit")
 
@@ -93,8 +95,6 @@ def options_from_args(args, check_model_dir, sps_cache_dir: str | None) -> Launc
         price_per_hour=args.price_per_hour, max_batch_tokens=args.max_batch_tokens,
         draft_vocab_size=args.draft_vocab, emulate_slowdown=args.emulate_slowdown,
         sps_cache_dir=sps_cache_dir)
-    if not args.ready_timeout > 0:
-        raise LaunchError(f"--ready-timeout: expected seconds > 0, got {args.ready_timeout}")
     return LaunchOptions(args.ray_address, config, args.foreground, args.ready_timeout,
                          detect_gpu_type=not args.gpu_type)
 

@@ -70,9 +70,11 @@ def test_malformed_ray_address(capsys, models):
 
 @pytest.mark.parametrize("option, value, field", [
     ("--name", "my worker!", "name"),
-    ("--price-per-hour", "-2", "price_per_hour"),
-    ("--emulate-slowdown", "0.5", "emulate_slowdown"),
-    ("--draft-vocab", "-1", "draft_vocab_size"),
+    ("--price-per-hour", "-2", "--price-per-hour"),
+    ("--emulate-slowdown", "0.5", "--emulate-slowdown"),
+    ("--draft-vocab", "-1", "--draft-vocab"),
+    ("--max-batch-tokens", "0", "--max-batch-tokens"),
+    ("--ready-timeout", "0", "--ready-timeout"),
 ])
 def test_bad_values_name_the_field(capsys, models, option, value, field):
     err = _error(capsys, ["worker", "--ray-address", "auto", *models, option, value])
