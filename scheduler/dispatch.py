@@ -44,7 +44,7 @@ from scheduler.quota import Admission
 from scheduler.requests import JobRequest
 from scheduler.router import Router
 from scheduler.worker_pool import WorkerLost, WorkerRefused
-from sparkgrid.contract import Resume
+from sparkgrid.contract import Chunk, Resume
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
@@ -245,6 +245,9 @@ class Dispatcher:
                     self.metrics.ttft.labels(req.model).observe(time.perf_counter() - run.arrived)
                 if chunk.finish_reason == "abort" and not run.cancelled:
                     raise WorkerLost(f"worker {worker} aborted the job by itself")
+                if (broken := self._broken_rule(run, chunk)) is not None:
+                    self.pool.strike(worker, broken)  # nothing of this chunk is delivered
+                    raise WorkerLost(f"worker {worker} {broken}")
                 run.delivered_ids.extend(chunk.token_ids)
                 run.text.append(chunk.text)
                 part.add(chunk)
@@ -260,6 +263,19 @@ class Dispatcher:
             run.worker = None
             inflight.dec()
             await stream.aclose()
+
+    def _broken_rule(self, run: _Run, chunk: Chunk) -> str | None:
+        """What is wrong with a worker's chunk, or None: the scheduler never delivers (so never
+        bills) more than the job's max_tokens, nor a token outside the model's vocabulary."""
+        total = len(run.delivered_ids) + len(chunk.token_ids)
+        if total > run.request.max_tokens:
+            return (f"sent {total} tokens for a job of max_tokens {run.request.max_tokens}")
+        info = self.pool.model(run.request.model)
+        vocab = info.vocab_size if info is not None else None
+        if vocab is not None and any(t >= vocab for t in chunk.token_ids):
+            bad = next(t for t in chunk.token_ids if t >= vocab)
+            return f"sent token id {bad}, outside the vocabulary of {vocab}"
+        return None
 
     def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
         return Piece(run.job_id, text, list(token_ids), reason,

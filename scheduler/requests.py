@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import InvalidArgument, Unavailable
-from sparkgrid.contract import SamplingParams
+from sparkgrid.contract import GREEDY_BELOW, SamplingParams
 
 MAX_MODEL_NAME_CHARS = 256
 MAX_SEED = 2**63
@@ -56,6 +56,7 @@ class JobRequest:
         request_id = _request_id(fields.get("request_id") or "", config)
         stop = _stop(fields.get("stop") or (), config)
         temperature = _number(fields.get("temperature"), "temperature", 1.0, 0.0, 2.0)
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature  # see GREEDY_BELOW
         top_p = _number(fields.get("top_p"), "top_p", 1.0, 0.0, 1.0, open_low=True)
         seed = fields.get("seed")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < MAX_SEED):

@@ -133,7 +133,9 @@ def _job(record: dict) -> pb.Job:
 
 def _worker(status) -> pb.Worker:
     s = status.stats
-    state = "unhealthy" if not status.healthy or s.state in ("failed", "stopped") else s.state
+    state = ("quarantined" if status.quarantined
+             else "unhealthy" if not status.healthy or s.state in ("failed", "stopped")
+             else s.state)
     return pb.Worker(
         name=s.name, node_ip=s.node_ip, gpu_type=s.gpu_type, device_name=s.device_name,
         model=s.model_id, state=state, num_waiting=s.num_waiting, num_running=s.num_running,

@@ -42,6 +42,8 @@ JOB_LEASE_S = 10.0
 worker renews the leases of the jobs streaming from it, so only a scheduler that died (or
 stalled this long) loses them. Ray itself would let an orphaned job run to `max_tokens`."""
 MAX_READ_GAP_S = 5.0
+STRIKES_TO_QUARANTINE = 3
+"""Jobs a worker may break the rules of before it gets no more (each one already fails over)."""
 
 
 class WorkerLost(Exception):
@@ -88,6 +90,8 @@ class WorkerStatus:
     stats: WorkerStats
     healthy: bool
     pending_requests: int
+    quarantined: str | None = None
+    """Why the scheduler sends it nothing more (None: it is not quarantined)."""
 
 
 @dataclass
@@ -101,11 +105,14 @@ class _Worker:
     accepted: int = 0  # the worker's `requests` counter at the last read
     last_read: float | None = None  # monotonic time of the last good read
     streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
+    strikes: list = field(default_factory=list)  # what it did against the rules, in order
+    quarantined: str | None = None  # why it gets no more jobs (None: it does)
 
     def snapshot(self) -> WorkerSnapshot:
         s = self.stats
         return WorkerSnapshot(
-            name=self.name, model=s.model_id, state=s.state, healthy=self.healthy,
+            name=self.name, model=s.model_id,
+            state="quarantined" if self.quarantined else s.state, healthy=self.healthy,
             num_waiting=s.num_waiting, num_running=s.num_running,
             remaining_tokens=s.remaining_tokens, tokens_per_s=s.tokens_per_s,
             mean_accept_length=s.mean_accept_length, sps=s.sps, max_num_seqs=s.max_num_seqs,
@@ -157,7 +164,7 @@ class WorkerPool:
 
     def stats(self) -> list[WorkerStatus]:
         """Each worker's latest figures, with its health and the pool's pending count."""
-        return [WorkerStatus(w.stats, w.healthy, len(w.sent))
+        return [WorkerStatus(w.stats, w.healthy, len(w.sent), w.quarantined)
                 for w in sorted(self._workers.values(), key=lambda w: w.name)]
 
     def worker_stats(self, name: str) -> WorkerStats | None:
@@ -357,6 +364,20 @@ class WorkerPool:
             acc = self._time.setdefault((name, day), [0, 0, reg])
             acc[0] += online
             acc[1] += active
+
+    def strike(self, name: str, reason: str) -> None:
+        """`name` broke a rule of the job it ran (sent more tokens than asked, ids outside the
+        vocabulary, ...): the job leaves it; at STRIKES_TO_QUARANTINE strikes it is
+        quarantined and gets no more jobs from this scheduler."""
+        w = self._workers.get(name)
+        if w is None:
+            return
+        w.strikes.append(reason)
+        log.warning("worker %s: strike %d: %s", name, len(w.strikes), reason)
+        if len(w.strikes) >= STRIKES_TO_QUARANTINE and w.quarantined is None:
+            w.quarantined = f"{len(w.strikes)} strikes; the last: {reason}"
+            log.warning("worker %s is quarantined: %s", name, w.quarantined)
+            self._changed.set()
 
     def _mark_unhealthy(self, name: str) -> None:
         w = self._workers.get(name)

@@ -31,6 +31,10 @@ NAMESPACE = "sparkgrid"
 FINISH_REASONS = ("stop", "length", "abort")
 WORKER_STATES = ("loading", "ready", "draining", "failed", "stopped")
 VERIFY_POLICIES = ("ar", "fixed", "threshold", "prefix")
+GREEDY_BELOW = 1e-5
+"""A temperature above 0 but below this is greedy decoding (as 0): dividing logits by such a
+number overflows to infinity and the probabilities to NaN, and the distribution it stands for
+is the argmax anyway."""
 
 
 class ContractError(ValueError):
@@ -150,7 +154,7 @@ class SamplingParams(_Message):
     """How one request samples and when it stops (a job's parameters)."""
 
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
+    """Softmax temperature; 0 means greedy (argmax), and so does anything below GREEDY_BELOW."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     top_k: int = 0
@@ -169,6 +173,8 @@ class SamplingParams(_Message):
                 and not isinstance(self.temperature, bool)
                 and math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
                 "temperature", "a number in [0, 100]", self.temperature)
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
         require(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)
                 and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
         require(isinstance(self.top_k, int) and not isinstance(self.top_k, bool)

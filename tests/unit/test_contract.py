@@ -101,3 +101,10 @@ def test_resume_refuses_bad_token_ids():
     with pytest.raises(ValueError, match="token_ids"):
         Resume.from_dict({"token_ids": [1, -2]}, "resume")
     assert Resume.from_dict({}, "resume") == Resume()
+
+
+@pytest.mark.parametrize("temperature", [1.4e-45, 1e-30, 9.9e-6])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    assert SamplingParams(temperature=temperature).temperature == 0.0
+    assert SamplingParams.from_dict({"temperature": temperature}).temperature == 0.0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5

@@ -22,6 +22,7 @@ from scheduler.worker_pool import WorkerLost, WorkerRefused
 from sparkgrid.contract import Chunk, Resume, SpecCounts, Usage
 
 REQUEST = JobRequest("p", (5, 6, 7), "m", 10, 0.0, 1.0, 0, 3, (), "")
+VOCAB = 100
 PRICES = PriceBook.parse({"version": "t1", "default_plan": "basic", "plans": {"basic": {
     "tokens_per_day": 1000, "prices": {"*": {"prompt_per_million": "1000",
                                              "completion_per_million": "3000.5"}}}}})
@@ -41,6 +42,7 @@ class FakePool:
         self.calls = []
         self.closed = []
         self.noted = []
+        self.strikes = []
 
     def snapshots(self):
         return [snapshot(n, self.queued) for n in self.scripts if n not in self.closed_for_good()]
@@ -53,6 +55,12 @@ class FakePool:
 
     def worker_stats(self, name):
         return SimpleNamespace(gpu_type=f"gpu-{name}")  # the one WorkerStats field read
+
+    def model(self, name):
+        return SimpleNamespace(vocab_size=VOCAB)  # the one ModelInfo field read
+
+    def strike(self, worker, reason):
+        self.strikes.append((worker, reason))
 
     async def wait_changed(self, timeout_s):
         await asyncio.sleep(0)
@@ -135,6 +143,27 @@ def test_all_queues_full_is_resource_exhausted_with_a_retry_hint():
     with pytest.raises(ResourceExhausted) as err:
         asyncio.run(collect(dispatcher))
     assert err.value.retry_after_s > 0
+
+
+@pytest.mark.parametrize("bad, rule", [
+    (chunk(list(range(20, 5020)), "x" * 5000, "stop"),
+     "sent 5002 tokens for a job of max_tokens 10"),
+    (chunk([3, 8191], "yz"), "sent token id 8191, outside the vocabulary of 100"),
+])
+def test_a_worker_that_breaks_the_job_s_rules_gets_a_strike_and_the_job_moves(bad, rule):
+    """Over-budget or out-of-vocabulary chunks are never delivered nor billed: the job resumes
+    on another worker from what was delivered before."""
+    dispatcher, pool, _, ledger = make({
+        "cheat": [chunk([1, 2], "ab"), bad],
+        "honest": [chunk([4], "cd"), chunk([5], "e", "stop")],
+    })
+    pieces = asyncio.run(collect(dispatcher))
+    assert pool.strikes == [("cheat", rule)]
+    assert [t for p in pieces for t in p.token_ids] == [1, 2, 4, 5]
+    (record,) = ledger.records
+    assert record.state is JobState.FINISHED and record.fields["workers"] == ["cheat", "honest"]
+    assert record.bill.completion_tokens == 4 <= REQUEST.max_tokens
+    assert pool.calls[1]["resume"] == Resume(token_ids=(1, 2), num_chars=2)
 
 
 def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():

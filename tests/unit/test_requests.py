@@ -145,3 +145,8 @@ def test_a_redis_password_never_shows_in_a_config_error():
     with pytest.raises(ValueError) as err:
         SchedulerConfig(redis_url="http://user:hunter2@host:6379")
     assert "hunter2" not in str(err.value)
+
+
+def test_a_vanishing_temperature_is_run_and_recorded_as_greedy(catalog):
+    req = JobRequest.check({"prompt": "def f():", "temperature": 1.4e-45}, CONFIG, catalog)
+    assert req.temperature == 0.0 and req.params().temperature == 0.0
