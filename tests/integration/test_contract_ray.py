@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from impostors import impostor_class
 
 from sparkgrid.contract import NAMESPACE, SamplingParams
 from worker.models import shipped_pair
@@ -15,44 +16,13 @@ from worker.models import shipped_pair
 pytestmark = pytest.mark.integration
 
 
-def _impostor_class():
-    import ray
-
-    @ray.remote
-    class Impostor:
-        def __init__(self, stats: dict, chunks: list, tokenizer: bytes):
-            self._stats, self._chunks, self._tokenizer = stats, chunks, tokenizer
-
-        async def stats(self):
-            return self._stats
-
-        async def check_health(self):
-            return None
-
-        async def renew(self, job_ids, lease_s):
-            return []
-
-        async def cancel(self, job_id):
-            return True
-
-        async def tokenizer_files(self):
-            return {"tokenizer.json": self._tokenizer}
-
-        @ray.method(num_returns="streaming")
-        async def generate(self, job_id, prompt_ids, params, resume, lease_s):
-            for chunk in self._chunks:
-                yield chunk
-
-    return Impostor
-
-
 async def _pool_view(chunks_by_name: dict, stats_by_name: dict):
     from scheduler.worker_pool import WorkerLost, WorkerPool
 
-    tokenizer = (Path(shipped_pair()[0]) / "tokenizer.json").read_bytes()
-    impostor = _impostor_class()
+    files = {"tokenizer.json": (Path(shipped_pair()[0]) / "tokenizer.json").read_bytes()}
+    impostor = impostor_class()
     actors = [impostor.options(name=name, namespace=NAMESPACE).remote(
-        stats_by_name[name], chunks_by_name.get(name, []), tokenizer) for name in stats_by_name]
+        stats_by_name[name], chunks_by_name.get(name, []), files) for name in stats_by_name]
     pool = WorkerPool("auto", stats_interval_s=0.2, discovery_interval_s=0.2)
     await pool.start()
     await asyncio.sleep(1.0)

@@ -5,46 +5,9 @@ few requests the impostor is quarantined and gets no more traffic."""
 from __future__ import annotations
 
 import pytest
+from impostors import impostor_class
 
 pytestmark = pytest.mark.integration
-
-
-def _impostor_class():
-    import ray
-
-    @ray.remote
-    class Impostor:
-        def __init__(self, stats: dict, tokenizer_files: dict):
-            self._stats, self._files = stats, tokenizer_files
-            self.jobs = 0
-
-        async def stats(self):
-            return self._stats
-
-        async def check_health(self):
-            return None
-
-        async def renew(self, job_ids, lease_s):
-            return []
-
-        async def cancel(self, job_id):
-            return True
-
-        async def tokenizer_files(self):
-            return self._files
-
-        async def served(self):
-            return self.jobs
-
-        @ray.method(num_returns="streaming")
-        async def generate(self, job_id, prompt_ids, params, resume, lease_s):
-            self.jobs += 1
-            yield {"job_id": job_id, "token_ids": [5] * 5000, "text": "x" * 5000,
-                   "finish_reason": "stop",
-                   "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 5000},
-                   "spec": {}}
-
-    return Impostor
 
 
 def test_an_impostor_bills_nothing_extra_and_is_quarantined(make_worker, redis_server,
@@ -63,8 +26,10 @@ def test_an_impostor_bills_nothing_extra_and_is_quarantined(make_worker, redis_s
     claims = {**stats, "name": "evil-1",
               "sps": {**sps, "steps_per_second": [s * 1000 for s in sps["steps_per_second"]]},
               "tokens_per_s": 1e6}
-    evil = _impostor_class().options(name="evil-1", namespace=NAMESPACE).remote(
-        claims, ray.get(honest.tokenizer_files.remote()))
+    answer = {"token_ids": [5] * 5000, "text": "x" * 5000, "finish_reason": "stop",
+              "usage": {"prompt_tokens": 4, "completion_tokens": 5000}, "spec": {}}
+    evil = impostor_class().options(name="evil-1", namespace=NAMESPACE).remote(
+        claims, [answer], ray.get(honest.tokenizer_files.remote()))
     config = SchedulerConfig(redis_url=redis_server.url, redis_prefix=redis_prefix, grpc_port=0,
                              discovery_interval_s=0.5, stats_interval_s=0.25)
     head = SchedulerThread(config)
