@@ -35,7 +35,9 @@ def head_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default="auto",
                    help="the Ray cluster's GCS address (host:port) or 'auto'")
     add_redis_options(p)
-    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
+                        "for all, with --tls-cert outside a private network)")
     p.add_argument("--grpc-port", type=port, default=50051,
                    help="port of the API (0: any free one)")
     p.add_argument("--metrics-port", type=port_or_off, default=9464,
@@ -68,7 +70,22 @@ def run_head(args) -> int:
         raise ValueError(f"--{field.replace('_', '-')}:{problem}") from None
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not config.tls_cert and not _loopback(config.host):
+        logging.getLogger("sparkgrid.head").warning(
+            "serving plaintext on %s: API keys and text cross the network unencrypted; give "
+            "--tls-cert/--tls-key unless this is a private network", config.host)
     return asyncio.run(_serve(Scheduler(config)))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _serve(scheduler) -> int:

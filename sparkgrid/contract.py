@@ -319,6 +319,9 @@ class WorkerStats(_Message):
 
     def __post_init__(self):
         self._check_fields()
+        for name in ("name", "gpu_type", "model_id"):  # what the ledger books under
+            if not getattr(self, name).strip():
+                raise ContractError(f"WorkerStats.{name}: expected a non-empty string")
         if self.state not in WORKER_STATES:
             raise ContractError(f"WorkerStats.state: expected one of {WORKER_STATES}, got "
                                 f"{self.state!r}")

@@ -9,6 +9,7 @@ would dominate the time; `prefix` itself is covered by the engine's own tests.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -167,3 +168,15 @@ def test_an_engine_command_without_the_worker_extra_says_what_to_install(tmp_pat
     assert out.returncode == 2, out.stderr[-2000:]
     assert "sparkgrid[worker]" in out.stderr and "missing: torch" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True),
+                                            ("::1", True), ("0.0.0.0", False),
+                                            ("10.0.0.5", False), ("head.example", False)])
+def test_the_head_warns_of_plaintext_off_loopback_only(host, loopback):
+    from scheduler.cli import _loopback, head_options
+
+    assert _loopback(host) is loopback
+    parser = argparse.ArgumentParser()
+    head_options(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"  # this machine only, unless told

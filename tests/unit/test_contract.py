@@ -49,6 +49,8 @@ def test_worker_stats_fill_the_snapshot_fields_the_router_reads(stats_wire):
     ({"sps": {"batch_tokens": [2], "steps_per_second": [1.0]}}, "WorkerStats.sps"),
     ({"version": {"torch": 2}}, "WorkerStats.version.torch"),
     ({"requests": True}, "WorkerStats.requests"),
+    ({"gpu_type": " "}, "WorkerStats.gpu_type"),
+    ({"model_id": ""}, "WorkerStats.model_id"),
 ])
 def test_a_bad_figure_is_refused_naming_the_field(change, field, stats_wire):
     with pytest.raises(ContractError, match=field.replace(".", r"\.")):
