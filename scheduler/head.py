@@ -37,8 +37,18 @@ from scheduler.worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+"""Most bytes of one message the scheduler sends (a completion with its token ids)."""
 WORKER_TIME_EVERY_S = 5.0
 
+
+
+def max_request_bytes(config: SchedulerConfig) -> int:
+    """The largest request a client may send: the longest prompt and stop strings the checks
+    accept, at 4 bytes a character (UTF-8's most), plus 16 KiB for the other fields. gRPC
+    refuses a bigger message (RESOURCE_EXHAUSTED) before it is parsed or authenticated."""
+    chars = (config.max_prompt_chars + config.max_stop_strings * config.max_stop_chars
+             + config.max_request_id_chars + 256)  # + model name
+    return 4 * chars + 16 * 1024
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
@@ -67,7 +77,7 @@ class Scheduler:
         self._time_task = asyncio.create_task(self._record_worker_time())
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            options=[("grpc.max_receive_message_length", max_request_bytes(self.config)),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      # gRPC shares a port with another server by default (SO_REUSEPORT): a
                      # second scheduler on a taken port must fail, not split the traffic.

@@ -10,6 +10,7 @@ Knows: the proto messages. Does not know: Ray, Redis, routing.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 from contextlib import aclosing
@@ -34,13 +35,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.store = store
 
     async def Generate(self, request, context):
-        job = self._job_request(request)
+        job = await self._job_request(request)
         async with aclosing(self.dispatcher.run(TENANT.get(), job)) as pieces:
             async for piece in pieces:
                 yield _chunk(piece)
 
     async def Complete(self, request, context):
-        job = self._job_request(request)
+        job = await self._job_request(request)
         text, ids, last = [], [], None
         async with aclosing(self.dispatcher.run(TENANT.get(), job)) as pieces:
             async for piece in pieces:
@@ -84,7 +85,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return report
 
     # -- conversions ---------------------------------------------------------------------------
-    def _job_request(self, request) -> JobRequest:
+    async def _job_request(self, request) -> JobRequest:
         fields = {
             "prompt": request.prompt, "max_tokens": request.max_tokens,
             "temperature": request.temperature if request.HasField("temperature") else None,
@@ -93,7 +94,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             "seed": request.seed if request.HasField("seed") else None,
             "stop": list(request.stop), "request_id": request.request_id, "model": request.model,
         }
-        return JobRequest.check(fields, self.config, self.pool)
+        # Checking tokenizes the prompt (up to max_prompt_chars): on a thread, so that a long
+        # prompt never holds up the event loop and every stream it serves.
+        return await asyncio.to_thread(JobRequest.check, fields, self.config, self.pool)
 
 
 def _chunk(piece) -> pb.GenerateChunk:

@@ -277,3 +277,18 @@ def test_with_a_certificate_the_api_speaks_tls_only(cluster, workers, persistent
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         tls_head.stop()
+
+
+def test_an_oversized_request_is_refused_before_it_is_parsed_or_authenticated(head, client):
+    from scheduler.head import max_request_bytes
+
+    limit = max_request_bytes(head.scheduler.config)
+    with Client(head.endpoint, "sg_not-a-key") as stranger:
+        with pytest.raises(grpc.RpcError) as err:
+            stranger.complete("a" * (limit + 1), max_tokens=4, timeout_s=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # not UNAUTHENTICATED
+    # The longest prompt the checks accept, in 4-byte characters, still reaches the checks.
+    longest = "\U0001F600" * head.scheduler.config.max_prompt_chars
+    with pytest.raises(grpc.RpcError) as err:
+        client.complete(longest, max_tokens=4, timeout_s=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
