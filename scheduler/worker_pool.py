@@ -104,6 +104,7 @@ class _Worker:
     sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
     accepted: int = 0  # the worker's `requests` counter at the last read
     last_read: float | None = None  # monotonic time of the last good read
+    figures_asked: float = 0.0  # monotonic time the figures we hold were asked for
     streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
     strikes: list = field(default_factory=list)  # what it did against the rules, in order
     quarantined: str | None = None  # why it gets no more jobs (None: it does)
@@ -166,6 +167,10 @@ class WorkerPool:
         """Each worker's latest figures, with its health and the pool's pending count."""
         return [WorkerStatus(w.stats, w.healthy, len(w.sent), w.quarantined)
                 for w in sorted(self._workers.values(), key=lambda w: w.name)]
+
+    def read_since(self, t: float) -> bool:
+        """Whether every worker's figures were read (successfully) after monotonic time `t`."""
+        return all(w.figures_asked > t for w in self._workers.values())
 
     def worker_stats(self, name: str) -> WorkerStats | None:
         w = self._workers.get(name)
@@ -310,6 +315,7 @@ class WorkerPool:
         self._changed.set()
 
     async def _read(self, w: _Worker) -> None:
+        asked = time.monotonic()
         try:
             if w.streaming:  # keep this scheduler's jobs alive there (see JOB_LEASE_S)
                 await asyncio.wait_for(w.handle.renew.remote(list(w.streaming), JOB_LEASE_S),
@@ -332,6 +338,7 @@ class WorkerPool:
             return
         w.failures, w.healthy = 0, stats.state in ("ready", "draining", "loading")
         self._count_time(w, stats)
+        w.figures_asked = asked
         accepted_now = stats.requests
         for _ in range(max(0, accepted_now - w.accepted)):
             if w.sent:

@@ -180,11 +180,15 @@ def _demo_burst(stack, client) -> None:
     n, budget = len(BURST_PROMPTS), BURST["max_tokens"]
     _say(f"--- a burst of {n} requests at once (T={BURST['temperature']:g}, {budget} tokens "
          "each) " + "-" * 20)
-    before = stack.call(_snapshots(stack.scheduler.pool))
-    deadline = time.monotonic() + 10
-    while any(s.queued_requests for s in before) and time.monotonic() < deadline:
-        time.sleep(0.1)  # figures from before the last request ended would still show it running
-        before = stack.call(_snapshots(stack.scheduler.pool))
+    pool, asked = stack.scheduler.pool, time.monotonic()
+    before = stack.call(_snapshots(pool))
+    deadline = asked + 10
+    # The router's figures must be read after the requests above ended (a busy machine can
+    # make a read late): else they would show the workers as before those requests.
+    while (any(s.queued_requests for s in before) or not pool.read_since(asked)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        before = stack.call(_snapshots(pool))
     start = time.perf_counter()
     with ThreadPoolExecutor(n) as ex:
         done = list(ex.map(lambda p: client.complete(p, timeout_s=300, **BURST), BURST_PROMPTS))
