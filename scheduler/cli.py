@@ -17,7 +17,7 @@ import sys
 
 import grpc
 
-from scheduler.config import SchedulerConfig, shown_url
+from scheduler.config import SchedulerConfig, load_tokenizer_pins, shown_url
 from scheduler.errors import SchedulerError
 from scheduler.router import POLICIES
 from sparkgrid.options import (
@@ -53,6 +53,10 @@ def head_options(p: argparse.ArgumentParser) -> None:
                    help="largest max_tokens a request may ask")
     p.add_argument("--max-attempts", type=int_at_least(1), default=3,
                    help="workers one job may try (failover)")
+    p.add_argument("--tokenizer-pins", default=None, metavar="TOML",
+                   help="serve only the models of this file's [tokenizers] table, each by "
+                        "workers whose tokenizer.json has the SHA-256 given (default: a "
+                        "model's first worker sets it)")
 
 
 def run_head(args) -> int:
@@ -64,7 +68,9 @@ def run_head(args) -> int:
             redis_prefix=args.redis_prefix, host=args.host, grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
             tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.routing, prices=args.prices,
-            max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts)
+            max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts,
+            tokenizer_pins=args.tokenizer_pins)
+        load_tokenizer_pins(config.tokenizer_pins)  # a bad file is an option error, now
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
         field, _, problem = str(err).partition(":")
         raise ValueError(f"--{field.replace('_', '-')}:{problem}") from None

@@ -35,6 +35,10 @@ class SchedulerConfig:
     """PEM private key of `tls_cert`."""
     prices: str | None = None
     """The price book (TOML, see `prices.py`); None: the one shipped with sparkgrid."""
+    tokenizer_pins: str | None = None
+    """A TOML file of `[tokenizers]` model = "SHA-256 of its tokenizer.json": only those models
+    are served, by workers lending exactly that tokenizer. None: a model's first worker sets
+    its tokenizer (every later worker of the model must lend the same one)."""
     policy: str = "fastest"
     """Routing policy: `fastest` (smallest predicted completion time), `round_robin`, `jsq`,
     `p2c`."""
@@ -94,3 +98,25 @@ def shown_url(url: str) -> str:
         return f"{scheme}://{user}:***@{host}"
     return url
 
+
+
+def load_tokenizer_pins(path: str | None) -> dict[str, str] | None:
+    """The pins file read and checked (ValueError naming the file and the entry), or None."""
+    if path is None:
+        return None
+    import re
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"tokenizer_pins: cannot read {path}: {err}") from None
+    pins = data.get("tokenizers")
+    if not isinstance(pins, dict) or set(data) != {"tokenizers"}:
+        raise ValueError(f"tokenizer_pins: {path} must hold one table, [tokenizers]")
+    for model, digest in pins.items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ValueError(f"tokenizer_pins: {path}: {model!r}: expected a SHA-256 in hex "
+                             f"(64 characters 0-9a-f), got {digest!r}")
+    return dict(pins)

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from scheduler.billing import Billing
-from scheduler.config import SchedulerConfig
+from scheduler.config import SchedulerConfig, load_tokenizer_pins
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import StoreUnavailable
 from scheduler.interceptors import ApiInterceptor
@@ -56,7 +56,8 @@ class Scheduler:
         self.owner = f"scheduler-{secrets.token_hex(4)}"
         self.store = RedisStore(config.redis_url, prefix=config.redis_prefix)
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
-                               config.discovery_interval_s, config.stall_timeout_s)
+                               config.discovery_interval_s, config.stall_timeout_s,
+                               load_tokenizer_pins(config.tokenizer_pins))
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
         self.billing = Billing(self.store, self.prices, config.ledger_retry_s)
         self.metrics = Metrics(config.policy)

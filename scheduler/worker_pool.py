@@ -22,6 +22,7 @@ policy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import deque
@@ -81,6 +82,8 @@ class ModelInfo:
     tokenizer: PromptTokenizer
     max_context: int
     vocab_size: int
+    tokenizer_sha256: str = ""
+    """SHA-256 of the tokenizer.json every worker of the model must lend."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,11 @@ class WorkerPool:
     """Live workers and their figures; `start()` joins Ray and begins reading them."""
 
     def __init__(self, ray_address: str, stats_interval_s: float = 0.5,
-                 discovery_interval_s: float = 2.0, stall_timeout_s: float = 60.0):
+                 discovery_interval_s: float = 2.0, stall_timeout_s: float = 60.0,
+                 tokenizer_pins: dict[str, str] | None = None):
         self.ray_address = ray_address
+        self.tokenizer_pins = tokenizer_pins
+        """Model -> SHA-256 of its tokenizer.json; None: the first worker of a model sets it."""
         self.stats_interval_s = stats_interval_s
         self.discovery_interval_s = discovery_interval_s
         self.stall_timeout_s = stall_timeout_s
@@ -290,25 +296,43 @@ class WorkerPool:
                 log.warning("actor %s is not adopted: its stats break the contract: %s", name, err)
                 self._refused[name] = str(err)
             return
-        if stats.model_id not in self._models:
-            try:
-                self._models[stats.model_id] = await self._load_model(handle, stats)
-            except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:
-                log.warning("worker %s: cannot load its tokenizer (%s); not adopted", name, err)
-                return
+        try:
+            await self._check_model(handle, stats)
+        except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:
+            if self._refused.get(name) != str(err):
+                log.warning("worker %s is not adopted: %s", name, err)
+                self._refused[name] = str(err)
+            return
         self._refused.pop(name, None)
         self._workers[name] = _Worker(name, handle, stats, accepted=stats.requests)
         log.info("worker %s joined (%s, %s)", name, stats.model_id, stats.gpu_type)
         self._changed.set()
 
-    async def _load_model(self, handle, stats: WorkerStats) -> ModelInfo:
+    async def _check_model(self, handle, stats: WorkerStats) -> None:
+        """The worker's tokenizer must be its model's: the pinned one (`tokenizer_pins`, by
+        SHA-256 of tokenizer.json) when pins are given, and always the one of the workers of
+        that model adopted before it. The first worker of a model lends the tokenizer that the
+        scheduler then counts and bills prompt tokens with. Raises ValueError saying why not."""
+        model = stats.model_id
         files = await asyncio.wait_for(handle.tokenizer_files.remote(), 30)
         data = files.get("tokenizer.json") if isinstance(files, dict) else None
         if not isinstance(data, bytes):
-            raise ValueError(f"model {stats.model_id}: the worker sent no tokenizer.json (the "
+            raise ValueError(f"model {model}: the worker sent no tokenizer.json (the "
                              "scheduler reads fast tokenizers only)")
-        tokenizer = await asyncio.to_thread(PromptTokenizer, data)
-        return ModelInfo(stats.model_id, tokenizer, stats.max_context or 1 << 30, len(tokenizer))
+        digest = hashlib.sha256(data).hexdigest()
+        known = self._models.get(model)
+        if self.tokenizer_pins is not None and model not in self.tokenizer_pins:
+            raise ValueError(f"model {model} has no pinned tokenizer (add its tokenizer.json's "
+                             "SHA-256 to the scheduler's tokenizer pins)")
+        expected = (known.tokenizer_sha256 if known is not None
+                    else (self.tokenizer_pins or {}).get(model))
+        if expected is not None and digest != expected:
+            raise ValueError(f"model {model}: its tokenizer.json (SHA-256 {digest[:16]}...) is "
+                             f"not the model's ({expected[:16]}...)")
+        if known is None:
+            tokenizer = await asyncio.to_thread(PromptTokenizer, data)
+            self._models[model] = ModelInfo(model, tokenizer, stats.max_context or 1 << 30,
+                                            len(tokenizer), digest)
 
     async def _read_all(self) -> None:
         await asyncio.gather(*(self._read(w) for w in list(self._workers.values())))

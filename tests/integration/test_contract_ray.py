@@ -62,3 +62,41 @@ def test_bad_figures_keep_an_actor_out_and_a_bad_chunk_loses_the_job(cluster, st
     assert adopted == ["honest-but-garbled"]
     assert outcome is not None and "bad chunk" in outcome and "completion_tokens" in outcome
     assert healthy == {"honest-but-garbled": False}
+
+
+async def _adopted(stats_by_name: dict, files_by_name: dict, pins=None) -> list[str]:
+    """The actors a pool adopts, each lending the tokenizer files given for it, in order."""
+    import ray
+
+    from scheduler.worker_pool import WorkerPool
+
+    impostor = impostor_class()
+    pool = WorkerPool("auto", stats_interval_s=0.2, discovery_interval_s=0.2,
+                      tokenizer_pins=pins)
+    actors = []
+    for name in stats_by_name:  # one at a time: the first of the model sets its tokenizer
+        actors.append(impostor.options(name=name, namespace=NAMESPACE).remote(
+            stats_by_name[name], [], files_by_name[name]))
+        if not pool._tasks:
+            await pool.start()
+        await asyncio.sleep(0.8)
+    adopted = sorted(s.stats.name for s in pool.stats())
+    await pool.stop()
+    for a in actors:
+        ray.kill(a)
+    return adopted
+
+
+def test_every_worker_of_a_model_must_lend_its_tokenizer_and_pins_decide_which(
+        cluster, stats_wire):
+    import hashlib
+
+    real = {"tokenizer.json": (Path(shipped_pair()[0]) / "tokenizer.json").read_bytes()}
+    other = {"tokenizer.json": real["tokenizer.json"] + b"\n"}  # another file, still valid
+    assert other != real
+    stats = {n: stats_wire(name=n) for n in ("first", "same", "swapped")}
+    files = {"first": real, "same": real, "swapped": other}
+    assert asyncio.run(_adopted(stats, files)) == ["first", "same"]
+    pinned = {"org/m": hashlib.sha256(other["tokenizer.json"]).hexdigest()}
+    assert asyncio.run(_adopted(stats, files, pins=pinned)) == ["swapped"]
+    assert asyncio.run(_adopted(stats, files, pins={"org/other": "0" * 64})) == []
