@@ -20,6 +20,7 @@ billed, gRPC, Ray, redis.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -135,11 +136,12 @@ class Dispatcher:
         job_id, created = await self.store.create_job({
             "job_id": new_id, "tenant": tenant, "model": request.model,
             "request_id": request.request_id, "params": request.params(),
+            "prompt_sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
             "owner": self.owner, "created_at": now,
             # what an orphan's bill needs, should this scheduler die (`billing.orphan_end`)
             "prompt_tokens": len(request.prompt_ids), "plan": plan.name}, admission)
         if not created and job_id != new_id:  # (the same id: a retried write that had landed)
-            yield await self._repeat(tenant, job_id)
+            yield await self._repeat(tenant, job_id, request)
             return
         run = _Run(job_id, tenant, request, plan, arrived)
         self._runs[job_id] = run
@@ -299,12 +301,18 @@ class Dispatcher:
             log.warning("job store: %s (the final record will carry it)", err)
 
     # -- a repeated request_id ------------------------------------------------------------------
-    async def _repeat(self, tenant: str, job_id: str) -> Piece:
-        """The first job's result, once it has one (the caller's deadline bounds the wait)."""
+    async def _repeat(self, tenant: str, job_id: str, request: JobRequest) -> Piece:
+        """The first job's result, once it has one (the caller's deadline bounds the wait).
+        A repeat must ask for what the first asked: another prompt, model or parameter is
+        refused, naming the field (as a payment API refuses a reused idempotency key)."""
+        checked = False
         while True:
             record = await self.store.get_job(job_id)
             if record is None or record["tenant"] != tenant:
                 raise NotFound(f"request_id: its job {job_id} is gone")
+            if not checked:
+                _same_request(record, request)
+                checked = True
             if JobState(record["state"]) in FINAL:
                 break
             await asyncio.sleep(REPEAT_POLL_S)
@@ -315,3 +323,21 @@ class Dispatcher:
                      {"prompt_tokens": record.get("prompt_tokens", 0),
                       "completion_tokens": record.get("completion_tokens", 0)},)
 
+
+
+def _same_request(record: dict, request: JobRequest) -> None:
+    """InvalidArgument naming the first field in which `request` differs from the job that
+    first used its request_id (jobs recorded before prompts were hashed skip that check)."""
+    first = {"model": record.get("model"), "prompt": record.get("prompt_sha256"),
+             **(record.get("params") or {})}
+    now = {"model": request.model,
+           "prompt": hashlib.sha256(request.prompt.encode()).hexdigest(),
+           **request.params().to_dict()}
+    for name, value in now.items():
+        was = first.get(name)
+        if name == "prompt" and was is None:
+            continue
+        if (list(was) if isinstance(was, (list, tuple)) else was) != \
+                (list(value) if isinstance(value, (list, tuple)) else value):
+            raise InvalidArgument(name, f"request_id {request.request_id!r} was first used "
+                                        f"with another {name}; a repeat must ask the same")

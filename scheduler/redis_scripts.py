@@ -26,27 +26,39 @@ return 1
 """
 
 # Create a job unless its request id (or its job id) is known, admitting it against the
-# tenant's quota first. KEYS: job, events, open_jobs, request ('' without a request id),
-# quota day hash, quota month hash, rate sorted set. ARGV[1]: JSON {job_id, event, quota}
+# tenant's quota first. A request id whose job failed is bound to the new job (a client may
+# retry it); the rate limit counts repeats too (a repeat is a request). KEYS: job, events,
+# open_jobs, request ('' without a request id), quota day hash, quota month hash, rate
+# sorted set. ARGV[1]: JSON {job_id, event, quota}
 # (quota: null, or {reserve, day_limit, month_limit, rpm, now, window, day_retry,
 # month_retry}); ARGV[2..]: field/value pairs. Returns {job_id, 1} when created, {the
 # existing job id, 0} when known, {'', 0, limit, retry-after seconds} when refused.
 CREATE_JOB = """
 local a = cjson.decode(ARGV[1])
-if KEYS[4] ~= '' then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then return {existing, 0} end
-end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {a.job_id, 0} end
 local q = a.quota
-if type(q) == 'table' then
-  if q.rpm > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', q.now - q.window)
-    if redis.call('ZCARD', KEYS[7]) >= q.rpm then
-      local oldest = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
-      return {'', 0, 'requests_per_minute', tostring(tonumber(oldest[2]) + q.window - q.now)}
+if type(q) == 'table' and q.rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', q.now - q.window)
+  if redis.call('ZCARD', KEYS[7]) >= q.rpm then
+    local oldest = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
+    return {'', 0, 'requests_per_minute', tostring(tonumber(oldest[2]) + q.window - q.now)}
+  end
+end
+if KEYS[4] ~= '' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then
+    -- the bound job's key: this job's key with the other id at its end (same layout)
+    local key = string.sub(KEYS[1], 1, #KEYS[1] - #a.job_id) .. existing
+    if redis.call('HGET', key, 'state') ~= 'failed' then
+      if type(q) == 'table' and q.rpm > 0 then
+        redis.call('ZADD', KEYS[7], q.now, a.job_id)
+        redis.call('EXPIRE', KEYS[7], math.ceil(2 * q.window))
+      end
+      return {existing, 0}
     end
   end
+end
+if type(q) == 'table' then
   local function over(key, limit)
     if limit <= 0 then return false end
     local h = redis.call('HMGET', key, 'used', 'reserved')

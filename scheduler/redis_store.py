@@ -58,7 +58,7 @@ from scheduler.redis_scripts import (
 )
 
 CREATE_FIELDS = ("job_id", "tenant", "model", "request_id", "params", "owner", "created_at")
-CREATE_OPTIONAL = ("prompt_tokens", "plan")
+CREATE_OPTIONAL = ("prompt_tokens", "plan", "prompt_sha256")
 """What `create_job` may also set: what the job's bill needs should its scheduler die."""
 FINISH_FIELDS = frozenset({"finish_reason", "error", "finished_at", "prompt_tokens",
                            "completion_tokens", "segments", "spec", "text", "token_ids", "workers",

@@ -292,3 +292,17 @@ def test_an_oversized_request_is_refused_before_it_is_parsed_or_authenticated(he
     with pytest.raises(grpc.RpcError) as err:
         client.complete(longest, max_tokens=4, timeout_s=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+
+
+def test_a_repeat_that_asks_for_something_else_is_refused_naming_the_field(client):
+    first = client.complete(PROMPT, max_tokens=8, temperature=0, request_id="order-18")
+    changes = ((dict(temperature=0.5), "temperature"), (dict(max_tokens=9), "max_tokens"),
+               (dict(prompt="def other():"), "prompt"))
+    for change, field in changes:
+        asked = dict(prompt=PROMPT, max_tokens=8, temperature=0, request_id="order-18") | change
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete(asked.pop("prompt"), timeout_s=30, **asked)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{field}: request_id 'order-18' was first used")
+    same = client.complete(PROMPT, max_tokens=8, temperature=0, request_id="order-18")
+    assert same.job_id == first.job_id and same.text == first.text
