@@ -185,6 +185,9 @@ class Dispatcher:
         req = run.request
         tried: set[str] = set()
         while True:
+            if run.cancelled:  # asked while it was being routed or failed over: it stops here
+                yield self._last_piece(run, "abort")
+                return
             if len(tried) >= self.config.max_attempts:
                 raise Unavailable(f"job {run.job_id} failed after {len(tried)} attempts: "
                                   + "; ".join(run.errors))
@@ -232,6 +235,9 @@ class Dispatcher:
         run.worker = worker
         run.workers.append(worker)
         await self._store_quietly(self.store.start_job(run.job_id, worker, time.time()))
+        if run.cancelled:  # during that write: the worker never gets the job
+            yield self._last_piece(run, "abort")
+            return
         stats = self.pool.worker_stats(worker)
         part = Part(worker, stats.gpu_type if stats is not None else "unknown",
                     len(req.prompt_ids) + len(run.delivered_ids))
@@ -243,6 +249,11 @@ class Dispatcher:
         inflight.inc()
         try:
             async for chunk in stream:
+                if run.cancelled and chunk.finish_reason is None:
+                    # the worker may not have heard the cancel yet: nothing more is delivered
+                    # (or billed); closing the stream cancels the job there
+                    yield self._last_piece(run, "abort")
+                    return
                 if chunk.token_ids and not run.delivered_ids:
                     self.metrics.ttft.labels(req.model).observe(time.perf_counter() - run.arrived)
                 if chunk.finish_reason == "abort" and not run.cancelled:

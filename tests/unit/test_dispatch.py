@@ -251,6 +251,26 @@ def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_del
     assert record.fields["finish_reason"] == "abort"
 
 
+def test_a_cancel_stops_the_job_where_it_is_even_if_the_worker_runs_on():
+    """The fake worker ignores the cancel (as one that has not heard it yet does): nothing it
+    sends afterwards is delivered or billed, and the job ends cancelled."""
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([2], "y"),
+                                              chunk([3], "z", "stop")]})
+
+    async def run():
+        stream = dispatcher.run("acme", REQUEST)
+        first = await stream.__anext__()
+        cancelled = await dispatcher.cancel("acme", first.job_id)
+        return [first] + [p async for p in stream], cancelled
+
+    pieces, cancelled = asyncio.run(run())
+    assert cancelled == (True, "cancelled")
+    assert [t for p in pieces for t in p.token_ids] == [1]
+    assert pieces[-1].finish_reason == "abort" and pool.closed == ["a"]
+    (record,) = ledger.records
+    assert record.state is JobState.CANCELLED and record.bill.completion_tokens == 1
+
+
 class OrphanStore:
     """What a scheduler starting after the job's one died finds: the job's record, open."""
 
