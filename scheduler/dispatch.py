@@ -285,8 +285,8 @@ class Dispatcher:
             return (f"sent {total} tokens for a job of max_tokens {run.request.max_tokens}")
         info = self.pool.model(run.request.model)
         vocab = info.vocab_size if info is not None else None
-        if vocab is not None and any(t >= vocab for t in chunk.token_ids):
-            bad = next(t for t in chunk.token_ids if t >= vocab)
+        bad = next((t for t in chunk.token_ids if t >= vocab), None) if vocab else None
+        if bad is not None:
             return f"sent token id {bad}, outside the vocabulary of {vocab}"
         return None
 

@@ -289,18 +289,12 @@ class WorkerPool:
             raw = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
         except (ValueError, RayError, asyncio.TimeoutError, AttributeError):
             return  # gone again, not ready to answer, or no worker: the next round tries again
-        try:
+        try:  # its stats must keep the contract, its tokenizer must be its model's
             stats = WorkerStats.from_dict(raw)
-        except ContractError as err:
-            if self._refused.get(name) != str(err):  # say it once per reason, not every round
-                log.warning("actor %s is not adopted: its stats break the contract: %s", name, err)
-                self._refused[name] = str(err)
-            return
-        try:
             await self._check_model(handle, stats)
-        except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:
-            if self._refused.get(name) != str(err):
-                log.warning("worker %s is not adopted: %s", name, err)
+        except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:  # ContractError too
+            if self._refused.get(name) != str(err):  # say it once per reason, not every round
+                log.warning("actor %s is not adopted: %s", name, err)
                 self._refused[name] = str(err)
             return
         self._refused.pop(name, None)
