@@ -11,6 +11,9 @@
 #                               redis://:PASSWORD@127.0.0.1:6380/0 (required, or:)
 #   SPARKGRID_REDIS_URL_FILE    a file holding that URL (keeps the password out of the env)
 #   SPARKGRID_REDIS_WAIT_S      how long to wait for Redis to answer [30]
+#   SPARKGRID_JOIN_RAY          HOST:PORT of a Ray head that already runs: start no Ray here,
+#                               only one more scheduler on the same Redis (several schedulers
+#                               behind one address, rolling restarts: deploy/README.md) []
 #   SPARKGRID_NODE_IP           this node's private address, e.g. its WireGuard address
 #                               (Ray's --node-ip-address) [Ray's guess: the default route's]
 #   SPARKGRID_RAY_PORT          Ray's GCS port, the address workers join [6379]
@@ -152,6 +155,38 @@ PY
     waited=$((waited + 2))
 done
 
+# set_head_cmd RAY_ADDRESS: the scheduler's command line, into the array head_cmd
+set_head_cmd() {
+    head_cmd=(sparkgrid head --ray-address "$1" --host "$grpc_host"
+        --grpc-port "$grpc_port" --metrics-port "$metrics_port" --routing "$policy")
+    if [[ -n $tls_cert ]]; then
+        head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
+    fi
+    sg_add_opt head_cmd --prices "$prices"
+    sg_add_words head_cmd "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
+}
+
+# -- a second scheduler: Ray runs already -----------------------------------------------------
+if [[ -n ${SPARKGRID_JOIN_RAY:-} ]]; then
+    [[ $SPARKGRID_JOIN_RAY == *:* ]] || sg_die "SPARKGRID_JOIN_RAY: expected HOST:PORT of the Ray head, got '$SPARKGRID_JOIN_RAY'"
+    sg_raise_nofile
+    set_head_cmd "$SPARKGRID_JOIN_RAY"
+    sg_log "starting a scheduler on the Ray cluster at $SPARKGRID_JOIN_RAY: ${head_cmd[*]}"
+    SPARKGRID_REDIS_URL=$SPARKGRID_REDIS_URL "${head_cmd[@]}" &
+    head_pid=$!
+    while ((!SG_STOP_REQUESTED)) && sg_alive "$head_pid"; do
+        sleep 1 || true
+    done
+    status=0
+    if ((SG_STOP_REQUESTED)); then
+        sg_stop_child "$head_pid" "the scheduler"  # it drains: health says NOT_SERVING first
+    else
+        wait "$head_pid" || status=$?
+        sg_log "the scheduler exited (status $status)"
+    fi
+    exit "$status"
+fi
+
 # -- the Ray head -----------------------------------------------------------------------------
 sg_raise_nofile
 ray_cmd=()
@@ -172,13 +207,7 @@ sg_log "Ray head is up: workers join ${node_ip:-this host}:$ray_port;" \
     "dashboard on $dashboard_host:$dashboard_port"
 
 # -- the scheduler ----------------------------------------------------------------------------
-head_cmd=(sparkgrid head --ray-address "$gcs_host:$ray_port" --host "$grpc_host"
-    --grpc-port "$grpc_port" --metrics-port "$metrics_port" --routing "$policy")
-if [[ -n $tls_cert ]]; then
-    head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
-fi
-sg_add_opt head_cmd --prices "$prices"
-sg_add_words head_cmd "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
+set_head_cmd "$gcs_host:$ray_port"
 sg_log "starting the scheduler: ${head_cmd[*]}"
 SPARKGRID_REDIS_URL=$SPARKGRID_REDIS_URL "${head_cmd[@]}" &
 head_pid=$!

@@ -41,7 +41,7 @@ def test_deploy_has_every_file_the_design_names():
         "docker/Dockerfile.worker", "docker/Dockerfile.head", "docker/compose.yaml",
         "kuberay/raycluster.yaml", "systemd/sparkgrid-head.service",
         "systemd/sparkgrid-worker.service", "systemd/sparkgrid.env.example",
-        "redis/redis.conf", "prometheus/prometheus.yml",
+        "redis/redis.conf", "prometheus/prometheus.yml", "envoy/envoy.yaml",
     ]
     missing = [f for f in expected if not (DEPLOY / f).is_file()]
     assert not missing, f"missing under deploy/: {missing}"
@@ -147,7 +147,7 @@ def _redis_conf() -> dict[str, list[str]]:
 def test_redis_conf_keeps_the_ledger():
     conf = _redis_conf()
     assert conf["appendonly"] == ["yes"]
-    assert conf["appendfsync"] == ["everysec"]
+    assert conf["appendfsync"] == ["always"]
     assert conf["maxmemory-policy"] == ["noeviction"]
     assert conf["protected-mode"] == ["yes"]
     assert conf["requirepass"] and conf["requirepass"][-1]

@@ -180,3 +180,40 @@ def test_head_and_worker_images_share_python_and_ray():
     ray = {re.search(r"^ARG RAY_VERSION=(\S+)$", d.read_text(), re.M).group(1)
            for d in (head, worker)}
     assert ray == {raycluster()["spec"]["rayVersion"]}
+
+
+# -- two schedulers behind one address -------------------------------------------------------------
+ENVOY = DEPLOY / "envoy" / "envoy.yaml"
+
+
+@needs_yaml
+def test_envoy_spreads_grpc_over_two_schedulers_and_drops_a_draining_one():
+    config = yaml.safe_load(ENVOY.read_text())
+    [cluster] = config["static_resources"]["clusters"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+    assert sorted(ports) == [50051, 50052]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]  # gRPC is HTTP/2
+    [check] = cluster["health_checks"]
+    # the service whose status a stopping scheduler turns to NOT_SERVING first (head.py)
+    assert check["grpc_health_check"]["service_name"] == "sparkgrid.v1.Inference"
+    assert check["unhealthy_threshold"] == 1
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    assert chain["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    manager = chain["filters"][0]["typed_config"]
+    route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["cluster"] == "schedulers" and route["timeout"] == "0s"  # streams are long
+
+
+@needs_yaml
+def test_compose_runs_the_second_scheduler_on_the_running_ray_behind_envoy():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    second, envoy = services["scheduler-b"], services["envoy"]
+    assert second["environment"]["SPARKGRID_JOIN_RAY"].endswith(":6379")
+    assert second["environment"]["SPARKGRID_GRPC_PORT"] == "50052"
+    assert "SPARKGRID_REDIS_URL" not in second["environment"]  # the secret file, not the env
+    assert any(v.startswith("../envoy/envoy.yaml:") for v in envoy["volumes"])
+    assert second["profiles"] == envoy["profiles"] == ["two-schedulers"]

@@ -147,3 +147,36 @@ def test_the_worker_is_stopped_when_ray_dies(fake_node):
     assert result.returncode == 7, result.stderr
     assert "Ray exited (status 7)" in result.stderr
     assert lines.index("ray died") < lines.index("worker drained")
+
+
+def test_a_second_scheduler_joins_the_running_ray_and_drains_on_stop(fake_node):
+    env, log = fake_node
+    env["SPARKGRID_REDIS_URL"] = "redis://:a-real-password@127.0.0.1:6380/0"
+    env["SPARKGRID_JOIN_RAY"] = "10.8.0.1:6379"
+    env["SPARKGRID_GRPC_PORT"] = "50052"
+    proc = subprocess.Popen(["bash", str(SCRIPTS / "start-head.sh")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(log, "sparkgrid head")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, stderr
+    assert not any(line.startswith("ray start") for line in lines)  # no second Ray head
+    head = next(line for line in lines if line.startswith("sparkgrid head"))
+    assert "--ray-address 10.8.0.1:6379" in head and "--grpc-port 50052" in head
+    assert "a-real-password" not in head and "a-real-password" not in stderr
+    assert "worker drained" in lines  # the stand-in's SIGTERM handler ran: it was stopped
+
+
+def test_a_second_scheduler_needs_a_ray_address_with_a_port(fake_node):
+    env, log = fake_node
+    env["SPARKGRID_REDIS_URL"] = "redis://:a-real-password@127.0.0.1:6380/0"
+    env["SPARKGRID_JOIN_RAY"] = "10.8.0.1"
+    result = _run("start-head.sh", env)
+    assert result.returncode == 1 and "SPARKGRID_JOIN_RAY: expected HOST:PORT" in result.stderr
+    assert "sparkgrid head" not in log.read_text()
