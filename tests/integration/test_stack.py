@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,13 @@ def test_up_serves_the_client_commands_refuses_a_second_up_and_stops_cleanly(tmp
         assert {"endpoint", "api_key", "redis_url", "dashboard_url"} <= set(info)
         assert oct((home / "up.json").stat().st_mode & 0o777) == "0o600"
         assert _left_running(home)  # the check below can see the stack's processes
+        # Ray's token authentication is on: the dashboard takes no job from a caller without it
+        job = urllib.request.Request(f"{info['dashboard_url']}/api/jobs/", method="POST",
+                                     data=json.dumps({"entrypoint": "echo pwned"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(job, timeout=30)
+        assert refused.value.code == 401
 
         def run(*args):
             return subprocess.run([SPARKGRID, *args], capture_output=True, text=True, timeout=120,
