@@ -35,7 +35,8 @@ SUFFIX = ".jsonl"
 def encode(settlement) -> dict:
     """A `billing.Settlement` as plain JSON values."""
     return {"job_id": settlement.job_id, "state": settlement.state.value,
-            "fields": settlement.fields, "bill": dataclasses.asdict(settlement.bill)}
+            "fields": settlement.fields, "bill": dataclasses.asdict(settlement.bill),
+            "orphan_of": settlement.orphan_of}
 
 
 def decode(data: dict):
@@ -46,7 +47,7 @@ def decode(data: dict):
     raw = dict(data["bill"])
     raw["segments"] = tuple(Segment(**s) for s in raw.get("segments", ()))
     return Settlement(str(data["job_id"]), JobState(data["state"]), dict(data["fields"]),
-                      Bill(**raw))
+                      Bill(**raw), data.get("orphan_of"))
 
 
 def _open_bills(path: Path) -> dict[str, dict]:

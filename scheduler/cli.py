@@ -17,9 +17,16 @@ import sys
 
 import grpc
 
-from scheduler.config import SchedulerConfig, load_tokenizer_pins, shown_url
+from scheduler.config import (
+    KEEP_JOBS_S,
+    KEEP_TEXT_S,
+    SchedulerConfig,
+    load_tokenizer_pins,
+    shown_url,
+)
 from scheduler.errors import SchedulerError
 from scheduler.router import POLICIES
+from sparkgrid.home import home
 from sparkgrid.options import (
     add_redis_options,
     int_at_least,
@@ -53,6 +60,27 @@ def head_options(p: argparse.ArgumentParser) -> None:
                    help="largest max_tokens a request may ask")
     p.add_argument("--max-attempts", type=int_at_least(1), default=3,
                    help="workers one job may try (failover)")
+    p.add_argument("--keep-text", type=duration, default=KEEP_TEXT_S, metavar="DURATION",
+                   help="how long a finished job's text and token ids are kept, e.g. 24h, 90m, "
+                        "7d (default 24h; 0: forever)")
+    p.add_argument("--keep-jobs", type=duration, default=KEEP_JOBS_S, metavar="DURATION",
+                   help="how long a finished job's record, events and request id are kept "
+                        "(default 30d; 0: forever; at least --keep-text). Usage totals are "
+                        "kept forever")
+    p.add_argument("--lease", type=duration, default=15.0, metavar="DURATION",
+                   help="time to live of this scheduler's lease in Redis (default 15s); the "
+                        "jobs of a scheduler whose lease lapsed are settled by the others")
+    p.add_argument("--grace", type=duration, default=10.0, metavar="DURATION",
+                   help="on Ctrl-C or SIGTERM, how long running streams may go on before they "
+                        "are cut (default 10s); for a rolling restart, longer than the longest "
+                        "job")
+    p.add_argument("--drain-delay", type=duration, default=0.0, metavar="DURATION",
+                   help="on Ctrl-C or SIGTERM, how long to keep taking calls after the health "
+                        "service says NOT_SERVING, so that a load balancer in front of several "
+                        "schedulers turns away first (default 0s; 3s behind deploy/envoy)")
+    p.add_argument("--bill-journal", default=None, metavar="DIR",
+                   help="where bills waiting for Redis are kept on disk, so that a crash during "
+                        "an outage loses none (default: $SPARKGRID_HOME/bills)")
     p.add_argument("--tokenizer-pins", default=None, metavar="TOML",
                    help="serve only the models of this file's [tokenizers] table, each by "
                         "workers whose tokenizer.json has the SHA-256 given (default: a "
@@ -69,18 +97,41 @@ def run_head(args) -> int:
             metrics_port=args.metrics_port,
             tls_cert=args.tls_cert, tls_key=args.tls_key, policy=args.routing, prices=args.prices,
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts,
-            tokenizer_pins=args.tokenizer_pins)
+            tokenizer_pins=args.tokenizer_pins, keep_text_s=args.keep_text,
+            keep_jobs_s=args.keep_jobs, lease_s=args.lease, drain_delay_s=args.drain_delay,
+            bill_journal_dir=args.bill_journal or str(home() / "bills"))
         load_tokenizer_pins(config.tokenizer_pins)  # a bad file is an option error, now
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
         field, _, problem = str(err).partition(":")
-        raise ValueError(f"--{field.replace('_', '-')}:{problem}") from None
+        option = _OPTION_OF.get(field, field.replace("_", "-"))
+        raise ValueError(f"--{option}:{problem}") from None
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.tls_cert and not _loopback(config.host):
         logging.getLogger("sparkgrid.head").warning(
             "serving plaintext on %s: API keys and text cross the network unencrypted; give "
             "--tls-cert/--tls-key unless this is a private network", config.host)
-    return asyncio.run(_serve(Scheduler(config)))
+    return asyncio.run(_serve(Scheduler(config), args.grace))
+
+
+_OPTION_OF = {"keep_text_s": "keep-text", "keep_jobs_s": "keep-jobs", "lease_s": "lease",
+              "drain_delay_s": "drain-delay", "bill_journal_dir": "bill-journal"}
+"""Settings whose option is not the field's name with dashes."""
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """An option type: seconds, given as a number with a unit s, m, h or d (`24h`, `30d`,
+    `90m`), or a plain number of seconds; 0 is `forever` where the option says so."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 24h, 30d, 90m or 3600s (>= 0), got {text!r}")
+    return value
 
 
 def _loopback(host: str) -> bool:
@@ -94,7 +145,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-async def _serve(scheduler) -> int:
+async def _serve(scheduler, grace_s: float = 10.0) -> int:
     try:
         port = await scheduler.start()
     except (SchedulerError, ConnectionError, OSError) as err:
@@ -111,8 +162,8 @@ async def _serve(scheduler) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("stopping: letting running streams end (up to 10 s)", flush=True)
-    await scheduler.stop(grace_s=10.0)
+    print(f"stopping: letting running streams end (up to {grace_s:g} s)", flush=True)
+    await scheduler.stop(grace_s=grace_s)
     return 0
 
 

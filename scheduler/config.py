@@ -12,6 +12,11 @@ from scheduler.router import POLICIES
 from sparkgrid.checks import require
 from sparkgrid.options import DEFAULT_REDIS_URL
 
+KEEP_TEXT_S = 24 * 3600.0
+"""Default time a finished job's text and token ids are kept (`keep_text_s`)."""
+KEEP_JOBS_S = 30 * 86400.0
+"""Default time a finished job's record, events and request id are kept (`keep_jobs_s`)."""
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -55,7 +60,13 @@ class SchedulerConfig:
     max_request_id_chars: int = 128
     max_queue_per_worker: int = 256
     """Requests queued on one worker (waiting + running + just sent) before it counts as full;
-    when every worker of a model is full, requests get RESOURCE_EXHAUSTED."""
+    when every worker of a model is full, new jobs wait (`scheduler/fair_queue.py`)."""
+    max_waiting_per_tenant: int = 1000
+    """Jobs of one tenant waiting for a full model's workers; more get RESOURCE_EXHAUSTED."""
+    max_waiting_per_model: int = 10_000
+    """Jobs of all tenants waiting for a full model's workers; more get RESOURCE_EXHAUSTED."""
+    max_queue_wait_s: float = 30.0
+    """Longest wait for a full model's workers; then the job fails with RESOURCE_EXHAUSTED."""
     max_attempts: int = 3
     """Workers a job may try (the first and its failovers) before it fails."""
     stall_timeout_s: float = 60.0
@@ -66,6 +77,22 @@ class SchedulerConfig:
     """How often the Ray namespace is listed for new and lost workers."""
     ledger_retry_s: float = 1.0
     """Pause between retries of a ledger write while Redis is down."""
+    lease_s: float = 15.0
+    """Time to live of this scheduler's lease in Redis, renewed every `lease_s / 3`; the jobs of
+    a scheduler whose lease lapsed are settled as failed by any live one (checked as often)."""
+    keep_text_s: float = KEEP_TEXT_S
+    """How long a final job's text and token ids are kept (0: forever). 24 h: the privacy-
+    sensitive part, kept long enough for a client to fetch or repeat it after a day's outage."""
+    bill_journal_dir: str | None = None
+    """Where settlements waiting for Redis are kept on disk (`bill_journal.py`); None: in memory
+    only (a crash during a Redis outage then loses them). `sparkgrid head` and `sparkgrid up`
+    use `$SPARKGRID_HOME/bills`."""
+    drain_delay_s: float = 0.0
+    """On stop: how long the scheduler keeps taking calls after its health turns NOT_SERVING,
+    so that a load balancer in front of several schedulers stops sending it any first."""
+    keep_jobs_s: float = KEEP_JOBS_S
+    """How long a final job's record, events and request id are kept (0: forever). 30 days:
+    support and billing disputes reach back a month; the ledger's totals are never expired."""
 
     def __post_init__(self):
         require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
@@ -84,9 +111,22 @@ class SchedulerConfig:
         require(self.default_max_tokens <= self.max_tokens_cap, "default_max_tokens",
                  f"at most max_tokens_cap ({self.max_tokens_cap})", self.default_max_tokens)
         for name in ("stall_timeout_s", "stats_interval_s", "discovery_interval_s",
-                     "ledger_retry_s"):
+                     "ledger_retry_s", "lease_s"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
+        check_retention(self.keep_text_s, self.keep_jobs_s)
+
+
+def check_retention(keep_text_s: float, keep_jobs_s: float) -> None:
+    """ValueError naming the field unless both are seconds >= 0 (0: forever) and the text is
+    kept no longer than its record (it would outlive what points at it)."""
+    for name, value in (("keep_jobs_s", keep_jobs_s), ("keep_text_s", keep_text_s)):
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                and value != float("inf"), name, "seconds >= 0 (0: forever)", value)
+    if keep_jobs_s:
+        require(0 < keep_text_s <= keep_jobs_s, "keep_text_s",
+                f"at most keep_jobs_s ({keep_jobs_s:g} s), and not 0 (forever) while records "
+                "expire", keep_text_s)
 
 
 def shown_url(url: str) -> str:

@@ -4,6 +4,11 @@
 last one has the finish reason and usage). Around the stream:
 - the job is recorded (state `queued`) before any work; a repeated `request_id` of the tenant
   gets the first job's result instead of a second run;
+- when every worker of the model is full, the job waits in its tenant's FIFO of the model's
+  `FairQueue` (`fair_queue.py`: round-robin across tenants, bounded); its place is taken before
+  the job is recorded (a refusal records nothing) and held until the router has counted it on
+  a worker. Capacity frees as jobs end here or the pool's figures change (`pool.wait_changed`).
+  A job that never left the queue (cancelled, closed, timed out) is billed nothing;
 - each part runs on the worker the router picks; if that worker dies or its stream breaks, the
   job resumes on another one from the prompt plus the tokens already delivered, with the rest
   of the budget and the same sampling settings (`Resume` tells the new worker how much text the
@@ -33,10 +38,10 @@ from scheduler.config import SchedulerConfig
 from scheduler.errors import (
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     StoreUnavailable,
     Unavailable,
 )
+from scheduler.fair_queue import FairQueue, QueueLimits, QueueRefused, Ticket
 from scheduler.jobs import FINAL, JobState
 from scheduler.ledger import Segment, spec_totals
 from scheduler.metrics import Metrics
@@ -48,9 +53,13 @@ from scheduler.worker_pool import WorkerLost, WorkerRefused
 from sparkgrid.contract import Chunk, Resume
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 1.0
+PROGRESS_EVERY_S = 0.25
+"""How often a running job's delivered tokens are noted in the store (what its bill would be
+should this scheduler die): the note lags delivery by at most this, plus one write while Redis
+answers. Written in the background, one at a time, so a hung Redis never holds a stream."""
 REPEAT_POLL_S = 0.2
 NO_WORKER_WAIT_S = 10.0  # how long a failover waits for a worker to take the job
+WATCH_S = 0.25  # while jobs wait, the queues are pumped at least this often
 
 
 @dataclass
@@ -94,6 +103,14 @@ class _Run:
     parts: list[Part] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    ticket: Ticket | None = None
+    progress_write: asyncio.Task | None = None
+    """Its place in the model's queue until a worker is chosen."""
+    admitted: bool = False
+    """Let through by the queue; a job that never was is billed nothing (not even its prompt)."""
+
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids) if self.admitted else 0
 
     def delivered_chars(self) -> int:
         return sum(map(len, self.text))
@@ -105,7 +122,7 @@ class _Run:
     def end(self, state: JobState, finish_reason: str | None) -> JobEnd:
         """What the job's bill and final record are made of."""
         return JobEnd(self.job_id, self.tenant, self.request.model, self.plan.name, state,
-                      len(self.request.prompt_ids), self.segments(), finish_reason or "",
+                      self.prompt_tokens(), self.segments(), finish_reason or "",
                       "; ".join(self.errors) if state is JobState.FAILED else "",
                       tuple(self.workers), "".join(self.text), tuple(self.delivered_ids))
 
@@ -121,6 +138,10 @@ class Dispatcher:
         self.owner = owner
         self.router = router or Router(config.policy)
         self._runs: dict[str, _Run] = {}
+        self._limits = QueueLimits(config.max_waiting_per_tenant, config.max_waiting_per_model,
+                                   config.max_queue_wait_s)
+        self._queues: dict[str, FairQueue] = {}
+        self._watcher: asyncio.Task | None = None
         self.decisions: deque[Decision] = deque(maxlen=100_000)
         """The latest routing decisions, oldest first."""
 
@@ -128,42 +149,51 @@ class Dispatcher:
     async def run(self, tenant: str, request: JobRequest):
         """Pieces of the job's output; raises a SchedulerError before or during the stream."""
         arrived = time.perf_counter()
-        self._check_capacity(request.model)
-        new_id = secrets.token_hex(12)
-        plan = await self.billing.plan(tenant)
-        now = time.time()
-        admission = Admission(plan.limits, len(request.prompt_ids) + request.max_tokens, now)
-        job_id, created = await self.store.create_job({
-            "job_id": new_id, "tenant": tenant, "model": request.model,
-            "request_id": request.request_id, "params": request.params(),
-            "prompt_sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
-            "owner": self.owner, "created_at": now,
-            # what an orphan's bill needs, should this scheduler die (`billing.orphan_end`)
-            "prompt_tokens": len(request.prompt_ids), "plan": plan.name}, admission)
-        if not created and job_id != new_id:  # (the same id: a retried write that had landed)
-            yield await self._repeat(tenant, job_id, request)
-            return
-        run = _Run(job_id, tenant, request, plan, arrived)
-        self._runs[job_id] = run
-        state, finish_reason = JobState.FAILED, None
+        queue = self._queue(request.model)  # Unavailable when no live worker serves the model
+        ticket = self._enter(queue, tenant, request.model)  # QueueRefused past a bound
         try:
-            async with aclosing(self._attempts(run)) as pieces:
-                async for piece in pieces:
-                    finish_reason = piece.finish_reason
-                    yield piece
-            state = JobState.CANCELLED if finish_reason == "abort" else JobState.FINISHED
-        except (asyncio.CancelledError, GeneratorExit):
-            state, finish_reason = JobState.CANCELLED, "abort"
-            raise
+            new_id = secrets.token_hex(12)
+            plan = await self.billing.plan(tenant)
+            now = time.time()
+            admission = Admission(plan.limits, len(request.prompt_ids) + request.max_tokens, now)
+            job_id, created = await self.store.create_job({
+                "job_id": new_id, "tenant": tenant, "model": request.model,
+                "request_id": request.request_id, "params": request.params(),
+                "prompt_sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
+                "owner": self.owner, "created_at": now,
+                # what an orphan's bill needs, should this scheduler die (`billing.orphan_end`)
+                "prompt_tokens": len(request.prompt_ids), "plan": plan.name}, admission)
+            if not created and job_id != new_id:  # (the same id: a retried write that had landed)
+                ticket.release()
+                yield await self._repeat(tenant, job_id, request)
+                return
+            run = _Run(job_id, tenant, request, plan, arrived, ticket=ticket)
+            self._runs[job_id] = run
+            state, finish_reason = JobState.FAILED, None
+            try:
+                await self._admit(run)
+                async with aclosing(self._attempts(run)) as pieces:
+                    async for piece in pieces:
+                        finish_reason = piece.finish_reason
+                        yield piece
+                state = JobState.CANCELLED if finish_reason == "abort" else JobState.FINISHED
+            except (asyncio.CancelledError, GeneratorExit):
+                state, finish_reason = JobState.CANCELLED, "abort"
+                raise
+            finally:
+                self._runs.pop(job_id, None)
+                self.billing.settle(run.end(state, finish_reason))
         finally:
-            self._runs.pop(job_id, None)
-            self.billing.settle(run.end(state, finish_reason))
+            ticket.release()
+            queue.pump()  # the slot this job held on a worker may be free now
 
     async def cancel(self, tenant: str, job_id: str) -> tuple[bool, str]:
         """Abort a running job of the tenant; (cancelled now?, state after)."""
         run = self._runs.get(job_id)
         if run is not None and run.tenant == tenant:
             run.cancelled = True
+            if run.ticket is not None:
+                run.ticket.cancel()  # a waiting job leaves the queue (and is billed nothing)
             if run.worker is not None:
                 await self.pool.cancel(run.worker, job_id)
             return True, JobState.CANCELLED.value
@@ -171,6 +201,10 @@ class Dispatcher:
         if record is None or record["tenant"] != tenant:
             raise NotFound(f"job_id: no job {job_id!r}")
         return False, record["state"]
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the job waits or runs here (an open job of ours that does not is a stray)."""
+        return job_id in self._runs
 
     def progress(self, job_id: str) -> dict | None:
         """Live figures of a job running here (the store has them only once it ends)."""
@@ -192,6 +226,8 @@ class Dispatcher:
                 raise Unavailable(f"job {run.job_id} failed after {len(tried)} attempts: "
                                   + "; ".join(run.errors))
             worker = await self._choose(run, frozenset(tried))
+            if run.ticket is not None:  # the pool counts the job on its worker now
+                run.ticket.release()
             tried.add(worker)
             try:
                 async with aclosing(self._one_part(run, worker)) as pieces:
@@ -268,10 +304,13 @@ class Dispatcher:
                     yield self._last_piece(run, chunk.finish_reason, chunk.text, chunk.token_ids)
                     return
                 yield Piece(run.job_id, chunk.text, list(chunk.token_ids))
-                if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+                if time.monotonic() - last_progress >= PROGRESS_EVERY_S and (
+                        run.progress_write is None or run.progress_write.done()):
+                    # in the background: a hung Redis must not hold the stream (one at a time)
                     last_progress = time.monotonic()
-                    await self._store_quietly(self.store.record_progress(
-                        run.job_id, len(run.delivered_ids), time.time()))
+                    run.progress_write = asyncio.create_task(self._store_quietly(
+                        self.store.record_progress(run.job_id, len(run.delivered_ids),
+                                                   time.time())))
         finally:
             run.worker = None
             inflight.dec()
@@ -292,17 +331,61 @@ class Dispatcher:
 
     def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
         return Piece(run.job_id, text, list(token_ids), reason,
-                     usage(len(run.request.prompt_ids), run.segments()))
+                     usage(run.prompt_tokens(), run.segments()))
 
-    def _check_capacity(self, model: str) -> None:
+    # -- waiting for capacity -------------------------------------------------------------------
+    def _room(self, model: str) -> int | None:
+        """Free request slots on the model's ready workers (the pool counts what this scheduler
+        dispatched at once); None when no live worker serves it."""
         workers = [w for w in self.pool.snapshots()
                    if w.model == model and w.state == "ready" and w.healthy]
         if not workers:
-            raise Unavailable(f"model {model}: no live worker serves it now")
-        if all(w.queued_requests >= self.config.max_queue_per_worker for w in workers):
-            raise ResourceExhausted(f"model {model}: every worker's queue is full "
-                                    f"({self.config.max_queue_per_worker} requests); retry later",
-                                    retry_after_s=1.0)
+            return None
+        cap = self.config.max_queue_per_worker
+        return sum(max(0, cap - w.queued_requests) for w in workers)
+
+    def _queue(self, model: str) -> FairQueue:
+        queue = self._queues.get(model)
+        if queue is None:
+            if self._room(model) is None:  # (no queue, nor metric label, for unserved models)
+                raise Unavailable(f"model {model}: no live worker serves it now")
+            queue = self._queues[model] = FairQueue(lambda: self._room(model), self._limits,
+                                                    f"model {model}")
+            self.metrics.queued.labels(model).set_function(lambda: queue.waiting)
+        return queue
+
+    def _enter(self, queue: FairQueue, tenant: str, model: str) -> Ticket:
+        try:
+            ticket = queue.enter(tenant)
+        except QueueRefused as err:
+            self.metrics.queue_refusals.labels(model, err.limit).inc()
+            raise
+        if ticket.waiting and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(self._watch_pool())
+        return ticket
+
+    async def _admit(self, run: _Run) -> None:
+        """Wait for the job's turn; a job cancelled meanwhile goes on to end at once."""
+        try:
+            admitted = await run.ticket.wait()
+        except (QueueRefused, Unavailable) as err:
+            run.errors.append(str(err))  # for the job's record
+            if isinstance(err, QueueRefused):
+                self.metrics.queue_refusals.labels(run.request.model, err.limit).inc()
+            raise
+        if admitted:
+            run.admitted = True
+            self.metrics.queue_wait.labels(run.request.model).observe(run.ticket.waited_s())
+
+    async def _watch_pool(self) -> None:
+        """While jobs wait: let them through as the pool's figures change."""
+        while any(queue.waiting for queue in self._queues.values()):
+            await self.pool.wait_changed(WATCH_S)
+            for queue in list(self._queues.values()):
+                try:
+                    queue.pump()
+                except Exception:  # a bad round must not strand the waiting jobs
+                    log.exception("pumping the queue of %s failed", queue.what)
 
     async def _store_quietly(self, write) -> None:
         """A write during the job (the final record repeats it): Redis down must not stop it."""

@@ -1,10 +1,19 @@
 """The scheduler process: the parts put together, started and stopped in order.
 
-`Scheduler(config).start()` checks Redis, joins Ray and reads the workers, settles jobs that a
-previous scheduler left open, and serves `sparkgrid.v1.Inference` with the standard health
-service and server reflection (TLS when a certificate is given). `stop()` stops taking calls,
-lets running streams end (up to `grace_s`), writes the last ledger records, and leaves Ray.
-`sparkgrid head` runs one in the foreground until Ctrl-C or SIGTERM.
+`Scheduler(config).start()` checks Redis, takes this scheduler's lease in it, joins Ray and
+reads the workers, and serves `sparkgrid.v1.Inference` with the standard health service and
+server reflection (TLS when a certificate is given). While it runs, a task renews the lease
+every `lease_s / 3` (15 s / 5 s by default: two renewals may fail before it lapses), and
+another settles every `lease_s / 3` the open jobs whose owner's lease has lapsed (a dead
+scheduler's: `billing.sweep_orphans`), so a scheduler killed mid-job has its jobs settled by
+any live one within about `lease_s + lease_s / 3`. Several schedulers can share one Redis
+and prefix. A lease found lapsed is taken again at once and logged as an error: the jobs
+this scheduler runs may have been settled as orphans meanwhile.
+
+`stop()` (a drain) stops taking calls, lets running streams end (up to `grace_s`), writes
+their ledger records, and only then releases the lease and leaves Ray; so a rolling restart
+(start the new scheduler, stop the old one with a grace longer than its longest job) fails no
+job. `sparkgrid head` runs one in the foreground until Ctrl-C or SIGTERM.
 
 Knows: start-up order, grpc.aio server setup. Does not know: what the methods do.
 """
@@ -23,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from scheduler.bill_journal import BillJournal
 from scheduler.billing import Billing
 from scheduler.config import SchedulerConfig, load_tokenizer_pins
 from scheduler.dispatch import Dispatcher
@@ -54,7 +64,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.owner = f"scheduler-{secrets.token_hex(4)}"
-        self.store = RedisStore(config.redis_url, prefix=config.redis_prefix)
+        self.store = RedisStore(config.redis_url, prefix=config.redis_prefix,
+                                keep_text_s=config.keep_text_s, keep_jobs_s=config.keep_jobs_s)
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
                                config.discovery_interval_s, config.stall_timeout_s,
                                load_tokenizer_pins(config.tokenizer_pins))
@@ -68,13 +79,24 @@ class Scheduler:
         self.port: int | None = None
         self._health = health.aio.HealthServicer()
         self._time_task: asyncio.Task | None = None
+        self._lease_task: asyncio.Task | None = None
+        self._sweep_task: asyncio.Task | None = None
+        self.leases_lost = 0
+        """How many times this scheduler found its lease lapsed (and took it again)."""
 
     async def start(self) -> int:
         """Start serving; returns the port. Raises ConnectionError (Redis, Ray) saying why."""
         await self.store.ping()
+        await self.store.renew_lease(self.owner, self.config.lease_s)
+        self._lease_task = asyncio.create_task(self._keep_lease())
         await self.pool.start()
+        if self.config.bill_journal_dir:  # bills waiting for Redis survive a crash
+            self.billing.journal = BillJournal(self.config.bill_journal_dir, self.owner)
         self.billing.start()
-        await self.billing.settle_orphans(self.owner)  # jobs a dead scheduler left open
+        # jobs of dead schedulers: now, and every lease_s / 3 while this one runs
+        self._sweep_task = asyncio.create_task(
+            self.billing.sweep_orphans(self.owner, self.config.lease_s / 3,
+                                       self.dispatcher.holds))
         self._time_task = asyncio.create_task(self._record_worker_time())
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
@@ -118,11 +140,23 @@ class Scheduler:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
+            if self.config.drain_delay_s and grace_s > 0:  # let a balancer notice first
+                await asyncio.sleep(self.config.drain_delay_s)
             await self.server.stop(grace_s)
-        if not await self.billing.flush(grace_s):
+        await _cancel(self._sweep_task)
+        flushed = await self.billing.flush(max(grace_s, 1.0))
+        if not flushed:
             log.error("ledger: %d job records could not be written (Redis down)",
                       self.billing.pending)
         await self.billing.stop()
+        if self.billing.journal is not None:  # what is still open stays for the next one
+            self.billing.journal.close()
+        await _cancel(self._lease_task)
+        if flushed and self._lease_task is not None:  # its jobs settled: no orphans to leave
+            try:
+                await self.store.release_lease(self.owner)
+            except StoreUnavailable as err:
+                log.warning("lease of %s not released (it lapses by itself): %s", self.owner, err)
         if self._time_task is not None:
             self._time_task.cancel()
             await asyncio.gather(self._time_task, return_exceptions=True)
@@ -132,6 +166,25 @@ class Scheduler:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+
+    async def _keep_lease(self) -> None:
+        """Renews the lease every `lease_s / 3`; a lease found lapsed is taken again, loudly."""
+        pause = self.config.lease_s / 3
+        while True:
+            await asyncio.sleep(pause)
+            pause = self.config.lease_s / 3
+            try:
+                kept = await self.store.renew_lease(self.owner, self.config.lease_s)
+            except StoreUnavailable as err:
+                log.warning("lease of %s not renewed (%s); retrying", self.owner, err)
+                pause = min(1.0, pause)  # sooner than usual: it may lapse meanwhile
+                continue
+            if not kept:
+                self.leases_lost += 1
+                log.error("LEASE LOST: the lease of %s had lapsed (Redis lost it, or this "
+                          "scheduler stalled past %g s); taken again. Other schedulers may have "
+                          "settled its running jobs as orphans: their own bills will be refused "
+                          "and logged as anomalies", self.owner, self.config.lease_s)
 
     async def _record_worker_time(self) -> None:
         while True:
@@ -151,6 +204,12 @@ class Scheduler:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class SchedulerThread:

@@ -14,6 +14,7 @@ that lives in Redis (`sparkgrid keys create --tenant T --plan P`).
     tokens_per_day = 2_000_000      # prompt + completion tokens; 0 = unlimited
     tokens_per_month = 40_000_000
     requests_per_minute = 600
+    max_concurrent_jobs = 32        # open (queued or running) jobs at once, all schedulers
 
     [plans.standard.prices."*"]     # "*": any model without its own entry
     prompt_per_million = "0.10"     # USD, a decimal string (never a float)
@@ -96,7 +97,8 @@ def _plan(name: str, body) -> Plan:
     if not isinstance(body, dict):
         raise ValueError(f"{where}: expected a table")
     limits = {}
-    for field in ("tokens_per_day", "tokens_per_month", "requests_per_minute"):
+    for field in ("tokens_per_day", "tokens_per_month", "requests_per_minute",
+                  "max_concurrent_jobs"):
         value = body.get(field, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{where}.{field}: expected an integer >= 0 (0: unlimited), "

@@ -1,7 +1,8 @@
 """The Lua scripts of the job store: each change that must be all-or-nothing is one script.
 
-Standalone Redis only (not Cluster): the finishing script reads the quota keys a job was
-admitted under from the job's own record.
+Standalone Redis only (not Cluster): the scripts derive some keys from the job's record and
+the store's prefix (the quota keys a job was admitted under, its request id, its tenant's open
+set, its owner's lease) instead of declaring them.
 
 Knows: the key layout of `redis_store.py`. Does not know: Python types, gRPC, Ray.
 """
@@ -26,13 +27,16 @@ return 1
 """
 
 # Create a job unless its request id (or its job id) is known, admitting it against the
-# tenant's quota first. A request id whose job failed is bound to the new job (a client may
-# retry it); the rate limit counts repeats too (a repeat is a request). KEYS: job, events,
-# open_jobs, request ('' without a request id), quota day hash, quota month hash, rate
-# sorted set. ARGV[1]: JSON {job_id, event, quota}
-# (quota: null, or {reserve, day_limit, month_limit, rpm, now, window, day_retry,
-# month_retry}); ARGV[2..]: field/value pairs. Returns {job_id, 1} when created, {the
-# existing job id, 0} when known, {'', 0, limit, retry-after seconds} when refused.
+# tenant's quota first. A request id whose job failed (or whose record expired) is bound to
+# the new job (a client may retry it); one whose job's output expired is refused ('expired');
+# the rate limit counts repeats too (a repeat is a request). The job joins the tenant's set
+# of open jobs, which `max_concurrent_jobs` counts. KEYS: job, events, open_jobs, request
+# ('' without a request id), quota day hash, quota month hash, rate sorted set, the
+# tenant's open jobs.
+# ARGV[1]: JSON {job_id, prefix, event, quota} (quota: null, or {reserve, day_limit,
+# month_limit, rpm, now, window, day_retry, month_retry, max_concurrent, concurrent_retry});
+# ARGV[2..]: field/value pairs. Returns {job_id, 1} when created, {the existing job id, 0}
+# when known, {'', 0, limit, retry-after seconds} when refused, {'', 0, 'expired', job id}.
 CREATE_JOB = """
 local a = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {a.job_id, 0} end
@@ -47,18 +51,24 @@ end
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
   if existing then
-    -- the bound job's key: this job's key with the other id at its end (same layout)
-    local key = string.sub(KEYS[1], 1, #KEYS[1] - #a.job_id) .. existing
-    if redis.call('HGET', key, 'state') ~= 'failed' then
+    local key = a.prefix .. ':job:' .. existing
+    local bound = redis.call('HMGET', key, 'state', 'output')
+    if bound[1] and bound[1] ~= 'failed' then
       if type(q) == 'table' and q.rpm > 0 then
         redis.call('ZADD', KEYS[7], q.now, a.job_id)
         redis.call('EXPIRE', KEYS[7], math.ceil(2 * q.window))
+      end
+      if bound[2] == '1' and redis.call('EXISTS', a.prefix .. ':job_output:' .. existing) == 0 then
+        return {'', 0, 'expired', existing}
       end
       return {existing, 0}
     end
   end
 end
 if type(q) == 'table' then
+  if q.max_concurrent > 0 and redis.call('SCARD', KEYS[8]) >= q.max_concurrent then
+    return {'', 0, 'max_concurrent_jobs', tostring(q.concurrent_retry)}
+  end
   local function over(key, limit)
     if limit <= 0 then return false end
     local h = redis.call('HMGET', key, 'used', 'reserved')
@@ -83,6 +93,7 @@ if type(q) == 'table' then
   redis.call('HSET', KEYS[1], 'reserved', q.reserve, 'quota_day', KEYS[5], 'quota_month', KEYS[6])
 end
 redis.call('SADD', KEYS[3], a.job_id)
+redis.call('SADD', KEYS[8], a.job_id)
 redis.call('RPUSH', KEYS[2], a.event)
 return {a.job_id, 1}
 """
@@ -113,14 +124,20 @@ redis.call('HSET', KEYS[1], 'progress_completion_tokens', ARGV[1], 'progress_at'
 return 1
 """
 
-# Settle a job once: final state, fields, event, its bill (made by `billing.py`, split into
-# usage entries by `ledger.increments`), and its quota reservation swapped for the tokens
-# billed. KEYS: job, events, open_jobs, usage_days, then per usage entry its hash and its
-# dimension's index set (the quota keys come from the job's record: standalone Redis).
-# ARGV[1]: JSON {job_id, state, tenant, event, final, allowed, day, quota_used,
-# usage: [{member, incr}]}; ARGV[2..]: field/value pairs. Returns {'ok'}, {'missing'},
-# {'final', state}, {'refused', state} or {'tenant', the job's tenant}; only 'ok' changes
-# anything.
+# Settle a job once: final state, fields, event, its output (text, token ids: a key of its
+# own, so that it can expire sooner), its bill (made by `billing.py`, split into usage
+# entries by `ledger.increments`), its quota reservation swapped for the tokens billed, and
+# the retention of what it leaves: record, events and request id expire after keep_jobs
+# seconds, the output after keep_text (0: never); the ledger never. An orphan's settlement
+# (orphan_of: the owner it was read under) lands only if the job still has that owner and
+# the owner's lease is gone, so a live scheduler's job is never settled by another.
+# KEYS: job, events, open_jobs, usage_days, output, then per usage entry its hash and its
+# dimension's index set (the quota, lease, request and tenant-set keys are derived from the
+# record and `prefix`: standalone Redis). ARGV[1]: JSON {job_id, prefix, state, tenant, event,
+# final, allowed, day, quota_used, usage: [{member, incr}], output: [name, value, ...],
+# orphan_of, keep_jobs, keep_text}; ARGV[2..]: field/value pairs. Returns {'ok'},
+# {'missing'}, {'final', state}, {'refused', state}, {'tenant', the job's tenant}, {'owner',
+# its owner} or {'live', its owner}; only 'ok' changes anything.
 FINISH_JOB = """
 local a = cjson.decode(ARGV[1])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -129,11 +146,22 @@ for _, s in ipairs(a.final) do if s == state then return {'final', state} end en
 local allowed = false
 for _, s in ipairs(a.allowed) do if s == state then allowed = true end end
 if not allowed then return {'refused', state} end
-local tenant = redis.call('HGET', KEYS[1], 'tenant')
+local job = redis.call('HMGET', KEYS[1], 'tenant', 'owner', 'request_id')
+local tenant = job[1]
 if a.tenant ~= '' and a.tenant ~= tenant then return {'tenant', tenant} end
+if a.orphan_of ~= '' then
+  if job[2] ~= a.orphan_of then return {'owner', job[2] or ''} end
+  if redis.call('EXISTS', a.prefix .. ':scheduler:' .. job[2]) == 1 then return {'live', job[2]} end
+end
 redis.call('HSET', KEYS[1], 'state', a.state, unpack(ARGV, 2))
+if #a.output > 0 then
+  redis.call('HSET', KEYS[5], unpack(a.output))
+  redis.call('HSET', KEYS[1], 'output', '1')
+  if a.keep_text > 0 then redis.call('EXPIRE', KEYS[5], a.keep_text) end
+end
 redis.call('RPUSH', KEYS[2], a.event)
 redis.call('SREM', KEYS[3], a.job_id)
+redis.call('SREM', a.prefix .. ':tenant_open:' .. tenant, a.job_id)
 local r = redis.call('HMGET', KEYS[1], 'reserved', 'quota_day', 'quota_month')
 if r[1] then  -- the quota reservation becomes the tokens really billed
   for _, key in ipairs({r[2], r[3]}) do
@@ -142,9 +170,17 @@ if r[1] then  -- the quota reservation becomes the tokens really billed
   end
 end
 for i, u in ipairs(a.usage) do
-  for field, amount in pairs(u.incr) do redis.call('HINCRBY', KEYS[3 + 2 * i], field, amount) end
-  redis.call('SADD', KEYS[4 + 2 * i], u.member)
+  for field, amount in pairs(u.incr) do redis.call('HINCRBY', KEYS[4 + 2 * i], field, amount) end
+  redis.call('SADD', KEYS[5 + 2 * i], u.member)
   redis.call('SADD', KEYS[4], a.day)
+end
+if a.keep_jobs > 0 then
+  redis.call('EXPIRE', KEYS[1], a.keep_jobs)
+  redis.call('EXPIRE', KEYS[2], a.keep_jobs)
+  if job[3] and job[3] ~= '' then
+    local request = a.prefix .. ':request:' .. tenant .. ':' .. job[3]
+    if redis.call('GET', request) == a.job_id then redis.call('EXPIRE', request, a.keep_jobs) end
+  end
 end
 return {'ok'}
 """

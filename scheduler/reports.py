@@ -35,6 +35,10 @@ GPU cost by GPU type is the sum of its workers' rounded cells (not the `gpu` dim
 figure, which would round differently); tokens, revenue and time by GPU type come from the
 `gpu` dimension.
 
+`usage_window(since, until, today)` is the range of a tenant's `GetUsage`: the last
+`USAGE_DEFAULT_DAYS` days by default, never more than `USAGE_MAX_DAYS`, so one call reads at
+most that many ledger hashes.
+
 Knows: the ledger's fields and the store's read methods. Does not know: Redis, output
 formats (`report_formats.py`), the command line (`report_cli.py`).
 """
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from scheduler.errors import InvalidArgument
@@ -67,6 +71,10 @@ _NEEDS = {"tenant": ("tenant", "worker"), "worker": ("worker",), "gpu": ("gpu", 
 """The ledger dimensions each report reads; the `worker` one always, for GPU cost."""
 _MAX_READS = 16
 """Reads in flight at once (each one pipeline of a key's days)."""
+USAGE_DEFAULT_DAYS = 31
+"""Days a `GetUsage` without `since` covers, up to `until` (a month of daily figures)."""
+USAGE_MAX_DAYS = 366
+"""Most days one `GetUsage` may cover (a year; one ledger hash read per day)."""
 
 Cells = dict[str, dict[str, dict[str, int]]]
 """key -> UTC day -> {field: amount}: one dimension of the ledger over the range."""
@@ -155,6 +163,29 @@ COLUMNS = {
         Column("tokens_per_tenant", "tokens by tenant", "tenant -> prompt + completion tokens "
                "(not in CSV or the text table; drawn in the HTML)")],
 }
+
+
+def usage_window(since: str, until: str, today: str) -> tuple[str, str]:
+    """The UTC days (since, until) a tenant's usage call covers: `until` defaults to `today`,
+    `since` to `USAGE_DEFAULT_DAYS - 1` days before `until`; a range longer than
+    `USAGE_MAX_DAYS` is refused (InvalidArgument naming since), as is a bad day."""
+    until = until or today
+    if not since:
+        try:
+            since = (date.fromisoformat(until)
+                     - timedelta(days=USAGE_DEFAULT_DAYS - 1)).isoformat()
+        except ValueError:
+            raise InvalidArgument(
+                "until", f"expected a UTC day YYYY-MM-DD, got {until!r}") from None
+    try:
+        num_days = (date.fromisoformat(until) - date.fromisoformat(since)).days + 1
+    except ValueError:
+        num_days = 0  # days_between names the bad field
+    if num_days > USAGE_MAX_DAYS:
+        raise InvalidArgument("since", f"the range {since}..{until} spans {num_days} days; at "
+                              f"most {USAGE_MAX_DAYS} per call (ask for several ranges)")
+    days_between(since, until)  # InvalidArgument naming since or until
+    return since, until
 
 
 # --- arithmetic --------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ Knows: the proto messages. Does not know: Ray, Redis, routing.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import time
 from contextlib import aclosing
 
@@ -21,7 +20,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import InvalidArgument, NotFound
 from scheduler.interceptors import TENANT
-from scheduler.ledger import MAX_DAYS, days_between, utc_day
+from scheduler.ledger import utc_day
+from scheduler.reports import USAGE_MAX_DAYS, usage_window
 from scheduler.requests import JobRequest
 
 MAX_JOB_ID_CHARS = 64
@@ -69,11 +69,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ListWorkersResponse(workers=[_worker(s) for s in self.pool.stats()])
 
     async def GetUsage(self, request, context):
+        """The tenant's usage per UTC day over `usage_window`: the last 31 days by default,
+        at most 366 (so at most that many ledger reads a call)."""
         tenant = TENANT.get()
-        until = request.until or utc_day(time.time())
-        since = request.since or _days_before(until, MAX_DAYS - 1)  # "from the start"
-        days_between(since, until)  # validates both, naming the field
-        days = await self.store.usage("tenant", tenant, since, until)
+        since, until = usage_window(request.since, request.until, utc_day(time.time()))
+        days = await self.store.usage("tenant", tenant, since, until, max_days=USAGE_MAX_DAYS)
         report = pb.UsageReport(tenant=tenant)
         for day, totals in days:
             report.days.append(pb.UsageDay(day=day, jobs=totals.get("jobs", 0),
@@ -105,13 +105,6 @@ def _chunk(piece) -> pb.GenerateChunk:
         chunk.finish_reason = piece.finish_reason
         chunk.usage.CopyFrom(pb.Usage(**piece.usage))
     return chunk
-
-
-def _days_before(day: str, num_days: int) -> str:
-    try:
-        return (datetime.date.fromisoformat(day) - datetime.timedelta(days=num_days)).isoformat()
-    except ValueError:
-        return day  # days_between names the bad field
 
 
 def _job_id_field(job_id: str) -> str:

@@ -183,7 +183,8 @@ class Stack:
 
         config = SchedulerConfig(redis_url=redis_url, host="127.0.0.1",
                                  grpc_port=self.options.grpc_port,
-                                 metrics_port=self.options.metrics_port)
+                                 metrics_port=self.options.metrics_port,
+                                 bill_journal_dir=str(self.home / "bills"))
         try:
             self._head = SchedulerThread(config)
         except OSError as err:  # a port taken: the message names the option

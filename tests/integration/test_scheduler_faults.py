@@ -167,7 +167,8 @@ def _sparkgrid(*args, home, timeout_s=120) -> subprocess.CompletedProcess:
 def _start_head(cluster, redis_url: str, home) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "head", "--ray-address",
            ray.get_runtime_context().gcs_address, "--redis-url", redis_url, "--redis-prefix",
-           "cli-test", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1"]
+           "cli-test", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1",
+           "--lease", "3s"]  # a killed one's jobs are orphans 3 s after its last renewal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SPARKGRID_HOME": str(home)})
     line = Lines(proc).until("serving sparkgrid.v1.Inference", 120)[-1]
@@ -227,9 +228,10 @@ def test_the_head_command_serves_and_a_killed_scheduler_s_jobs_are_settled_once(
     for _restart in range(2):
         proc, endpoint = _start_head(cluster, persistent_redis.url, tmp_path)
         try:
-            with Client(endpoint, api_key) as again:
-                job = again.job(first.job_id)
-                assert job.state == "failed" and "stopped" in job.error
+            with Client(endpoint, api_key) as again:  # settled at its first sweep
+                job = wait_for(lambda: (j := again.job(first.job_id)).state == "failed" and j,
+                               10, "the orphan settled")
+                assert "stopped" in job.error
                 assert 0 < job.usage.completion_tokens <= received
                 after = again.usage()
                 assert after.jobs == before.jobs + 1

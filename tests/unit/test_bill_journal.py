@@ -82,3 +82,43 @@ def test_a_journal_survives_sigkill_and_a_torn_line_is_skipped(tmp_path):
         proc.kill()
     adopted = BillJournal(tmp_path, "scheduler-new").adopt_dead()
     assert [(s.job_id, s.bill.completion_tokens) for s in adopted] == [("j2", 11)]
+
+
+def test_bills_waiting_for_a_down_store_are_journaled_and_a_new_scheduler_writes_them(tmp_path):
+    """The writer journals what waits once a write fails; the scheduler dies (its journal
+    stays, unlocked); the next one on this host takes the bills over and writes them."""
+    import asyncio
+
+    from scheduler.billing import Billing
+    from test_billing import FlakyStore, end
+
+    down = FlakyStore(down=10**6)
+
+    async def first_life():
+        journal = BillJournal(tmp_path, "scheduler-a")
+        biller = Billing(down, BOOK, retry_s=0.01, journal=journal)
+        biller.start()
+        biller.settle(end(job_id="j1", plan="std", model="m"))
+        await asyncio.sleep(0.1)  # the first write fails: j1 goes to disk
+        biller.settle(end(job_id="j2", plan="std", model="m"))  # during the outage: to disk
+        await biller.stop()
+        journal._file.close()  # the process dies: no `done`, the lock goes
+        return journal.open
+
+    assert asyncio.run(first_life()) == {"j1", "j2"}
+    up = FlakyStore()
+
+    async def second_life():
+        journal = BillJournal(tmp_path, "scheduler-b")
+        biller = Billing(up, BOOK, retry_s=0.01, journal=journal)
+        biller.start()
+        assert await biller.flush(5)
+        await biller.stop()
+        journal.close()
+
+    asyncio.run(second_life())
+    assert sorted(job_id for job_id, *_ in up.written) == ["j1", "j2"]
+    assert [(b.completion_tokens, b.charge_uusd) for *_, b in up.written] == \
+        [(s.bill.completion_tokens, s.bill.charge_uusd)
+         for s in (settlement(end(job_id=j, plan="std", model="m"), BOOK, 0) for j in ("j1", "j2"))]
+    assert list(tmp_path.iterdir()) == []  # every bill written: no journal left

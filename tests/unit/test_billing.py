@@ -6,6 +6,7 @@ test_billing_redis.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -124,7 +125,7 @@ class FlakyStore:
         self.down = down
         self.written = []
 
-    async def finish_job(self, job_id, state, fields, bill):
+    async def finish_job(self, job_id, state, fields, bill, orphan_of=None):
         if job_id == "bad":
             raise ValueError("finish_job: the bill is for job x, not bad")
         if self.down:
@@ -170,23 +171,33 @@ def test_a_writer_that_cannot_write_says_so_when_flushed():
 
 
 class OpenJobs(FlakyStore):
-    def __init__(self, records, plans):
+    def __init__(self, records, plans, live=()):
         super().__init__()
-        self.records, self.plans = records, plans
+        self.records, self.plans, self.live = records, plans, set(live)
+        self.orphans_of = {}
 
     async def open_jobs(self):
         return self.records
+
+    async def live_owners(self, owners):
+        return self.live & set(owners)
+
+    async def finish_job(self, job_id, state, fields, bill, orphan_of=None):
+        self.orphans_of[job_id] = orphan_of
+        return await super().finish_job(job_id, state, fields, bill)
 
     async def tenant_plan(self, tenant):
         return self.plans.get(tenant)
 
 
 def test_settle_orphans_settles_other_schedulers_open_jobs_at_their_admitted_plan():
-    base = {"model": "m", "prompt_tokens": 4, "progress_completion_tokens": 2}
+    base = {"model": "m", "prompt_tokens": 4, "progress_completion_tokens": 2,
+            "created_at": time.time()}
     records = [{**base, "job_id": "mine", "tenant": "acme", "owner": "me"},
                {**base, "job_id": "a", "tenant": "acme", "owner": "dead", "plan": "std"},
-               {**base, "job_id": "b", "tenant": "beta", "owner": "dead"}]  # an older record
-    store = OpenJobs(records, {"acme": "pro", "beta": "pro"})
+               {**base, "job_id": "b", "tenant": "beta", "owner": "dead"},  # an older record
+               {**base, "job_id": "c", "tenant": "acme", "owner": "alive"}]  # its lease is live
+    store = OpenJobs(records, {"acme": "pro", "beta": "pro"}, live={"alive"})
 
     async def scenario():
         biller = Billing(store, book())
@@ -202,6 +213,9 @@ def test_settle_orphans_settles_other_schedulers_open_jobs_at_their_admitted_pla
     # "a" was admitted under "std" (its tenant is on "pro" now): 0.4 + 0.8 micro-dollars, 1;
     # "b" has no plan kept (a record from before plans were): the tenant's plan now, 4 + 6
     assert plans == {"a": (JobState.FAILED, "std", 1), "b": (JobState.FAILED, "pro", 10)}
+    # written only while the owner's lease is still gone (the store checks), marked as swept
+    assert store.orphans_of == {"a": "dead", "b": "dead"}
+    assert {fields["settled_by"] for _, _, fields, _ in store.written} == {"me"}
 
 
 def test_a_job_end_names_a_bad_field():
@@ -209,3 +223,42 @@ def test_a_job_end_names_a_bad_field():
         settlement(end(prompt_tokens=-1), book(), NOON)
     with pytest.raises(ValueError, match="tenant"):
         settlement(end(tenant=""), book(), NOON)
+
+
+def test_a_lapsed_owner_is_settled_at_the_second_sweep_and_own_strays_at_the_first():
+    """An owner whose lease is gone gets one sweep interval to renew it (an outage longer than
+    the lease lapses every lease at once); a job of this scheduler's that it neither runs nor
+    has a bill for, older than STRAY_AFTER_S, is settled: billed nothing if it never ran."""
+    old = time.time() - billing.STRAY_AFTER_S - 1
+    base = {"model": "m", "prompt_tokens": 4, "progress_completion_tokens": 2, "tenant": "acme"}
+    records = [{**base, "job_id": "gone", "owner": "dead", "created_at": old},
+               {**base, "job_id": "stray", "owner": "me", "created_at": old, "state": "queued"},
+               {**base, "job_id": "held", "owner": "me", "created_at": old, "state": "running"},
+               {**base, "job_id": "new", "owner": "me", "created_at": time.time()}]
+    store = OpenJobs(records, {})
+
+    async def scenario():
+        biller = Billing(store, book())
+        biller.start()
+        try:
+            first = await biller.settle_orphans("me", lambda j: j == "held", confirm_s=0.2)
+            store.records = [r for r in records if r["job_id"] == "gone"]
+            await asyncio.sleep(0.25)
+            second = await biller.settle_orphans("me", lambda j: j == "held", confirm_s=0.2)
+            return first, second
+        finally:
+            await biller.stop()
+
+    first, second = asyncio.run(scenario())
+    assert first == ["stray"] and second == ["gone"]
+    written = {job_id: (fields, bill) for job_id, _, fields, bill in store.written}
+    assert written["stray"][1].prompt_tokens == written["stray"][1].completion_tokens == 0
+    assert "lost track" in written["stray"][0]["error"] and store.orphans_of["stray"] is None
+    assert written["gone"][1].completion_tokens == 2 and store.orphans_of["gone"] == "dead"
+
+
+def test_a_workers_figure_the_ledger_refuses_still_leaves_its_part_billed():
+    part = Part("w1", "", 10)  # an empty GPU type
+    part.add(Chunk("j", (1, 2, 3), "abc"))
+    segment = part.segment()
+    assert (segment.worker, segment.gpu_type, segment.completion_tokens) == ("w1", UNKNOWN, 3)

@@ -180,3 +180,25 @@ def test_the_head_warns_of_plaintext_off_loopback_only(host, loopback):
     parser = argparse.ArgumentParser()
     head_options(parser)
     assert parser.parse_args([]).host == "127.0.0.1"  # this machine only, unless told
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["head", "--keep-text", "soon"], "--keep-text"),
+    (["head", "--keep-jobs", "-3d"], "--keep-jobs"),
+    (["head", "--lease", "x"], "--lease"),
+    (["head", "--keep-text", "40d", "--keep-jobs", "30d"], "--keep-text"),  # outlives its record
+    (["head", "--keep-text", "0", "--keep-jobs", "30d"], "--keep-text"),  # forever, record not
+    (["head", "--lease", "0"], "--lease"),
+    (["head", "--grace", "later"], "--grace"),
+])
+def test_head_retention_and_lease_errors_name_the_option(run, argv, option):
+    code, out, err = run(*argv, "--redis-url", "redis://127.0.0.1:1/0")
+    assert code == 2 and err.startswith("error: ") and option in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_head_durations_take_units():
+    from scheduler.cli import duration
+
+    assert [duration(t) for t in ("24h", "30d", "90m", "45s", "3600", "0", "1.5h")] == \
+           [86400, 30 * 86400, 5400, 45, 3600, 0, 5400]

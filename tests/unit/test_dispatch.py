@@ -1,6 +1,6 @@
 """One job's life in the dispatcher, with a fake worker pool and job store (no Ray, Redis or
 gRPC): admission errors, failover with resume, the bound on attempts, refusals, cancellation,
-and the record each job ends with."""
+the record each job ends with, and waiting for full workers fairly across tenants."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class FakePool:
         self.strikes.append((worker, reason))
 
     async def wait_changed(self, timeout_s):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
 
     async def cancel(self, worker, job_id):
         return True
@@ -127,8 +127,8 @@ def make(scripts, **config):
     return Dispatcher(cfg, pool, store, ledger, "test"), pool, store, ledger
 
 
-async def collect(dispatcher, request=REQUEST):
-    return [p async for p in dispatcher.run("acme", request)]
+async def collect(dispatcher, request=REQUEST, tenant="acme"):
+    return [p async for p in dispatcher.run(tenant, request)]
 
 
 def test_no_ready_worker_is_unavailable_and_records_nothing():
@@ -138,11 +138,23 @@ def test_no_ready_worker_is_unavailable_and_records_nothing():
     assert store.jobs == {} and ledger.records == []
 
 
-def test_all_queues_full_is_resource_exhausted_with_a_retry_hint():
-    dispatcher, *_ = make({"a": [], "b": []}, queued=300, max_queue_per_worker=256)
-    with pytest.raises(ResourceExhausted) as err:
+def test_all_queues_full_and_no_waiting_allowed_is_refused_at_once_recording_nothing():
+    dispatcher, _, store, ledger = make({"a": [], "b": []}, queued=300, max_queue_per_worker=256,
+                                        max_waiting_per_tenant=0)
+    with pytest.raises(ResourceExhausted, match="max_waiting_per_tenant") as err:
         asyncio.run(collect(dispatcher))
-    assert err.value.retry_after_s > 0
+    assert err.value.retry_after_s > 0 and store.jobs == {} and ledger.records == []
+
+
+def test_a_job_that_waits_past_the_longest_wait_fails_billed_nothing():
+    dispatcher, pool, store, ledger = make({"a": []}, queued=300, max_queue_wait_s=0.05)
+    with pytest.raises(ResourceExhausted, match="max_queue_wait_s") as err:
+        asyncio.run(collect(dispatcher))
+    assert err.value.retry_after_s > 0 and pool.calls == []
+    (record,) = ledger.records
+    assert record.state is JobState.FAILED and "max_queue_wait_s" in record.fields["error"]
+    assert record.bill.prompt_tokens == 0 and record.bill.charge_uusd == 0
+    assert store.jobs[record.job_id]["state"] == "queued"  # recorded while it waited
 
 
 @pytest.mark.parametrize("bad, rule", [
@@ -279,6 +291,9 @@ class OrphanStore:
 
     async def open_jobs(self):
         return [self.record]
+
+    async def live_owners(self, owners):
+        return set()  # the job's scheduler died: its lease lapsed
 
     async def tenant_plan(self, tenant):
         raise AssertionError("the plan the job was admitted under is in its record")

@@ -73,3 +73,21 @@ def test_retry_hints_point_at_the_next_utc_day_and_month():
     text = refusal("acme", "tokens_per_day", adm, 30)
     assert "tokens_per_day of 5" in text and "2026-12-31" in text and "reserves 7" in text
     assert Limits().unlimited and not Limits(requests_per_minute=1).unlimited
+
+
+def test_max_concurrent_jobs_is_read_checked_and_shipped():
+    assert book(max_concurrent_jobs=4).plan("std").limits.max_concurrent_jobs == 4
+    assert book().plan("std").limits.max_concurrent_jobs == 0  # absent: unlimited
+    with pytest.raises(ValueError, match=r"plans\.std\.max_concurrent_jobs: expected an integer"):
+        book(max_concurrent_jobs=-1)
+    shipped = PriceBook.load(DEFAULT_BOOK)
+    caps = {name: plan.limits.max_concurrent_jobs for name, plan in shipped.plans.items()}
+    assert caps == {"standard": 32, "pro": 256, "internal": 0}
+    assert not Limits(max_concurrent_jobs=1).unlimited
+
+
+def test_a_concurrency_refusal_names_the_limit_and_the_retry():
+    message = refusal("acme", "max_concurrent_jobs",
+                      Admission(Limits(max_concurrent_jobs=32), 100, 0.0), 1.0)
+    assert message == ("quota: tenant acme would pass its plan's max_concurrent_jobs of 32 jobs "
+                       "open (queued or running) at once; retry in 1 s")
