@@ -78,6 +78,9 @@ def head_options(p: argparse.ArgumentParser) -> None:
                    help="on Ctrl-C or SIGTERM, how long to keep taking calls after the health "
                         "service says NOT_SERVING, so that a load balancer in front of several "
                         "schedulers turns away first (default 0s; 3s behind deploy/envoy)")
+    p.add_argument("--figure-boards", type=int_at_least(1), default=1, metavar="N",
+                   help="figures boards the workers push their figures to (default 1; about "
+                        "one per 300 workers); the first scheduler of a cluster sets it")
     p.add_argument("--bill-journal", default=None, metavar="DIR",
                    help="where bills waiting for Redis are kept on disk, so that a crash during "
                         "an outage loses none (default: $SPARKGRID_HOME/bills)")
@@ -99,6 +102,7 @@ def run_head(args) -> int:
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts,
             tokenizer_pins=args.tokenizer_pins, keep_text_s=args.keep_text,
             keep_jobs_s=args.keep_jobs, lease_s=args.lease, drain_delay_s=args.drain_delay,
+            figure_boards=args.figure_boards,
             bill_journal_dir=args.bill_journal or str(home() / "bills"))
         load_tokenizer_pins(config.tokenizer_pins)  # a bad file is an option error, now
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
@@ -115,7 +119,8 @@ def run_head(args) -> int:
 
 
 _OPTION_OF = {"keep_text_s": "keep-text", "keep_jobs_s": "keep-jobs", "lease_s": "lease",
-              "drain_delay_s": "drain-delay", "bill_journal_dir": "bill-journal"}
+              "drain_delay_s": "drain-delay", "bill_journal_dir": "bill-journal",
+              "figure_boards": "figure-boards"}
 """Settings whose option is not the field's name with dashes."""
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

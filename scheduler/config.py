@@ -83,6 +83,10 @@ class SchedulerConfig:
     keep_text_s: float = KEEP_TEXT_S
     """How long a final job's text and token ids are kept (0: forever). 24 h: the privacy-
     sensitive part, kept long enough for a client to fetch or repeat it after a day's outage."""
+    figure_boards: int = 1
+    """Figures boards (shards) the workers push their figures to (`sparkgrid/board.py`); the
+    first scheduler to start sets it for the cluster. One takes about 600 pushes/s (300 workers
+    at two a second); use more above a few hundred workers."""
     bill_journal_dir: str | None = None
     """Where settlements waiting for Redis are kept on disk (`bill_journal.py`); None: in memory
     only (a crash during a Redis outage then loses them). `sparkgrid head` and `sparkgrid up`
@@ -96,6 +100,8 @@ class SchedulerConfig:
 
     def __post_init__(self):
         require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
+        require(isinstance(self.figure_boards, int) and 1 <= self.figure_boards <= 64,
+                "figure_boards", "an integer in [1, 64]", self.figure_boards)
         require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)
         require(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
                  "a port in [0, 65535] or None", self.metrics_port)

@@ -48,7 +48,7 @@ from scheduler.metrics import Metrics
 from scheduler.prices import Plan
 from scheduler.quota import Admission
 from scheduler.requests import JobRequest
-from scheduler.router import Router
+from scheduler.router import Router, room
 from scheduler.worker_pool import WorkerLost, WorkerRefused
 from sparkgrid.contract import Chunk, Resume
 
@@ -337,12 +337,7 @@ class Dispatcher:
     def _room(self, model: str) -> int | None:
         """Free request slots on the model's ready workers (the pool counts what this scheduler
         dispatched at once); None when no live worker serves it."""
-        workers = [w for w in self.pool.snapshots()
-                   if w.model == model and w.state == "ready" and w.healthy]
-        if not workers:
-            return None
-        cap = self.config.max_queue_per_worker
-        return sum(max(0, cap - w.queued_requests) for w in workers)
+        return room(self.pool.snapshots(), model, self.config.max_queue_per_worker)
 
     def _queue(self, model: str) -> FairQueue:
         queue = self._queues.get(model)

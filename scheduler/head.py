@@ -68,7 +68,7 @@ class Scheduler:
                                 keep_text_s=config.keep_text_s, keep_jobs_s=config.keep_jobs_s)
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
                                config.discovery_interval_s, config.stall_timeout_s,
-                               load_tokenizer_pins(config.tokenizer_pins))
+                               load_tokenizer_pins(config.tokenizer_pins), config.figure_boards)
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
         self.billing = Billing(self.store, self.prices, config.ledger_retry_s)
         self.metrics = Metrics(config.policy)

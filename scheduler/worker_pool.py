@@ -1,22 +1,26 @@
 """The scheduler's view of the workers: discovery, their figures, and the calls that run jobs.
-Every Ray call of the scheduler lives here.
+Every Ray call of the scheduler lives here (the figures boards' in `scheduler.figures`).
 
 - Discovery: the named actors of the Ray namespace `sparkgrid` are listed every
   `discovery_interval_s`; a new one is adopted once its `stats()` answer like a worker's, a
   lost one (gone from the list, or dead when called) is dropped.
-- Figures: every worker's `stats()` and `check_health()` are read every `stats_interval_s`.
-  Between two reads, the pool counts what it sent each worker and the worker has not yet
-  reported accepting (its `requests` counter), so that a burst does not all land on the worker
-  that looked idle at the last read.
+- Figures: workers push them to the figures boards, and the pool reads the boards' changes
+  every `stats_interval_s` (`scheduler.figures`: one call per board, with the staleness bound;
+  a worker whose pushes stop is unhealthy). An actor that does not push, and every worker while
+  no board answers, is still called for its `stats()` and `check_health()` every interval. The
+  pool calls `renew` only on the workers that stream its own jobs. Between two figures, the
+  pool counts what it sent each worker and the worker has not yet reported accepting (its
+  `requests` counter), so that a burst does not all land on the worker that looked idle.
+- Candidates: per model, a `CandidateIndex` of its routable workers, updated as figures arrive
+  and jobs are sent (O(log N) each), which the router samples (`snapshots()` hands it over).
 - Models: the first worker of a model lends its tokenizer files; the scheduler counts and
-  resumes tokens with the same tokenizer as the workers (the `tokenizers` library on its
-  `tokenizer.json`: the scheduler's process loads no torch).
+  resumes tokens with the same tokenizer as the workers (`scheduler.model_info`).
 - What a worker sends is read through the typed contract (`sparkgrid.contract`): figures
   that do not match it keep a worker out (or mark it unhealthy), a chunk that does not match
   it ends that worker's part of the job (the job resumes elsewhere).
 
 Knows: Ray, the worker actor's methods, the contract. Does not know: gRPC, Redis, routing
-policy.
+policy (the candidate index orders workers; the router decides).
 """
 
 from __future__ import annotations
@@ -25,24 +29,30 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Decimal
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from scheduler.ledger import utc_day
-from scheduler.router import WorkerSnapshot
+from scheduler.figures import (
+    CALL_TIMEOUT_S,
+    LIVE_STATES,
+    Boards,
+    TrackedWorker,
+    WorkerTime,
+    stale_after,
+)
+from scheduler.model_info import ModelInfo, PromptTokenizer
+from scheduler.router import CandidateIndex, PoolView
+from sparkgrid.board import is_board
 from sparkgrid.contract import NAMESPACE, Chunk, ContractError, Resume, SamplingParams, WorkerStats
 
 log = logging.getLogger(__name__)
-CALL_TIMEOUT_S = 5.0
 JOB_LEASE_S = 10.0
 """A worker aborts a job of ours that it has not heard about for this long: every read of the
-worker renews the leases of the jobs streaming from it, so only a scheduler that died (or
-stalled this long) loses them. Ray itself would let an orphaned job run to `max_tokens`."""
-MAX_READ_GAP_S = 5.0
+figures renews the leases of this scheduler's jobs on the workers that stream them, so only a
+scheduler that died (or stalled this long) loses them. Ray itself would let an orphaned job
+run to `max_tokens`."""
 STRIKES_TO_QUARANTINE = 3
 """Jobs a worker may break the rules of before it gets no more (each one already fails over)."""
 
@@ -53,37 +63,6 @@ class WorkerLost(Exception):
 
 class WorkerRefused(Exception):
     """The worker refused the job itself (bad input): resuming elsewhere would not help."""
-
-
-class PromptTokenizer:
-    """A model's tokenizer as the scheduler uses it: prompts to token ids, as the model's own
-    (fast) tokenizer splits them, special tokens of its template included."""
-
-    def __init__(self, tokenizer_json: bytes):
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-        except Exception as err:  # the library raises its own exception type
-            raise ValueError(f"tokenizer.json: cannot be read ({err})") from None
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
-
-    def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-
-@dataclass
-class ModelInfo:
-    """What the scheduler needs of a model to check and resume requests."""
-
-    name: str
-    tokenizer: PromptTokenizer
-    max_context: int
-    vocab_size: int
-    tokenizer_sha256: str = ""
-    """SHA-256 of the tokenizer.json every worker of the model must lend."""
 
 
 @dataclass(frozen=True)
@@ -97,49 +76,27 @@ class WorkerStatus:
     """Why the scheduler sends it nothing more (None: it is not quarantined)."""
 
 
-@dataclass
-class _Worker:
-    name: str
-    handle: object
-    stats: WorkerStats
-    healthy: bool = True
-    failures: int = 0  # consecutive failed reads
-    sent: deque = field(default_factory=deque)  # [job_id, tokens] sent, not yet reported accepted
-    accepted: int = 0  # the worker's `requests` counter at the last read
-    last_read: float | None = None  # monotonic time of the last good read
-    figures_asked: float = 0.0  # monotonic time the figures we hold were asked for
-    streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
-    strikes: list = field(default_factory=list)  # what it did against the rules, in order
-    quarantined: str | None = None  # why it gets no more jobs (None: it does)
-
-    def snapshot(self) -> WorkerSnapshot:
-        s = self.stats
-        return WorkerSnapshot(
-            name=self.name, model=s.model_id,
-            state="quarantined" if self.quarantined else s.state, healthy=self.healthy,
-            num_waiting=s.num_waiting, num_running=s.num_running,
-            remaining_tokens=s.remaining_tokens, tokens_per_s=s.tokens_per_s,
-            mean_accept_length=s.mean_accept_length, sps=s.sps, max_num_seqs=s.max_num_seqs,
-            pending_requests=len(self.sent), pending_tokens=sum(t for _, t in self.sent))
-
-
 class WorkerPool:
     """Live workers and their figures; `start()` joins Ray and begins reading them."""
 
     def __init__(self, ray_address: str, stats_interval_s: float = 0.5,
                  discovery_interval_s: float = 2.0, stall_timeout_s: float = 60.0,
-                 tokenizer_pins: dict[str, str] | None = None):
+                 tokenizer_pins: dict[str, str] | None = None, figure_boards: int = 1,
+                 figures_stale_s: float | None = None):
         self.ray_address = ray_address
         self.tokenizer_pins = tokenizer_pins
         """Model -> SHA-256 of its tokenizer.json; None: the first worker of a model sets it."""
         self.stats_interval_s = stats_interval_s
         self.discovery_interval_s = discovery_interval_s
         self.stall_timeout_s = stall_timeout_s
-        self._workers: dict[str, _Worker] = {}
+        self.boards = Boards(figure_boards, stats_interval_s,
+                             figures_stale_s or stale_after(stats_interval_s))
+        """The figures boards; `boards.stale_after_s`: a worker silent that long is unhealthy."""
+        self._workers: dict[str, TrackedWorker] = {}
         self._models: dict[str, ModelInfo] = {}
         self._tasks: list[asyncio.Task] = []
-        # (worker, day) -> [online ms, active ms, registration]
-        self._time: dict[tuple[str, str], list] = {}
+        self._time = WorkerTime()
+        self._indexes: dict[str, CandidateIndex] = {}  # model -> its routable workers
         self._changed = asyncio.Event()
         self._refused: dict[str, str] = {}  # actor -> why its stats were refused (said once)
 
@@ -148,6 +105,7 @@ class WorkerPool:
         if not ray.is_initialized():
             await asyncio.to_thread(ray.init, address=self.ray_address, namespace=NAMESPACE,
                                     logging_level="ERROR", log_to_driver=False)
+        await self.boards.open()
         await self._discover()
         self._tasks = [asyncio.create_task(self._every(self.discovery_interval_s, self._discover)),
                        asyncio.create_task(self._every(self.stats_interval_s, self._read_all))]
@@ -166,8 +124,10 @@ class WorkerPool:
                 log.exception("worker pool: %s failed", fn.__name__)
 
     # -- what the scheduler reads ----------------------------------------------------------
-    def snapshots(self) -> list[WorkerSnapshot]:
-        return [w.snapshot() for w in self._workers.values()]
+    def snapshots(self) -> PoolView:
+        """Every worker's snapshot when iterated (O(N)), and each model's candidate index
+        (O(1)): what the router is given per request."""
+        return PoolView(lambda: [w.snapshot() for w in self._workers.values()], self._indexes)
 
     def stats(self) -> list[WorkerStatus]:
         """Each worker's latest figures, with its health and the pool's pending count."""
@@ -175,7 +135,8 @@ class WorkerPool:
                 for w in sorted(self._workers.values(), key=lambda w: w.name)]
 
     def read_since(self, t: float) -> bool:
-        """Whether every worker's figures were read (successfully) after monotonic time `t`."""
+        """Whether every worker's figures were read (successfully) after monotonic time `t`
+        (a pushed heartbeat confirms the figures held: they are read as of the push)."""
         return all(w.figures_asked > t for w in self._workers.values())
 
     def worker_stats(self, name: str) -> WorkerStats | None:
@@ -225,6 +186,7 @@ class WorkerPool:
                 w.sent.remove(entry)
                 if started:  # it was accepted: its next figures count it, which is accounted here
                     w.accepted += 1
+                self._index(w)
             if not finished:
                 ray.cancel(stream)
                 asyncio.ensure_future(self.cancel(worker, job_id))
@@ -237,6 +199,7 @@ class WorkerPool:
             return None
         entry = [job_id, budget_tokens]
         w.sent.append(entry)
+        self._index(w)
         return entry
 
     async def _next_chunk(self, worker: str, stream) -> Chunk | None:
@@ -277,7 +240,8 @@ class WorkerPool:
     # -- discovery and figures --------------------------------------------------------------
     async def _discover(self) -> None:
         named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
-        names = {a["name"] for a in named if a["namespace"] == NAMESPACE}
+        names = {a["name"] for a in named if a["namespace"] == NAMESPACE
+                 and not is_board(a["name"])}
         for name in set(self._workers) - names:
             self._drop(name)
         new = [n for n in names - set(self._workers)]
@@ -298,7 +262,8 @@ class WorkerPool:
                 self._refused[name] = str(err)
             return
         self._refused.pop(name, None)
-        self._workers[name] = _Worker(name, handle, stats, accepted=stats.requests)
+        self._workers[name] = w = TrackedWorker(name, handle, stats, accepted=stats.requests)
+        self._index(w)
         log.info("worker %s joined (%s, %s)", name, stats.model_id, stats.gpu_type)
         self._changed.set()
 
@@ -329,10 +294,55 @@ class WorkerPool:
                                             len(tokenizer), digest)
 
     async def _read_all(self) -> None:
-        await asyncio.gather(*(self._read(w) for w in list(self._workers.values())))
+        entries = await self.boards.read()  # None: no board answers, every worker is polled
+        now = time.monotonic()
+        for name, raw, health, age in entries or ():
+            if (w := self._workers.get(name)) is not None:  # not adopted yet: discovery will
+                self._pushed(w, raw, health, now - age)
+        polled, renewed = [], []
+        for w in list(self._workers.values()):
+            if entries is None or w.pushed_at is None:
+                polled.append(w)
+                continue
+            if w.healthy and now - w.pushed_at > self.boards.stale_after_s:
+                log.warning("worker %s: no figures pushed for %.1f s: unhealthy", w.name,
+                            now - w.pushed_at)
+                w.healthy = False
+                self._index(w)
+            if w.streaming:
+                renewed.append(w)
+        await asyncio.gather(*(self._read(w) for w in polled), *(self._renew(w) for w in renewed))
         self._changed.set()
 
-    async def _read(self, w: _Worker) -> None:
+    def _pushed(self, w: TrackedWorker, raw: dict | None, health: str | None, at: float) -> None:
+        """A push seen on a board at monotonic time `at`: figures, or (None) a heartbeat."""
+        w.pushed_at = at
+        if raw is not None:
+            try:
+                stats = WorkerStats.from_dict(raw)
+                w.bad_figures = None
+            except ContractError as err:  # its figures cannot be trusted: route nothing there
+                if w.bad_figures != str(err):
+                    log.warning("worker %s: its stats break the contract: %s", w.name, err)
+                w.bad_figures = str(err)
+        if w.bad_figures is not None or health is not None:  # health: as check_health raised
+            w.healthy = False
+            self._index(w)
+            return
+        self._take(w, w.stats if raw is None else stats, min(at, time.monotonic()))
+
+    async def _renew(self, w: TrackedWorker) -> None:
+        """Keep this scheduler's jobs alive on `w` (see JOB_LEASE_S)."""
+        try:
+            await asyncio.wait_for(w.handle.renew.remote(list(w.streaming), JOB_LEASE_S),
+                                   CALL_TIMEOUT_S)
+        except RayActorError:
+            self._drop(w.name)
+        except (RayError, asyncio.TimeoutError):
+            pass  # its streams time out if it stays away
+
+    async def _read(self, w: TrackedWorker) -> None:
+        """Poll one worker: renew, `stats()`, `check_health()`."""
         asked = time.monotonic()
         try:
             if w.streaming:  # keep this scheduler's jobs alive there (see JOB_LEASE_S)
@@ -344,51 +354,46 @@ class WorkerPool:
         except ContractError as err:  # its figures cannot be trusted: route nothing there
             log.warning("worker %s: its stats break the contract: %s", w.name, err)
             w.healthy = False
-            return
+            return self._index(w)
         except RayActorError:
             return self._drop(w.name)
         except RayTaskError:  # check_health: the engine loop failed or is stuck
             w.healthy = False
-            return
+            return self._index(w)
         except (RayError, asyncio.TimeoutError):  # no answer: once is noise, twice is a problem
             w.failures += 1
             w.healthy = w.failures < 2
-            return
-        w.failures, w.healthy = 0, stats.state in ("ready", "draining", "loading")
-        self._count_time(w, stats)
-        w.figures_asked = asked
+            return self._index(w)
+        self._take(w, stats, asked)
+
+    def _take(self, w: TrackedWorker, stats: WorkerStats, asked: float) -> None:
+        """Good figures of `w`, as of monotonic time `asked`."""
+        w.failures, w.healthy = 0, stats.state in LIVE_STATES
+        self._time.count(w, stats)
+        w.figures_asked = max(w.figures_asked, asked)
         accepted_now = stats.requests
         for _ in range(max(0, accepted_now - w.accepted)):
             if w.sent:
                 w.sent.popleft()
         w.accepted = accepted_now
         w.stats = stats
+        self._index(w)
 
-    def _count_time(self, w: _Worker, stats: WorkerStats) -> None:
-        """Online time is the time between good reads (a gap over MAX_READ_GAP_S counts only
-        that much: the worker may have been away); it is active when either read saw work."""
-        now = time.monotonic()
-        if w.last_read is not None:
-            elapsed_ms = round(1000 * min(now - w.last_read, MAX_READ_GAP_S))
-            busy = any(s.num_running + s.num_waiting for s in (w.stats, stats))
-            acc = self._time.setdefault((w.name, utc_day(time.time())),
-                                        [0, 0, _registration(stats)])
-            acc[0] += elapsed_ms
-            acc[1] += elapsed_ms if busy else 0
-        w.last_read = now
+    def _index(self, w: TrackedWorker) -> None:
+        """Put `w`'s current snapshot in its model's candidate index (O(log N))."""
+        snap = w.snapshot()
+        if w.indexed_model not in (None, snap.model):
+            self._indexes[w.indexed_model].remove(w.name)
+        self._indexes.setdefault(snap.model, CandidateIndex()).put(snap)
+        w.indexed_model = snap.model
 
     def take_worker_time(self) -> list[tuple[str, dict, str, int, int]]:
         """(worker, registration, day, online ms, active ms) counted since the last call."""
-        taken, self._time = self._time, {}
-        return [(name, reg, day, online, active)
-                for (name, day), (online, active, reg) in taken.items()]
+        return self._time.take()
 
     def give_back_worker_time(self, entries) -> None:
         """Entries `take_worker_time` returned that could not be stored: counted again later."""
-        for name, reg, day, online, active in entries:
-            acc = self._time.setdefault((name, day), [0, 0, reg])
-            acc[0] += online
-            acc[1] += active
+        self._time.give_back(entries)
 
     def strike(self, name: str, reason: str) -> None:
         """`name` broke a rule of the job it ran (sent more tokens than asked, ids outside the
@@ -402,27 +407,23 @@ class WorkerPool:
         if len(w.strikes) >= STRIKES_TO_QUARANTINE and w.quarantined is None:
             w.quarantined = f"{len(w.strikes)} strikes; the last: {reason}"
             log.warning("worker %s is quarantined: %s", name, w.quarantined)
+            self._index(w)
             self._changed.set()
 
     def _mark_unhealthy(self, name: str) -> None:
         w = self._workers.get(name)
         if w is not None:
-            w.healthy = False  # until its next good read
+            w.healthy = False  # until its next good figures
+            self._index(w)
 
     def _drop(self, name: str) -> None:
-        if self._workers.pop(name, None) is not None:
+        w = self._workers.pop(name, None)
+        if w is not None:
+            if w.indexed_model is not None:
+                self._indexes[w.indexed_model].remove(name)
             log.info("worker %s left", name)
             self._changed.set()
 
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def _registration(stats: WorkerStats) -> dict:
-    """What the ledger keeps of a worker: GPU type, price (whole micro-dollars per hour, the
-    one rounding of a price), node and model."""
-    price = Decimal(str(stats.price_per_hour)) * 1_000_000
-    return {"gpu_type": stats.gpu_type,
-            "price_uusd_per_hour": int(price.to_integral_value(ROUND_HALF_EVEN)),
-            "node_ip": stats.node_ip, "model": stats.model_id}

@@ -9,6 +9,11 @@ caller died (its items are dropped and it runs on), so a caller may hold a job o
 (`lease_s`, renewed with `renew`): a job whose lease lapses is aborted, and a scheduler that
 crashes leaves no job running for nobody.
 
+Figures are pushed: a thread of the actor (`sparkgrid.board.Pusher`) pushes the `stats()` dict
+and the health (`check_health`) to the worker's figures board when they change (at most every
+push interval of the board's layout) and a heartbeat while they do not, so that no scheduler
+has to call every worker; `stats()` and `check_health()` still answer callers directly.
+
 Knows: Ray (actors, names, node affinity, metrics). Does not know: how the engine works, how
 jobs are routed.
 """
@@ -28,6 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.metrics import Counter, Gauge, Histogram
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from sparkgrid.board import Pusher
 from sparkgrid.contract import NAMESPACE, Resume, SamplingParams, WorkerStats
 from worker.serving import EngineLoop, StepReport, build_engine
 from worker.worker_config import WorkerConfig
@@ -90,8 +96,10 @@ class WorkerActor:
         self._identity = _identity(config)
         self._loop = EngineLoop(config, lambda: build_engine(config),
                                 on_step=self._metrics.record_step,
-                                on_publish=self._metrics.record_figures)
+                                on_publish=self._published)
+        self._pusher = Pusher(config.name, self._stats, self._health)
         self._loop.start()
+        self._pusher.start()
         self._leases: dict[str, float] = {}  # job id -> monotonic time its lease lapses
         self._reaper: asyncio.Task | None = None
 
@@ -164,7 +172,22 @@ class WorkerActor:
     async def stats(self) -> dict:
         """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use: a
         `WorkerStats` dict."""
+        return self._stats()
+
+    def _stats(self) -> dict:
         return WorkerStats(**self._identity, **self._loop.figures()).to_dict()
+
+    def _health(self) -> str | None:
+        try:
+            self._loop.check_health()
+        except Exception as err:  # WorkerFailed: what the scheduler is told
+            return str(err)
+        return None
+
+    def _published(self, figures: dict) -> None:
+        """New figures on the engine's thread: the metrics, and a nudge to the pusher."""
+        self._metrics.record_figures(figures)
+        self._pusher.poke()
 
     async def drain(self, timeout_s: float | None = None) -> dict:
         """Accept no new jobs and return once running ones have finished (or `timeout_s`)."""

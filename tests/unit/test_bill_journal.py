@@ -89,8 +89,9 @@ def test_bills_waiting_for_a_down_store_are_journaled_and_a_new_scheduler_writes
     stays, unlocked); the next one on this host takes the bills over and writes them."""
     import asyncio
 
-    from scheduler.billing import Billing
     from test_billing import FlakyStore, end
+
+    from scheduler.billing import Billing
 
     down = FlakyStore(down=10**6)
 
