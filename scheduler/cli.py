@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import time
 
 import grpc
 
@@ -303,10 +304,47 @@ def run_generate(args) -> int:
 
 def workers_options(p: argparse.ArgumentParser) -> None:
     _client_options(p)
+    redis = argparse.ArgumentParser(add_help=False)
+    add_redis_options(redis, "the quarantines")
+    sub = p.add_subparsers(dest="action", metavar="action")
+    release = sub.add_parser("release", parents=[redis],
+                             help="lift a worker's quarantine (its withheld payout stays so)")
+    release.add_argument("name")
+    sub.add_parser("quarantined", parents=[redis],
+                   help="quarantined workers, why and since when, and the withheld periods")
+
+
+async def _quarantines(args) -> int:
+    from scheduler.redis_store import RedisStore
+
+    store = RedisStore(redis_url(args.redis_url), prefix=args.redis_prefix)
+    try:
+        if args.action == "release":
+            period = await store.release_worker(args.name, time.time())
+            if period is None:
+                raise ValueError(f"name: worker {args.name!r} is not quarantined")
+            print(f"released {args.name} (quarantined since {_utc(period['since'])}: "
+                  f"{period['reason']}); its payout from then to now stays withheld")
+            return 0
+        rows = [{"worker": p["worker"], "since": _utc(p["since"]),
+                 "until": _utc(p["until"]) if p["until"] else "(now)", "reason": p["reason"]}
+                for p in await store.withheld_periods()]
+        print(json.dumps(rows, indent=2) if args.json else
+              _table(rows) if rows else "no worker is or was quarantined")
+        return 0
+    finally:
+        await store.close()
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 def run_workers(args) -> int:
     from scheduler.client import Client, connection_from_home
+
+    if args.action is not None:
+        return asyncio.run(_quarantines(args))
 
     endpoint, api_key = connection_from_home(args.endpoint, args.api_key)
     with Client(endpoint, api_key, args.tls_ca) as client:
@@ -317,8 +355,11 @@ def run_workers(args) -> int:
     rows = [{"name": w.name, "state": w.state, "model": w.model, "gpu": w.gpu_type,
              "node": w.node_ip, "waiting": w.num_waiting, "running": w.num_running,
              "queued_tokens": w.remaining_tokens, "tok/s": round(w.tokens_per_second, 1),
-             "accept_len": round(w.mean_accept_length, 2), "usd/h": w.price_per_hour}
+             "accept_len": round(w.mean_accept_length, 2), "usd/h": w.price_per_hour,
+             **({"why": w.quarantine_reason} if w.quarantine_reason else {})}
             for w in workers]
+    if any("why" in r for r in rows):
+        rows = [{**r, "why": r.get("why", "")} for r in rows]  # one column for all rows
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:

@@ -80,6 +80,7 @@ class Scheduler:
         self._health = health.aio.HealthServicer()
         self._time_task: asyncio.Task | None = None
         self._lease_task: asyncio.Task | None = None
+        self._quarantine_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
         self.leases_lost = 0
         """How many times this scheduler found its lease lapsed (and took it again)."""
@@ -98,6 +99,8 @@ class Scheduler:
             self.billing.sweep_orphans(self.owner, self.config.lease_s / 3,
                                        self.dispatcher.holds))
         self._time_task = asyncio.create_task(self._record_worker_time())
+        await self._share_quarantines()  # a worker quarantined before is kept out from the start
+        self._quarantine_task = asyncio.create_task(self._keep_sharing_quarantines())
         self.server = grpc.aio.server(
             interceptors=[ApiInterceptor(self.store.authenticate, self.metrics)],
             options=[("grpc.max_receive_message_length", max_request_bytes(self.config)),
@@ -144,6 +147,7 @@ class Scheduler:
                 await asyncio.sleep(self.config.drain_delay_s)
             await self.server.stop(grace_s)
         await _cancel(self._sweep_task)
+        await _cancel(self._quarantine_task)
         flushed = await self.billing.flush(max(grace_s, 1.0))
         if not flushed:
             log.error("ledger: %d job records could not be written (Redis down)",
@@ -185,6 +189,26 @@ class Scheduler:
                           "scheduler stalled past %g s); taken again. Other schedulers may have "
                           "settled its running jobs as orphans: their own bills will be refused "
                           "and logged as anomalies", self.owner, self.config.lease_s)
+
+    async def _keep_sharing_quarantines(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.discovery_interval_s)
+            await self._share_quarantines()
+
+    async def _share_quarantines(self) -> None:
+        """Quarantines decided here go to the store; the store's (every scheduler's, less the
+        ones `sparkgrid workers release` lifted) come back to the pool."""
+        book = self.pool.quarantines
+        taken = book.take_new()
+        try:
+            for name, (reason, since) in taken.items():
+                await self.store.quarantine_worker(name, reason, since)
+            taken = {}
+            book.sync({n: e.get("reason", "") for n, e in
+                       (await self.store.quarantines()).items()})
+        except StoreUnavailable as err:
+            book.give_back(taken)
+            log.warning("quarantines not shared yet (%s)", err)
 
     async def _record_worker_time(self) -> None:
         while True:

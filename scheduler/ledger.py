@@ -224,3 +224,13 @@ def increments(bill: Bill) -> dict[tuple[str, str, str], dict[str, int]]:
         for key, amounts in _per_owner(bill, attr).items():
             out[(dimension, key, day)] = amounts
     return {where: {name: n for name, n in amounts.items() if n} for where, amounts in out.items()}
+
+
+def withheld_days(periods: list[dict], now: float) -> dict[str, set[str]]:
+    """worker -> the UTC days its payout is withheld on: every day a quarantine period
+    ({worker, since, until}; until None: still quarantined) touches."""
+    out: dict[str, set[str]] = {}
+    for p in periods:
+        first, last = utc_day(p["since"]), utc_day(p["until"] or now)
+        out.setdefault(p["worker"], set()).update(days_between(first, last))
+    return out

@@ -184,3 +184,17 @@ if a.keep_jobs > 0 then
 end
 return {'ok'}
 """
+
+# Lift a worker's quarantine, keeping the period for the withheld payouts. KEYS: quarantine hash,
+# withheld list. ARGV: worker, until. Returns the period as JSON, or false when not quarantined.
+RELEASE_WORKER = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local period = cjson.decode(raw)
+period.worker = ARGV[1]
+period['until'] = tonumber(ARGV[2])
+local out = cjson.encode(period)
+redis.call('RPUSH', KEYS[2], out)
+return out
+"""

@@ -14,6 +14,9 @@ Keys (all under `{prefix}:`):
     usage:{dimension}:{key}:{day} hash: field -> amount (see `ledger.py`)
     usage_keys:{dimension}        set of keys that have usage in that dimension
     usage_days                    set of days that have usage
+    quarantine                    hash: worker -> JSON {reason, since}: it gets no jobs
+    withheld                      list of JSON {worker, reason, since, until}: lifted
+                                  quarantines, whose payout stays withheld
 
 Every change that must be all-or-nothing is one Lua script, so a crash or a duplicate call can
 never half-finish a job or bill it twice. Every Redis failure becomes `StoreUnavailable` naming
@@ -47,6 +50,7 @@ from scheduler.redis_scripts import (
     CREATE_KEY,
     FINISH_JOB,
     PROGRESS,
+    RELEASE_WORKER,
     REVOKE_KEY,
     START_JOB,
 )
@@ -78,6 +82,7 @@ class RedisStore(JobStore):
         self._create_key, self._revoke_key = script(CREATE_KEY), script(REVOKE_KEY)
         self._create_job, self._start_job = script(CREATE_JOB), script(START_JOB)
         self._progress, self._finish_job = script(PROGRESS), script(FINISH_JOB)
+        self._release_worker = script(RELEASE_WORKER)
 
     @contextlib.contextmanager
     def _reachable(self):
@@ -216,6 +221,39 @@ class RedisStore(JobStore):
         with self._reachable():
             raw = await self._redis.hgetall(self._k("workers"))
         return {name: json.loads(value) for name, value in raw.items()}
+
+    # --- quarantined workers -------------------------------------------------------------------
+
+    async def quarantine_worker(self, worker: str, reason: str, since: float) -> bool:
+        """Quarantine `worker` for every scheduler of this prefix, with why and since when
+        (unix seconds: the start of the period whose payout is withheld). False when it is
+        quarantined already (the first reason and start stay)."""
+        entry = json.dumps({"reason": reason, "since": since})
+        with self._reachable():
+            return bool(await self._redis.hsetnx(self._k("quarantine"), worker, entry))
+
+    async def release_worker(self, worker: str, at: float) -> dict | None:
+        """Lift `worker`'s quarantine: the period (reason, since, until) is kept in the list of
+        withheld payouts; None when it was not quarantined. One transaction."""
+        with self._reachable():
+            raw = await self._release_worker(
+                keys=[self._k("quarantine"), self._k("withheld")], args=[worker, repr(at)])
+        return json.loads(raw) if raw else None
+
+    async def quarantines(self) -> dict[str, dict]:
+        """Workers quarantined now: name -> {reason, since}."""
+        with self._reachable():
+            raw = await self._redis.hgetall(self._k("quarantine"))
+        return {name: json.loads(value) for name, value in raw.items()}
+
+    async def withheld_periods(self) -> list[dict]:
+        """Periods whose payout is withheld: the lifted quarantines ({worker, reason, since,
+        until}) and the current ones (until None)."""
+        with self._reachable():
+            lifted = await self._redis.lrange(self._k("withheld"), 0, -1)
+        now = [{"worker": name, **entry, "until": None}
+               for name, entry in (await self.quarantines()).items()]
+        return [json.loads(p) for p in lifted] + now
 
     async def usage_keys(self, dimension: str) -> list[str]:
         """The keys (tenants, models, workers, GPU types) that have usage in `dimension`."""

@@ -46,12 +46,16 @@ formats (`report_formats.py`), the command line (`report_cli.py`).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from scheduler.errors import InvalidArgument
-from scheduler.ledger import GPU_COST_SCALE, NO_WORKER, days_between
+from scheduler.ledger import GPU_COST_SCALE, NO_WORKER, days_between, withheld_days
+
+WITHHELD = "withheld"
+"""The key of the ledger view holding each worker's withheld days (`withheld_days`)."""
 
 BY = ("tenant", "worker", "gpu", "day")
 TOTAL = "(total)"
@@ -137,8 +141,10 @@ COLUMNS = {
         Column("prompt_tokens_processed", "tokens", "prompt tokens it prefilled (a failover "
                "re-sends the delivered tokens as prompt)"),
         Column("busy_hours", "h", "hours it had work (active time)"), _ONLINE, _GPU_COST,
+        Column("withheld_usd", "USD", "payout withheld: its GPU cost on the UTC days it was "
+               "quarantined (`sparkgrid workers quarantined`)"),
         Column("payout_usd", "USD", "what its operator is paid: the asked price per hour "
-               "online, i.e. gpu_cost_usd"),
+               "online (gpu_cost_usd) less withheld_usd"),
         _REVENUE, Column("margin_usd", "USD", "revenue_usd - payout_usd"), _COST_PER_MTOK,
         _UTILISATION,
         Column("mean_accept_length", "tokens/step", "1 + accepted / speculative steps: tokens "
@@ -299,6 +305,7 @@ def _by_tenant(ledger: dict[str, Cells], costs: dict[str, dict[str, int]],
 
 def _worker_row(name: str, a: dict[str, int], info: dict) -> dict:
     cost, revenue = a.get("gpu_cost_uusd", 0), a.get("charge_uusd", 0)
+    withheld = a.get("withheld_uusd", 0)
     tokens = a.get("completion_tokens", 0)
     price = info.get("price_uusd_per_hour")
     steps, accepted = a.get("spec_steps", 0), a.get("accepted_tokens", 0)
@@ -307,8 +314,9 @@ def _worker_row(name: str, a: dict[str, int], info: dict) -> dict:
             "tokens_served": tokens, "prompt_tokens_processed": a.get("processed_prompt_tokens", 0),
             "busy_hours": a.get("active_ms", 0) / _MS_PER_HOUR,
             "online_hours": a.get("online_ms", 0) / _MS_PER_HOUR,
-            "gpu_cost_usd": usd(cost), "payout_usd": usd(cost), "revenue_usd": usd(revenue),
-            "margin_usd": usd(revenue - cost),
+            "gpu_cost_usd": usd(cost), "withheld_usd": usd(withheld),
+            "payout_usd": usd(cost - withheld), "revenue_usd": usd(revenue),
+            "margin_usd": usd(revenue - cost + withheld),
             "cost_per_million_tokens_usd": _per_mtok(cost, tokens),
             "utilisation": _ratio(a.get("active_ms", 0), a.get("online_ms", 0)),
             "mean_accept_length": None if not steps else 1 + accepted / steps,
@@ -316,8 +324,13 @@ def _worker_row(name: str, a: dict[str, int], info: dict) -> dict:
 
 
 def _by_worker(ledger: dict[str, Cells], costs, _info) -> dict[str, dict]:
-    return {worker: _add(_summed(days), {"gpu_cost_uusd": sum(costs[worker].values())})
+    withheld = ledger.get(WITHHELD, {})
+    return {worker: _add(_summed(days), {
+                "gpu_cost_uusd": sum(costs[worker].values()),
+                "withheld_uusd": sum(c for day, c in costs[worker].items()
+                                     if day in withheld.get(worker, ()))})
             for worker, days in sorted(ledger["worker"].items(), key=_row_order)}
+
 
 
 def _row_order(item: tuple[str, object]) -> tuple[bool, str]:
@@ -406,7 +419,8 @@ _BUILDERS = {"tenant": _by_tenant, "worker": _by_worker, "gpu": _by_gpu, "day": 
 
 async def build_reports(store, since: str, until: str, bys=BY) -> dict[str, Report]:
     """The reports of `bys` over UTC days `since`..`until` (inclusive), from one read of the
-    ledger. `store` needs async `usage`, `usage_keys` and `workers_info` (see `RedisStore`)."""
+    ledger. `store` needs async `usage`, `usage_keys`, `workers_info` and `withheld_periods`
+    (see `RedisStore`)."""
     bys = list(bys)
     for by in bys:
         if by not in BY:
@@ -417,6 +431,8 @@ async def build_reports(store, since: str, until: str, bys=BY) -> dict[str, Repo
     cells = await asyncio.gather(*(_read(store, d, since, until, limit) for d in dimensions))
     ledger = dict(zip(dimensions, cells))
     info = await store.workers_info() if {"worker", "gpu"} & set(bys) else {}
+    if "worker" in bys:
+        ledger[WITHHELD] = withheld_days(await store.withheld_periods(), time.time())
     costs = _worker_costs(ledger["worker"])
     generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     out = {}

@@ -136,4 +136,5 @@ def _worker(status) -> pb.Worker:
         name=s.name, node_ip=s.node_ip, gpu_type=s.gpu_type, device_name=s.device_name,
         model=s.model_id, state=state, num_waiting=s.num_waiting, num_running=s.num_running,
         remaining_tokens=s.remaining_tokens, tokens_per_second=s.tokens_per_s,
-        mean_accept_length=s.mean_accept_length or 0.0, price_per_hour=s.price_per_hour)
+        mean_accept_length=s.mean_accept_length or 0.0, price_per_hour=s.price_per_hour,
+        quarantine_reason=status.quarantined or "")

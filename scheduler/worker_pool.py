@@ -43,6 +43,7 @@ from scheduler.figures import (
     stale_after,
 )
 from scheduler.model_info import ModelInfo, PromptTokenizer
+from scheduler.quarantine import Quarantines
 from scheduler.router import CandidateIndex, PoolView
 from sparkgrid.board import is_board
 from sparkgrid.contract import NAMESPACE, Chunk, ContractError, Resume, SamplingParams, WorkerStats
@@ -99,6 +100,8 @@ class WorkerPool:
         self._indexes: dict[str, CandidateIndex] = {}  # model -> its routable workers
         self._changed = asyncio.Event()
         self._refused: dict[str, str] = {}  # actor -> why its stats were refused (said once)
+        self.quarantines = Quarantines(self._apply_quarantine)
+        """Workers sent no jobs, shared with the other schedulers through the store."""
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -262,7 +265,8 @@ class WorkerPool:
                 self._refused[name] = str(err)
             return
         self._refused.pop(name, None)
-        self._workers[name] = w = TrackedWorker(name, handle, stats, accepted=stats.requests)
+        self._workers[name] = w = TrackedWorker(name, handle, stats, accepted=stats.requests,
+                                                quarantined=self.quarantines.reason(name))
         self._index(w)
         log.info("worker %s joined (%s, %s)", name, stats.model_id, stats.gpu_type)
         self._changed.set()
@@ -405,8 +409,12 @@ class WorkerPool:
         w.strikes.append(reason)
         log.warning("worker %s: strike %d: %s", name, len(w.strikes), reason)
         if len(w.strikes) >= STRIKES_TO_QUARANTINE and w.quarantined is None:
-            w.quarantined = f"{len(w.strikes)} strikes; the last: {reason}"
-            log.warning("worker %s is quarantined: %s", name, w.quarantined)
+            self.quarantines.add(name, f"{len(w.strikes)} strikes; the last: {reason}")
+
+    def _apply_quarantine(self, name: str) -> None:
+        w = self._workers.get(name)
+        if w is not None and w.quarantined != self.quarantines.reason(name):
+            w.quarantined = self.quarantines.reason(name)
             self._index(w)
             self._changed.set()
 

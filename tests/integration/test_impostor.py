@@ -4,6 +4,10 @@ few requests the impostor is quarantined and gets no more traffic."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from impostors import impostor_class
 
@@ -47,6 +51,31 @@ def test_an_impostor_bills_nothing_extra_and_is_quarantined(make_worker, redis_s
         assert usage.completion_tokens == sum(c.usage.completion_tokens for c in done) <= 8 * 16
         assert ray.get(evil.served.remote()) == STRIKES_TO_QUARANTINE <= 8
         assert states == {"evil-1": "quarantined", "w-honest": "ready"}
+        # the reason is shown, and kept in the store for every scheduler and a restart
+        stored = wait_for(lambda: head.call(head.scheduler.store.quarantines()), 10,
+                          "the quarantine shared through the store")
+        assert "strikes" in stored["evil-1"]["reason"] and "max_tokens" in \
+            stored["evil-1"]["reason"]
+        with Client(head.endpoint, api_key) as client:
+            why = {w.name: w.quarantine_reason for w in client.workers()}
+        assert why["evil-1"] == stored["evil-1"]["reason"] and why["w-honest"] == ""
+        # the platform lifts it: every scheduler lets it back in; the period stays withheld
+        env = {**os.environ, "SPARKGRID_HOME": str(tmp_path)}
+        cli = [sys.executable, "-m", "sparkgrid.cli", "workers"]
+        redis = ["--redis-url", redis_server.url, "--redis-prefix", redis_prefix]
+        listed = subprocess.run([*cli, "quarantined", *redis], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert listed.returncode == 0 and "evil-1" in listed.stdout and "(now)" in listed.stdout
+        done = subprocess.run([*cli, "release", "evil-1", *redis], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert done.returncode == 0 and "released evil-1" in done.stdout, done.stderr
+        again = subprocess.run([*cli, "release", "evil-1", *redis], capture_output=True,
+                               text=True, env=env, timeout=60)
+        assert again.returncode == 2 and "name: worker 'evil-1' is not quarantined" in again.stderr
+        wait_for(lambda: head.scheduler.pool.quarantines.reason("evil-1") is None, 10,
+                 "the release reaching the scheduler")
+        [period] = head.call(head.scheduler.store.withheld_periods())
+        assert period["worker"] == "evil-1" and period["until"] >= period["since"]
     finally:
         head.stop()
         ray.kill(evil)

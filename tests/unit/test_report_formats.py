@@ -37,6 +37,9 @@ class FakeStore:
     async def workers_info(self):
         return self.info
 
+    async def withheld_periods(self):
+        return getattr(self, "periods", [])
+
 
 def ledger():
     cells, info = {}, {}

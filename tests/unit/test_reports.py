@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -44,6 +45,9 @@ class FakeStore:
 
     async def workers_info(self):
         return self.info
+
+    async def withheld_periods(self):
+        return getattr(self, "periods", [])
 
 
 def report(cells, by, info=None, since=D1, until=D3):
@@ -133,6 +137,27 @@ def test_worker_figures():
     assert (row["busy_hours"], row["online_hours"], row["utilisation"]) == (1.0, 4.0, 0.25)
     assert row["mean_accept_length"] == 2.5 and row["verification_efficiency"] == 0.25
     assert row["tokens_served"] == 500_000 and row["prompt_tokens_processed"] == 700
+
+
+def test_a_quarantined_workers_payout_is_withheld_on_the_days_its_quarantine_touched():
+    cells = {("worker", w, day): {**time_cell(HOUR, 0, 1_000_000), "charge_uusd": 3_000_000}
+             for w in ("bad", "good") for day in (D1, D2, D3)}
+    store = FakeStore(cells, {w: {"gpu_type": "L4", "price_uusd_per_hour": 1_000_000}
+                              for w in ("bad", "good")})
+    noon = lambda day: datetime.fromisoformat(f"{day}T12:00:00+00:00").timestamp()  # noqa: E731
+    store.periods = [{"worker": "bad", "reason": "3 strikes", "since": noon(D2),
+                      "until": noon(D3) - 86400}]  # released the day it began: one day held
+    rows = {r["worker"]: r for r in asyncio.run(build_report(store, D1, D3, "worker")).rows}
+    assert rows["bad"]["gpu_cost_usd"] == Decimal("3.000000")
+    assert rows["bad"]["withheld_usd"] == Decimal("1.000000")  # D2's hour
+    assert rows["bad"]["payout_usd"] == Decimal("2.000000")
+    assert rows["bad"]["margin_usd"] == Decimal("7.000000")  # 9 revenue - 2 paid
+    assert rows["good"]["withheld_usd"] == 0 and rows["good"]["payout_usd"] == Decimal("3.000000")
+    store.periods = [{"worker": "bad", "reason": "a failed audit", "since": noon(D1),
+                      "until": None}]  # still quarantined: every day since
+    report_now = asyncio.run(build_report(store, D1, D3, "worker"))
+    assert {r["worker"]: r["withheld_usd"] for r in report_now.rows}["bad"] == Decimal("3.000000")
+    assert report_now.totals["withheld_usd"] == Decimal("3.000000")
 
 
 def test_a_worker_without_tokens_or_time_has_empty_ratios():
