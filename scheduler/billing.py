@@ -7,8 +7,8 @@ and leave through one `Billing.settle`:
 - the scheduler dies first (an orphan, `orphan_end`): every live scheduler holds a lease in
   the store that it renews (`head.py`), and sweeps the open jobs every few seconds
   (`sweep_orphans`); a job whose owner's lease has lapsed ends `failed`, billed for the tokens
-  its scheduler last recorded as delivered (a progress note at most a quarter second old:
-  `dispatch.PROGRESS_EVERY_S`), booked to
+  its scheduler last noted as sent to the client (`dispatch.PROGRESS_NOTES`: it lags by the
+  chunks of one Redis round trip), booked to
   the worker and GPU type `UNKNOWN` since which worker delivered them is not recorded, so the
   per-worker totals still add up to the tenants'. The store settles it only if the owner's
   lease is still gone at that moment (one script), so a live scheduler's job never is.
@@ -77,11 +77,14 @@ def charge_uusd(plan: Plan, model: str, prompt_tokens: int, completion_tokens: i
     return int(exact.to_integral_value(ROUND_HALF_EVEN))
 
 
-def usage(prompt_tokens: int, segments) -> dict[str, int]:
+def usage(prompt_tokens: int, segments, finished: bool = True) -> dict[str, int]:
     """The tokens a job is billed for (the client is told these too): its prompt, and what
-    the scheduler delivered, which is what its segments delivered."""
-    return {"prompt_tokens": prompt_tokens,
-            "completion_tokens": sum(s.completion_tokens for s in segments)}
+    the scheduler delivered, which is what its segments delivered. A job that ended without
+    finishing (failed, cancelled, its scheduler gone) and delivered no token is billed nothing,
+    its prompt neither: the client got nothing for it (a retry pays for the prompt once)."""
+    completion = sum(s.completion_tokens for s in segments)
+    return {"prompt_tokens": prompt_tokens if finished or completion else 0,
+            "completion_tokens": completion}
 
 
 class Part:
@@ -156,7 +159,7 @@ class Settlement:
 def settlement(end: JobEnd, prices: PriceBook, at: float) -> Settlement:
     """What `end` is billed and the record it leaves, settled at unix time `at`."""
     plan = prices.plan(end.plan)
-    tokens = usage(end.prompt_tokens, end.segments)
+    tokens = usage(end.prompt_tokens, end.segments, JobState(end.state) is JobState.FINISHED)
     charge = charge_uusd(plan, end.model, tokens["prompt_tokens"], tokens["completion_tokens"])
     bill = Bill(end.job_id, end.tenant, end.model, at, tokens["prompt_tokens"],
                 tokens["completion_tokens"], tuple(end.segments), charge)

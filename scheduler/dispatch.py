@@ -53,10 +53,13 @@ from scheduler.worker_pool import WorkerLost, WorkerRefused
 from sparkgrid.contract import Chunk, Resume
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 0.25
-"""How often a running job's delivered tokens are noted in the store (what its bill would be
-should this scheduler die): the note lags delivery by at most this, plus one write while Redis
-answers. Written in the background, one at a time, so a hung Redis never holds a stream."""
+PROGRESS_NOTES = "after every chunk a client is sent, one write in flight per job"
+"""How a running job's delivered tokens are noted in the store (what its bill is, should this
+scheduler die): a writer per job notes the count after each streamed chunk, in the background
+(a hung Redis never holds a stream) and coalesced (while one write is in flight, later chunks
+wait for the next). A note thus lags what was sent by the chunks of one Redis round trip. A
+`Complete` call sends nothing until its end, so its job notes nothing: its client has nothing
+until the answer."""
 REPEAT_POLL_S = 0.2
 NO_WORKER_WAIT_S = 10.0  # how long a failover waits for a worker to take the job
 WATCH_S = 0.25  # while jobs wait, the queues are pumped at least this often
@@ -105,6 +108,8 @@ class _Run:
     errors: list[str] = field(default_factory=list)
     ticket: Ticket | None = None
     progress_write: asyncio.Task | None = None
+    streamed: bool = True
+    """Whether the client gets each piece as it comes (`Generate`) or all at the end."""
     """Its place in the model's queue until a worker is chosen."""
     admitted: bool = False
     """Let through by the queue; a job that never was is billed nothing (not even its prompt)."""
@@ -146,7 +151,7 @@ class Dispatcher:
         """The latest routing decisions, oldest first."""
 
     # -- the public operations ---------------------------------------------------------------
-    async def run(self, tenant: str, request: JobRequest):
+    async def run(self, tenant: str, request: JobRequest, streamed: bool = True):
         """Pieces of the job's output; raises a SchedulerError before or during the stream."""
         arrived = time.perf_counter()
         queue = self._queue(request.model)  # Unavailable when no live worker serves the model
@@ -167,7 +172,7 @@ class Dispatcher:
                 ticket.release()
                 yield await self._repeat(tenant, job_id, request)
                 return
-            run = _Run(job_id, tenant, request, plan, arrived, ticket=ticket)
+            run = _Run(job_id, tenant, request, plan, arrived, ticket=ticket, streamed=streamed)
             self._runs[job_id] = run
             state, finish_reason = JobState.FAILED, None
             try:
@@ -278,7 +283,6 @@ class Dispatcher:
         part = Part(worker, stats.gpu_type if stats is not None else "unknown",
                     len(req.prompt_ids) + len(run.delivered_ids))
         run.parts.append(part)
-        last_progress = time.monotonic()
         stream = self.pool.generate(worker, run.job_id, list(req.prompt_ids), req.params(budget),
                                     resume, budget)
         inflight = self.metrics.inflight.labels(worker)
@@ -304,13 +308,8 @@ class Dispatcher:
                     yield self._last_piece(run, chunk.finish_reason, chunk.text, chunk.token_ids)
                     return
                 yield Piece(run.job_id, chunk.text, list(chunk.token_ids))
-                if time.monotonic() - last_progress >= PROGRESS_EVERY_S and (
-                        run.progress_write is None or run.progress_write.done()):
-                    # in the background: a hung Redis must not hold the stream (one at a time)
-                    last_progress = time.monotonic()
-                    run.progress_write = asyncio.create_task(self._store_quietly(
-                        self.store.record_progress(run.job_id, len(run.delivered_ids),
-                                                   time.time())))
+                if run.streamed:
+                    self._note_progress(run)
         finally:
             run.worker = None
             inflight.dec()
@@ -331,7 +330,7 @@ class Dispatcher:
 
     def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
         return Piece(run.job_id, text, list(token_ids), reason,
-                     usage(run.prompt_tokens(), run.segments()))
+                     usage(run.prompt_tokens(), run.segments(), reason != "abort"))
 
     # -- waiting for capacity -------------------------------------------------------------------
     def _room(self, model: str) -> int | None:
@@ -382,12 +381,27 @@ class Dispatcher:
                 except Exception:  # a bad round must not strand the waiting jobs
                     log.exception("pumping the queue of %s failed", queue.what)
 
-    async def _store_quietly(self, write) -> None:
+    async def _store_quietly(self, write) -> bool:
         """A write during the job (the final record repeats it): Redis down must not stop it."""
         try:
             await write
+            return True
         except StoreUnavailable as err:
             log.warning("job store: %s (the final record will carry it)", err)
+            return False
+
+    def _note_progress(self, run: _Run) -> None:
+        """Note the tokens sent so far (see PROGRESS_NOTES); returns at once."""
+        if run.progress_write is None or run.progress_write.done():
+            run.progress_write = asyncio.create_task(self._write_progress(run))
+
+    async def _write_progress(self, run: _Run) -> None:
+        noted = -1
+        while noted != len(run.delivered_ids):
+            noted = len(run.delivered_ids)
+            if not await self._store_quietly(self.store.record_progress(run.job_id, noted,
+                                                                        time.time())):
+                return  # Redis is away: the next chunk tries again
 
     # -- a repeated request_id ------------------------------------------------------------------
     async def _repeat(self, tenant: str, job_id: str, request: JobRequest) -> Piece:

@@ -43,7 +43,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Complete(self, request, context):
         job = await self._job_request(request)
         text, ids, last = [], [], None
-        async with aclosing(self.dispatcher.run(TENANT.get(), job)) as pieces:
+        async with aclosing(self.dispatcher.run(TENANT.get(), job, streamed=False)) as pieces:
             async for piece in pieces:
                 text.append(piece.text)
                 ids.extend(piece.token_ids)

@@ -80,12 +80,22 @@ def test_a_job_is_billed_its_prompt_and_what_its_segments_delivered_at_its_plan_
         assert other.fields["plan"] == "std" and other.bill.charge_uusd == 25 + 70
 
 
-def test_a_job_that_never_reached_a_worker_is_billed_its_prompt_only():
-    done = settlement(end(state=JobState.FAILED, segments=(), error="no worker", workers=(),
-                          text="", token_ids=()), book(), NOON)
-    bill = done.bill
-    assert (bill.prompt_tokens, bill.completion_tokens, bill.charge_uusd) == (10, 0, 10)
-    assert done.fields["error"] == "no worker" and done.fields["spec"]["draft_tokens"] == 0
+def test_a_job_that_ended_unfinished_with_nothing_delivered_is_billed_nothing():
+    """Failed or cancelled before any token reached the client (no worker, its scheduler gone,
+    the client left): nothing billed, not even the prompt. Finished with no token (the model
+    stopped at once): the prompt is billed, as the client got its (empty) answer."""
+    for state in (JobState.FAILED, JobState.CANCELLED):
+        done = settlement(end(state=state, segments=(), error="no worker", workers=(),
+                              text="", token_ids=()), book(), NOON)
+        bill = done.bill
+        assert (bill.prompt_tokens, bill.completion_tokens, bill.charge_uusd) == (0, 0, 0)
+        assert done.fields["prompt_tokens"] == 0 and done.fields["spec"]["draft_tokens"] == 0
+    empty = settlement(end(state=JobState.FINISHED, segments=(Segment("w1", "L4", 10, 0),),
+                           text="", token_ids=()), book(), NOON)
+    assert (empty.bill.prompt_tokens, empty.bill.charge_uusd) == (10, 10)
+    some = settlement(end(state=JobState.FAILED, segments=(Segment("w1", "L4", 10, 2),)),
+                      book(), NOON)
+    assert (some.bill.prompt_tokens, some.bill.completion_tokens) == (10, 2)
 
 
 def test_an_orphan_fails_billed_for_its_last_progress_and_leaves_its_record_s_text_alone():
