@@ -79,6 +79,14 @@ def head_options(p: argparse.ArgumentParser) -> None:
                    help="on Ctrl-C or SIGTERM, how long to keep taking calls after the health "
                         "service says NOT_SERVING, so that a load balancer in front of several "
                         "schedulers turns away first (default 0s; 3s behind deploy/envoy)")
+    p.add_argument("--trusted-workers", default="", metavar="NAME,...",
+                   help="workers the platform runs itself: they audit the others' output (a "
+                        "share of their jobs, re-scored off the client's path; a failed audit "
+                        "quarantines the worker). Default: none, no audits")
+    p.add_argument("--audit-rate", type=number_in(0, 1), default=0.02, metavar="SHARE",
+                   help="share of a worker's jobs audited after its first --audit-first")
+    p.add_argument("--audit-first", type=int_at_least(0), default=20, metavar="N",
+                   help="a new worker's first N jobs are all audited (default 20)")
     p.add_argument("--figure-boards", type=int_at_least(1), default=1, metavar="N",
                    help="figures boards the workers push their figures to (default 1; about "
                         "one per 300 workers); the first scheduler of a cluster sets it")
@@ -103,7 +111,9 @@ def run_head(args) -> int:
             max_tokens_cap=args.max_tokens_cap, max_attempts=args.max_attempts,
             tokenizer_pins=args.tokenizer_pins, keep_text_s=args.keep_text,
             keep_jobs_s=args.keep_jobs, lease_s=args.lease, drain_delay_s=args.drain_delay,
-            figure_boards=args.figure_boards,
+            figure_boards=args.figure_boards, audit_rate=args.audit_rate,
+            audit_first_jobs=args.audit_first,
+            trusted_workers=tuple(n for n in args.trusted_workers.split(",") if n.strip()),
             bill_journal_dir=args.bill_journal or str(home() / "bills"))
         load_tokenizer_pins(config.tokenizer_pins)  # a bad file is an option error, now
     except ValueError as err:  # "grpc_port: expected ..." -> "--grpc-port: expected ..."
@@ -121,7 +131,7 @@ def run_head(args) -> int:
 
 _OPTION_OF = {"keep_text_s": "keep-text", "keep_jobs_s": "keep-jobs", "lease_s": "lease",
               "drain_delay_s": "drain-delay", "bill_journal_dir": "bill-journal",
-              "figure_boards": "figure-boards"}
+              "figure_boards": "figure-boards", "audit_first_jobs": "audit-first"}
 """Settings whose option is not the field's name with dashes."""
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

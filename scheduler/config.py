@@ -83,6 +83,13 @@ class SchedulerConfig:
     keep_text_s: float = KEEP_TEXT_S
     """How long a final job's text and token ids are kept (0: forever). 24 h: the privacy-
     sensitive part, kept long enough for a client to fetch or repeat it after a day's outage."""
+    trusted_workers: tuple[str, ...] = ()
+    """Workers the platform runs itself: never audited, and the ones that audit the others
+    (`scheduler/auditor.py`). None named: no audits."""
+    audit_rate: float = 0.02
+    """Share of an untrusted worker's jobs audited once its first `audit_first_jobs` were."""
+    audit_first_jobs: int = 20
+    """A new worker's jobs audited in full."""
     figure_boards: int = 1
     """Figures boards (shards) the workers push their figures to (`sparkgrid/board.py`); the
     first scheduler to start sets it for the cluster. One takes about 600 pushes/s (300 workers
@@ -100,6 +107,10 @@ class SchedulerConfig:
 
     def __post_init__(self):
         require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
+        require(isinstance(self.audit_rate, (int, float)) and 0 <= self.audit_rate <= 1,
+                "audit_rate", "a share in [0, 1]", self.audit_rate)
+        require(isinstance(self.audit_first_jobs, int) and self.audit_first_jobs >= 0,
+                "audit_first_jobs", "an integer >= 0", self.audit_first_jobs)
         require(isinstance(self.figure_boards, int) and 1 <= self.figure_boards <= 64,
                 "figure_boards", "an integer in [1, 64]", self.figure_boards)
         require(0 <= self.grpc_port <= 65535, "grpc_port", "a port in [0, 65535]", self.grpc_port)

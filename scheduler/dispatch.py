@@ -33,6 +33,7 @@ from collections import deque
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from scheduler.auditor import AuditJob
 from scheduler.billing import Billing, JobEnd, Part, usage
 from scheduler.config import SchedulerConfig
 from scheduler.errors import (
@@ -54,12 +55,9 @@ from sparkgrid.contract import Chunk, Resume
 
 log = logging.getLogger(__name__)
 PROGRESS_NOTES = "after every chunk a client is sent, one write in flight per job"
-"""How a running job's delivered tokens are noted in the store (what its bill is, should this
-scheduler die): a writer per job notes the count after each streamed chunk, in the background
-(a hung Redis never holds a stream) and coalesced (while one write is in flight, later chunks
-wait for the next). A note thus lags what was sent by the chunks of one Redis round trip. A
-`Complete` call sends nothing until its end, so its job notes nothing: its client has nothing
-until the answer."""
+"""How a job's delivered tokens are noted in the store (its bill, should this scheduler die):
+in the background after each streamed chunk, coalesced, so a note lags by the chunks of one
+Redis round trip and a hung Redis never holds a stream. A `Complete` notes nothing."""
 REPEAT_POLL_S = 0.2
 NO_WORKER_WAIT_S = 10.0  # how long a failover waits for a worker to take the job
 WATCH_S = 0.25  # while jobs wait, the queues are pumped at least this often
@@ -134,8 +132,9 @@ class _Run:
 
 class Dispatcher:
     def __init__(self, config: SchedulerConfig, pool, store, billing: Billing, owner: str,
-                 metrics: Metrics | None = None, router: Router | None = None):
+                 metrics: Metrics | None = None, router: Router | None = None, auditor=None):
         self.config = config
+        self.auditor = auditor  # an `Auditor`, or None: no audits
         self.metrics = metrics or Metrics(config.policy)
         self.pool = pool
         self.store = store
@@ -188,6 +187,11 @@ class Dispatcher:
             finally:
                 self._runs.pop(job_id, None)
                 self.billing.settle(run.end(state, finish_reason))
+                if self.auditor is not None and state is JobState.FINISHED and \
+                        len(set(run.workers)) == 1:  # one worker's output, whole: auditable
+                    self.auditor.offer(AuditJob(job_id, run.workers[0], request.model,
+                                                request.prompt_ids, tuple(run.delivered_ids),
+                                                request.temperature))
         finally:
             ticket.release()
             queue.pump()  # the slot this job held on a worker may be free now

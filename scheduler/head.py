@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from scheduler.auditor import Auditor
 from scheduler.bill_journal import BillJournal
 from scheduler.billing import Billing
 from scheduler.config import SchedulerConfig, load_tokenizer_pins
@@ -72,8 +73,10 @@ class Scheduler:
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
         self.billing = Billing(self.store, self.prices, config.ledger_retry_s)
         self.metrics = Metrics(config.policy)
+        self.auditor = Auditor(self.pool, frozenset(config.trusted_workers), config.audit_rate,
+                               config.audit_first_jobs)
         self.dispatcher = Dispatcher(config, self.pool, self.store, self.billing, self.owner,
-                                     self.metrics)
+                                     self.metrics, auditor=self.auditor)
         self.metrics_server = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -94,6 +97,7 @@ class Scheduler:
         if self.config.bill_journal_dir:  # bills waiting for Redis survive a crash
             self.billing.journal = BillJournal(self.config.bill_journal_dir, self.owner)
         self.billing.start()
+        self.auditor.start()
         # jobs of dead schedulers: now, and every lease_s / 3 while this one runs
         self._sweep_task = asyncio.create_task(
             self.billing.sweep_orphans(self.owner, self.config.lease_s / 3,
@@ -148,6 +152,7 @@ class Scheduler:
             await self.server.stop(grace_s)
         await _cancel(self._sweep_task)
         await _cancel(self._quarantine_task)
+        await self.auditor.stop()
         flushed = await self.billing.flush(max(grace_s, 1.0))
         if not flushed:
             log.error("ledger: %d job records could not be written (Redis down)",

@@ -231,6 +231,19 @@ class WorkerPool:
             self._mark_unhealthy(worker)
             raise WorkerLost(f"worker {worker}: {_first_line(err)}") from None
 
+    async def score(self, worker: str, prompt_ids: list[int], token_ids: list[int],
+                    temperature: float, timeout_s: float) -> dict:
+        """`worker`'s scores of another worker's output (an audit); raises WorkerLost when it
+        cannot give them (gone, busy past `timeout_s`, failed)."""
+        w = self._workers.get(worker)
+        if w is None:
+            raise WorkerLost(f"worker {worker} is gone")
+        try:
+            return await asyncio.wait_for(
+                w.handle.score.remote(prompt_ids, token_ids, temperature), timeout_s)
+        except (RayError, asyncio.TimeoutError) as err:
+            raise WorkerLost(f"worker {worker} could not score: {_first_line(err)}") from None
+
     async def cancel(self, worker: str, job_id: str) -> bool:
         w = self._workers.get(worker)
         if w is None:

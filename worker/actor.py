@@ -164,6 +164,12 @@ class WorkerActor:
         """Abort a job; True if it was in the engine. Its stream ends with reason `abort`."""
         return await asyncio.wrap_future(self._loop.cancel(job_id))
 
+    async def score(self, prompt_ids: list[int], token_ids: list[int],
+                    temperature: float) -> dict:
+        """Audit another worker's output of a job: the target's scores of its delivered tokens
+        (see `worker/engine/audit_score.py`); ValueError naming a bad field."""
+        return await asyncio.wrap_future(self._loop.score(prompt_ids, token_ids, temperature))
+
     async def tokenizer_files(self) -> dict[str, bytes]:
         """The target's tokenizer files (name -> bytes): the scheduler counts and resumes
         tokens exactly as this worker does, without the weights."""

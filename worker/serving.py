@@ -125,6 +125,18 @@ class EngineLoop:
         """Abort a job between steps and free its cache; resolves True if it was running."""
         return self._command(lambda: self._abort(job_id))
 
+    def score(self, prompt_ids: list[int], token_ids: list[int], temperature: float) -> Future:
+        """An audit of another worker's output: the target's scores of `token_ids` after
+        `prompt_ids` (`audit_score.score_tokens`, as a dict), computed between two steps."""
+        from worker.engine.audit_score import score_tokens
+
+        def run() -> dict:
+            if self.engine is None:
+                raise WorkerFailed(f"worker {self.config.name}: the engine is not loaded")
+            return score_tokens(self.engine.runner.model, list(prompt_ids), list(token_ids),
+                                float(temperature)).to_dict()
+        return self._command(run)
+
     def drain(self) -> Future:
         """Accept no new jobs; resolves (with the figures) once running work has finished."""
         fut: Future = Future()

@@ -5,6 +5,7 @@ malformed chunk loses the job (which may resume elsewhere) and is marked unhealt
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,11 @@ async def _adopted(stats_by_name: dict, files_by_name: dict, pins=None) -> list[
             stats_by_name[name], [], files_by_name[name]))
         if not pool._tasks:
             await pool.start()
-        await asyncio.sleep(0.8)
+        # until the pool has decided on it: adopted, or refused with a reason
+        deadline = time.monotonic() + 30
+        while name not in pool._refused and name not in {s.stats.name for s in pool.stats()}:
+            assert time.monotonic() < deadline, f"the pool did not decide on {name} in 30 s"
+            await asyncio.sleep(0.1)
     adopted = sorted(s.stats.name for s in pool.stats())
     await pool.stop()
     for a in actors:

@@ -79,3 +79,59 @@ def test_an_impostor_bills_nothing_extra_and_is_quarantined(make_worker, redis_s
     finally:
         head.stop()
         ray.kill(evil)
+
+
+def test_an_audit_on_a_trusted_worker_quarantines_a_cheat_and_passes_an_honest_worker(
+        make_worker, redis_server, tmp_path):
+    """A worker that keeps every rule of budget and vocabulary but delivers tokens the target
+    would not (here: token 5 over and over, greedy) is caught by an audit of its first job on a
+    worker the platform trusts, and quarantined with the reason; an honest untrusted worker's
+    audited jobs pass."""
+    import ray
+    from scheduler_common import wait_for
+
+    from scheduler.client import Client
+    from scheduler.config import SchedulerConfig
+    from scheduler.head import SchedulerThread
+    from sparkgrid.contract import NAMESPACE
+
+    trusted = make_worker("w-auditor")[0]
+    honest = "w-honest"  # the first test's worker: untrusted, so audited too
+    stats = ray.get(trusted.stats.remote())
+    claims = {**stats, "name": "cheat-1", "tokens_per_s": 1e6, "sps": {
+        **stats["sps"], "steps_per_second": [s * 1000 for s in stats["sps"]["steps_per_second"]]}}
+    answer = {"token_ids": [5] * 8, "text": "x" * 8, "finish_reason": "length",
+              "usage": {"prompt_tokens": 4, "completion_tokens": 8}, "spec": {}}
+    cheat = impostor_class().options(name="cheat-1", namespace=NAMESPACE).remote(
+        claims, [answer], ray.get(trusted.tokenizer_files.remote()))
+    config = SchedulerConfig(redis_url=redis_server.url, redis_prefix="audits", grpc_port=0,
+                             discovery_interval_s=0.5, stats_interval_s=0.25,
+                             trusted_workers=("w-auditor",), audit_first_jobs=20)
+    head = SchedulerThread(config)
+    try:
+        wait_for(lambda: {"cheat-1", "w-auditor", honest} <= {
+            s.stats.name for s in head.scheduler.pool.stats()}, 30, "the workers adopted")
+        _, api_key = head.call(head.scheduler.store.create_key("acme"))
+        auditor = head.scheduler.auditor
+        with Client(head.endpoint, api_key) as client:
+            first = client.complete("def f(x):", max_tokens=8, temperature=0, timeout_s=120)
+            assert list(first.token_ids) == [5] * 8  # the cheat served it (it claims speed)
+            wait_for(lambda: head.scheduler.pool.quarantines.reason("cheat-1"), 60,
+                     "the cheat's first job audited")
+            reason = head.scheduler.pool.quarantines.reason("cheat-1")
+            assert "failed the audit of job " + first.job_id in reason
+            assert "w-auditor" in reason and "logits below the target's argmax" in reason
+            # honest traffic now: some of it on the untrusted honest worker, all audited
+            for i in range(6):
+                client.complete(f"def g{i}(x):\n", max_tokens=12, temperature=0, timeout_s=120)
+            why = {w.name: (w.state, w.quarantine_reason) for w in client.workers()}
+        assert why["cheat-1"][0] == "quarantined" and why["cheat-1"][1] == reason
+        assert why["w-auditor"][1] == "" and why[honest][1] == ""
+        honest_audits = auditor.per_worker.get(honest, {})
+        wait_for(lambda: auditor._queue.empty(), 60, "the audits done")
+        assert honest_audits.get("failed", 0) == 0
+        assert "w-auditor" not in auditor.per_worker  # a trusted worker is never audited
+        assert auditor.per_worker["cheat-1"]["failed"] == 1
+    finally:
+        head.stop()
+        ray.kill(cheat)
