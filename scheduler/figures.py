@@ -63,6 +63,7 @@ class TrackedWorker:
     strikes: list = field(default_factory=list)  # what it did against the rules, in order
     quarantined: str | None = None  # why it gets no more jobs (None: it does)
     pushed_at: float | None = None  # monotonic time of its latest push seen (None: polled)
+    pushed_figures: bool = False  # the board gave its figures since it was adopted here
     bad_figures: str | None = None  # why its last pushed figures were refused
     indexed_model: str | None = None  # the model whose candidate index holds it
 

@@ -167,8 +167,7 @@ class Scheduler:
             except StoreUnavailable as err:
                 log.warning("lease of %s not released (it lapses by itself): %s", self.owner, err)
         if self._time_task is not None:
-            self._time_task.cancel()
-            await asyncio.gather(self._time_task, return_exceptions=True)
+            await _cancel(self._time_task)
             await self._flush_worker_time()
         await self.pool.stop()
         await self.store.close()
@@ -235,10 +234,17 @@ class Scheduler:
         await self.server.wait_for_termination()
 
 
-async def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None:
+async def _cancel(task: asyncio.Task | None, tries: int = 5) -> None:
+    """Cancel `task` and wait for it to end. A cancellation can be lost inside a library call
+    (seen with a Redis call cut at start-up), so it is asked again each second, a few times;
+    a task that still runs is left, logged, rather than hang the stop."""
+    for _ in range(tries if task is not None else 0):
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if done:
+            return
+    if task is not None:
+        log.error("task %s did not stop when cancelled", task.get_name())
 
 
 class SchedulerThread:

@@ -9,6 +9,7 @@ Knows: the `tokenizers` library. Does not know: Ray, gRPC, Redis, where the file
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -41,3 +42,23 @@ class ModelInfo:
     vocab_size: int
     tokenizer_sha256: str = ""
     """SHA-256 of the tokenizer.json every worker of the model must lend."""
+
+
+def lent_tokenizer(model: str, files, known: ModelInfo | None,
+                   pins: dict[str, str] | None) -> tuple[bytes, str]:
+    """(tokenizer.json, its SHA-256) of the files a worker of `model` lent, when it is the
+    model's: the pinned one when `pins` are given, and always the one of the model's workers
+    adopted before (`known`). ValueError saying why not."""
+    data = files.get("tokenizer.json") if isinstance(files, dict) else None
+    if not isinstance(data, bytes):
+        raise ValueError(f"model {model}: the worker sent no tokenizer.json (the "
+                         "scheduler reads fast tokenizers only)")
+    digest = hashlib.sha256(data).hexdigest()
+    if pins is not None and model not in pins:
+        raise ValueError(f"model {model} has no pinned tokenizer (add its tokenizer.json's "
+                         "SHA-256 to the scheduler's tokenizer pins)")
+    expected = known.tokenizer_sha256 if known is not None else (pins or {}).get(model)
+    if expected is not None and digest != expected:
+        raise ValueError(f"model {model}: its tokenizer.json (SHA-256 {digest[:16]}...) is "
+                         f"not the model's ({expected[:16]}...)")
+    return data, digest

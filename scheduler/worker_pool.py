@@ -26,7 +26,6 @@ policy (the candidate index orders workers; the router decides).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from scheduler.figures import (
     WorkerTime,
     stale_after,
 )
-from scheduler.model_info import ModelInfo, PromptTokenizer
+from scheduler.model_info import ModelInfo, PromptTokenizer, lent_tokenizer
 from scheduler.quarantine import Quarantines
 from scheduler.router import CandidateIndex, PoolView
 from sparkgrid.board import is_board
@@ -291,33 +290,26 @@ class WorkerPool:
         scheduler then counts and bills prompt tokens with. Raises ValueError saying why not."""
         model = stats.model_id
         files = await asyncio.wait_for(handle.tokenizer_files.remote(), 30)
-        data = files.get("tokenizer.json") if isinstance(files, dict) else None
-        if not isinstance(data, bytes):
-            raise ValueError(f"model {model}: the worker sent no tokenizer.json (the "
-                             "scheduler reads fast tokenizers only)")
-        digest = hashlib.sha256(data).hexdigest()
         known = self._models.get(model)
-        if self.tokenizer_pins is not None and model not in self.tokenizer_pins:
-            raise ValueError(f"model {model} has no pinned tokenizer (add its tokenizer.json's "
-                             "SHA-256 to the scheduler's tokenizer pins)")
-        expected = (known.tokenizer_sha256 if known is not None
-                    else (self.tokenizer_pins or {}).get(model))
-        if expected is not None and digest != expected:
-            raise ValueError(f"model {model}: its tokenizer.json (SHA-256 {digest[:16]}...) is "
-                             f"not the model's ({expected[:16]}...)")
+        data, digest = lent_tokenizer(model, files, known, self.tokenizer_pins)
         if known is None:
             tokenizer = await asyncio.to_thread(PromptTokenizer, data)
             self._models[model] = ModelInfo(model, tokenizer, stats.max_context or 1 << 30,
                                             len(tokenizer), digest)
 
     async def _read_all(self) -> None:
-        entries = await self.boards.read()  # None: no board answers, every worker is polled
+        unpushed = [w for w in self._workers.values() if w.pushed_at is None]
+        # those not pushing are polled meanwhile: a slow board holds no one's figures back
+        entries, _ = await asyncio.gather(self.boards.read(),  # None: no board answers
+                                          asyncio.gather(*(self._read(w) for w in unpushed)))
         now = time.monotonic()
         for name, raw, health, age in entries or ():
-            if (w := self._workers.get(name)) is not None:  # not adopted yet: discovery will
-                self._pushed(w, raw, health, now - age)
+            if (w := self._workers.get(name)) is not None:  # else: it is polled once adopted,
+                self._pushed(w, raw, health, now - age)  # until it pushes its figures anew
         polled, renewed = [], []
         for w in list(self._workers.values()):
+            if w in unpushed:
+                continue
             if entries is None or w.pushed_at is None:
                 polled.append(w)
                 continue
@@ -332,8 +324,11 @@ class WorkerPool:
         self._changed.set()
 
     def _pushed(self, w: TrackedWorker, raw: dict | None, health: str | None, at: float) -> None:
-        """A push seen on a board at monotonic time `at`: figures, or (None) a heartbeat."""
-        w.pushed_at = at
+        """A push seen on a board at monotonic time `at`: figures, or (None) a heartbeat (of
+        figures this pool never got from the board: it is polled until it has them)."""
+        if raw is None and not w.pushed_figures:
+            return
+        w.pushed_at, w.pushed_figures = at, True
         if raw is not None:
             try:
                 stats = WorkerStats.from_dict(raw)

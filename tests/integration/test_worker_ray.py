@@ -120,9 +120,10 @@ def test_a_job_whose_lease_lapses_is_aborted_and_a_renewed_one_runs_on(slow_work
     the job ends (reason `abort`) once nobody renews it."""
     handle = slow_worker[0]
     params = {"max_tokens": 500, "ignore_eos": True}
+    # `kept` starts with a lease long enough for a busy machine to reach the first renewal;
+    # from then on both hold 1 s leases, and only `kept`'s is renewed
     orphan = handle.generate.remote("orphan", "x = 1\n", params, None, 1.0)
-    kept = handle.generate.remote("kept", "x = 2\n", params, None, 1.0)
-    ray.get(next(orphan))
+    kept = handle.generate.remote("kept", "x = 2\n", params, None, 30.0)
     ray.get(next(kept))
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # renew only `kept`, as a live scheduler would
