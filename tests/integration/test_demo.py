@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from decimal import Decimal
 
 import pytest
@@ -36,7 +37,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> str:
+def demo_run(tmp_path_factory) -> tuple[str, object]:
+    """One `sparkgrid demo` for the module: its output and its home."""
     home = tmp_path_factory.mktemp("demo_home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARKGRID_", "RAY_ADDRESS"))}
     proc = subprocess.run([sys.executable, "-m", "sparkgrid.cli", "demo", "--dashboard-port",
@@ -44,7 +46,26 @@ def demo(tmp_path_factory) -> str:
                           env={**env, "SPARKGRID_HOME": str(home)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("demo finished; everything it started is stopped")
-    return proc.stdout
+    return proc.stdout, home
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run) -> str:
+    return demo_run[0]
+
+
+def test_the_demo_streams_reports_and_leaves_nothing_running(demo_run):
+    from test_stack import _left_running
+
+    out, home = demo_run
+    assert "private redis-server" in out and "worker up-1 ready" in out
+    assert out.count("tokens in") >= 4 and "accepted length" in out
+    assert "cost report" in out and "local" in out and "(total)" in out
+    assert not (home / "up.json").exists()
+    deadline = time.monotonic() + 10
+    while _left_running(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _left_running(home) == []
 
 
 def degenerate(text: str) -> str | None:
