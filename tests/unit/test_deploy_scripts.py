@@ -74,6 +74,22 @@ def _wait_for(log: Path, text: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _stop_once_started(env: dict, log: Path, script: str, marker: str) -> tuple[list, str]:
+    """Run `script` until `marker` is in the log, SIGTERM it, and return the log's lines and
+    its stderr once it exited with status 0."""
+    proc = subprocess.Popen(["bash", str(SCRIPTS / script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(log, marker)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    return log.read_text().splitlines(), stderr
+
+
 @pytest.mark.parametrize("setting, value, message", [
     ("SPARKGRID_DEVICE", "gpu", "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu"),
     ("SPARKGRID_PRICE_PER_HOUR", "cheap", "SPARKGRID_PRICE_PER_HOUR: expected USD per hour"),
@@ -119,18 +135,7 @@ def test_a_stop_drains_the_worker_before_ray_stops(fake_node):
     env["SPARKGRID_PRICE_PER_HOUR"] = "0.45"
     env["SPARKGRID_GPU_TYPE"] = "RTX 4090"
     env["SPARKGRID_WORKER_NAME"] = "gpu-7"
-    proc = subprocess.Popen(["bash", str(SCRIPTS / "start-worker.sh")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(log, "sparkgrid worker")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = log.read_text().splitlines()
-    assert proc.returncode == 0, stderr
+    lines, stderr = _stop_once_started(env, log, "start-worker.sh", "sparkgrid worker")
     assert lines[0] == "ray start --address=head.invalid:6379 --metrics-export-port=8080 --block"
     worker = next(line for line in lines if line.startswith("sparkgrid worker"))
     for part in ("--ray-address head.invalid:6379", "--device cpu", "--price-per-hour 0.45",
@@ -154,18 +159,7 @@ def test_a_second_scheduler_joins_the_running_ray_and_drains_on_stop(fake_node):
     env["SPARKGRID_REDIS_URL"] = "redis://:a-real-password@127.0.0.1:6380/0"
     env["SPARKGRID_JOIN_RAY"] = "10.8.0.1:6379"
     env["SPARKGRID_GRPC_PORT"] = "50052"
-    proc = subprocess.Popen(["bash", str(SCRIPTS / "start-head.sh")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(log, "sparkgrid head")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = log.read_text().splitlines()
-    assert proc.returncode == 0, stderr
+    lines, stderr = _stop_once_started(env, log, "start-head.sh", "sparkgrid head")
     assert not any(line.startswith("ray start") for line in lines)  # no second Ray head
     head = next(line for line in lines if line.startswith("sparkgrid head"))
     assert "--ray-address 10.8.0.1:6379" in head and "--grpc-port 50052" in head
