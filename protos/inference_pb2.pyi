@@ -127,7 +127,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "node_ip", "gpu_type", "device_name", "model", "state", "num_waiting", "num_running", "remaining_tokens", "tokens_per_second", "mean_accept_length", "price_per_hour", "quarantine_reason")
+    __slots__ = ("name", "node_ip", "gpu_type", "device_name", "model", "state", "num_waiting", "num_running", "remaining_tokens", "tokens_per_second", "mean_accept_length", "price_per_hour", "quarantine_reason", "operator", "kind", "observed_tokens_per_second")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,9 @@ class Worker(_message.Message):
     MEAN_ACCEPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     name: str
     node_ip: str
     gpu_type: str
@@ -154,7 +157,10 @@ class Worker(_message.Message):
     mean_accept_length: float
     price_per_hour: float
     quarantine_reason: str
-    def __init__(self, name: _Optional[str] = ..., node_ip: _Optional[str] = ..., gpu_type: _Optional[str] = ..., device_name: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., mean_accept_length: _Optional[float] = ..., price_per_hour: _Optional[float] = ..., quarantine_reason: _Optional[str] = ...) -> None: ...
+    operator: str
+    kind: str
+    observed_tokens_per_second: float
+    def __init__(self, name: _Optional[str] = ..., node_ip: _Optional[str] = ..., gpu_type: _Optional[str] = ..., device_name: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., mean_accept_length: _Optional[float] = ..., price_per_hour: _Optional[float] = ..., quarantine_reason: _Optional[str] = ..., operator: _Optional[str] = ..., kind: _Optional[str] = ..., observed_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)

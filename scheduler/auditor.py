@@ -12,6 +12,11 @@ client's path, and quarantines a worker whose output is not the target's.
   sampled jobs by their z statistic, and the worker's sampled jobs pooled. A failed audit
   quarantines the worker at once, with the job and the reason (`WorkerPool.quarantines`: kept
   in Redis for every scheduler, its payout withheld from then on).
+- The ledger: each verdict (passed or failed; an undecided audit is none) is counted in the
+  worker's daily ledger cell through `record` (`RedisStore.record_audit`: one Redis write), so
+  every scheduler's audits add up in reports and survive restarts. The write runs beside the
+  audits, never in their way: one that fails (Redis down) is logged and dropped, and when
+  `WRITES_LIMIT` writes are pending a further verdict is logged and not counted.
 
 Knows: which jobs to audit, the pool's and the verdict's interfaces. Does not know: Ray
 (`WorkerPool.score` makes the call), Redis, gRPC.
@@ -22,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 
 from scheduler.audit import Pool, judge
+from scheduler.errors import StoreUnavailable
 from scheduler.router import routable
 from scheduler.worker_pool import WorkerLost
 from sparkgrid.contract import GREEDY_BELOW
@@ -33,6 +40,8 @@ from sparkgrid.contract import GREEDY_BELOW
 log = logging.getLogger(__name__)
 QUEUE_LIMIT = 256
 SCORE_TIMEOUT_S = 60.0
+WRITES_LIMIT = 64
+"""Verdicts whose ledger write may be pending at once (Redis slow or down)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,12 @@ class AuditJob:
 
 class Auditor:
     def __init__(self, pool, trusted: frozenset[str], rate: float = 0.02, first_jobs: int = 20,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, record=None):
+        """`record`: async (worker, passed, at unix seconds) that counts a verdict in the
+        ledger (`RedisStore.record_audit`); None counts verdicts in memory only."""
         self.pool, self.trusted = pool, frozenset(trusted)
+        self.record = record
+        self._writes: set[asyncio.Task] = set()
         self.rate, self.first_jobs = rate, first_jobs
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[AuditJob] = asyncio.Queue(QUEUE_LIMIT)
@@ -69,6 +82,7 @@ class Auditor:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
 
     def offer(self, job: AuditJob) -> bool:
         """Consider a finished job (returns at once); True when it was queued for an audit."""
@@ -118,6 +132,8 @@ class Auditor:
                                         self._pools[job.worker].z)
         self._count(job.worker, "audited")
         self._count(job.worker, {True: "passed", False: "failed", None: "undecided"}[passed])
+        if passed is not None:
+            self._write(job.worker, passed)
         if passed is False:
             reason = f"failed the audit of job {job.job_id} on {auditor}: {verdict.reason}"
             log.warning("worker %s %s", job.worker, reason)
@@ -129,6 +145,26 @@ class Auditor:
         ready = [w for w in self.pool.snapshots() if w.name in self.trusted and w.model ==
                  job.model and w.name != job.worker and routable(w)]
         return min(ready, key=lambda w: (w.queued_requests, w.name)).name if ready else None
+
+    def _write(self, worker: str, passed: bool) -> None:
+        """Count the verdict in the ledger, beside the audits (see the module's docstring)."""
+        if self.record is None:
+            return
+        if len(self._writes) >= WRITES_LIMIT:
+            log.warning("audit verdict on worker %s not counted in the ledger: %d writes "
+                        "pending", worker, len(self._writes))
+            return
+        task = asyncio.create_task(self._record(worker, passed, time.time()))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _record(self, worker: str, passed: bool, at: float) -> None:
+        try:
+            await self.record(worker, passed, at)
+        except StoreUnavailable as err:
+            log.warning("audit verdict on worker %s not counted in the ledger: %s", worker, err)
+        except Exception:  # dropped too: a ledger write must never stop the audits
+            log.exception("audit verdict on worker %s not counted in the ledger", worker)
 
     def _count(self, worker: str, what: str) -> None:
         self.counts[what] += 1

@@ -83,6 +83,18 @@ def head_options(p: argparse.ArgumentParser) -> None:
                    help="workers the platform runs itself: they audit the others' output (a "
                         "share of their jobs, re-scored off the client's path; a failed audit "
                         "quarantines the worker). Default: none, no audits")
+    p.add_argument("--worker-link-port", type=int, default=None, metavar="PORT",
+                   help="serve the worker link (workers outside the Ray cluster dial it with an "
+                        "operator token) on this port of --host; default: no link")
+    p.add_argument("--worker-link-cert", default=None, metavar="PEM",
+                   help="the link's TLS certificate chain (with --worker-link-key)")
+    p.add_argument("--worker-link-key", default=None, metavar="PEM")
+    p.add_argument("--worker-link-plaintext", action="store_true",
+                   help="serve the link without TLS (tokens in the clear: private networks only)")
+    p.add_argument("--allow-unregistered", action="store_true",
+                   help="also route to worker actors without an operator's registration (any "
+                        "actor of the Ray namespace); only where every member of the cluster is "
+                        "the platform's own")
     p.add_argument("--audit-rate", type=number_in(0, 1), default=0.02, metavar="SHARE",
                    help="share of a worker's jobs audited after its first --audit-first")
     p.add_argument("--audit-first", type=int_at_least(0), default=20, metavar="N",
@@ -112,7 +124,10 @@ def run_head(args) -> int:
             tokenizer_pins=args.tokenizer_pins, keep_text_s=args.keep_text,
             keep_jobs_s=args.keep_jobs, lease_s=args.lease, drain_delay_s=args.drain_delay,
             figure_boards=args.figure_boards, audit_rate=args.audit_rate,
-            audit_first_jobs=args.audit_first,
+            audit_first_jobs=args.audit_first, require_registration=not args.allow_unregistered,
+            worker_link_port=args.worker_link_port, worker_link_cert=args.worker_link_cert,
+            worker_link_key=args.worker_link_key,
+            worker_link_plaintext=args.worker_link_plaintext,
             trusted_workers=tuple(n for n in args.trusted_workers.split(",") if n.strip()),
             bill_journal_dir=args.bill_journal or str(home() / "bills"))
         load_tokenizer_pins(config.tokenizer_pins)  # a bad file is an option error, now
@@ -333,11 +348,11 @@ async def _quarantines(args) -> int:
             period = await store.release_worker(args.name, time.time())
             if period is None:
                 raise ValueError(f"name: worker {args.name!r} is not quarantined")
-            print(f"released {args.name} (quarantined since {_utc(period['since'])}: "
+            print(f"released {args.name} (quarantined since {utc_time(period['since'])}: "
                   f"{period['reason']}); its payout from then to now stays withheld")
             return 0
-        rows = [{"worker": p["worker"], "since": _utc(p["since"]),
-                 "until": _utc(p["until"]) if p["until"] else "(now)", "reason": p["reason"]}
+        rows = [{"worker": p["worker"], "since": utc_time(p["since"]),
+                 "until": utc_time(p["until"]) if p["until"] else "(now)", "reason": p["reason"]}
                 for p in await store.withheld_periods()]
         print(json.dumps(rows, indent=2) if args.json else
               _table(rows) if rows else "no worker is or was quarantined")
@@ -346,7 +361,7 @@ async def _quarantines(args) -> int:
         await store.close()
 
 
-def _utc(ts: float) -> str:
+def utc_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 

@@ -83,6 +83,20 @@ class SchedulerConfig:
     keep_text_s: float = KEEP_TEXT_S
     """How long a final job's text and token ids are kept (0: forever). 24 h: the privacy-
     sensitive part, kept long enough for a client to fetch or repeat it after a day's outage."""
+    worker_link_port: int | None = None
+    """Port of the worker link (`scheduler/link_server.py`), the door of workers outside the
+    Ray cluster; None: no link (0 picks a free port). Listens on `host`."""
+    worker_link_cert: str | None = None
+    """PEM certificate chain of the link; with `worker_link_key`. Required unless
+    `worker_link_plaintext`."""
+    worker_link_key: str | None = None
+    worker_link_plaintext: bool = False
+    """Serve the link without TLS (operator tokens cross the network in the clear: tests and
+    private networks only)."""
+    require_registration: bool = False
+    """Route only to workers whose operator signed their registration (`scheduler/registry.py`).
+    `sparkgrid head` and `sparkgrid up` require it unless told otherwise; False here serves any
+    worker actor of the namespace (tests of one part at a time)."""
     trusted_workers: tuple[str, ...] = ()
     """Workers the platform runs itself: never audited, and the ones that audit the others
     (`scheduler/auditor.py`). None named: no audits."""
@@ -118,6 +132,12 @@ class SchedulerConfig:
                  "a port in [0, 65535] or None", self.metrics_port)
         require((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                  "given together with tls_key", self.tls_cert)
+        require(self.worker_link_port is None or 0 <= self.worker_link_port <= 65535,
+                "worker_link_port", "a port in [0, 65535] or None", self.worker_link_port)
+        require(self.worker_link_port is None or self.worker_link_plaintext or (
+            self.worker_link_cert is not None and self.worker_link_key is not None),
+            "worker_link_cert", "given with worker_link_key (TLS), unless worker_link_plaintext",
+            self.worker_link_cert)
         require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url",
                  "a redis://, rediss:// or unix:// URL", shown_url(self.redis_url))
         for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_chars", "max_stop_strings",

@@ -31,10 +31,9 @@ import secrets
 import time
 from collections import deque
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 from scheduler.auditor import AuditJob
-from scheduler.billing import Billing, JobEnd, Part, usage
+from scheduler.billing import Billing, Part, usage
 from scheduler.config import SchedulerConfig
 from scheduler.errors import (
     InvalidArgument,
@@ -43,13 +42,14 @@ from scheduler.errors import (
     Unavailable,
 )
 from scheduler.fair_queue import FairQueue, QueueLimits, QueueRefused, Ticket
+from scheduler.job_run import Decision, Piece, Run
 from scheduler.jobs import FINAL, JobState
-from scheduler.ledger import Segment, spec_totals
+from scheduler.ledger import spec_totals
 from scheduler.metrics import Metrics
-from scheduler.prices import Plan
 from scheduler.quota import Admission
 from scheduler.requests import JobRequest
 from scheduler.router import Router, room
+from scheduler.text_check import ContentCheck
 from scheduler.worker_pool import WorkerLost, WorkerRefused
 from sparkgrid.contract import Chunk, Resume
 
@@ -63,73 +63,6 @@ NO_WORKER_WAIT_S = 10.0  # how long a failover waits for a worker to take the jo
 WATCH_S = 0.25  # while jobs wait, the queues are pumped at least this often
 
 
-@dataclass
-class Piece:
-    """What the client gets next."""
-
-    job_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: dict | None = None
-    """Last piece only: prompt_tokens and completion_tokens, as billed."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One routing decision, for metrics and benchmarks."""
-
-    job_id: str
-    worker: str
-    route_s: float
-    """Time the router took to choose."""
-    overhead_s: float
-    """Time from the job's arrival here (its request checked) to this decision: writing the
-    job record and routing, the scheduler's own cost before a worker gets the job."""
-
-
-@dataclass
-class _Run:
-    """A job in flight on this scheduler."""
-
-    job_id: str
-    tenant: str
-    request: JobRequest
-    plan: Plan
-    arrived: float = field(default_factory=time.perf_counter)
-    worker: str | None = None
-    cancelled: bool = False
-    delivered_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    parts: list[Part] = field(default_factory=list)
-    workers: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    ticket: Ticket | None = None
-    progress_write: asyncio.Task | None = None
-    streamed: bool = True
-    """Whether the client gets each piece as it comes (`Generate`) or all at the end."""
-    """Its place in the model's queue until a worker is chosen."""
-    admitted: bool = False
-    """Let through by the queue; a job that never was is billed nothing (not even its prompt)."""
-
-    def prompt_tokens(self) -> int:
-        return len(self.request.prompt_ids) if self.admitted else 0
-
-    def delivered_chars(self) -> int:
-        return sum(map(len, self.text))
-
-    def segments(self) -> tuple[Segment, ...]:
-        """Each worker's part so far, as the ledger books it."""
-        return tuple(part.segment() for part in self.parts)
-
-    def end(self, state: JobState, finish_reason: str | None) -> JobEnd:
-        """What the job's bill and final record are made of."""
-        return JobEnd(self.job_id, self.tenant, self.request.model, self.plan.name, state,
-                      self.prompt_tokens(), self.segments(), finish_reason or "",
-                      "; ".join(self.errors) if state is JobState.FAILED else "",
-                      tuple(self.workers), "".join(self.text), tuple(self.delivered_ids))
-
-
 class Dispatcher:
     def __init__(self, config: SchedulerConfig, pool, store, billing: Billing, owner: str,
                  metrics: Metrics | None = None, router: Router | None = None, auditor=None):
@@ -141,7 +74,7 @@ class Dispatcher:
         self.billing = billing
         self.owner = owner
         self.router = router or Router(config.policy)
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Run] = {}
         self._limits = QueueLimits(config.max_waiting_per_tenant, config.max_waiting_per_model,
                                    config.max_queue_wait_s)
         self._queues: dict[str, FairQueue] = {}
@@ -171,7 +104,7 @@ class Dispatcher:
                 ticket.release()
                 yield await self._repeat(tenant, job_id, request)
                 return
-            run = _Run(job_id, tenant, request, plan, arrived, ticket=ticket, streamed=streamed)
+            run = Run(job_id, tenant, request, plan, arrived, ticket=ticket, streamed=streamed)
             self._runs[job_id] = run
             state, finish_reason = JobState.FAILED, None
             try:
@@ -224,7 +157,7 @@ class Dispatcher:
                 "prompt_tokens": len(run.request.prompt_ids), "spec": spec_totals(run.segments())}
 
     # -- running ------------------------------------------------------------------------------
-    async def _attempts(self, run: _Run):
+    async def _attempts(self, run: Run):
         req = run.request
         tried: set[str] = set()
         while True:
@@ -253,7 +186,7 @@ class Dispatcher:
             except WorkerRefused as err:
                 raise InvalidArgument.from_message(str(err)) from None
 
-    async def _choose(self, run: _Run, exclude: frozenset[str]) -> str:
+    async def _choose(self, run: Run, exclude: frozenset[str]) -> str:
         budget = run.request.max_tokens - len(run.delivered_ids)
         deadline = time.monotonic() + (NO_WORKER_WAIT_S if run.workers else 0)
         while True:
@@ -272,7 +205,7 @@ class Dispatcher:
                                   f"{run.job_id} ({why})")
             await self.pool.wait_changed(0.5)
 
-    async def _one_part(self, run: _Run, worker: str):
+    async def _one_part(self, run: Run, worker: str):
         req = run.request
         budget = req.max_tokens - len(run.delivered_ids)
         resume = (Resume(token_ids=tuple(run.delivered_ids), num_chars=run.delivered_chars())
@@ -307,6 +240,7 @@ class Dispatcher:
                     raise WorkerLost(f"worker {worker} {broken}")
                 run.delivered_ids.extend(chunk.token_ids)
                 run.text.append(chunk.text)
+                self.pool.observed.saw(part, chunk)  # before part.add moves part.last
                 part.add(chunk)
                 if chunk.finish_reason is not None:
                     yield self._last_piece(run, chunk.finish_reason, chunk.text, chunk.token_ids)
@@ -319,20 +253,21 @@ class Dispatcher:
             inflight.dec()
             await stream.aclose()
 
-    def _broken_rule(self, run: _Run, chunk: Chunk) -> str | None:
+    def _broken_rule(self, run: Run, chunk: Chunk) -> str | None:
         """What is wrong with a worker's chunk, or None: the scheduler never delivers (so never
-        bills) more than the job's max_tokens, nor a token outside the model's vocabulary."""
+        bills) more than the job's max_tokens, nor a token outside the model's vocabulary, nor
+        text other than its own decoding of the delivered tokens (`scheduler/text_check.py`)."""
         total = len(run.delivered_ids) + len(chunk.token_ids)
         if total > run.request.max_tokens:
             return (f"sent {total} tokens for a job of max_tokens {run.request.max_tokens}")
         info = self.pool.model(run.request.model)
-        vocab = info.vocab_size if info is not None else None
-        bad = next((t for t in chunk.token_ids if t >= vocab), None) if vocab else None
-        if bad is not None:
-            return f"sent token id {bad}, outside the vocabulary of {vocab}"
-        return None
+        if run.content is None and info is not None:
+            run.content = ContentCheck(info.tokenizer, info.vocab_size, run.request.prompt_ids,
+                                       run.request.stop)
+        return (run.content.check(chunk.token_ids, chunk.text, chunk.finish_reason is not None)
+                if run.content is not None else None)
 
-    def _last_piece(self, run: _Run, reason: str, text: str = "", token_ids=()) -> Piece:
+    def _last_piece(self, run: Run, reason: str, text: str = "", token_ids=()) -> Piece:
         return Piece(run.job_id, text, list(token_ids), reason,
                      usage(run.prompt_tokens(), run.segments(), reason != "abort"))
 
@@ -362,7 +297,7 @@ class Dispatcher:
             self._watcher = asyncio.create_task(self._watch_pool())
         return ticket
 
-    async def _admit(self, run: _Run) -> None:
+    async def _admit(self, run: Run) -> None:
         """Wait for the job's turn; a job cancelled meanwhile goes on to end at once."""
         try:
             admitted = await run.ticket.wait()
@@ -394,12 +329,12 @@ class Dispatcher:
             log.warning("job store: %s (the final record will carry it)", err)
             return False
 
-    def _note_progress(self, run: _Run) -> None:
+    def _note_progress(self, run: Run) -> None:
         """Note the tokens sent so far (see PROGRESS_NOTES); returns at once."""
         if run.progress_write is None or run.progress_write.done():
             run.progress_write = asyncio.create_task(self._write_progress(run))
 
-    async def _write_progress(self, run: _Run) -> None:
+    async def _write_progress(self, run: Run) -> None:
         noted = -1
         while noted != len(run.delivered_ids):
             noted = len(run.delivered_ids)

@@ -33,6 +33,10 @@ class NotFound(SchedulerError):
     """An unknown job id (or one of another tenant: the same answer, so ids leak nothing)."""
 
 
+class PermissionDenied(SchedulerError):
+    """A known party asking for what is not its own (an operator registering another's worker)."""
+
+
 class Unavailable(SchedulerError):
     """No live worker serves the model, or every attempt of a job failed."""
 

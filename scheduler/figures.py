@@ -62,6 +62,7 @@ class TrackedWorker:
     streaming: set = field(default_factory=set)  # job ids whose chunks are being read here
     strikes: list = field(default_factory=list)  # what it did against the rules, in order
     quarantined: str | None = None  # why it gets no more jobs (None: it does)
+    registered: object = None  # its checked registration (`registry.Registered`), if required
     pushed_at: float | None = None  # monotonic time of its latest push seen (None: polled)
     pushed_figures: bool = False  # the board gave its figures since it was adopted here
     bad_figures: str | None = None  # why its last pushed figures were refused
@@ -171,3 +172,16 @@ def registration(stats: WorkerStats) -> dict:
     return {"gpu_type": stats.gpu_type,
             "price_uusd_per_hour": int(price.to_integral_value(ROUND_HALF_EVEN)),
             "node_ip": stats.node_ip, "model": stats.model_id}
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker as `ListWorkers` shows it: its own figures and the pool's view of it."""
+
+    stats: WorkerStats
+    healthy: bool
+    pending_requests: int
+    quarantined: str | None = None
+    """Why the scheduler sends it nothing more (None: it is not quarantined)."""
+    registered: object = None
+    """Its checked registration (`registry.Registered`: operator, kind), if one was required."""

@@ -39,9 +39,11 @@ from scheduler.config import SchedulerConfig, load_tokenizer_pins
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import StoreUnavailable
 from scheduler.interceptors import ApiInterceptor
+from scheduler.link_server import start_link_server
 from scheduler.metrics import Metrics
 from scheduler.prices import DEFAULT_BOOK, PriceBook
 from scheduler.redis_store import RedisStore
+from scheduler.registry import Registry
 from scheduler.server import InferenceServicer
 from scheduler.worker_pool import WorkerPool
 
@@ -69,12 +71,14 @@ class Scheduler:
                                 keep_text_s=config.keep_text_s, keep_jobs_s=config.keep_jobs_s)
         self.pool = WorkerPool(config.ray_address, config.stats_interval_s,
                                config.discovery_interval_s, config.stall_timeout_s,
-                               load_tokenizer_pins(config.tokenizer_pins), config.figure_boards)
+                               load_tokenizer_pins(config.tokenizer_pins), config.figure_boards,
+                               registry=(Registry(self.store) if config.require_registration
+                                         else None))
         self.prices = PriceBook.load(config.prices or DEFAULT_BOOK)
         self.billing = Billing(self.store, self.prices, config.ledger_retry_s)
         self.metrics = Metrics(config.policy)
         self.auditor = Auditor(self.pool, frozenset(config.trusted_workers), config.audit_rate,
-                               config.audit_first_jobs)
+                               config.audit_first_jobs, record=self.store.record_audit)
         self.dispatcher = Dispatcher(config, self.pool, self.store, self.billing, self.owner,
                                      self.metrics, auditor=self.auditor)
         self.metrics_server = None
@@ -85,6 +89,8 @@ class Scheduler:
         self._lease_task: asyncio.Task | None = None
         self._quarantine_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
+        self.link_server = self.link_port = self.links = self._revocation_task = None
+        """The worker link's server, port and servicer (`config.worker_link_port`)."""
         self.leases_lost = 0
         """How many times this scheduler found its lease lapsed (and took it again)."""
 
@@ -120,6 +126,8 @@ class Scheduler:
              reflection.SERVICE_NAME), self.server)
         self.port = self._listen()
         await self.server.start()
+        if self.config.worker_link_port is not None:
+            await self._start_link()
         if self.config.metrics_port is not None:
             try:
                 self.metrics_server = self.metrics.serve(self.config.metrics_port, self.config.host)
@@ -129,6 +137,16 @@ class Scheduler:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _start_link(self) -> None:
+        c = self.config
+        tls = (None if c.worker_link_plaintext else
+               (Path(c.worker_link_cert).read_bytes(), Path(c.worker_link_key).read_bytes()))
+        self.link_server, self.link_port, self.links = await start_link_server(
+            self.pool, self.store, c.host, c.worker_link_port, tls)
+        self._revocation_task = asyncio.create_task(self.links.watch_revocations())
+        log.info("worker link: sparkgrid.v1.WorkerLink on %s:%d (%s)", c.host, self.link_port,
+                 "plaintext" if tls is None else "TLS")
 
     def _listen(self) -> int:
         address = f"{self.config.host}:{self.config.grpc_port}"
@@ -150,6 +168,9 @@ class Scheduler:
             if self.config.drain_delay_s and grace_s > 0:  # let a balancer notice first
                 await asyncio.sleep(self.config.drain_delay_s)
             await self.server.stop(grace_s)
+        if self.link_server is not None:  # linked workers' jobs have ended with the streams
+            await _cancel(self._revocation_task)
+            await self.link_server.stop(1.0)
         await _cancel(self._sweep_task)
         await _cancel(self._quarantine_task)
         await self.auditor.stop()

@@ -23,6 +23,7 @@ import grpc
 from scheduler.errors import (
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     SchedulerError,
     Unauthenticated,
@@ -36,6 +37,7 @@ STATUS = (  # most specific first: StoreUnavailable is an Unavailable
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )

@@ -20,6 +20,10 @@ keys equals the `all` total exactly, and `worker` and `gpu` agree on the fields 
 have. A bill with no segments (a job that never reached a worker) is booked under the worker
 and GPU type `NO_WORKER`, which keeps the sums exact. Zero amounts are left out.
 
+Beside bills, the scheduler adds to the `worker` dimension as it watches workers: their time
+and GPU cost (`worker_time`, also to `gpu` and `all`), and each audit verdict on one of their
+jobs (`audit_verdict`: `audited_jobs`, `failed_audits`, on the UTC day of the verdict).
+
 Knows: bills, segments, UTC days. Does not know: what a job is billed or priced at
 (`billing.py`), Redis (see `redis_store.py`), gRPC.
 """
@@ -41,6 +45,8 @@ WORKER_FIELDS = JOB_FIELDS + ("segments", "processed_prompt_tokens", "busy_ms")
 """Fields of the `worker` and `gpu` dimensions."""
 WORKER_TIME_FIELDS = ("online_ms", "active_ms", "gpu_cost_scaled")
 """Fields the scheduler adds as it watches workers (`worker`, `gpu` and `all` dimensions)."""
+AUDIT_FIELDS = ("audited_jobs", "failed_audits")
+"""Fields the auditor adds to the `worker` dimension (`audit_verdict`)."""
 GPU_COST_SCALE = 3_600_000
 """`gpu_cost_scaled` is micro-dollars x this (online ms x micro-dollars per hour), exact;
 reports divide by it and round half-even to whole micro-dollars once per worker and day."""
@@ -186,6 +192,14 @@ def worker_time(online_ms: int, active_ms: int, price_uusd_per_hour: int) -> dic
         raise ValueError(f"worker time: active_ms ({active_ms}) exceeds online_ms ({online_ms})")
     return {"online_ms": online_ms, "active_ms": active_ms,
             "gpu_cost_scaled": online_ms * price_uusd_per_hour}
+
+
+def audit_verdict(passed: bool) -> dict[str, int]:
+    """What one audit verdict adds to its worker's day: an audited job, and a failed audit
+    when it failed (an undecided audit is no verdict and adds nothing)."""
+    if not isinstance(passed, bool):
+        raise ValueError(f"audit verdict: passed must be True or False; got {passed!r}")
+    return {"audited_jobs": 1} if passed else {"audited_jobs": 1, "failed_audits": 1}
 
 
 def _charge_shares(bill: Bill) -> list[int]:

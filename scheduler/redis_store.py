@@ -17,6 +17,9 @@ Keys (all under `{prefix}:`):
     quarantine                    hash: worker -> JSON {reason, since}: it gets no jobs
     withheld                      list of JSON {worker, reason, since, until}: lifted
                                   quarantines, whose payout stays withheld
+    operators, operator:*, operator_token:*, registration:*, operator_workers:*,
+    registrations                 operators, their tokens and their workers' registrations:
+                                  see `redis_operators.py`
 
 Every change that must be all-or-nothing is one Lua script, so a crash or a duplicate call can
 never half-finish a job or bill it twice. Every Redis failure becomes `StoreUnavailable` naming
@@ -45,6 +48,7 @@ from scheduler.config import KEEP_JOBS_S, KEEP_TEXT_S, check_retention
 from scheduler.errors import InvalidArgument, StoreUnavailable, Unauthenticated
 from scheduler.ledger import DIMENSIONS, MAX_DAYS, days_between
 from scheduler.redis_jobs import JobStore
+from scheduler.redis_operators import OperatorStore
 from scheduler.redis_scripts import (
     CREATE_JOB,
     CREATE_KEY,
@@ -58,7 +62,7 @@ from scheduler.redis_scripts import (
 UNKNOWN_KEY = "API key: unknown or revoked"
 
 
-class RedisStore(JobStore):
+class RedisStore(JobStore, OperatorStore):
     """Keys, jobs and usage in one Redis. Most methods are one round trip (a script or a
     pipeline), retried once on a fresh connection only when the connection failed. Final
     jobs' output is kept `keep_text_s`, their record, events and request id `keep_jobs_s`
@@ -83,6 +87,7 @@ class RedisStore(JobStore):
         self._create_job, self._start_job = script(CREATE_JOB), script(START_JOB)
         self._progress, self._finish_job = script(PROGRESS), script(FINISH_JOB)
         self._release_worker = script(RELEASE_WORKER)
+        self._operator_scripts()
 
     @contextlib.contextmanager
     def _reachable(self):
@@ -260,6 +265,19 @@ class RedisStore(JobStore):
         _check_dimension(dimension)
         with self._reachable():
             return sorted(await self._redis.smembers(self._k("usage_keys", dimension)))
+
+    async def record_audit(self, worker: str, passed: bool, at: float) -> None:
+        """Count one audit verdict on `worker` (`ledger.audit_verdict`) in its `worker` ledger
+        cell of the UTC day of `at` (unix seconds), so every scheduler's audits add up. One
+        transaction."""
+        day = ledger.utc_day(at)
+        with self._reachable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for name, amount in ledger.audit_verdict(passed).items():
+                    pipe.hincrby(self._k("usage", "worker", worker, day), name, amount)
+                pipe.sadd(self._k("usage_keys", "worker"), worker)
+                pipe.sadd(self._k("usage_days"), day)
+                await pipe.execute()
 
 
 def _check_dimension(dimension: str) -> None:

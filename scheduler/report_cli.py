@@ -2,9 +2,9 @@
 
 `COMMANDS` holds the pair (add options, run) for `sparkgrid.cli`. The
 range is UTC days `--since`..`--until`, both included (default: the 30 days up to today, UTC).
-`--format html` builds the reports by tenant, worker, GPU type and day into one page, the one
-of `--by` first. A user error (a bad day, Redis unreachable) raises ValueError naming the
-option; the table's `main` prints it and exits 2.
+`--format html` builds the reports by tenant, worker, GPU type, day and operator into one
+page, the one of `--by` first. A user error (a bad day, Redis unreachable) raises ValueError
+naming the option; the table's `main` prints it and exits 2.
 
 Knows: options and where output goes. Does not know: the arithmetic (`reports.py`) or the
 formats (`report_formats.py`, `report_html.py`).
@@ -34,7 +34,7 @@ def report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", default=None, help="last UTC day, included (default: today, UTC)")
     p.add_argument("--by", default="tenant", choices=BY, help="one row per (default: tenant)")
     p.add_argument("--format", default="table", choices=FORMATS,
-                   help="html: one page of all four reports with charts (default: table)")
+                   help="html: one page of every report with charts (default: table)")
     p.add_argument("--out", default=None, help="write to this file (default: stdout)")
     add_redis_options(p, "the usage ledger")
 

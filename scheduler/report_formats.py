@@ -12,7 +12,7 @@
   are figures without a denominator. The `tokens_per_tenant` column (a dict) is left out.
 - `to_json`: {by, since, until, timezone: "UTC", generated_at, rounding, columns (name, unit,
   doc), rows, totals}; money as strings with 6 decimals, empty figures as null.
-- `to_html` (in `report_html.py`): all four reports on one page, with the same rounding.
+- `to_html` (in `report_html.py`): every report on one page, with the same rounding.
 
 Knows: presentation. Does not know: the ledger or how figures are computed (`reports.py`).
 """

@@ -1,9 +1,9 @@
 """A set of `Report`s as one self-contained HTML page: `to_html(reports, extra)`.
 
-The reports by tenant, worker, GPU type and day on one page with inline CSS and three inline
-SVG charts drawn here (cost per million tokens by GPU type, tokens per day per tenant stacked,
-utilisation per worker), no script and no link outside. Tables, and the headline figures, are
-rounded as `report_formats.to_table` rounds them.
+The reports by tenant, worker, GPU type, day and operator on one page with inline CSS and
+three inline SVG charts drawn here (cost per million tokens by GPU type, tokens per day per
+tenant stacked, utilisation per worker), no script and no link outside. Tables, and the
+headline figures, are rounded as `report_formats.to_table` rounds them.
 
 Knows: HTML, SVG. Does not know: the ledger or how figures are computed (`reports.py`).
 """
@@ -202,7 +202,8 @@ td.num,th.num{text-align:right}tbody tr:nth-child(even){background:#fafbfc}
 tfoot td{font-weight:650;border-top:2px solid #d9e2ec;border-bottom:0}
 .neg{color:#c92a2a}.pos{color:#2b8a3e}footer{color:#829ab1;font-size:12px;margin-top:8px}
 """
-_TITLES = {"tenant": "By tenant", "worker": "By worker", "gpu": "By GPU type", "day": "By UTC day"}
+_TITLES = {"tenant": "By tenant", "worker": "By worker", "gpu": "By GPU type", "day": "By UTC day",
+           "operator": "By operator"}
 
 
 def _legend(items: list[tuple[str, str]]) -> str:

@@ -4,7 +4,10 @@ Policies:
 - `fastest` (the default): the worker serving the model with the smallest predicted completion
   time for this request: its queued work in tokens (what it reported plus what this scheduler
   sent it since) over the throughput it would have at that load, from its profiled `SPS(B)`
-  and accepted length, calibrated by the tokens/s it measured while busy.
+  and accepted length, calibrated by the tokens/s it measured while busy. All of that is the
+  worker's own word: once this scheduler has read enough of its streams
+  (`scheduler.observed`), a claim more than `CLAIM_TOLERANCE` times faster than what it
+  delivered is scaled down to what it delivered (`claim_factor`), never up.
 - `round_robin`, `jsq` (join the shortest queue, in requests) and `p2c` (power of two random
   choices, the shorter queue), for comparison.
 Only `ready`, healthy workers of the request's model get anything.
@@ -27,6 +30,7 @@ Knows: worker figures, the scheduler's own dispatch counts. Does not know: Ray, 
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import random
@@ -39,6 +43,10 @@ POLICIES = ("fastest", "round_robin", "jsq", "p2c")
 CALIBRATION_RANGE = (0.2, 5.0)
 """Measured/modelled throughput is trusted within this range (a noisy window cannot swing
 a worker's estimate without bound)."""
+CLAIM_TOLERANCE = 1.5
+"""A worker's claimed speed per request stands while it is at most this many times what the
+scheduler observed of its streams (network, batching and the scheduler's own reading make an
+honest worker look somewhat slower); beyond it the worker is predicted at what was observed."""
 EXACT_UP_TO = 64
 """A model with at most this many routable workers is scored exhaustively."""
 SAMPLE_BEST = 8
@@ -75,10 +83,20 @@ class WorkerSnapshot:
     """Requests this scheduler sent since the worker's figures were read."""
     pending_tokens: int = 0
     """Their token budgets."""
+    observed_tokens_per_s: float | None = None
+    """Tokens/s per request of the streams this scheduler read from the worker, at
+    `observed_concurrency` (`scheduler.observed`); None: too little seen to judge its claims."""
+    observed_concurrency: float = 1.0
+    """The worker's mean load (requests in flight) while they were read."""
 
     @property
     def queued_requests(self) -> int:
         return self.num_waiting + self.num_running + self.pending_requests
+
+    @functools.cached_property
+    def claim_factor(self) -> float:
+        """What the worker's claimed throughput is multiplied by (see `claim_factor`)."""
+        return claim_factor(self)
 
     @property
     def queued_tokens(self) -> int:
@@ -95,9 +113,10 @@ def modelled_throughput(w: WorkerSnapshot, concurrency: int) -> float | None:
     return n * tau * w.sps(max(1, round(n * (tau + 1))))
 
 
-def throughput(w: WorkerSnapshot, concurrency: int) -> float:
-    """Predicted tokens/s at `concurrency`: the profile's figure, calibrated by what the worker
-    measured at its current load when it was busy; the measured figure alone when unprofiled."""
+def claimed_throughput(w: WorkerSnapshot, concurrency: float) -> float:
+    """Tokens/s at `concurrency` as the worker's figures put it: the profile's figure,
+    calibrated by what the worker measured at its current load when it was busy; the measured
+    figure alone when unprofiled."""
     modelled = modelled_throughput(w, concurrency)
     if modelled is None:
         return max(w.tokens_per_s, 1e-3)
@@ -107,6 +126,24 @@ def throughput(w: WorkerSnapshot, concurrency: int) -> float:
         low, high = CALIBRATION_RANGE
         modelled *= min(high, max(low, w.tokens_per_s / now))
     return modelled
+
+
+def claim_factor(w: WorkerSnapshot) -> float:
+    """1 while the worker's claim is believable: too little observed, or its claimed tokens/s
+    per request at the load it was observed at is within CLAIM_TOLERANCE of the observed one;
+    else observed / claimed (< 1/CLAIM_TOLERANCE): it is predicted at what it delivered."""
+    observed = w.observed_tokens_per_s
+    if observed is None:
+        return 1.0
+    load = max(1.0, w.observed_concurrency)
+    claimed = claimed_throughput(w, load) / load
+    return 1.0 if claimed <= CLAIM_TOLERANCE * observed else observed / claimed
+
+
+def throughput(w: WorkerSnapshot, concurrency: int) -> float:
+    """Predicted tokens/s at `concurrency`: the worker's claim (`claimed_throughput`), held to
+    what was observed of it (`claim_factor`)."""
+    return claimed_throughput(w, concurrency) * w.claim_factor
 
 
 def predicted_seconds(w: WorkerSnapshot, request_tokens: int) -> float:

@@ -66,7 +66,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListWorkers(self, request, context):
         TENANT.get()  # authenticated callers only (the interceptor made sure)
-        return pb.ListWorkersResponse(workers=[_worker(s) for s in self.pool.stats()])
+        return pb.ListWorkersResponse(workers=[_worker(s, self.pool.observed.figures(
+            s.stats.name)) for s in self.pool.stats()])
 
     async def GetUsage(self, request, context):
         """The tenant's usage per UTC day over `usage_window`: the last 31 days by default,
@@ -127,7 +128,8 @@ def _job(record: dict) -> pb.Job:
         error=record.get("error", ""))
 
 
-def _worker(status) -> pb.Worker:
+def _worker(status, observed=None) -> pb.Worker:
+    """`status` (a `WorkerStatus`) and what this scheduler observed of it (`Observed`)."""
     s = status.stats
     state = ("quarantined" if status.quarantined
              else "unhealthy" if not status.healthy or s.state in ("failed", "stopped")
@@ -137,4 +139,7 @@ def _worker(status) -> pb.Worker:
         model=s.model_id, state=state, num_waiting=s.num_waiting, num_running=s.num_running,
         remaining_tokens=s.remaining_tokens, tokens_per_second=s.tokens_per_s,
         mean_accept_length=s.mean_accept_length or 0.0, price_per_hour=s.price_per_hour,
-        quarantine_reason=status.quarantined or "")
+        quarantine_reason=status.quarantined or "",
+        operator=status.registered.operator if status.registered else "",
+        kind=status.registered.kind if status.registered else "",
+        observed_tokens_per_second=(observed and observed.tokens_per_s) or 0.0)

@@ -2,8 +2,11 @@
 Every Ray call of the scheduler lives here (the figures boards' in `scheduler.figures`).
 
 - Discovery: the named actors of the Ray namespace `sparkgrid` are listed every
-  `discovery_interval_s`; a new one is adopted once its `stats()` answer like a worker's, a
-  lost one (gone from the list, or dead when called) is dropped.
+  `discovery_interval_s`; a new one is adopted once its `stats()` answer like a worker's, its
+  tokenizer is its model's and (with a `registry`) its operator signed its registration
+  (`scheduler.registry`); a lost one (gone from the list, dead when called, its operator
+  revoked) is dropped. Linked workers (`scheduler.link_server`) join through `adopt_linked`
+  with a `LinkHandle` that the pool calls exactly like an actor's handle.
 - Figures: workers push them to the figures boards, and the pool reads the boards' changes
   every `stats_interval_s` (`scheduler.figures`: one call per board, with the staleness bound;
   a worker whose pushes stop is unhealthy). An actor that does not push, and every worker while
@@ -13,8 +16,6 @@ Every Ray call of the scheduler lives here (the figures boards' in `scheduler.fi
   `requests` counter), so that a burst does not all land on the worker that looked idle.
 - Candidates: per model, a `CandidateIndex` of its routable workers, updated as figures arrive
   and jobs are sent (O(log N) each), which the router samples (`snapshots()` hands it over).
-- Models: the first worker of a model lends its tokenizer files; the scheduler counts and
-  resumes tokens with the same tokenizer as the workers (`scheduler.model_info`).
 - What a worker sends is read through the typed contract (`sparkgrid.contract`): figures
   that do not match it keep a worker out (or mark it unhealthy), a chunk that does not match
   it ends that worker's part of the job (the job resumes elsewhere).
@@ -28,22 +29,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from scheduler.figures import (
     CALL_TIMEOUT_S,
     LIVE_STATES,
     Boards,
     TrackedWorker,
+    WorkerStatus,
     WorkerTime,
     stale_after,
 )
-from scheduler.model_info import ModelInfo, PromptTokenizer, lent_tokenizer
+from scheduler.link_handle import LinkHandle, LinkStream
+from scheduler.model_info import ModelInfo
+from scheduler.observed import ObservedSpeeds
 from scheduler.quarantine import Quarantines
+from scheduler.registry import Registry, lent_tokenizer_of, remember_model
 from scheduler.router import CandidateIndex, PoolView
+from scheduler.worker_errors import (
+    FAILED,
+    GONE,
+    NO_ANSWER,
+    WorkerLost,
+    WorkerRefused,
+    first_line,
+)
 from sparkgrid.board import is_board
 from sparkgrid.contract import NAMESPACE, Chunk, ContractError, Resume, SamplingParams, WorkerStats
 
@@ -57,33 +68,16 @@ STRIKES_TO_QUARANTINE = 3
 """Jobs a worker may break the rules of before it gets no more (each one already fails over)."""
 
 
-class WorkerLost(Exception):
-    """The worker died, stopped answering, or its stream broke: the job may resume elsewhere."""
-
-
-class WorkerRefused(Exception):
-    """The worker refused the job itself (bad input): resuming elsewhere would not help."""
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """A worker as `ListWorkers` shows it: its own figures and the pool's view of it."""
-
-    stats: WorkerStats
-    healthy: bool
-    pending_requests: int
-    quarantined: str | None = None
-    """Why the scheduler sends it nothing more (None: it is not quarantined)."""
-
-
 class WorkerPool:
     """Live workers and their figures; `start()` joins Ray and begins reading them."""
 
     def __init__(self, ray_address: str, stats_interval_s: float = 0.5,
                  discovery_interval_s: float = 2.0, stall_timeout_s: float = 60.0,
                  tokenizer_pins: dict[str, str] | None = None, figure_boards: int = 1,
-                 figures_stale_s: float | None = None):
+                 figures_stale_s: float | None = None, registry: Registry | None = None):
         self.ray_address = ray_address
+        self.registry = registry
+        """None: any worker actor of the namespace is adopted (see `scheduler.registry`)."""
         self.tokenizer_pins = tokenizer_pins
         """Model -> SHA-256 of its tokenizer.json; None: the first worker of a model sets it."""
         self.stats_interval_s = stats_interval_s
@@ -101,6 +95,7 @@ class WorkerPool:
         self._refused: dict[str, str] = {}  # actor -> why its stats were refused (said once)
         self.quarantines = Quarantines(self._apply_quarantine)
         """Workers sent no jobs, shared with the other schedulers through the store."""
+        self.observed = ObservedSpeeds(self._workers.get, self._index)  # what its streams showed
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,11 +124,12 @@ class WorkerPool:
     def snapshots(self) -> PoolView:
         """Every worker's snapshot when iterated (O(N)), and each model's candidate index
         (O(1)): what the router is given per request."""
-        return PoolView(lambda: [w.snapshot() for w in self._workers.values()], self._indexes)
+        return PoolView(lambda: [self.observed.apply(w.snapshot()) for w in
+                                 self._workers.values()], self._indexes)
 
     def stats(self) -> list[WorkerStatus]:
         """Each worker's latest figures, with its health and the pool's pending count."""
-        return [WorkerStatus(w.stats, w.healthy, len(w.sent), w.quarantined)
+        return [WorkerStatus(w.stats, w.healthy, len(w.sent), w.quarantined, w.registered)
                 for w in sorted(self._workers.values(), key=lambda w: w.name)]
 
     def read_since(self, t: float) -> bool:
@@ -190,7 +186,7 @@ class WorkerPool:
                     w.accepted += 1
                 self._index(w)
             if not finished:
-                ray.cancel(stream)
+                stream.close() if isinstance(stream, LinkStream) else ray.cancel(stream)
                 asyncio.ensure_future(self.cancel(worker, job_id))
 
     def note_dispatch(self, worker: str, job_id: str, budget_tokens: int) -> list | None:
@@ -217,18 +213,18 @@ class WorkerPool:
         except asyncio.TimeoutError:
             self._mark_unhealthy(worker)
             raise WorkerLost(f"worker {worker}: no output for {self.stall_timeout_s:g} s") from None
-        except RayTaskError as err:
+        except FAILED as err:
             cause = err.cause if isinstance(err.cause, BaseException) else err
             if isinstance(cause, ValueError):
                 raise WorkerRefused(str(cause)) from None
             self._mark_unhealthy(worker)  # WorkerDraining, WorkerFailed: another worker may serve
             raise WorkerLost(f"worker {worker}: {type(cause).__name__}: {cause}") from None
-        except RayActorError as err:
+        except GONE as err:
             self._drop(worker)
-            raise WorkerLost(f"worker {worker} died: {_first_line(err)}") from None
-        except RayError as err:
+            raise WorkerLost(f"worker {worker} died: {first_line(err)}") from None
+        except NO_ANSWER as err:
             self._mark_unhealthy(worker)
-            raise WorkerLost(f"worker {worker}: {_first_line(err)}") from None
+            raise WorkerLost(f"worker {worker}: {first_line(err)}") from None
 
     async def score(self, worker: str, prompt_ids: list[int], token_ids: list[int],
                     temperature: float, timeout_s: float) -> dict:
@@ -240,8 +236,8 @@ class WorkerPool:
         try:
             return await asyncio.wait_for(
                 w.handle.score.remote(prompt_ids, token_ids, temperature), timeout_s)
-        except (RayError, asyncio.TimeoutError) as err:
-            raise WorkerLost(f"worker {worker} could not score: {_first_line(err)}") from None
+        except (*NO_ANSWER, asyncio.TimeoutError) as err:
+            raise WorkerLost(f"worker {worker} could not score: {first_line(err)}") from None
 
     async def cancel(self, worker: str, job_id: str) -> bool:
         w = self._workers.get(worker)
@@ -249,7 +245,7 @@ class WorkerPool:
             return False
         try:
             return await asyncio.wait_for(w.handle.cancel.remote(job_id), CALL_TIMEOUT_S)
-        except (RayError, asyncio.TimeoutError):
+        except (*NO_ANSWER, asyncio.TimeoutError):
             return False
 
     # -- discovery and figures --------------------------------------------------------------
@@ -257,45 +253,54 @@ class WorkerPool:
         named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
         names = {a["name"] for a in named if a["namespace"] == NAMESPACE
                  and not is_board(a["name"])}
-        for name in set(self._workers) - names:
-            self._drop(name)
-        new = [n for n in names - set(self._workers)]
-        await asyncio.gather(*(self._adopt(n) for n in new))
+        revoked = await self.registry.revoked() if self.registry is not None else set()
+        for name, w in list(self._workers.items()):  # linked workers are not Ray's to list
+            if name not in names and not isinstance(w.handle, LinkHandle) or (
+                    w.registered is not None and w.registered.operator in revoked):
+                self._drop(name)
+        await asyncio.gather(*(self._adopt(n) for n in names - set(self._workers)))
 
-    async def _adopt(self, name: str) -> None:
+    async def adopt_linked(self, handle: LinkHandle, registry: Registry) -> str | None:
+        """Adopt a worker whose link `registry` checks; None, or why it is not adopted."""
+        if handle.name in self._workers:
+            return f"a worker named {handle.name} is serving already"
+        await self._adopt(handle.name, handle, registry)
+        return None if handle.name in self._workers else self._refused.get(handle.name, "?")
+
+    def drop_linked(self, handle: LinkHandle) -> None:
+        if (w := self._workers.get(handle.name)) is not None and w.handle is handle:
+            self._drop(handle.name)
+
+    async def _adopt(self, name: str, handle=None, registry: Registry | None = None) -> None:
+        registry = registry or self.registry
         try:
-            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            if handle is None:
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
             raw = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
-        except (ValueError, RayError, asyncio.TimeoutError, AttributeError):
+        except (ValueError, *NO_ANSWER, asyncio.TimeoutError, AttributeError):
             return  # gone again, not ready to answer, or no worker: the next round tries again
         try:  # its stats must keep the contract, its tokenizer must be its model's
             stats = WorkerStats.from_dict(raw)
-            await self._check_model(handle, stats)
-        except (RayError, asyncio.TimeoutError, OSError, ValueError) as err:  # ContractError too
+            data, digest = await lent_tokenizer_of(handle, stats, self._models,
+                                                   self.tokenizer_pins)
+            registered = None if registry is None else await registry.check(
+                name, await asyncio.wait_for(handle.registration.remote(), CALL_TIMEOUT_S),
+                stats, digest)
+            await remember_model(self._models, stats, data, digest)
+        except (*NO_ANSWER, asyncio.TimeoutError, OSError, ValueError) as err:  # ContractError too
             if self._refused.get(name) != str(err):  # say it once per reason, not every round
                 log.warning("actor %s is not adopted: %s", name, err)
                 self._refused[name] = str(err)
             return
         self._refused.pop(name, None)
+        if registered is not None:
+            stats = registered.pin(stats, name)
         self._workers[name] = w = TrackedWorker(name, handle, stats, accepted=stats.requests,
-                                                quarantined=self.quarantines.reason(name))
+                                                quarantined=self.quarantines.reason(name),
+                                                registered=registered)
         self._index(w)
         log.info("worker %s joined (%s, %s)", name, stats.model_id, stats.gpu_type)
         self._changed.set()
-
-    async def _check_model(self, handle, stats: WorkerStats) -> None:
-        """The worker's tokenizer must be its model's: the pinned one (`tokenizer_pins`, by
-        SHA-256 of tokenizer.json) when pins are given, and always the one of the workers of
-        that model adopted before it. The first worker of a model lends the tokenizer that the
-        scheduler then counts and bills prompt tokens with. Raises ValueError saying why not."""
-        model = stats.model_id
-        files = await asyncio.wait_for(handle.tokenizer_files.remote(), 30)
-        known = self._models.get(model)
-        data, digest = lent_tokenizer(model, files, known, self.tokenizer_pins)
-        if known is None:
-            tokenizer = await asyncio.to_thread(PromptTokenizer, data)
-            self._models[model] = ModelInfo(model, tokenizer, stats.max_context or 1 << 30,
-                                            len(tokenizer), digest)
 
     async def _read_all(self) -> None:
         unpushed = [w for w in self._workers.values() if w.pushed_at is None]
@@ -348,9 +353,9 @@ class WorkerPool:
         try:
             await asyncio.wait_for(w.handle.renew.remote(list(w.streaming), JOB_LEASE_S),
                                    CALL_TIMEOUT_S)
-        except RayActorError:
+        except GONE:
             self._drop(w.name)
-        except (RayError, asyncio.TimeoutError):
+        except (*NO_ANSWER, asyncio.TimeoutError):
             pass  # its streams time out if it stays away
 
     async def _read(self, w: TrackedWorker) -> None:
@@ -367,12 +372,12 @@ class WorkerPool:
             log.warning("worker %s: its stats break the contract: %s", w.name, err)
             w.healthy = False
             return self._index(w)
-        except RayActorError:
+        except GONE:
             return self._drop(w.name)
-        except RayTaskError:  # check_health: the engine loop failed or is stuck
+        except FAILED:  # check_health: the engine loop failed or is stuck
             w.healthy = False
             return self._index(w)
-        except (RayError, asyncio.TimeoutError):  # no answer: once is noise, twice is a problem
+        except (*NO_ANSWER, asyncio.TimeoutError):  # no answer: once is noise, twice is a problem
             w.failures += 1
             w.healthy = w.failures < 2
             return self._index(w)
@@ -380,6 +385,8 @@ class WorkerPool:
 
     def _take(self, w: TrackedWorker, stats: WorkerStats, asked: float) -> None:
         """Good figures of `w`, as of monotonic time `asked`."""
+        if w.registered is not None:  # its name, GPU type and price are the registration's
+            stats = w.registered.pin(stats, w.name)
         w.failures, w.healthy = 0, stats.state in LIVE_STATES
         self._time.count(w, stats)
         w.figures_asked = max(w.figures_asked, asked)
@@ -393,7 +400,7 @@ class WorkerPool:
 
     def _index(self, w: TrackedWorker) -> None:
         """Put `w`'s current snapshot in its model's candidate index (O(log N))."""
-        snap = w.snapshot()
+        snap = self.observed.apply(w.snapshot())
         if w.indexed_model not in (None, snap.model):
             self._indexes[w.indexed_model].remove(w.name)
         self._indexes.setdefault(snap.model, CandidateIndex()).put(snap)
@@ -435,11 +442,9 @@ class WorkerPool:
     def _drop(self, name: str) -> None:
         w = self._workers.pop(name, None)
         if w is not None:
+            if isinstance(w.handle, LinkHandle):
+                w.handle.close("dropped by the scheduler")
             if w.indexed_model is not None:
                 self._indexes[w.indexed_model].remove(name)
             log.info("worker %s left", name)
             self._changed.set()
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

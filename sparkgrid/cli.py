@@ -29,6 +29,8 @@ COMMANDS = {  # name: (module, help)
     "head": ("scheduler.cli", "the scheduler on a platform's head node: the gRPC API, routing, "
                               "failover, ledger"),
     "keys": ("scheduler.cli", "create, revoke and list API keys (stored hashed in Redis)"),
+    "operators": ("scheduler.operator_cli", "add, rotate, revoke and list operators, the parties "
+                                            "whose workers serve (tokens stored hashed)"),
     "generate": ("scheduler.cli", "a client call: stream a completion to stdout"),
     "workers": ("scheduler.cli", "a table of the live workers and their figures"),
     "report": ("scheduler.report_cli", "cost reports from the usage ledger: by tenant, worker, "

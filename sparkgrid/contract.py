@@ -35,6 +35,11 @@ GREEDY_BELOW = 1e-5
 """A temperature above 0 but below this is greedy decoding (as 0): dividing logits by such a
 number overflows to infinity and the probabilities to NaN, and the distribution it stands for
 is the argmax anyway."""
+MAX_TOKENS_PER_S = 1_000_000.0
+MAX_STEPS_PER_S = 1_000_000.0
+"""Plausibility bounds on a worker's claimed tokens/s and SPS table (forwards per second): far
+above what one worker does, so they refuse only absurd figures; whether a plausible claim is
+true is for the scheduler to observe (`scheduler.observed`)."""
 
 
 class ContractError(ValueError):
@@ -335,3 +340,14 @@ class WorkerStats(_Message):
             if getattr(self, name) > 1:
                 raise ContractError(f"WorkerStats.{name}: expected a fraction in [0, 1], got "
                                     f"{getattr(self, name)!r}")
+        if self.tokens_per_s > MAX_TOKENS_PER_S:
+            raise ContractError(f"WorkerStats.tokens_per_s: expected at most "
+                                f"{MAX_TOKENS_PER_S:,.0f}, got {self.tokens_per_s!r}")
+        if self.sps is not None and max(self.sps.steps_per_second) > MAX_STEPS_PER_S:
+            raise ContractError(f"WorkerStats.sps.steps_per_second: expected at most "
+                                f"{MAX_STEPS_PER_S:,.0f}, got {max(self.sps.steps_per_second)!r}")
+        if self.mean_accept_length is not None and \
+                self.mean_accept_length > self.max_batch_tokens:  # a step commits what it verified
+            raise ContractError(f"WorkerStats.mean_accept_length: expected at most "
+                                f"max_batch_tokens ({self.max_batch_tokens}), got "
+                                f"{self.mean_accept_length!r}")

@@ -4,7 +4,8 @@
 naming the running one), then starts, in order: Redis (the URL given, else a private real
 `redis-server` with append-only persistence in `$SPARKGRID_HOME/redis`, a random password,
 loopback only), a local Ray cluster with its dashboard, N worker actors on the shipped model
-pair, and the scheduler; creates an API key for the tenant `local`; and writes
+pair registered under the operator `local` (a fresh token each run), and the scheduler, which
+routes only to registered workers; creates an API key for the tenant `local`; and writes
 `$SPARKGRID_HOME/up.json` (mode 0600: it holds the key and the Redis password). `stop()` undoes
 all of it in reverse order, so nothing it started is left running.
 
@@ -13,6 +14,7 @@ Knows: start-up order, the local processes. Does not know: what the parts do ins
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import io
 import os
@@ -26,6 +28,8 @@ from sparkgrid.home import UP_FILE, read_up_file, write_up_file
 
 LOCK_FILE = "up.lock"
 TENANT = "local"
+OPERATOR = "local"
+"""The operator whose token registers the workers `sparkgrid up` starts."""
 
 
 class StackError(RuntimeError):
@@ -38,6 +42,8 @@ class StackOptions:
     """`$SPARKGRID_HOME`: up.json, the lock, Redis's data, SPS caches."""
     workers: int = 2
     grpc_port: int = 50051
+    worker_link_port: int = 50052
+    """The worker link's port (TLS, by a CA made in `$SPARKGRID_HOME/tls`; 0: any free one)."""
     redis_url: str | None = None
     """None: a private redis-server this stack starts and stops."""
     metrics_port: int | None = 9464
@@ -68,12 +74,14 @@ class Stack:
             self._take_lock()
             redis_url = self._start_redis(log)
             dashboard = self._start_ray(log)
-            self._start_workers(log)
+            self._start_workers(log, self._operator_token(redis_url))
             endpoint, api_key = self._start_scheduler(redis_url, log)
             self.info = {"endpoint": endpoint, "api_key": api_key, "tenant": TENANT,
-                         "redis_url": redis_url, "dashboard_url": dashboard,
+                         "operator": OPERATOR, "redis_url": redis_url, "dashboard_url": dashboard,
                          "metrics_url": (f"http://127.0.0.1:{self.options.metrics_port}/metrics"
                                          if self.options.metrics_port is not None else None),
+                         "worker_link": f"127.0.0.1:{self._head.scheduler.link_port}",
+                         "ca": str(self.home / "tls" / "ca.pem"),
                          "ray_address": self._ray_address(), "workers": list(self._workers),
                          "ray_session_dir": self._ray_session_dir(), "pid": os.getpid(),
                          "started_at": time.time()}
@@ -158,7 +166,28 @@ class Stack:
         log(f"Ray: a local cluster at {self._ray_address()}; dashboard {url or '(off)'}")
         return url
 
-    def _start_workers(self, log) -> None:
+    @staticmethod
+    def _operator_token(redis_url: str) -> str:
+        """A fresh token of the operator `local` (this machine's workers); the previous run's
+        token is refused from now on."""
+        from scheduler.errors import NotFound
+        from scheduler.redis_store import RedisStore
+
+        async def fresh() -> str:
+            store = RedisStore(redis_url)
+            try:
+                try:
+                    return await store.rotate_operator(OPERATOR)
+                except NotFound:
+                    return await store.add_operator(OPERATOR)
+            finally:
+                await store.close()
+        try:
+            return asyncio.run(fresh())
+        except Exception as err:  # the store's own errors say what is wrong
+            raise StackError(f"operator {OPERATOR}: {err}") from None
+
+    def _start_workers(self, log, token: str) -> None:
         from worker.launcher import LaunchOptions, launch
         from worker.models import shipped_pair
         from worker.worker_config import WorkerConfig
@@ -172,7 +201,8 @@ class Stack:
                                   gpu_type="cpu", sps_cache_dir=str(self.home / "sps"),
                                   price_per_hour=self.options.price_per_hour)
             out = io.StringIO()
-            if launch(LaunchOptions(self._ray_address(), config), out=out) != 0:
+            if launch(LaunchOptions(self._ray_address(), config, operator_token=token),
+                      out=out) != 0:
                 raise StackError(f"worker {name} did not start: {out.getvalue().strip()}")
             self._workers.append(name)
             log(f"worker {name} ready")
@@ -180,11 +210,17 @@ class Stack:
     def _start_scheduler(self, redis_url: str, log) -> tuple[str, str]:
         from scheduler.config import SchedulerConfig
         from scheduler.head import SchedulerThread
+        from sparkgrid.tls import make_ca, make_server_cert
 
+        ca = make_ca(self.home / "tls")
+        cert, key = make_server_cert(self.home / "tls", ["127.0.0.1", "localhost"], ca)
         config = SchedulerConfig(redis_url=redis_url, host="127.0.0.1",
                                  grpc_port=self.options.grpc_port,
+                                 worker_link_port=self.options.worker_link_port,
+                                 worker_link_cert=str(cert), worker_link_key=str(key),
                                  metrics_port=self.options.metrics_port,
-                                 bill_journal_dir=str(self.home / "bills"))
+                                 bill_journal_dir=str(self.home / "bills"),
+                                 require_registration=True)
         try:
             self._head = SchedulerThread(config)
         except OSError as err:  # a port taken: the message names the option

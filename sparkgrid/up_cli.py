@@ -58,6 +58,8 @@ def up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_at_least(1), default=2,
                    help="worker actors on the shipped pair (default 2, at most 16)")
     p.add_argument("--grpc-port", type=port, default=50051, help="the API's port (0: any free one)")
+    p.add_argument("--worker-link-port", type=port, default=50052,
+                   help="the worker link's port, TLS by a local CA (0: any free one)")
     p.add_argument("--redis-url", default=None, help="a Redis to use (default: a private "
                    "redis-server, append-only, in $SPARKGRID_HOME/redis)")
     p.add_argument("--metrics-port", type=port_or_off, default=9464,
@@ -72,6 +74,7 @@ def _stack(args, **changes):
     from sparkgrid.stack import Stack, StackOptions
 
     options = dict(home=home(), workers=args.workers, grpc_port=args.grpc_port,
+                   worker_link_port=args.worker_link_port,
                    redis_url=args.redis_url,
                    metrics_port=args.metrics_port,
                    dashboard_port=args.dashboard_port, price_per_hour=args.price_per_hour)
@@ -130,8 +133,8 @@ def run_demo(args) -> int:
         _say(_model_line())
         _demo_requests(stack, info)
         _demo_report(stack, args.price_per_hour)
-    return _run_stack(_stack(args, grpc_port=0, metrics_port=None), demo, "interrupted",
-                      "demo finished; everything it started is stopped")
+    return _run_stack(_stack(args, grpc_port=0, worker_link_port=0, metrics_port=None), demo,
+                      "interrupted", "demo finished; everything it started is stopped")
 
 
 def _model_line() -> str:

@@ -175,6 +175,16 @@ class WorkerActor:
         tokens exactly as this worker does, without the weights."""
         return _tokenizer_files(self.config.target)
 
+    async def set_registration(self, signed: dict) -> None:
+        """Keep the registration the launcher signed with its operator's token (the token
+        itself never reaches the actor); the scheduler reads it before it adopts this worker."""
+        self._registration = dict(signed)
+
+    async def registration(self) -> dict | None:
+        """The signed registration (`sparkgrid/registration.py`), or None before the launcher
+        set it."""
+        return getattr(self, "_registration", None)
+
     async def stats(self) -> dict:
         """Identity, state, queue depth, throughput, accepted length, SPS(B), cache use: a
         `WorkerStats` dict."""
@@ -282,6 +292,24 @@ def connect(address: str, timeout_s: float = 5.0) -> dict:
     return _this_node()
 
 
+def start_local() -> dict:
+    """Start a private Ray for this process (`sparkgrid worker --join`), never joining a running
+    cluster whatever RAY_ADDRESS says; returns this node as `connect` does."""
+    try:
+        ray.init(address="local", namespace=NAMESPACE, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConnectionError(f"cannot start a local Ray for the worker ({err})") from None
+    return _this_node()
+
+
+def gpu_nodes() -> list[dict]:
+    """The cluster's live nodes that have GPUs: id, ip, resources and `gpus` (how many)."""
+    return [{"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"],
+             "resources": n["Resources"], "gpus": int(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
+
+
 def _this_node() -> dict:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
@@ -321,12 +349,14 @@ def find_worker(name: str):
         return None
 
 
-def create_worker(config: WorkerConfig, node_id: str, num_cpus: float, num_gpus: float):
-    """A detached, named worker actor pinned (not softly) to the node `node_id`. Raises
-    ValueError when the name is taken."""
+def create_worker(config: WorkerConfig, node_id: str, num_cpus: float, num_gpus: float,
+                  detached: bool = True):
+    """A named worker actor pinned (not softly) to the node `node_id`; detached, or (a linked
+    worker's) ending with this process. Raises ValueError when the name is taken."""
     try:
         return WorkerActor.options(
-            name=config.name, namespace=NAMESPACE, lifetime="detached", max_restarts=0,
+            name=config.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
+            max_restarts=0,
             num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(config)

@@ -1,7 +1,8 @@
 """The worker's subcommands of `sparkgrid`: `engine`, `worker` and `calibrate`.
 
 `engine` is a small generation run of the DSpark engine on this machine, streaming every
-request's text; `worker` joins a node operator's GPU to the Ray cluster (`worker/launcher.py`);
+request's text; `worker` joins a node operator's GPU to the Ray cluster (`worker/launcher.py`),
+or with `--join` links it to a head from outside the cluster (`worker/link.py`);
 `calibrate` fits STS temperatures for a draft from its own verification logs. `COMMANDS` holds
 their (add options, run) pairs for `sparkgrid.cli`. A user error raises UsageError or
 ValueError naming the option.
@@ -22,7 +23,7 @@ from pathlib import Path
 from sparkgrid.home import home as sparkgrid_home
 from sparkgrid.home import shown as _shown
 from sparkgrid.options import UsageError, int_at_least, number_in
-from worker import launcher
+from worker import launcher, link
 from worker.models import shipped_pair
 
 BUILTIN_PROMPTS = (  # no trailing newline: the tokenizer merges a newline with the next line's
@@ -308,11 +309,21 @@ def _print_totals(t: dict) -> None:
 
 
 # -- sparkgrid worker --------------------------------------------------------------------------
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    launcher.add_options(p)
+    link.add_options(p)
+
+
 def _run_worker(args) -> int:
     try:
+        if args.ray_address is None and not (args.join and not args.stop):
+            raise UsageError("--ray-address is required (the Ray cluster's GCS address), unless "
+                             "--join HOST:PORT links the worker to a head from outside it")
         if args.stop:
             return launcher.stop_by_name(args.ray_address, args.stop)
         opts = launcher.options_from_args(args, check_model_dir, str(sparkgrid_home() / "sps"))
+        if args.join:
+            return link.join(link.options_from_args(args, opts))
         return launcher.launch(opts)
     except (launcher.LaunchError, ConnectionError) as err:
         raise UsageError(str(err)) from None
@@ -353,6 +364,6 @@ def _fmt(value) -> str:
 
 COMMANDS = {  # name: (add options, run); the help is sparkgrid.cli's
     "engine": (_engine_args, _run_engine),
-    "worker": (launcher.add_options, _run_worker),
+    "worker": (_worker_args, _run_worker),
     "calibrate": (_calibrate_args, _run_calibrate),
 }

@@ -5,6 +5,8 @@ a detached, named worker actor pinned to this node, waits until it reports `read
 loaded, SPS(B) profiled) and prints what it is. With `--foreground` it stays, watches the
 worker's health, and on Ctrl-C or SIGTERM drains and removes it; without, the worker keeps
 serving after the command exits (`sparkgrid worker --stop NAME` drains and removes it).
+`--join HOST:PORT` links the worker to a head from outside the platform's cluster instead
+(`worker/link.py`, which reuses the checks, the wait and the registration here).
 
 Knows: the operator's options and messages, and whether the cluster wants an authentication
 token that this shell lacks (`check_ray_auth`, asked of the cluster before Ray joins it). Does
@@ -25,9 +27,11 @@ from pathlib import Path
 
 from sparkgrid.contract import WorkerStats
 from sparkgrid.options import int_at_least, number_in
+from sparkgrid.registration import Registration, file_sha256, token_id_of, weights_sha256
 from worker.worker_config import WorkerConfig
 
 READY_POLL_S = 0.5
+TOKEN_ENV = "SPARKGRID_OPERATOR_TOKEN"
 HEALTH_POLL_S = 5.0
 
 
@@ -39,7 +43,8 @@ class LaunchError(Exception):
 class LaunchOptions:
     """What `sparkgrid worker` was asked to do."""
 
-    ray_address: str
+    ray_address: str | None
+    """None only with `--join` (`worker/link.py`): a local Ray started for the worker."""
     config: WorkerConfig
     foreground: bool = False
     ready_timeout_s: float = 900.0
@@ -48,11 +53,15 @@ class LaunchOptions:
     """On stop: how long running jobs may take to finish before the worker is killed anyway."""
     detect_gpu_type: bool = True
     """`config.gpu_type` is the device's own name; prefer Ray's accelerator type of the node."""
+    operator_token: str | None = None
+    """Signs the worker's registration (`sparkgrid/registration.py`); None: unregistered, which
+    a scheduler requiring registrations (the default) routes nothing to."""
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", required=True, metavar="A",
-                   help="the Ray cluster's GCS address (host:port), or 'auto' on a node of it")
+    p.add_argument("--ray-address", metavar="A",
+                   help="the Ray cluster's GCS address (host:port), or 'auto' on a node of it "
+                        "(required unless --join)")
     p.add_argument("--target", metavar="DIR",
                    help="target model directory (required unless --stop)")
     p.add_argument("--draft", metavar="DIR",
@@ -75,10 +84,15 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate-slowdown", type=number_in(1, 1000), default=1.0, metavar="F",
                    help="benchmarks only: make every engine step F times slower (default 1)")
     p.add_argument("--foreground", action="store_true",
-                   help="stay; on Ctrl-C drain the worker and remove it")
+                   help="stay; on Ctrl-C drain the worker and remove it (implied by --join)")
     p.add_argument("--ready-timeout", type=number_in(0, 86400, open_low=True), default=900.0,
                    metavar="S",
                    help="seconds loading may take (default 900)")
+    p.add_argument("--operator-token", "--token", dest="operator_token", metavar="T",
+                   default=os.environ.get(TOKEN_ENV),
+                   help="the operator token `sparkgrid operators add` printed, which registers "
+                        f"the worker (default: ${TOKEN_ENV}; prefer it: arguments are visible "
+                        "to every user of this machine)")
     p.add_argument("--stop", metavar="NAME", help="drain and remove the worker NAME, then exit")
 
 
@@ -95,8 +109,15 @@ def options_from_args(args, check_model_dir, sps_cache_dir: str | None) -> Launc
         price_per_hour=args.price_per_hour, max_batch_tokens=args.max_batch_tokens,
         draft_vocab_size=args.draft_vocab, emulate_slowdown=args.emulate_slowdown,
         sps_cache_dir=sps_cache_dir)
+    if args.operator_token is not None:
+        try:
+            token_id_of(args.operator_token)
+        except ValueError:
+            raise LaunchError(f"--token/--operator-token: malformed (expected "
+                              f"sgo_<id>_<secret>, as `sparkgrid operators add` printed it; "
+                              f"from ${TOKEN_ENV} when the option is not given)") from None
     return LaunchOptions(args.ray_address, config, args.foreground, args.ready_timeout,
-                         detect_gpu_type=not args.gpu_type)
+                         detect_gpu_type=not args.gpu_type, operator_token=args.operator_token)
 
 
 def _check_device(device: str) -> str:
@@ -150,8 +171,15 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cuda = config.device.startswith("cuda")
     handle = actor.create_worker(config, node["node_id"], num_cpus=0 if cuda else 1,
                                  num_gpus=1 if cuda else 0)
-    stats = _wait_ready(actor, handle, config, opts.ready_timeout_s)
+    stats = wait_ready(actor, handle, config, opts.ready_timeout_s)
     _print_ready(stats, out)
+    if opts.operator_token is not None:
+        actor.call(handle.set_registration.remote(
+            registration(config, stats, opts.operator_token).sign(opts.operator_token)), 30)
+        print(f"  registered under operator token {token_id_of(opts.operator_token)}", file=out)
+    else:
+        print("  unregistered (no --operator-token): schedulers that require registrations "
+              "route nothing to it", file=out)
     if not opts.foreground:
         print(f"worker {config.name} runs detached; stop it with `sparkgrid worker --stop "
               f"{config.name} --ray-address {opts.ray_address}`", file=out)
@@ -159,7 +187,23 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     return _stay(actor, handle, config.name, opts, out)
 
 
-def _wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> WorkerStats:
+def registration(config: WorkerConfig, stats: WorkerStats, token: str,
+                 kind: str = "in-cluster") -> Registration:
+    """What the operator declares of this worker: its model and the hashes of the files it
+    serves (read here, on the operator's machine), its GPU type and price, and how it reaches
+    the scheduler (`kind`: in-cluster, or linked by `--join`)."""
+    tokenizer = Path(config.target) / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise LaunchError(f"--target {config.target}: no tokenizer.json (the scheduler reads "
+                          "fast tokenizers only)")
+    return Registration(worker=config.name, token_id=token_id_of(token), model_id=stats.model_id,
+                        tokenizer_sha256=file_sha256(tokenizer),
+                        weights_sha256=weights_sha256(config.target, config.draft),
+                        gpu_type=config.gpu_type, price_per_hour=config.price_per_hour,
+                        kind=kind, issued_at=time.time())
+
+
+def wait_ready(actor, handle, config: WorkerConfig, timeout_s: float) -> WorkerStats:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

@@ -20,6 +20,10 @@
 #   SPARKGRID_MAX_BATCH_TOKENS  most tokens in one verify forward [sparkgrid's default, 512]
 #   SPARKGRID_DRAFT_VOCAB       draft only the N most frequent tokens [0: the full vocabulary]
 #   SPARKGRID_WORKER_EXTRA_ARGS more `sparkgrid worker` options, space-separated []
+#   SPARKGRID_OPERATOR_TOKEN    the operator token (`sparkgrid operators add`) that registers
+#                               the worker; a scheduler requiring registrations (the default)
+#                               routes nothing to an unregistered worker []
+#   SPARKGRID_OPERATOR_TOKEN_FILE   a file holding that token (keeps it out of the env)
 #   SPARKGRID_NODE_IP           this node's private address (Ray's --node-ip-address) [Ray's
 #                               guess: the address it reaches the head from]
 #   SPARKGRID_RAY_METRICS_PORT  Ray's Prometheus endpoint on this node [8080]
@@ -36,6 +40,13 @@ SG_ROLE="worker"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sg_install_traps
 sg_require_token_auth
+
+if [[ -n ${SPARKGRID_OPERATOR_TOKEN_FILE:-} ]]; then
+    [[ -r $SPARKGRID_OPERATOR_TOKEN_FILE ]] || sg_die "SPARKGRID_OPERATOR_TOKEN_FILE=$SPARKGRID_OPERATOR_TOKEN_FILE is not a readable file"
+    IFS= read -r SPARKGRID_OPERATOR_TOKEN <"$SPARKGRID_OPERATOR_TOKEN_FILE" || true
+fi
+[[ -n ${SPARKGRID_OPERATOR_TOKEN:-} ]] && export SPARKGRID_OPERATOR_TOKEN
+[[ -n ${SPARKGRID_OPERATOR_TOKEN:-} ]] || sg_log "warning: no SPARKGRID_OPERATOR_TOKEN: the worker is unregistered, and a scheduler requiring registrations routes nothing to it"
 
 device=${SPARKGRID_DEVICE:-cuda}
 gpu_type=${SPARKGRID_GPU_TYPE:-}

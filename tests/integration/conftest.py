@@ -80,11 +80,12 @@ def make_worker(cluster, served_pair, sps_cache_dir):
     target, draft = served_pair
     started = []
 
-    def make(name: str, **changes):
+    def make(name: str, operator_token: str | None = None, **changes):
         config = WorkerConfig(name=name, target=target, draft=draft, gpu_type="cpu",
                               sps_cache_dir=sps_cache_dir, max_batch_tokens=64, **changes)
         out = io.StringIO()
-        assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config), out=out) == 0
+        assert launch(LaunchOptions(ray.get_runtime_context().gcs_address, config,
+                                    operator_token=operator_token), out=out) == 0
         started.append(name)
         return actor.find_worker(name), config, out.getvalue()
     yield make

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 def impostor_class():
     """The actor class (made on first use: it needs Ray). `Impostor.options(name=...,
-    namespace=...).remote(stats, chunks, tokenizer_files)`: `chunks` are what every job
-    streams, each with this job's id; `served()` counts the jobs it was given."""
+    namespace=...).remote(stats, chunks, tokenizer_files, registration=None)`: `chunks` are
+    what every job streams, each with this job's id; `registration()` answers `registration`;
+    `served()` counts the jobs it was given."""
     import ray
 
     @ray.remote
     class Impostor:
-        def __init__(self, stats: dict, chunks: list[dict], tokenizer_files: dict):
+        def __init__(self, stats: dict, chunks: list[dict], tokenizer_files: dict,
+                     registration: dict | None = None):
             self._stats, self._chunks, self._files = stats, chunks, tokenizer_files
+            self._registration = registration
             self._served = 0
+
+        async def registration(self):
+            return self._registration
 
         async def stats(self):
             return self._stats

@@ -1,6 +1,8 @@
 """A stranger's actor that claims to be 1000x faster than a real worker and answers every job
 with 5,000 tokens: no request is delivered or billed more than its max_tokens, and within a
-few requests the impostor is quarantined and gets no more traffic."""
+few requests the impostor is quarantined and gets no more traffic. One that keeps every rule
+(a real worker's tokens) but is far slower than it claims loses the traffic within a few
+requests too, to what the scheduler observes of its streams."""
 
 from __future__ import annotations
 
@@ -83,16 +85,17 @@ def test_an_impostor_bills_nothing_extra_and_is_quarantined(make_worker, redis_s
 
 def test_an_audit_on_a_trusted_worker_quarantines_a_cheat_and_passes_an_honest_worker(
         make_worker, redis_server, tmp_path):
-    """A worker that keeps every rule of budget and vocabulary but delivers tokens the target
-    would not (here: token 5 over and over, greedy) is caught by an audit of its first job on a
-    worker the platform trusts, and quarantined with the reason; an honest untrusted worker's
-    audited jobs pass."""
+    """A worker that keeps every rule of budget, vocabulary and text but delivers tokens the
+    target would not (here: token 5 over and over, greedy) is caught by an audit of its first
+    job on a worker the platform trusts, and quarantined with the reason; an honest untrusted
+    worker's audited jobs pass."""
     import ray
     from scheduler_common import wait_for
 
     from scheduler.client import Client
     from scheduler.config import SchedulerConfig
     from scheduler.head import SchedulerThread
+    from scheduler.model_info import PromptTokenizer
     from sparkgrid.contract import NAMESPACE
 
     trusted = make_worker("w-auditor")[0]
@@ -100,10 +103,12 @@ def test_an_audit_on_a_trusted_worker_quarantines_a_cheat_and_passes_an_honest_w
     stats = ray.get(trusted.stats.remote())
     claims = {**stats, "name": "cheat-1", "tokens_per_s": 1e6, "sps": {
         **stats["sps"], "steps_per_second": [s * 1000 for s in stats["sps"]["steps_per_second"]]}}
-    answer = {"token_ids": [5] * 8, "text": "x" * 8, "finish_reason": "length",
+    files = ray.get(trusted.tokenizer_files.remote())
+    text = PromptTokenizer(files["tokenizer.json"]).decode([5] * 8)  # its tokens' own text
+    answer = {"token_ids": [5] * 8, "text": text, "finish_reason": "length",
               "usage": {"prompt_tokens": 4, "completion_tokens": 8}, "spec": {}}
     cheat = impostor_class().options(name="cheat-1", namespace=NAMESPACE).remote(
-        claims, [answer], ray.get(trusted.tokenizer_files.remote()))
+        claims, [answer], files)
     config = SchedulerConfig(redis_url=redis_server.url, redis_prefix="audits", grpc_port=0,
                              discovery_interval_s=0.5, stats_interval_s=0.25,
                              trusted_workers=("w-auditor",), audit_first_jobs=20)
@@ -135,3 +140,87 @@ def test_an_audit_on_a_trusted_worker_quarantines_a_cheat_and_passes_an_honest_w
     finally:
         head.stop()
         ray.kill(cheat)
+
+
+def _relay_class():
+    """An actor that says what `stats` say and relays every job to the real worker `target`,
+    `delay_s` late at every chunk: its tokens are real, it is only slower than it claims."""
+    import asyncio
+
+    import ray
+
+    @ray.remote
+    class Relay:
+        def __init__(self, stats: dict, target, delay_s: float):
+            self._stats, self._target, self._delay_s, self._served = stats, target, delay_s, 0
+
+        async def stats(self):
+            return self._stats
+
+        async def check_health(self):
+            return None
+
+        async def renew(self, job_ids, lease_s):
+            return []
+
+        async def cancel(self, job_id):
+            return await self._target.cancel.remote(job_id)
+
+        async def tokenizer_files(self):
+            return await self._target.tokenizer_files.remote()
+
+        async def served(self):
+            return self._served
+
+        @ray.method(num_returns="streaming")
+        async def generate(self, job_id, prompt_ids, params, resume, lease_s):
+            self._served += 1
+            async for ref in self._target.generate.remote(job_id, prompt_ids, params, resume):
+                chunk = await ref
+                await asyncio.sleep(self._delay_s)
+                yield chunk
+
+    return Relay
+
+
+def test_a_worker_slower_than_it_claims_loses_the_traffic_to_what_is_observed(
+        make_worker, redis_server, redis_prefix):
+    import ray
+    from scheduler_common import wait_for
+
+    from scheduler.client import Client
+    from scheduler.config import SchedulerConfig
+    from scheduler.head import SchedulerThread
+    from sparkgrid.contract import NAMESPACE
+    from worker.actor import find_worker
+
+    honest = find_worker("w-honest") or make_worker("w-honest")[0]
+    stats = ray.get(honest.stats.remote())
+    claims = {**stats, "name": "boast-1", "tokens_per_s": 1e6, "sps": {
+        **stats["sps"], "steps_per_second": [s * 1000 for s in stats["sps"]["steps_per_second"]]}}
+    boaster = _relay_class().options(name="boast-1", namespace=NAMESPACE).remote(
+        claims, honest, 0.1)
+    config = SchedulerConfig(redis_url=redis_server.url, redis_prefix=redis_prefix, grpc_port=0,
+                             discovery_interval_s=0.5, stats_interval_s=0.25)
+    head = SchedulerThread(config)
+    try:
+        wait_for(lambda: {"boast-1", "w-honest"} <= {
+            s.stats.name for s in head.scheduler.pool.stats()}, 30, "the workers adopted")
+        _, api_key = head.call(head.scheduler.store.create_key("acme"))
+        served = []  # jobs the boaster had served after each request
+        with Client(head.endpoint, api_key) as client:
+            for i in range(10):
+                done = client.complete(f"def f{i}(x):", max_tokens=16, temperature=0,
+                                       timeout_s=120)
+                assert done.usage.completion_tokens <= 16
+                served.append(ray.get(boaster.served.remote()))
+            shown = {w.name: w.observed_tokens_per_second for w in client.workers()}
+        # its claim wins it the first jobs; once 64 of its tokens are seen it loses the rest
+        assert served[0] == 1 and served[-1] <= 8 and served[-1] == served[-4], served
+        boast = next(w for w in head.scheduler.pool.snapshots() if w.name == "boast-1")
+        assert boast.claim_factor < 0.01  # its claim is ~1000x what it delivers
+        assert 0 < shown["boast-1"] < 100  # the operator sees why (a chunk each 0.1 s at best)
+        assert head.scheduler.pool.quarantines.reason("boast-1") is None  # it broke no rule
+    finally:
+        head.stop()
+        ray.kill(boaster)

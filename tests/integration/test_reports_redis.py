@@ -1,7 +1,9 @@
 """Cost reports over a real, private Redis: jobs billed through `RedisStore.finish_job` (two
-tenants, two workers on two GPU types, a job that failed over) and worker time recorded
-through `record_worker_time` come back in every report with totals equal to what was billed,
-exactly; and `sparkgrid report` prints each format and refuses a bad day with exit 2."""
+tenants, two workers on two GPU types, a job that failed over), worker time recorded through
+`record_worker_time`, audit verdicts through `record_audit`, a quarantine and an operator's
+registration come back in every report with totals equal to what was billed, exactly; the
+operator report sums its registered workers and puts the unregistered one under `(none)`; and
+`sparkgrid report` prints each format and refuses a bad day with exit 2."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from scheduler.jobs import JobState
 from scheduler.ledger import Bill, Segment
 from scheduler.redis_store import RedisStore
 from scheduler.report_cli import report_options, run_report
-from scheduler.reports import BY, TOTAL, build_reports
+from scheduler.reports import BY, NO_OPERATOR, TOTAL, build_reports
+from sparkgrid.registration import Registration, token_id_of
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +39,11 @@ WORKERS = {"w-h200": {"gpu_type": "H200", "price_uusd_per_hour": 3_490_001, "nod
 TIME = {("w-h200", DAY1): (7_200_123, 3_000_000), ("w-h200", DAY2): (3_600_777, 100_000),
         ("w-l4", DAY1): (5_400_001, 5_000_000), ("w-l4", DAY2): (1_234_567, 0)}
 """(worker, day) -> (online ms, active ms)."""
+AUDITS = [("w-h200", True, NOON1), ("w-h200", False, NOON2), ("w-l4", True, NOON1),
+          ("w-l4", True, NOON1 + 5), ("w-l4", True, NOON2)]
+"""(worker, passed, when) of each audit verdict."""
+QUARANTINED = ("w-h200", NOON2)
+"""w-h200 failed its audit on DAY2 and is still quarantined: its DAY2 payout is withheld."""
 
 
 def bills() -> list[Bill]:
@@ -68,6 +76,16 @@ async def bill_everything(store: RedisStore) -> None:
                                       {"finished_at": bill.finished_at}, bill)
     for (worker, day), (online, active) in TIME.items():
         await store.record_worker_time(worker, WORKERS[worker], day, online, active)
+    for worker, passed, at in AUDITS:
+        await store.record_audit(worker, passed, at)
+    await store.quarantine_worker(QUARANTINED[0], "failed an audit", QUARANTINED[1])
+    for operator, worker, kind in (("acme-gpus", "w-h200", "linked"),
+                                   ("idle-ops", "w-idle", "in-cluster")):  # w-l4: none
+        token = await store.add_operator(operator)
+        await store.register_worker(operator, Registration(
+            worker=worker, token_id=token_id_of(token), model_id="qwen",
+            tokenizer_sha256="ab" * 32, weights_sha256="cd" * 32, gpu_type="H200",
+            price_per_hour=3.490001, kind=kind, issued_at=NOON1))
 
 
 @pytest.fixture
@@ -93,12 +111,17 @@ def test_every_reports_totals_equal_what_was_billed(billed):
                    for (w, _), (online, _) in TIME.items())
     prompt, completion = (sum(b.prompt_tokens for b in bills()),
                           sum(b.completion_tokens for b in bills()))
+    withheld = cost_uusd(TIME[("w-h200", DAY2)][0], WORKERS["w-h200"]["price_uusd_per_hour"])
     for by in BY:
         totals = billed[by].totals
         assert uusd(totals["gpu_cost_usd"]) == gpu_cost, by
-        assert uusd(totals["revenue_usd" if by in ("worker", "gpu")
-                           else "charges_usd"]) == charged, by
-        assert uusd(totals["margin_usd"]) == charged - gpu_cost, by
+        assert uusd(totals["charges_usd" if by in ("tenant", "day")
+                           else "revenue_usd"]) == charged, by
+        paid = by in ("worker", "operator")  # their margin is revenue - payout
+        assert uusd(totals["margin_usd"]) == charged - gpu_cost + withheld * paid, by
+        if paid:
+            assert uusd(totals["withheld_usd"]) == withheld, by
+            assert (totals["audited_jobs"], totals["failed_audits"]) == (len(AUDITS), 1), by
     for by in ("tenant", "day"):
         totals = billed[by].totals
         assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (
@@ -128,6 +151,27 @@ def test_rows_split_the_failover_job_between_its_workers(billed):
     assert days[DAY2]["tokens_per_tenant"] == {"acme": 120, "beta": 15}
 
 
+def test_operator_report_from_real_registrations_and_audits(billed):
+    workers = {r["worker"]: r for r in billed["worker"].rows}
+    assert (workers["w-h200"]["operator"], workers["w-h200"]["kind"]) == ("acme-gpus", "linked")
+    assert (workers["w-l4"]["operator"], workers["w-l4"]["kind"]) == ("", "")
+    assert (workers["w-h200"]["audited_jobs"], workers["w-h200"]["failed_audits"]) == (2, 1)
+    assert (workers["w-l4"]["audited_jobs"], workers["w-l4"]["failed_audits"]) == (3, 0)
+    operators = {r["operator"]: r for r in billed["operator"].rows}
+    assert list(operators) == ["acme-gpus", NO_OPERATOR]  # idle-ops has no usage: no row
+    for operator, worker in (("acme-gpus", "w-h200"), (NO_OPERATOR, "w-l4")):
+        row, alone = operators[operator], workers[worker]
+        assert row["workers"] == 1
+        for name in ("tokens_served", "online_hours", "gpu_cost_usd", "withheld_usd",
+                     "payout_usd", "revenue_usd", "audited_jobs", "failed_audits"):
+            assert row[name] == alone[name], (operator, name)
+    acme = operators["acme-gpus"]
+    assert uusd(acme["withheld_usd"]) == cost_uusd(TIME[("w-h200", DAY2)][0],
+                                                   WORKERS["w-h200"]["price_uusd_per_hour"])
+    assert acme["payout_usd"] == acme["gpu_cost_usd"] - acme["withheld_usd"] > 0
+    assert billed["operator"].totals["workers"] == 2
+
+
 def run_in_process(capsys, *argv) -> str:
     parser = argparse.ArgumentParser()
     report_options(parser)
@@ -147,10 +191,14 @@ def test_report_command_in_process_prints_every_format(redis_server, redis_prefi
     assert [r["worker"] for r in rows] == ["w-h200", "w-l4", TOTAL]
     doc = json.loads(run_in_process(capsys, *common, "--format", "json", "--by", "gpu"))
     assert doc["since"] == DAY1 and [r["gpu_type"] for r in doc["rows"]] == ["H200", "L4"]
+    doc = json.loads(run_in_process(capsys, *common, "--format", "json", "--by", "operator"))
+    assert [(r["operator"], r["audited_jobs"]) for r in doc["rows"]] == [
+        ("acme-gpus", 2), (NO_OPERATOR, 3)]
     out = tmp_path / "report.html"
     run_in_process(capsys, *common, "--format", "html", "--by", "day", "--out", str(out))
     page = out.read_text()
     assert page.count("<svg") == 3 and page.index("By UTC day") < page.index("By tenant")
+    assert "By operator" in page and "acme-gpus" in page
 
 
 def test_report_command_in_process_names_a_bad_day(redis_server, redis_prefix):
@@ -181,6 +229,10 @@ def test_sparkgrid_report_subprocess_every_format_and_a_bad_day(redis_server, re
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert text in done.stdout and "acme" in done.stdout, fmt
+    by_operator = subprocess.run([sparkgrid, *common, "--by", "operator"], capture_output=True,
+                                 text=True, timeout=120)
+    assert by_operator.returncode == 0, by_operator.stderr
+    assert "acme-gpus" in by_operator.stdout and "failed_audits" in by_operator.stdout
     bad = subprocess.run([sparkgrid, "report", "--since", "2025-02-30", "--redis-url",
                           redis_server.url], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "since" in bad.stderr and "Traceback" not in bad.stderr

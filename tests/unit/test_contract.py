@@ -51,6 +51,10 @@ def test_worker_stats_fill_the_snapshot_fields_the_router_reads(stats_wire):
     ({"requests": True}, "WorkerStats.requests"),
     ({"gpu_type": " "}, "WorkerStats.gpu_type"),
     ({"model_id": ""}, "WorkerStats.model_id"),
+    ({"tokens_per_s": 1e6 + 1}, "WorkerStats.tokens_per_s"),  # plausibility bounds
+    ({"sps": {"batch_tokens": [1, 8], "steps_per_second": [2e6, 1.0]}},
+     "WorkerStats.sps.steps_per_second"),
+    ({"mean_accept_length": 513.0}, "WorkerStats.mean_accept_length"),
 ])
 def test_a_bad_figure_is_refused_naming_the_field(change, field, stats_wire):
     with pytest.raises(ContractError, match=field.replace(".", r"\.")):

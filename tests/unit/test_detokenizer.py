@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from worker.engine.detokenizer import IncrementalDetokenizer
+from sparkgrid.detokenizer import IncrementalDetokenizer
 
 EOS = "<|endoftext|>"
 PIECES = ["hello", " world", " café", " naïve", " 中文", "字", " 🙂", "🚀", " déjà vu", "\n",

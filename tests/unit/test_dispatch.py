@@ -15,6 +15,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import InvalidArgument, ResourceExhausted, Unavailable
 from scheduler.jobs import JobState
+from scheduler.observed import ObservedSpeeds
 from scheduler.prices import PriceBook
 from scheduler.requests import JobRequest
 from scheduler.router import WorkerSnapshot
@@ -32,6 +33,13 @@ def snapshot(name, queued=0):
     return WorkerSnapshot(name, "m", "ready", True, 0, queued, 10 * queued, 50.0, None, None)
 
 
+class Letters:
+    """A tokenizer whose token n is the letter chr(96 + n): 1 is "a", 2 is "b", ..."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i) for i in ids)
+
+
 class FakePool:
     """Workers named in `scripts`: each a list of chunks to stream, ending in a finish or in
     an exception (WorkerLost/WorkerRefused) raised after the chunks."""
@@ -43,6 +51,7 @@ class FakePool:
         self.closed = []
         self.noted = []
         self.strikes = []
+        self.observed = ObservedSpeeds()  # the real one: what the dispatcher tells it is checked
 
     def snapshots(self):
         return [snapshot(n, self.queued) for n in self.scripts if n not in self.closed_for_good()]
@@ -57,7 +66,7 @@ class FakePool:
         return SimpleNamespace(gpu_type=f"gpu-{name}")  # the one WorkerStats field read
 
     def model(self, name):
-        return SimpleNamespace(vocab_size=VOCAB)  # the one ModelInfo field read
+        return SimpleNamespace(vocab_size=VOCAB, tokenizer=Letters())  # the ModelInfo fields read
 
     def strike(self, worker, reason):
         self.strikes.append((worker, reason))
@@ -161,17 +170,20 @@ def test_a_job_that_waits_past_the_longest_wait_fails_billed_nothing():
     (chunk(list(range(20, 5020)), "x" * 5000, "stop"),
      "sent 5002 tokens for a job of max_tokens 10"),
     (chunk([3, 8191], "yz"), "sent token id 8191, outside the vocabulary of 100"),
+    (chunk([3], "q"), "sent text that is not its tokens' text (at character 2: 'q', the tokens "
+                      "decode to 'c')"),
 ])
 def test_a_worker_that_breaks_the_job_s_rules_gets_a_strike_and_the_job_moves(bad, rule):
     """Over-budget or out-of-vocabulary chunks are never delivered nor billed: the job resumes
     on another worker from what was delivered before."""
     dispatcher, pool, _, ledger = make({
         "cheat": [chunk([1, 2], "ab"), bad],
-        "honest": [chunk([4], "cd"), chunk([5], "e", "stop")],
+        "honest": [chunk([3], "c"), chunk([4], "d", "stop")],
     })
     pieces = asyncio.run(collect(dispatcher))
     assert pool.strikes == [("cheat", rule)]
-    assert [t for p in pieces for t in p.token_ids] == [1, 2, 4, 5]
+    assert [t for p in pieces for t in p.token_ids] == [1, 2, 3, 4]
+    assert "".join(p.text for p in pieces) == "abcd"  # the scheduler's own decoding
     (record,) = ledger.records
     assert record.state is JobState.FINISHED and record.fields["workers"] == ["cheat", "honest"]
     assert record.bill.completion_tokens == 4 <= REQUEST.max_tokens
@@ -211,7 +223,7 @@ def test_a_lost_worker_s_job_resumes_elsewhere_from_the_delivered_tokens():
 
 
 def test_after_max_attempts_the_job_fails_naming_each_failure_and_bills_what_was_delivered():
-    lost = lambda n: [chunk([n], "x"), WorkerLost(f"{n} broke")]  # noqa: E731
+    lost = lambda n: [chunk([n], chr(96 + n)), WorkerLost(f"{n} broke")]  # noqa: E731
     dispatcher, pool, _, ledger = make({"a": lost(1), "b": lost(2), "c": lost(3), "d": lost(4)},
                                        max_attempts=3)
 
@@ -231,7 +243,7 @@ def test_after_max_attempts_the_job_fails_naming_each_failure_and_bills_what_was
 
 def test_a_worker_that_refuses_the_input_fails_the_job_with_the_field_named():
     dispatcher, pool, _, ledger = make({"a": [WorkerRefused("max_tokens: too many")],
-                                        "b": [chunk([1], "x", "stop")]})
+                                        "b": [chunk([1], "a", "stop")]})
     with pytest.raises(InvalidArgument) as err:
         asyncio.run(collect(dispatcher))
     assert err.value.field == "max_tokens" and len(pool.calls) == 1
@@ -239,16 +251,16 @@ def test_a_worker_that_refuses_the_input_fails_the_job_with_the_field_named():
 
 
 def test_an_abort_the_scheduler_did_not_ask_for_counts_as_a_lost_worker():
-    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([], "", "abort")],
-                                        "b": [chunk([2], "y", "length")]})
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "a"), chunk([], "", "abort")],
+                                        "b": [chunk([2], "b", "length")]})
     pieces = asyncio.run(collect(dispatcher))
     assert [p.finish_reason for p in pieces][-1] == "length" and len(pool.calls) == 2
     assert ledger.records[0].state is JobState.FINISHED
 
 
 def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_delivered():
-    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([2], "y"),
-                                              chunk([3], "z", "length")]})
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "a"), chunk([2], "b"),
+                                              chunk([3], "c", "length")]})
 
     async def run():
         stream = dispatcher.run("acme", REQUEST)
@@ -266,8 +278,8 @@ def test_closing_the_stream_cancels_the_job_on_its_worker_and_bills_what_was_del
 def test_a_cancel_stops_the_job_where_it_is_even_if_the_worker_runs_on():
     """The fake worker ignores the cancel (as one that has not heard it yet does): nothing it
     sends afterwards is delivered or billed, and the job ends cancelled."""
-    dispatcher, pool, _, ledger = make({"a": [chunk([1], "x"), chunk([2], "y"),
-                                              chunk([3], "z", "stop")]})
+    dispatcher, pool, _, ledger = make({"a": [chunk([1], "a"), chunk([2], "b"),
+                                              chunk([3], "c", "stop")]})
 
     async def run():
         stream = dispatcher.run("acme", REQUEST)
@@ -300,7 +312,7 @@ class OrphanStore:
 
 
 def test_a_job_is_billed_the_same_by_its_scheduler_and_as_an_orphan_of_a_dead_one():
-    lost = lambda n: [chunk([n], "x"), WorkerLost(f"{n} broke")]  # noqa: E731
+    lost = lambda n: [chunk([n], chr(96 + n)), WorkerLost(f"{n} broke")]  # noqa: E731
     dispatcher, _, store, ledger = make({"a": lost(1), "b": lost(2), "c": lost(3)})
     with pytest.raises(Unavailable):
         asyncio.run(collect(dispatcher))

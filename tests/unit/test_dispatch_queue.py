@@ -47,7 +47,7 @@ class BusyPool(FakePool):
         self.order.append(self.store.jobs[job_id]["tenant"])
         try:
             await asyncio.sleep(self.hold_s)
-            yield chunk([1], "x", "stop")
+            yield chunk([1], "a", "stop")
         finally:
             self.on_worker.discard(job_id)
 

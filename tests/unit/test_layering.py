@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 JOINERS = {"sparkgrid/cli.py", "sparkgrid/stack.py", "sparkgrid/up_cli.py"}
 """The only modules that may import both sides: the command and the one-machine stack."""
 MAX_LINES = 450
-GENERATED = ("protos/inference_pb2.py", "protos/inference_pb2_grpc.py")
+GENERATED = ("protos/inference_pb2.py", "protos/inference_pb2_grpc.py", "protos/worker_pb2.py",
+             "protos/worker_pb2_grpc.py")
 
 
 def _py_files(package: str) -> list[Path]:
@@ -64,14 +65,17 @@ def test_the_scheduler_process_loads_no_torch():
 import pkgutil, importlib, sys
 from pathlib import Path
 from sparkgrid.cli import build_parser
-build_parser("head"); build_parser("keys"); build_parser("report"); build_parser("generate")
+for command in ("head", "keys", "report", "generate", "operators"):
+    build_parser(command)
 import scheduler
 for m in pkgutil.walk_packages(scheduler.__path__, "scheduler."):
     importlib.import_module(m.name)
-from scheduler.worker_pool import PromptTokenizer
+from scheduler.model_info import PromptTokenizer
+from scheduler.text_check import ContentCheck
 from worker.models import shipped_pair
 tok = PromptTokenizer((Path(shipped_pair()[0]) / "tokenizer.json").read_bytes())
-assert tok.encode("def f(x):\\n    return x")
+ids = tok.encode("def f(x):\\n    return x")
+assert ContentCheck(tok, len(tok), ids[:3], ()).check(ids[3:], tok.decode(ids[3:]), True) is None
 loaded = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
 print(" ".join(loaded) or "none")
 """

@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STUBS = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
+STUBS = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py", "worker_pb2.py",
+         "worker_pb2.pyi", "worker_pb2_grpc.py")
 
 
 def test_committed_stubs_are_current(tmp_path):
@@ -30,3 +31,16 @@ def test_the_contract_names_exist():
     assert ({"job_id", "text", "token_ids", "finish_reason", "usage"}
             <= set(inference_pb2.GenerateChunk.DESCRIPTOR.fields_by_name))
     assert hasattr(inference_pb2_grpc, "InferenceServicer")
+
+
+def test_the_worker_link_names_exist():
+    from protos import worker_pb2, worker_pb2_grpc
+
+    service = worker_pb2.DESCRIPTOR.services_by_name["WorkerLink"]
+    link = service.methods_by_name["Link"]
+    assert link.client_streaming and link.server_streaming
+    assert ({"hello", "figures", "chunk", "ended", "score"}
+            <= set(worker_pb2.FromWorker.DESCRIPTOR.fields_by_name))
+    assert ({"welcome", "generate", "cancel", "renew", "score"}
+            <= set(worker_pb2.ToWorker.DESCRIPTOR.fields_by_name))
+    assert hasattr(worker_pb2_grpc, "WorkerLinkServicer")

@@ -24,8 +24,8 @@ MONEY = re.compile(r"^-?\d+\.\d{6}$")
 
 
 class FakeStore:
-    def __init__(self, cells, info):
-        self.cells, self.info = cells, info
+    def __init__(self, cells, info, registered=None):
+        self.cells, self.info, self.registered = cells, info, registered or {}
 
     async def usage_keys(self, dimension):
         return sorted({key for dim, key, _ in self.cells if dim == dimension})
@@ -40,6 +40,9 @@ class FakeStore:
     async def withheld_periods(self):
         return getattr(self, "periods", [])
 
+    async def registrations(self):
+        return self.registered
+
 
 def ledger():
     cells, info = {}, {}
@@ -51,7 +54,8 @@ def ledger():
                 "jobs": 2, "completion_tokens": 1000 * (i + 1), "charge_uusd": 40_000 + i,
                 "spec_steps": 300, "accepted_tokens": 500, "verified_tokens": 2100,
                 "online_ms": 5 * HOUR + 17, "active_ms": HOUR * (i + 1),
-                "gpu_cost_scaled": (5 * HOUR + 17) * price}
+                "gpu_cost_scaled": (5 * HOUR + 17) * price, "audited_jobs": 2 - i,
+                "failed_audits": int(i == 1)}
             cells[("gpu", gpu, day)] = {"completion_tokens": 1000 * (i + 1), "active_ms": HOUR}
     for t, tenant in enumerate(("acme", "beta")):
         for day in ("2025-06-02", "2025-06-03"):
@@ -62,10 +66,14 @@ def ledger():
     return cells, info
 
 
+REGISTERED = {"h1": {"operator": "<i>north", "kind": "linked"},
+              "l1": {"operator": "<i>north", "kind": "in-cluster"}}  # x1: none
+
+
 @pytest.fixture(scope="module")
 def reports():
     cells, info = ledger()
-    return asyncio.run(build_reports(FakeStore(cells, info), SINCE, UNTIL))
+    return asyncio.run(build_reports(FakeStore(cells, info, REGISTERED), SINCE, UNTIL))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +103,21 @@ def test_csv_money_is_exact_and_empty_figures_are_empty(reports):
     assert [row["charges_usd"] for row in rows] == ["0.120002", "0.120002", "0.240004"]
     worker_rows = list(csv.DictReader(io.StringIO(to_csv(reports["worker"]))))
     assert worker_rows[-1]["price_per_hour_usd"] == ""
+
+
+def test_operator_and_audit_columns_in_csv_and_json(reports):
+    rows = list(csv.DictReader(io.StringIO(to_csv(reports["operator"]))))
+    assert [(r["operator"], r["workers"]) for r in rows] == [
+        ("<i>north", "2"), ("(none)", "1"), (TOTAL, "3")]
+    assert [(r["audited_jobs"], r["failed_audits"]) for r in rows] == [
+        ("6", "2"), ("0", "0"), ("6", "2")]
+    assert rows[-1]["gpu_cost_usd"] == str(reports["worker"].totals["gpu_cost_usd"])
+    worker = json.loads(to_json(reports["worker"]))
+    assert [(r["worker"], r["operator"], r["kind"], r["failed_audits"])
+            for r in worker["rows"]] == [("h1", "<i>north", "linked", 0),
+                                         ("l1", "<i>north", "in-cluster", 2),
+                                         ("x1", "", "", 0)]
+    assert "audited_jobs" in to_table(reports["operator"]).splitlines()[3]
 
 
 @pytest.mark.parametrize("by", BY)
@@ -147,12 +170,14 @@ def test_html_is_one_self_contained_page_with_three_charts(reports):
     assert page.count("<svg") == 3
     assert f"UTC days <b>{SINCE}</b> to <b>{UNTIL}</b>" in page
     assert reports["tenant"].generated_at in page and "Redis key prefix: sg" in page
-    assert page.count("<table>") == 4
+    assert page.count("<table>") == len(BY) and "By operator" in page
 
 
 def test_html_escapes_names_and_shows_tables_in_the_given_order(reports):
     page = to_html({"gpu": reports["gpu"], "tenant": reports["tenant"]})
     assert "<b>GPU&" not in page and "&lt;b&gt;GPU&amp;" in page
+    operators = to_html({"operator": reports["operator"]})
+    assert "<i>north" not in operators and "&lt;i&gt;north" in operators
     assert page.index("By GPU type") < page.index("By tenant")
     assert page.count("<svg") == 1  # only the GPU chart has its report
 

@@ -17,6 +17,7 @@ from scheduler.report_cli import day_range
 from scheduler.reports import (
     BY,
     COLUMNS,
+    NO_OPERATOR,
     TOTAL,
     UNALLOCATED,
     UNREGISTERED,
@@ -33,8 +34,8 @@ HOUR = 3_600_000
 class FakeStore:
     """The store's read methods over {(dimension, key, day): {field: int}}."""
 
-    def __init__(self, cells: dict, info: dict | None = None):
-        self.cells, self.info = cells, info or {}
+    def __init__(self, cells: dict, info: dict | None = None, registered: dict | None = None):
+        self.cells, self.info, self.registered = cells, info or {}, registered or {}
 
     async def usage_keys(self, dimension):
         return sorted({key for dim, key, _ in self.cells if dim == dimension})
@@ -49,9 +50,12 @@ class FakeStore:
     async def withheld_periods(self):
         return getattr(self, "periods", [])
 
+    async def registrations(self):
+        return self.registered
 
-def report(cells, by, info=None, since=D1, until=D3):
-    return asyncio.run(build_report(FakeStore(cells, info), since, until, by))
+
+def report(cells, by, info=None, since=D1, until=D3, registered=None):
+    return asyncio.run(build_report(FakeStore(cells, info, registered), since, until, by))
 
 
 def time_cell(online_ms, active_ms, price_uusd_per_hour):
@@ -171,6 +175,57 @@ def test_a_worker_without_tokens_or_time_has_empty_ratios():
     assert none["utilisation"] is None and none["gpu_cost_usd"] == Decimal("0.000000")
 
 
+def test_worker_rows_show_operator_kind_and_audits():
+    cells = {("worker", "w1", D1): {**time_cell(HOUR, 0, 1), "audited_jobs": 3},
+             ("worker", "w1", D2): {"audited_jobs": 2, "failed_audits": 1},  # audits only
+             ("worker", "stray", D1): time_cell(HOUR, 0, 1)}
+    r = report(cells, "worker", registered={"w1": {"operator": "acme", "kind": "linked"}})
+    rows = {row["worker"]: row for row in r.rows}
+    assert (rows["w1"]["operator"], rows["w1"]["kind"]) == ("acme", "linked")
+    assert (rows["w1"]["audited_jobs"], rows["w1"]["failed_audits"]) == (5, 1)
+    assert (rows["stray"]["operator"], rows["stray"]["kind"]) == ("", "")
+    assert (rows["stray"]["audited_jobs"], rows["stray"]["failed_audits"]) == (0, 0)
+    assert (r.totals["audited_jobs"], r.totals["failed_audits"], r.totals["operator"]) == (5, 1, "")
+
+
+def test_operator_rows_sum_their_workers_and_unregistered_ones_are_under_none():
+    cells = {("worker", "a1", D1): {**time_cell(2 * HOUR, HOUR, 1_000_001), "charge_uusd": 500,
+                                    "completion_tokens": 100, "audited_jobs": 4},
+             ("worker", "a2", D1): {**time_cell(HOUR, 0, 2_000_000), "completion_tokens": 50},
+             ("worker", "a2", D2): {**time_cell(HOUR, HOUR, 2_000_000), "audited_jobs": 1,
+                                    "failed_audits": 1},
+             ("worker", "b1", D2): {**time_cell(HOUR, 0, 3_000_000), "charge_uusd": 7},
+             ("worker", "stray", D1): time_cell(HOUR, 0, 1),
+             ("worker", "(none)", D1): {"jobs": 1, "charge_uusd": 3}}
+    registered = {"a1": {"operator": "acme", "kind": "linked"},
+                  "a2": {"operator": "acme", "kind": "in-cluster"},
+                  "b1": {"operator": "beta", "kind": "linked"},
+                  "idle": {"operator": "gamma", "kind": "linked"}}  # no usage: no row
+    store = FakeStore(cells, registered=registered)
+    noon = datetime.fromisoformat(f"{D2}T12:00:00+00:00").timestamp()
+    store.periods = [{"worker": "a2", "reason": "a failed audit", "since": noon, "until": None}]
+    reports = asyncio.run(build_reports(store, D1, D3, ("worker", "operator")))
+    r = reports["operator"]
+    rows = {row["operator"]: row for row in r.rows}
+    assert list(rows) == ["acme", "beta", NO_OPERATOR]
+    acme = rows["acme"]
+    assert acme["workers"] == 2 and acme["tokens_served"] == 150
+    assert acme["gpu_cost_usd"] == Decimal("6.000002")  # 2.000002 + 2 + 2
+    assert acme["withheld_usd"] == Decimal("2.000000")  # a2 on D2, quarantined since then
+    assert acme["payout_usd"] == Decimal("4.000002")
+    assert acme["margin_usd"] == Decimal("-4.000002") + Decimal("0.000500")
+    assert (acme["audited_jobs"], acme["failed_audits"]) == (5, 1)
+    assert (acme["busy_hours"], acme["online_hours"], acme["utilisation"]) == (2.0, 4.0, 0.5)
+    assert acme["cost_per_million_tokens_usd"] == Decimal("40000.013333")  # 6000002 / 150
+    none = rows[NO_OPERATOR]  # "stray" (unregistered) and the jobs that reached no worker
+    assert none["workers"] == 1 and none["gpu_cost_usd"] == Decimal("0.000001")
+    assert none["revenue_usd"] == Decimal("0.000003")
+    worker = reports["worker"].totals
+    for column in COLUMNS["operator"][2:]:
+        assert r.totals[column.name] == worker[column.name], column.name
+    assert r.totals["workers"] == 4 and r.totals["operator"] == TOTAL
+
+
 def test_gpu_report_groups_workers_by_registration():
     cells = {("worker", "a", D1): time_cell(2 * HOUR, HOUR, 1_000_001),
              ("worker", "b", D1): time_cell(HOUR, HOUR, 3_000_000),
@@ -215,7 +270,8 @@ def test_no_usage_gives_no_rows_and_zero_totals():
 
 
 def test_bad_by_and_days_name_the_field():
-    with pytest.raises(InvalidArgument, match="^by: expected one of tenant, worker, gpu, day"):
+    with pytest.raises(InvalidArgument,
+                       match="^by: expected one of tenant, worker, gpu, day, operator"):
         report({}, "model")
     with pytest.raises(InvalidArgument, match="^since:"):
         report({}, "tenant", since="2025-13-01")
@@ -253,16 +309,24 @@ def random_ledger(seed: int, num_cells: int = 300):
         cell = {f: rng.randrange(0, 10**6) for f in rng.sample(fields[dim], rng.randrange(1, 6))}
         if dim == "worker" and rng.random() < 0.7:
             cell.update(time_cell(rng.randrange(HOUR), 0, rng.randrange(10**7)))
+        if dim == "worker" and rng.random() < 0.3:
+            cell.update(audited_jobs=rng.randrange(1, 20), failed_audits=rng.randrange(2))
         cells[(dim, rng.choice(keys[dim]), rng.choice(days))] = cell
     info = {f"w{i}": {"gpu_type": rng.choice(keys["gpu"]), "price_uusd_per_hour": 1}
             for i in range(6)}  # w6, w7 unregistered
-    return cells, info, days[0], days[-1]
+    registered = {f"w{i}": {"operator": rng.choice(("acme", "beta")), "kind": "linked"}
+                  for i in range(5)}  # w5, w6, w7 under (none)
+    return cells, info, registered, days[0], days[-1]
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_totals_equal_the_sum_of_rows_exactly(seed):
-    cells, info, since, until = random_ledger(seed)
-    reports = asyncio.run(build_reports(FakeStore(cells, info), since, until))
+    cells, info, registered, since, until = random_ledger(seed)
+    store = FakeStore(cells, info, registered)
+    noon = datetime.fromisoformat("2025-07-04T12:00:00+00:00").timestamp()
+    store.periods = [{"worker": f"w{i}", "reason": "3 strikes", "since": noon, "until": None}
+                     for i in range(4)]  # withheld from 07-04 on
+    reports = asyncio.run(build_reports(store, since, until))
     for by, r in reports.items():
         for column in r.columns:
             if column.unit in ("USD", "tokens", "count"):
@@ -277,3 +341,11 @@ def test_totals_equal_the_sum_of_rows_exactly(seed):
                                               for (d, _, _), c in cells.items()
                                               if d == "worker")
     assert gpu["workers"] == len(reports["worker"].rows)
+    operator = reports["operator"].totals
+    assert uusd(worker["withheld_usd"]) > 0
+    for column in COLUMNS["operator"][2:]:  # every operator figure is its workers' summed
+        assert operator[column.name] == worker[column.name], column.name
+    assert operator["workers"] == len([r for r in reports["worker"].rows
+                                       if r["worker"] != "(none)"])
+    assert worker["audited_jobs"] == sum(c.get("audited_jobs", 0) for (d, _, _), c in
+                                         cells.items() if d == "worker")

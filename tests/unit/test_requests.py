@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from scheduler.config import SchedulerConfig
 from scheduler.errors import InvalidArgument, Unauthenticated, Unavailable
 from scheduler.interceptors import bearer_key
+from scheduler.model_info import ModelInfo, PromptTokenizer
 from scheduler.requests import JobRequest
-from scheduler.worker_pool import ModelInfo, PromptTokenizer
 from sparkgrid.contract import SamplingParams
 
 CONFIG = SchedulerConfig(max_tokens_cap=100, default_max_tokens=32, max_prompt_chars=2000)

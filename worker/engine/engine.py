@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparkgrid.detokenizer import IncrementalDetokenizer
 from worker.engine.config import EngineConfig, Resume, SamplingParams
-from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparkgrid.detokenizer import IncrementalDetokenizer, stop_cut
 from worker.engine.config import SamplingParams
-from worker.engine.detokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -149,11 +149,10 @@ class Request:
 
     def _cut_at_stop_string(self, checked: int) -> bool:
         """Cut the text before the earliest stop string that ends in the newly added text."""
-        hits = [at for stop in self.params.stop
-                if (at := self._text.find(stop, max(0, checked - len(stop) + 1))) >= 0]
-        if hits:
-            self._text = self._text[:min(hits)]
-        return bool(hits)
+        cut = stop_cut(self._text, checked, self.params.stop)
+        if cut is not None:
+            self._text = self._text[:cut]
+        return cut is not None
 
     def finish(self, reason: str, flush: bool = True) -> None:
         if self.status is Status.FINISHED:

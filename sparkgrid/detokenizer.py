@@ -12,7 +12,11 @@ no U+FFFD). The window starts in the prompt's last tokens, so tokenizers whose d
 leading space (SentencePiece) keep the space the prompt context implies.
 
 Scope: one request's generated text. Not here: stop strings, special-token policy beyond
-`skip_special_tokens`, or which tokens count as generated.
+`skip_special_tokens`, or which tokens count as generated. The worker's engine streams text
+with it, and the scheduler checks that text with it (`scheduler/text_check.py`), so both sides
+decode a job's tokens the same way.
+
+Knows: a tokenizer's `decode(ids, skip_special_tokens=...)`. Does not know: torch, the engine.
 """
 
 from collections.abc import Sequence
@@ -55,6 +59,15 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self._ids)
         return full_text[len(prefix_text):]
 
+    def mark(self) -> tuple[int, int, int]:
+        """Where it stands now, for `rewind`."""
+        return len(self._ids), self._prefix_offset, self._read_offset
+
+    def rewind(self, mark: tuple[int, int, int]) -> None:
+        """Forget every id added since `mark` was taken."""
+        length, self._prefix_offset, self._read_offset = mark
+        del self._ids[length:]
+
     def _window_texts(self) -> tuple[str, str]:
         window = self._ids[self._prefix_offset:]
         num_seen = self._read_offset - self._prefix_offset
@@ -65,3 +78,10 @@ class IncrementalDetokenizer:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def stop_cut(text: str, checked: int, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string that ends beyond `text[:checked]` begins, or None: the
+    text is cut there (the stop string is not part of the output)."""
+    hits = [at for stop in stops if (at := text.find(stop, max(0, checked - len(stop) + 1))) >= 0]
+    return min(hits) if hits else None
