@@ -377,9 +377,11 @@ def run_workers(args) -> int:
             workers = client.workers()
         except grpc.RpcError as err:
             raise ValueError(f"{err.code().name}: {err.details()}") from None
-    rows = [{"name": w.name, "state": w.state, "model": w.model, "gpu": w.gpu_type,
+    rows = [{"name": w.name, "state": w.state, "kind": w.kind or "-",
+             "operator": w.operator or "-", "model": w.model, "gpu": w.gpu_type,
              "node": w.node_ip, "waiting": w.num_waiting, "running": w.num_running,
              "queued_tokens": w.remaining_tokens, "tok/s": round(w.tokens_per_second, 1),
+             "seen_tok/s": round(w.observed_tokens_per_second, 1),
              "accept_len": round(w.mean_accept_length, 2), "usd/h": w.price_per_hour,
              **({"why": w.quarantine_reason} if w.quarantine_reason else {})}
             for w in workers]

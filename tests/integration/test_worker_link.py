@@ -148,3 +148,37 @@ def test_a_linked_worker_joins_the_pool_as_linked_and_leaves_with_its_link(linke
              "lk-1 dropped with its link")
     registered = _store_call(head.scheduler.config.redis_url, "link-test", "registrations")
     assert registered["lk-1"]["kind"] == "linked" and registered["lk-1"]["operator"] == "acme"
+
+
+def test_revoking_an_operator_closes_its_open_links_at_once(linked_head):
+    import subprocess
+    import sys
+    import threading
+
+    head, _, handle, ca = linked_head
+    from scheduler_common import wait_for
+
+    url = head.scheduler.config.redis_url
+    token = _store_call(url, "link-test", "add_operator", "shortlived")
+    done = threading.Event()
+    channel, answers = _link(head, ca, token, [_hello(handle, token, "lk-revoked")],
+                             keep_open=done)
+    try:
+        assert next(answers).welcome.operator == "shortlived"
+        wait_for(lambda: "lk-revoked" in {s.stats.name for s in head.scheduler.pool.stats()},
+                 10, "lk-revoked adopted")
+        revoked = subprocess.run(
+            [sys.executable, "-m", "sparkgrid.cli", "operators", "revoke", "shortlived",
+             "--redis-url", url, "--redis-prefix", "link-test"],
+            capture_output=True, text=True, timeout=60)
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(grpc.RpcError) as err:
+            next(answers)  # the head ends the link, within its 2 s watch
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in err.value.details()
+        assert "lk-revoked" not in {s.stats.name for s in head.scheduler.pool.stats()}
+        again = _refusal(head, ca, token, [_hello(handle, token, "lk-revoked")])
+        assert again.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        done.set()
+        channel.close()
