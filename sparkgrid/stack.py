@@ -15,10 +15,14 @@ Knows: start-up order, the local processes. Does not know: what the parts do ins
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import io
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,9 @@ from sparkgrid.home import UP_FILE, read_up_file, write_up_file
 LOCK_FILE = "up.lock"
 TENANT = "local"
 OPERATOR = "local"
-"""The operator whose token registers the workers `sparkgrid up` starts."""
+"""The operator whose token registers the workers `sparkgrid up` starts in its cluster."""
+LINKED_OPERATOR = "guest"
+"""The operator of the linked workers (`StackOptions.linked_workers`)."""
 
 
 class StackError(RuntimeError):
@@ -42,12 +48,15 @@ class StackOptions:
     """`$SPARKGRID_HOME`: up.json, the lock, Redis's data, SPS caches."""
     workers: int = 2
     grpc_port: int = 50051
-    worker_link_port: int = 50052
+    worker_link_port: int = 50060
     """The worker link's port (TLS, by a CA made in `$SPARKGRID_HOME/tls`; 0: any free one)."""
     redis_url: str | None = None
     """None: a private redis-server this stack starts and stops."""
     metrics_port: int | None = 9464
     dashboard_port: int = 8265
+    linked_workers: int = 0
+    """Workers that serve through the worker link (`sparkgrid worker --join`, each in a process
+    with a Ray of its own, under the operator `guest`), beside the in-cluster ones."""
     price_per_hour: float = 0.10
     """The workers' asked price, USD per hour (a notional one for this machine's CPU, so that
     cost reports have GPU costs to show)."""
@@ -55,6 +64,8 @@ class StackOptions:
     def __post_init__(self):
         if not isinstance(self.workers, int) or not 1 <= self.workers <= 16:
             raise ValueError(f"--workers: expected 1 to 16, got {self.workers!r}")
+        if not isinstance(self.linked_workers, int) or not 0 <= self.linked_workers <= 4:
+            raise ValueError(f"--linked-workers: expected 0 to 4, got {self.linked_workers!r}")
 
 
 class Stack:
@@ -66,6 +77,7 @@ class Stack:
         self._redis = None
         self._ray_started = False
         self._workers: list[str] = []
+        self._linked: list[tuple[str, subprocess.Popen]] = []
         self._head = None
 
     def start(self, log=print) -> dict:
@@ -74,8 +86,9 @@ class Stack:
             self._take_lock()
             redis_url = self._start_redis(log)
             dashboard = self._start_ray(log)
-            self._start_workers(log, self._operator_token(redis_url))
+            self._start_workers(log, self._operator_token(redis_url, OPERATOR))
             endpoint, api_key = self._start_scheduler(redis_url, log)
+            self._start_linked(redis_url, log)
             self.info = {"endpoint": endpoint, "api_key": api_key, "tenant": TENANT,
                          "operator": OPERATOR, "redis_url": redis_url, "dashboard_url": dashboard,
                          "metrics_url": (f"http://127.0.0.1:{self.options.metrics_port}/metrics"
@@ -83,6 +96,7 @@ class Stack:
                          "worker_link": f"127.0.0.1:{self._head.scheduler.link_port}",
                          "ca": str(self.home / "tls" / "ca.pem"),
                          "ray_address": self._ray_address(), "workers": list(self._workers),
+                         "linked_workers": [name for name, _ in self._linked],
                          "ray_session_dir": self._ray_session_dir(), "pid": os.getpid(),
                          "started_at": time.time()}
             self._write_up_file()
@@ -95,6 +109,10 @@ class Stack:
         """Stop all this stack started, newest first; safe to call twice."""
         if self._lock is not None:  # up.json is ours only while we hold the lock
             (self.home / UP_FILE).unlink(missing_ok=True)
+        for name, proc in self._linked:  # drained by their own command, on SIGTERM
+            log(f"stopping the linked worker {name}")
+            _stop_process_group(proc, 60)
+        self._linked.clear()
         if self._head is not None:
             log("stopping the scheduler")
             self._head.stop(grace_s=5)
@@ -166,10 +184,40 @@ class Stack:
         log(f"Ray: a local cluster at {self._ray_address()}; dashboard {url or '(off)'}")
         return url
 
+    def _start_linked(self, redis_url: str, log) -> None:
+        """`sparkgrid worker --join` for each linked worker: its own process and Ray, the
+        link's TLS trusted by this stack's CA, the operator `guest`."""
+        if not self.options.linked_workers:
+            return
+        from worker.models import shipped_pair
+
+        pair, token = shipped_pair(), self._operator_token(redis_url, LINKED_OPERATOR)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(SPARKGRID_HOME=str(self.home), SPARKGRID_OPERATOR_TOKEN=token)
+        for i in range(1, self.options.linked_workers + 1):
+            name = f"linked-{i}"
+            log_file = open(self.home / f"{name}.log", "w")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sparkgrid.cli", "worker", "--join",
+                 f"127.0.0.1:{self._head.scheduler.link_port}", "--ca",
+                 str(self.home / "tls" / "ca.pem"), "--name", name, "--target", str(pair[0]),
+                 "--draft", str(pair[1]), "--device", "cpu", "--gpu-type", "cpu",
+                 "--price-per-hour", str(self.options.price_per_hour)],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            log_file.close()
+            self._linked.append((name, proc))
+        deadline = time.monotonic() + 600
+        for name, proc in self._linked:
+            while name not in {w.stats.name for w in self._head.scheduler.pool.stats()}:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    said = (self.home / f"{name}.log").read_text()[-1500:]
+                    raise StackError(f"linked worker {name} did not join: {said}")
+                time.sleep(0.2)
+            log(f"worker {name} linked (its own process and Ray, through the worker link)")
+
     @staticmethod
-    def _operator_token(redis_url: str) -> str:
-        """A fresh token of the operator `local` (this machine's workers); the previous run's
-        token is refused from now on."""
+    def _operator_token(redis_url: str, operator: str) -> str:
+        """A fresh token of `operator`; the previous run's token is refused from now on."""
         from scheduler.errors import NotFound
         from scheduler.redis_store import RedisStore
 
@@ -177,15 +225,15 @@ class Stack:
             store = RedisStore(redis_url)
             try:
                 try:
-                    return await store.rotate_operator(OPERATOR)
+                    return await store.rotate_operator(operator)
                 except NotFound:
-                    return await store.add_operator(OPERATOR)
+                    return await store.add_operator(operator)
             finally:
                 await store.close()
         try:
             return asyncio.run(fresh())
         except Exception as err:  # the store's own errors say what is wrong
-            raise StackError(f"operator {OPERATOR}: {err}") from None
+            raise StackError(f"operator {operator}: {err}") from None
 
     def _start_workers(self, log, token: str) -> None:
         from worker.launcher import LaunchOptions, launch
@@ -261,3 +309,16 @@ class Stack:
         except AttributeError:
             return None
 
+
+def _stop_process_group(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM a process group (a command that drains on it), SIGKILL after `timeout_s`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # its Ray's processes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)

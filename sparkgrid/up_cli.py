@@ -58,7 +58,10 @@ def up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_at_least(1), default=2,
                    help="worker actors on the shipped pair (default 2, at most 16)")
     p.add_argument("--grpc-port", type=port, default=50051, help="the API's port (0: any free one)")
-    p.add_argument("--worker-link-port", type=port, default=50052,
+    p.add_argument("--linked-workers", type=int_at_least(0), default=None, metavar="N",
+                   help="workers that serve through the worker link, each with its own process "
+                        "and Ray, under the operator `guest` (default: 0 for up, 1 for demo)")
+    p.add_argument("--worker-link-port", type=port, default=50060,
                    help="the worker link's port, TLS by a local CA (0: any free one)")
     p.add_argument("--redis-url", default=None, help="a Redis to use (default: a private "
                    "redis-server, append-only, in $SPARKGRID_HOME/redis)")
@@ -75,6 +78,7 @@ def _stack(args, **changes):
 
     options = dict(home=home(), workers=args.workers, grpc_port=args.grpc_port,
                    worker_link_port=args.worker_link_port,
+                   linked_workers=args.linked_workers or 0,
                    redis_url=args.redis_url,
                    metrics_port=args.metrics_port,
                    dashboard_port=args.dashboard_port, price_per_hour=args.price_per_hour)
@@ -133,7 +137,9 @@ def run_demo(args) -> int:
         _say(_model_line())
         _demo_requests(stack, info)
         _demo_report(stack, args.price_per_hour)
-    return _run_stack(_stack(args, grpc_port=0, worker_link_port=0, metrics_port=None), demo,
+    linked = 1 if args.linked_workers is None else args.linked_workers
+    return _run_stack(_stack(args, grpc_port=0, worker_link_port=0, metrics_port=None,
+                             linked_workers=linked), demo,
                       "interrupted", "demo finished; everything it started is stopped")
 
 
@@ -166,6 +172,9 @@ def _demo_requests(stack, info: dict) -> None:
     from scheduler.client import Client
 
     with Client(info["endpoint"], info["api_key"]) as client:
+        _say("--- the workers: " + "; ".join(
+            f"{w.name} ({w.kind or 'unregistered'}, operator {w.operator or '-'})"
+            for w in client.workers()))
         for i, (prompt, fields) in enumerate(DEMO_REQUESTS, 1):
             _say(f"--- request {i}/{len(DEMO_REQUESTS)} ({_settings(fields)}) " + "-" * 20)
             sys.stdout.write(prompt)

@@ -59,6 +59,11 @@ def test_the_demo_streams_reports_and_leaves_nothing_running(demo_run):
 
     out, home = demo_run
     assert "private redis-server" in out and "worker up-1 ready" in out
+    # one linked worker beside the in-cluster ones, each under its operator
+    workers = next(line for line in out.splitlines() if line.startswith("--- the workers: "))
+    assert "linked-1 (linked, operator guest)" in workers
+    assert "up-1 (in-cluster, operator local)" in workers
+    assert "up-2 (in-cluster, operator local)" in workers
     assert out.count("tokens in") >= 4 and "accepted length" in out
     assert "cost report" in out and "local" in out and "(total)" in out
     assert not (home / "up.json").exists()
@@ -133,7 +138,7 @@ def test_the_burst_counts_agree_with_the_routing_sentences(demo):
                     lines[0].strip())
     assert done, lines[0]
     tokens, got = int(done.group(1)), ast.literal_eval(done.group(2))
-    assert 0 < tokens <= n * budget and set(got) == {"up-1", "up-2"}
+    assert 0 < tokens <= n * budget and set(got) == {"up-1", "up-2", "linked-1"}
     if "moved to another worker" in lines[1]:
         pytest.skip("a worker failed during the burst; its counts are not explained")
     assert sum(got.values()) == n

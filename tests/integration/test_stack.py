@@ -50,13 +50,17 @@ def _left_running(home: Path) -> list[str]:
 def test_up_serves_the_client_commands_refuses_a_second_up_and_stops_cleanly(tmp_path):
     home = tmp_path / "home"
     proc = subprocess.Popen([SPARKGRID, "up", "--workers", "1", "--grpc-port", "0",
-                             "--metrics-port", "-1", "--dashboard-port", "8385"],
+                             "--worker-link-port", "0", "--metrics-port", "-1",
+                             "--dashboard-port", "8385"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(home))
     try:
         Lines(proc).until("running; Ctrl-C", 300)
         info = json.loads((home / "up.json").read_text())
-        assert {"endpoint", "api_key", "redis_url", "dashboard_url"} <= set(info)
+        assert {"endpoint", "api_key", "redis_url", "dashboard_url", "worker_link", "ca",
+                "ray_address"} <= set(info)
+        assert b"BEGIN CERTIFICATE" in Path(info["ca"]).read_bytes()
+        assert int(info["worker_link"].rsplit(":", 1)[1]) > 0
         assert oct((home / "up.json").stat().st_mode & 0o777) == "0o600"
         assert _left_running(home)  # the check below can see the stack's processes
         # Ray's token authentication is on: the dashboard takes no job from a caller without it
