@@ -23,7 +23,8 @@ ENGINE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "tqdm", "nin
 COMMANDS = {  # name: (module, help)
     "engine": ("worker.cli", "a small generation run of the DSpark engine on this machine"),
     "worker": ("worker.cli", "join this machine's GPU to the network: a detached, named worker "
-                             "actor on this Ray node"),
+                             "actor on this node of the platform's Ray cluster, or with --join "
+                             "workers on a Ray of your own, linked to the head"),
     "calibrate": ("worker.cli", "fit STS temperatures for a draft's confidence head; writes "
                                 "sts.json beside it"),
     "head": ("scheduler.cli", "the scheduler on a platform's head node: the gRPC API, routing, "

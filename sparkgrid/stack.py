@@ -184,6 +184,20 @@ class Stack:
         log(f"Ray: a local cluster at {self._ray_address()}; dashboard {url or '(off)'}")
         return url
 
+    def _pin_tokenizer(self) -> Path:
+        """The platform's pin of the shipped model's tokenizer (`--tokenizer-pins`): the
+        scheduler counts prompt tokens with it, not with one a worker lends."""
+        import hashlib
+
+        from worker.actor import model_id
+        from worker.models import shipped_pair
+
+        target = shipped_pair()[0]
+        digest = hashlib.sha256((Path(target) / "tokenizer.json").read_bytes()).hexdigest()
+        path = self.home / "tokenizer-pins.toml"
+        path.write_text(f'[tokenizers]\n"{model_id(str(target))}" = "{digest}"\n')
+        return path
+
     def _start_linked(self, redis_url: str, log) -> None:
         """`sparkgrid worker --join` for each linked worker: its own process and Ray, the
         link's TLS trusted by this stack's CA, the operator `guest`."""
@@ -260,6 +274,7 @@ class Stack:
         from scheduler.head import SchedulerThread
         from sparkgrid.tls import make_ca, make_server_cert
 
+        pins = self._pin_tokenizer()
         ca = make_ca(self.home / "tls")
         cert, key = make_server_cert(self.home / "tls", ["127.0.0.1", "localhost"], ca)
         config = SchedulerConfig(redis_url=redis_url, host="127.0.0.1",
@@ -268,7 +283,7 @@ class Stack:
                                  worker_link_cert=str(cert), worker_link_key=str(key),
                                  metrics_port=self.options.metrics_port,
                                  bill_journal_dir=str(self.home / "bills"),
-                                 require_registration=True)
+                                 require_registration=True, tokenizer_pins=str(pins))
         try:
             self._head = SchedulerThread(config)
         except OSError as err:  # a port taken: the message names the option

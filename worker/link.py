@@ -79,7 +79,7 @@ def options_from_args(args, launch: LaunchOptions) -> JoinOptions:
     match = _ADDRESS.fullmatch(args.join or "")
     if match is None or not 0 < int(match.group(2)) < 65536:
         raise LaunchError(f"--join {args.join}: expected HOST:PORT of the head's worker link "
-                          "(up.json's worker_link), e.g. head.example.org:50052")
+                          "(up.json's worker_link), e.g. head.example.org:50060")
     if launch.operator_token is None:
         raise LaunchError("--token is required with --join: the operator token that `sparkgrid "
                           "operators add` printed (or set $SPARKGRID_OPERATOR_TOKEN)")

@@ -1,10 +1,17 @@
-"""The worker link's door on a real scheduler (real Redis, real Ray, real gRPC over TLS with a
-CA made for the test): who is let in, under which name, and what each refusal says."""
+"""Who a scheduler that requires registrations (the default of `sparkgrid head` and `up`) lets
+serve, on a real scheduler (real Redis, real Ray, real gRPC over TLS with a CA made for the
+test): in the cluster, only actors whose operator signed their registration, with the name,
+GPU type and price of it; through the worker link, only a live operator's token with a
+registration signed by it, under a name no other operator holds; a revoked operator's workers
+and links are dropped at once. What each refusal says."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -151,8 +158,6 @@ def test_a_linked_worker_joins_the_pool_as_linked_and_leaves_with_its_link(linke
 
 
 def test_revoking_an_operator_closes_its_open_links_at_once(linked_head):
-    import subprocess
-    import sys
     import threading
 
     head, _, handle, ca = linked_head
@@ -182,3 +187,71 @@ def test_revoking_an_operator_closes_its_open_links_at_once(linked_head):
     finally:
         done.set()
         channel.close()
+
+
+def test_in_the_cluster_only_registered_actors_serve_with_their_registered_price(linked_head,
+                                                                                 tmp_path):
+    import ray
+    from impostors import impostor_class
+    from scheduler_common import wait_for
+
+    from scheduler.client import Client
+    from sparkgrid.contract import NAMESPACE
+    from sparkgrid.registration import Registration, token_id_of
+
+    head, tokens, honest, ca = linked_head
+    url, pool = head.scheduler.config.redis_url, head.scheduler.pool
+    other = _store_call(url, "link-test", "add_operator", "other-op")
+    stats = ray.get(honest.stats.remote())
+    files = ray.get(honest.tokenizer_files.remote())
+    signed = ray.get(honest.registration.remote())
+    answer = {"token_ids": [5] * 4, "text": "x" * 4, "finish_reason": "length",
+              "usage": {"prompt_tokens": 4, "completion_tokens": 4}, "spec": {}}
+    fast = {**stats, "tokens_per_s": 1e6, "sps": {**stats["sps"], "steps_per_second": [
+        s * 1000 for s in stats["sps"]["steps_per_second"]]}}
+    # other-op's own worker, registered at 0.50/h, whose figures claim another name and price
+    own = Registration(worker="m-1", token_id=token_id_of(other), model_id=stats["model_id"],
+                       tokenizer_sha256=signed["tokenizer_sha256"],
+                       weights_sha256=signed["weights_sha256"], gpu_type="A100",
+                       price_per_hour=0.5, issued_at=time.time()).sign(other)
+    actors = {"evil-0": None,  # no registration at all: any actor of the namespace
+              "evil-2": signed,  # the honest worker's registration, replayed under another name
+              "m-1": own}
+    made = [impostor_class().options(name=name, namespace=NAMESPACE).remote(
+        {**fast, "name": "w-in-cluster" if name == "m-1" else name, "price_per_hour": 99.0},
+        [answer], files, registration) for name, registration in actors.items()]
+    try:
+        wait_for(lambda: {"evil-0", "evil-2"} <= set(pool._refused), 30, "the refusals")
+        assert "has no registration" in pool._refused["evil-0"]
+        assert "registration.worker: signed for 'w-in-cluster'" in pool._refused["evil-2"]
+        wait_for(lambda: "m-1" in {s.stats.name for s in pool.stats()}, 30, "m-1 adopted")
+        _, api_key = head.call(head.scheduler.store.create_key("reg-tenant"))
+        with Client(head.endpoint, api_key) as client:
+            shown = {w.name: w for w in client.workers()}
+            assert {"w-in-cluster", "m-1"} <= set(shown) and "evil-0" not in shown
+            assert (shown["m-1"].operator, shown["m-1"].kind) == ("other-op", "in-cluster")
+            assert (shown["m-1"].price_per_hour, shown["m-1"].gpu_type) == (0.5, "A100")
+            assert shown["w-in-cluster"].operator == "acme"
+            # the platform revokes other-op: m-1 gets nothing more, and is not adopted again
+            revoked = subprocess.run(
+                [sys.executable, "-m", "sparkgrid.cli", "operators", "revoke", "other-op",
+                 "--redis-url", url, "--redis-prefix", "link-test"],
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "SPARKGRID_HOME": str(tmp_path)})
+            assert revoked.returncode == 0 and "revoked other-op" in revoked.stdout
+            wait_for(lambda: "m-1" not in {s.stats.name for s in pool.stats()}, 10,
+                     "the revoked operator's worker dropped")
+            served = [client.complete("def f(x):", max_tokens=8, temperature=0, timeout_s=120)
+                      for _ in range(3)]
+            assert {w for c in served for w in client.job(c.job_id).workers} == {
+                "w-in-cluster"}
+            wait_for(lambda: "m-1" in pool._refused, 10, "m-1 refused on its next adoption")
+            assert "unknown or revoked" in pool._refused["m-1"]
+        registered = _store_call(url, "link-test", "registrations")
+        assert registered["w-in-cluster"]["operator"] == "acme"
+        assert registered["w-in-cluster"]["weights_sha256"] == signed["weights_sha256"]
+        assert registered["m-1"]["operator"] == "other-op"
+        assert "evil-0" not in registered and "evil-2" not in registered
+    finally:
+        for actor in made:
+            ray.kill(actor)
