@@ -13,7 +13,9 @@ each phase has the machine's cores to itself):
 - throughput ceiling: `--concurrency` streams at once, `--rounds` times: completion tokens per
   second of wall time.
 
-Reported per kind: p50 / p95 of both latencies, tokens/s, and linked / in-cluster ratios.
+Both kinds are measured `--repeats` times, alternating. Reported per kind: the median over the
+repeats of p50 / p95 of both latencies and of tokens/s (each run is kept too), and the linked /
+in-cluster ratios of the medians.
 Prints one JSON object, writes it to `--out` and a plot beside it. Not a test: it asserts
 nothing.
 
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="bursts of --concurrency per kind")
     p.add_argument("--max-batch-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2, help="alternated runs of both kinds; "
+                   "medians reported")
     p.add_argument("--out", default=str(ROOT / "bench/results/link.json"))
     return p.parse_args(argv)
 
@@ -196,14 +200,22 @@ def main(argv=None) -> int:
         _, api_key = head.call(head.scheduler.store.create_key("bench"))
         prompts = load_prompts()
         report = {"config": vars(args) | {"machine_cpus": os.cpu_count()}}
+        runs: dict[str, list] = {"in-cluster": [], "linked": []}
         with Client(head.endpoint, api_key) as client:
             client.complete(prompts[0], max_tokens=8, temperature=0, timeout_s=300)  # warm
-            for kind, name, other in (("in-cluster", "w-cluster", "w-linked"),
-                                      ("linked", "w-linked", "w-cluster")):
-                only(head, name, [other])
-                client.complete(prompts[1], max_tokens=8, temperature=0, timeout_s=300)
-                report[kind] = {"latency": sequential(client, prompts, args),
-                                "ceiling": ceiling(client, prompts, args)}
+            for _ in range(args.repeats):  # alternated, so a drift of the machine hits both
+                for kind, name, other in (("in-cluster", "w-cluster", "w-linked"),
+                                          ("linked", "w-linked", "w-cluster")):
+                    only(head, name, [other])
+                    client.complete(prompts[1], max_tokens=8, temperature=0, timeout_s=300)
+                    runs[kind].append({"latency": sequential(client, prompts, args),
+                                       "ceiling": ceiling(client, prompts, args)})
+        for kind, done in runs.items():
+            report[kind] = {part: {key: (statistics.median(r[part][key] for r in done)
+                                         if isinstance(done[0][part][key], float)
+                                         else done[0][part][key])
+                                   for key in done[0][part]} for part in ("latency", "ceiling")}
+            report[kind]["runs"] = done
         linked, cluster = report["linked"]["latency"], report["in-cluster"]["latency"]
         report["linked_over_in_cluster"] = {
             **{key.removesuffix("_ms"): linked[key] / cluster[key]

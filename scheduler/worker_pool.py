@@ -255,8 +255,9 @@ class WorkerPool:
                  and not is_board(a["name"])}
         revoked = await self.registry.revoked() if self.registry is not None else set()
         for name, w in list(self._workers.items()):  # linked workers are not Ray's to list
-            if name not in names and not isinstance(w.handle, LinkHandle) or (
-                    w.registered is not None and w.registered.operator in revoked):
+            if (operator := getattr(w.registered, "operator", None)) in revoked:
+                self._drop(name, f"operator {operator}: its token was revoked")
+            elif name not in names and not isinstance(w.handle, LinkHandle):
                 self._drop(name)
         await asyncio.gather(*(self._adopt(n) for n in names - set(self._workers)))
 
@@ -415,9 +416,8 @@ class WorkerPool:
         self._time.give_back(entries)
 
     def strike(self, name: str, reason: str) -> None:
-        """`name` broke a rule of the job it ran (sent more tokens than asked, ids outside the
-        vocabulary, ...): the job leaves it; at STRIKES_TO_QUARANTINE strikes it is
-        quarantined and gets no more jobs from this scheduler."""
+        """`name` broke a rule of its job (budget, vocabulary, text; see `Dispatcher`): the job
+        leaves it; at STRIKES_TO_QUARANTINE strikes it is quarantined (no more jobs)."""
         w = self._workers.get(name)
         if w is None:
             return
@@ -439,11 +439,11 @@ class WorkerPool:
             w.healthy = False  # until its next good figures
             self._index(w)
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: str, why: str = "dropped by the scheduler") -> None:
         w = self._workers.pop(name, None)
         if w is not None:
             if isinstance(w.handle, LinkHandle):
-                w.handle.close("dropped by the scheduler")
+                w.handle.close(why)
             if w.indexed_model is not None:
                 self._indexes[w.indexed_model].remove(name)
             log.info("worker %s left", name)
