@@ -39,3 +39,19 @@ def running_on_workers(head=None) -> int:
             if a["namespace"] == actor.NAMESPACE]
     return sum(s.get("num_running", 0) + s.get("num_waiting", 0)
                for s in (ray.get(actor.find_worker(n).stats.remote()) for n in live))
+
+
+def linked_scheduler(redis_url: str, prefix: str, tls_dir):
+    """A scheduler that requires registrations, with a worker link over TLS by a CA made in
+    `tls_dir`; (its thread, the CA's certificate path)."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.head import SchedulerThread
+    from sparkgrid.tls import make_ca, make_server_cert
+
+    ca = make_ca(tls_dir)
+    cert, key = make_server_cert(tls_dir, ["127.0.0.1", "localhost"], ca)
+    head = SchedulerThread(SchedulerConfig(
+        redis_url=redis_url, redis_prefix=prefix, grpc_port=0, worker_link_port=0,
+        worker_link_cert=str(cert), worker_link_key=str(key), require_registration=True,
+        discovery_interval_s=0.5, stats_interval_s=0.25))
+    return head, ca[0]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from impostors import impostor_class
+from impostors import impostor_class, relay_class
 
 pytestmark = pytest.mark.integration
 
@@ -142,47 +142,6 @@ def test_an_audit_on_a_trusted_worker_quarantines_a_cheat_and_passes_an_honest_w
         ray.kill(cheat)
 
 
-def _relay_class():
-    """An actor that says what `stats` say and relays every job to the real worker `target`,
-    `delay_s` late at every chunk: its tokens are real, it is only slower than it claims."""
-    import asyncio
-
-    import ray
-
-    @ray.remote
-    class Relay:
-        def __init__(self, stats: dict, target, delay_s: float):
-            self._stats, self._target, self._delay_s, self._served = stats, target, delay_s, 0
-
-        async def stats(self):
-            return self._stats
-
-        async def check_health(self):
-            return None
-
-        async def renew(self, job_ids, lease_s):
-            return []
-
-        async def cancel(self, job_id):
-            return await self._target.cancel.remote(job_id)
-
-        async def tokenizer_files(self):
-            return await self._target.tokenizer_files.remote()
-
-        async def served(self):
-            return self._served
-
-        @ray.method(num_returns="streaming")
-        async def generate(self, job_id, prompt_ids, params, resume, lease_s):
-            self._served += 1
-            async for ref in self._target.generate.remote(job_id, prompt_ids, params, resume):
-                chunk = await ref
-                await asyncio.sleep(self._delay_s)
-                yield chunk
-
-    return Relay
-
-
 def test_a_worker_slower_than_it_claims_loses_the_traffic_to_what_is_observed(
         make_worker, redis_server, redis_prefix):
     import ray
@@ -198,7 +157,7 @@ def test_a_worker_slower_than_it_claims_loses_the_traffic_to_what_is_observed(
     stats = ray.get(honest.stats.remote())
     claims = {**stats, "name": "boast-1", "tokens_per_s": 1e6, "sps": {
         **stats["sps"], "steps_per_second": [s * 1000 for s in stats["sps"]["steps_per_second"]]}}
-    boaster = _relay_class().options(name="boast-1", namespace=NAMESPACE).remote(
+    boaster = relay_class().options(name="boast-1", namespace=NAMESPACE).remote(
         claims, honest, 0.1)
     config = SchedulerConfig(redis_url=redis_server.url, redis_prefix=redis_prefix, grpc_port=0,
                              discovery_interval_s=0.5, stats_interval_s=0.25)

@@ -27,9 +27,7 @@ def _cli(*args, env=None, timeout=120):
 @pytest.fixture(scope="module")
 def platform(make_worker, redis_server, sparkgrid_home, tmp_path_factory):
     """The platform: a scheduler with a TLS worker link, and its own registered worker."""
-    from scheduler.config import SchedulerConfig
-    from scheduler.head import SchedulerThread
-    from sparkgrid.tls import make_ca, make_server_cert
+    from scheduler_common import linked_scheduler
 
     env = {**os.environ, "SPARKGRID_HOME": str(sparkgrid_home)}
     redis = ["--redis-url", redis_server.url, "--redis-prefix", PREFIX]
@@ -40,15 +38,9 @@ def platform(make_worker, redis_server, sparkgrid_home, tmp_path_factory):
         tokens[name] = next(line.split()[-1] for line in added.stdout.splitlines()
                             if line.startswith("token:"))
     make_worker("w-home", operator_token=tokens["platform"])
-    tls = tmp_path_factory.mktemp("link_tls")
-    ca = make_ca(tls)
-    cert, key = make_server_cert(tls, ["127.0.0.1", "localhost"], ca)
-    head = SchedulerThread(SchedulerConfig(
-        redis_url=redis_server.url, redis_prefix=PREFIX, grpc_port=0, worker_link_port=0,
-        worker_link_cert=str(cert), worker_link_key=str(key), require_registration=True,
-        discovery_interval_s=0.5, stats_interval_s=0.25))
+    head, ca = linked_scheduler(redis_server.url, PREFIX, tmp_path_factory.mktemp("link_tls"))
     _, api_key = head.call(head.scheduler.store.create_key("tenant-a"))
-    yield head, api_key, tokens, ca[0], env
+    yield head, api_key, tokens, ca, env
     head.stop()
 
 

@@ -35,22 +35,14 @@ def _store_call(url, prefix, method, *args):
 @pytest.fixture(scope="module")
 def linked_head(make_worker, redis_server, tmp_path_factory):
     """A scheduler with a TLS worker link, two operators, and one in-cluster worker of acme."""
-    from scheduler.config import SchedulerConfig
-    from scheduler.head import SchedulerThread
-    from sparkgrid.tls import make_ca, make_server_cert
+    from scheduler_common import linked_scheduler
 
     prefix = "link-test"
     tokens = {name: _store_call(redis_server.url, prefix, "add_operator", name)
               for name in ("acme", "mallory")}
     handle = make_worker("w-in-cluster", operator_token=tokens["acme"])[0]
-    tls = tmp_path_factory.mktemp("tls")
-    ca = make_ca(tls)
-    cert, key = make_server_cert(tls, ["127.0.0.1", "localhost"], ca)
-    head = SchedulerThread(SchedulerConfig(
-        redis_url=redis_server.url, redis_prefix=prefix, grpc_port=0, worker_link_port=0,
-        worker_link_cert=str(cert), worker_link_key=str(key), require_registration=True,
-        discovery_interval_s=0.5, stats_interval_s=0.25))
-    yield head, tokens, handle, ca[0]
+    head, ca = linked_scheduler(redis_server.url, prefix, tmp_path_factory.mktemp("tls"))
+    yield head, tokens, handle, ca
     head.stop()
 
 
