@@ -13,7 +13,13 @@ Cheats, each judged the same way:
 - `perturbed`: the target with Gaussian noise of 30% of each weight tensor's spread;
 - `shallow`: a cheaper model, the target with its upper half of layers removed;
 - `replay`: another prompt's honest output delivered for this prompt;
-- `shuffled`: the honest tokens of the job in another order (same counts, wrong text).
+- `shuffled`: the honest tokens of the job in another order (same counts, wrong text);
+- `drafter`: the drafter alone, DFlash's (the shipped baseline drafter): the engine under the
+  `fixed` policy with verification skipped (`DrafterAlone`), so every drafted token is
+  delivered; the token after each block is still the target's, whose forward over the block the
+  drafter needs anyway (its context is the target's features), so 1 token in gamma + 1 is
+  honest. The engine itself is unchanged: the cheat replaces its verify step only inside the
+  subclass's own decode.
 For each: the share of jobs flagged (detection rate), and jobs until the first flag when every
 job of a new worker is audited (jobs-to-quarantine; quarantine follows the first failed audit).
 Budget cheats (more tokens than `max_tokens`, ids outside the vocabulary, inflated counts) never
@@ -41,11 +47,13 @@ from pathlib import Path
 import torch
 from routing import load_prompts  # bench/routing.py, beside this
 
+import worker.engine.engine as engine_module
 from scheduler.audit import GAP_LIMIT, MIN_TOKENS, POOLED_Z_LIMIT, Z_LIMIT, Pool, judge
 from worker.engine.audit_score import score_tokens
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
 from worker.engine.loader import load_models
+from worker.engine.verifier import next_tokens
 
 PAIR = Path(__file__).resolve().parent.parent / "worker" / "models" / "stdlib-pair"
 SAMPLED = dict(temperature=0.8, top_p=0.95)
@@ -53,12 +61,36 @@ SPS_CACHE = str(Path(tempfile.gettempdir()) / "sparkgrid-audit-sps")
 """Where the `prefix` policy's throughput profile is kept between configurations."""
 
 
+def accept_drafts(plan, logits, draft_ids, proposal, *, gamma, vocab_size, device):
+    """The `drafter` cheat's stand-in for `verifier.verify_step`: every verified draft token is
+    accepted unchecked, and the token after them is drawn from the target's logits at the
+    block's last row (the bonus an honest worker would draw when all were accepted)."""
+    last = [row + n for row, n in zip(plan.verify_rows, plan.lengths)]
+    nxt = next_tokens(plan.decode, logits[torch.tensor(last, device=device)], [1] * len(last),
+                      plan.uniforms[:, 2 * gamma], device)
+    return list(plan.lengths), nxt.tolist()
+
+
+class DrafterAlone(LLMEngine):
+    """The engine that delivers its drafter's blocks without verifying them (the `drafter`
+    cheat). Only this subclass's decode sees the replaced verify step."""
+
+    def _decode(self, plan):
+        honest = engine_module.verify_step
+        engine_module.verify_step = accept_drafts
+        try:
+            return super()._decode(plan)
+        finally:
+            engine_module.verify_step = honest
+
+
 def generate(models, dtype: str, policy: str, batch: int, prompts: list[str], max_tokens: int,
-             temperature: float, seed: int) -> tuple[list[dict], float]:
+             temperature: float, seed: int,
+             engine_class: type[LLMEngine] = LLMEngine) -> tuple[list[dict], float]:
     """Each prompt's completion from an engine of that configuration, and the seconds taken."""
     config = EngineConfig(dtype=dtype, policy=policy, max_num_seqs=batch,
                           profile_sps=policy == "prefix", sps_cache_dir=SPS_CACHE)
-    engine = LLMEngine.from_models(config, models)
+    engine = engine_class.from_models(config, models)
     params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                              seed=seed + i, **({"top_p": SAMPLED["top_p"]} if temperature else {}))
               for i in range(len(prompts))]
@@ -169,6 +201,12 @@ def main(argv=None) -> int:
         for name, fake in (("replay", replay), ("shuffled", shuffled)):
             cheats[f"{name}/T{temperature:g}"] = summary(
                 audit(auditor, tokenizer, prompts, fake, temperature)[0])
+    drafter = base.with_draft(PAIR / "dflash", EngineConfig(dtype="float32"))
+    for temperature in (0.0, SAMPLED["temperature"]):
+        outs, _ = generate(drafter, "float32", "fixed", 8, prompts, args.max_tokens, temperature,
+                           args.seed + 3, engine_class=DrafterAlone)
+        cheats[f"drafter/T{temperature:g}"] = summary(
+            audit(auditor, tokenizer, prompts, outs, temperature)[0])
     for name, figures in cheats.items():
         print(name, json.dumps(figures), file=sys.stderr, flush=True)
     per_job = audit_s / max(gen_s, 1e-9)
