@@ -201,7 +201,8 @@ class Stack:
         cmd = [SPARKGRID, "head", "--ray-address", ray.get_runtime_context().gcs_address,
                "--redis-url", self.redis.url, "--redis-prefix", PREFIX, "--host", "127.0.0.1",
                "--metrics-port", "-1", "--prices", str(self.prices),
-               "--max-tokens-cap", str(max(256, self.args.max_tokens))]
+               "--max-tokens-cap", str(max(256, self.args.max_tokens)),
+               "--allow-unregistered"]  # its workers are the platform's own, unregistered
         for name in ("head-a", "head-b"):
             head = Head(name, cmd, self.env, self.workdir)
             self.heads.append(head)

@@ -294,10 +294,11 @@ def connect(address: str, timeout_s: float = 5.0) -> dict:
 
 def start_local() -> dict:
     """Start a private Ray for this process (`sparkgrid worker --join`), never joining a running
-    cluster whatever RAY_ADDRESS says; returns this node as `connect` does."""
+    cluster whatever RAY_ADDRESS says, listening on the loopback only (nothing else needs to
+    reach it); returns this node as `connect` does."""
     try:
         ray.init(address="local", namespace=NAMESPACE, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
+                 logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConnectionError(f"cannot start a local Ray for the worker ({err})") from None
     return _this_node()

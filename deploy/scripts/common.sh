@@ -1,10 +1,12 @@
 # shellcheck shell=bash
-# Shared by start-head.sh and start-worker.sh (sourced, not run). Knows: how to find the
-# installation, Ray's token authentication, and how to supervise the two long-running
-# processes of a node (Ray, then sparkgrid) so that a stop drains sparkgrid before Ray goes.
+# Shared by start-head.sh, start-worker.sh and join-worker.sh (sourced, not run). Knows: how to
+# find the installation and the model pair, Ray's token authentication, the operator token, and
+# how to supervise the two long-running processes of a cluster node (Ray, then sparkgrid) so
+# that a stop drains sparkgrid before Ray goes. Does not know: what the head or a worker does.
 #
-# Every setting is an environment variable; `SG_ROLE` (head or worker) names the caller in
-# messages. Nothing here prints a secret: Redis URLs are shown without their password.
+# Every setting is an environment variable; `SG_ROLE` (head, worker, linked-worker) names the
+# caller in messages. Nothing here prints a secret: Redis URLs are shown without their
+# password, tokens not at all.
 
 # bash >= 4.4: empty arrays under `set -u`, and namerefs.
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
@@ -35,6 +37,11 @@ sg_require_uint() {
 sg_require_port() {
     sg_require_uint "$1" "$2"
     (($2 >= 1 && $2 <= 65535)) || sg_die "$1: expected a port in 1..65535, got $2"
+}
+
+# sg_require_flag NAME VALUE: VALUE is 1 (on) or 0 (off).
+sg_require_flag() {
+    [[ $2 == 0 || $2 == 1 ]] || sg_die "$1: expected 1 (on) or 0 (off), got '$2'"
 }
 
 # sg_words NAME STRING: split STRING on whitespace into the array NAME (for *_EXTRA_ARGS).
@@ -91,10 +98,68 @@ sg_setup_path() {
         sg_die "$SPARKGRID_PYTHON cannot import sparkgrid's modules; set SPARKGRID_PYTHON to the Python sparkgrid is installed in"
 }
 
+# sg_models TARGET_VAR DRAFT_VAR: the model pair from SPARKGRID_TARGET and SPARKGRID_DRAFT, both
+# given or neither (then the pair shipped inside the package), each a directory with a
+# config.json. Needs sg_setup_path first (it asks sparkgrid's Python for the shipped pair).
+sg_models() {
+    local -n _target=$1 _draft=$2
+    _target=${SPARKGRID_TARGET:-}
+    _draft=${SPARKGRID_DRAFT:-}
+    if [[ -z $_target && -z $_draft ]]; then
+        local pair
+        pair=$("$SPARKGRID_PYTHON" -c 'from worker.models import shipped_pair
+p = shipped_pair()
+print(f"{p[0]}\n{p[1]}" if p else "")') || sg_die "could not look up the shipped model pair"
+        [[ -n $pair ]] || sg_die "this installation has no shipped model pair; set SPARKGRID_TARGET and SPARKGRID_DRAFT"
+        _target=${pair%%$'\n'*}
+        _draft=${pair#*$'\n'}
+        sg_log "models: the shipped pair (target $_target, draft $_draft)"
+    elif [[ -z $_target || -z $_draft ]]; then
+        sg_die "set both SPARKGRID_TARGET and SPARKGRID_DRAFT, or neither (the shipped pair)"
+    fi
+    [[ -f $_target/config.json ]] || sg_die "SPARKGRID_TARGET=$_target: no config.json there (a target model directory)"
+    [[ -f $_draft/config.json ]] || sg_die "SPARKGRID_DRAFT=$_draft: no config.json there (a DSpark draft directory)"
+}
+
+# sg_warn_if_readable_by_all FILE: a secret's file should not be readable by every user.
+sg_warn_if_readable_by_all() {
+    local mode
+    mode=$(stat -c '%a' "$1" 2>/dev/null || true)
+    if [[ ${#mode} -ge 3 && ${mode: -1} != 0 ]]; then
+        sg_log "warning: every user of this machine can read $1 (mode $mode); chmod o-rwx it"
+    fi
+}
+
+# sg_operator_token: the operator token (`sparkgrid operators add` printed it; it registers
+# this node's workers) from the first line of SPARKGRID_OPERATOR_TOKEN_FILE, else from
+# SPARKGRID_OPERATOR_TOKEN; exported as SPARKGRID_OPERATOR_TOKEN, where `sparkgrid worker`
+# reads it (an argument would show in every user's `ps`). Returns 1 when none is set.
+sg_operator_token() {
+    local from=SPARKGRID_OPERATOR_TOKEN
+    if [[ -n ${SPARKGRID_OPERATOR_TOKEN_FILE:-} ]]; then
+        from="SPARKGRID_OPERATOR_TOKEN_FILE=$SPARKGRID_OPERATOR_TOKEN_FILE"
+        [[ -r $SPARKGRID_OPERATOR_TOKEN_FILE && -f $SPARKGRID_OPERATOR_TOKEN_FILE ]] ||
+            sg_die "$from is not a readable file (it holds the operator token)"
+        SPARKGRID_OPERATOR_TOKEN=
+        IFS= read -r SPARKGRID_OPERATOR_TOKEN <"$SPARKGRID_OPERATOR_TOKEN_FILE" || true
+        [[ -n ${SPARKGRID_OPERATOR_TOKEN//[[:space:]]/} ]] || sg_die "$from: the file is empty"
+        sg_warn_if_readable_by_all "$SPARKGRID_OPERATOR_TOKEN_FILE"
+    fi
+    SPARKGRID_OPERATOR_TOKEN=${SPARKGRID_OPERATOR_TOKEN:-}
+    SPARKGRID_OPERATOR_TOKEN=${SPARKGRID_OPERATOR_TOKEN//[[:space:]]/}  # a file's CR, stray blanks
+    if [[ -z $SPARKGRID_OPERATOR_TOKEN ]]; then
+        unset SPARKGRID_OPERATOR_TOKEN  # an empty one would reach `sparkgrid worker` as malformed
+        return 1
+    fi
+    [[ $SPARKGRID_OPERATOR_TOKEN == sgo_* ]] ||
+        sg_die "$from: not an operator token (expected sgo_<id>_<secret>, as \`sparkgrid operators add\` printed it)"
+    export SPARKGRID_OPERATOR_TOKEN
+}
+
 # Ray token authentication: always on. The token comes, in Ray's own order, from
 # RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. Every node and
-# every driver of the cluster needs the same token. `generate` (the head only) creates
-# ~/.ray/auth_token when no token is configured at all.
+# every driver of the cluster needs the same token. `generate` (the head, and a linked
+# worker's Ray of its own) creates ~/.ray/auth_token when no token is configured at all.
 sg_require_token_auth() {
     if [[ -n ${RAY_AUTH_MODE:-} && $RAY_AUTH_MODE != token ]]; then
         sg_die "RAY_AUTH_MODE=$RAY_AUTH_MODE: sparkgrid nodes run with Ray token authentication only" \
@@ -119,15 +184,15 @@ sg_setup_ray_auth() {
             sg_die "no Ray token on this node: copy the head's token (its ~/.ray/auth_token) to $file" \
                 "(mode 600), or set RAY_AUTH_TOKEN_PATH to a file holding it"
         fi
-        sg_log "no Ray token yet: generating $file (copy it to every worker node, mode 600)"
+        if [[ $SG_ROLE == head ]]; then
+            sg_log "no Ray token yet: generating $file (copy it to every worker node, mode 600)"
+        else
+            sg_log "no Ray token yet: generating $file for this machine's own Ray"
+        fi
         (umask 077 && ray get-auth-token --generate >/dev/null) ||
             sg_die "could not generate a Ray token with 'ray get-auth-token --generate'"
     fi
-    local mode
-    mode=$(stat -c '%a' "$file" 2>/dev/null || true)
-    if [[ ${#mode} -ge 3 && ${mode: -1} != 0 ]]; then
-        sg_log "warning: every user of this machine can read $file (mode $mode); chmod o-rwx it"
-    fi
+    sg_warn_if_readable_by_all "$file"
     sg_log "Ray token: from $file"
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # start-head.sh: the platform's head node. Starts the Ray head (dashboard, metrics export),
-# checks Redis, then runs the sparkgrid scheduler (`sparkgrid head`) in the foreground of this
-# script. SIGTERM or Ctrl-C stops the scheduler first (running streams get up to 10 s), then
-# Ray. Meant to be run by systemd (deploy/systemd/sparkgrid-head.service), a container
+# checks Redis, then runs the sparkgrid scheduler (`sparkgrid head`: the client API, and the
+# worker link for node operators outside the cluster) in the foreground of this script.
+# SIGTERM or Ctrl-C stops the scheduler first (running streams get up to 10 s), then Ray.
+# Meant to be run by systemd (deploy/systemd/sparkgrid-head.service), a container
 # (deploy/docker/Dockerfile.head) or a KubeRay head pod; fine by hand too.
 #
 # Settings (environment variables; defaults in brackets):
@@ -26,11 +27,22 @@
 #   SPARKGRID_GRPC_PORT         [50051]
 #   SPARKGRID_METRICS_PORT      the scheduler's Prometheus /metrics port [9464]
 #   SPARKGRID_TLS_CERT, SPARKGRID_TLS_KEY   PEM files: serve the API over TLS only []
+#   SPARKGRID_WORKER_LINK_PORT  the worker link: where node operators outside the Ray cluster
+#                               dial in (`sparkgrid worker --join`), on SPARKGRID_GRPC_HOST;
+#                               empty or "off": no link [50060]
+#   SPARKGRID_WORKER_LINK_CERT, SPARKGRID_WORKER_LINK_KEY   PEM files: the link's TLS
+#                               [the API's SPARKGRID_TLS_CERT/KEY; with neither the head
+#                               refuses to start the link, unless:]
+#   SPARKGRID_WORKER_LINK_PLAINTEXT   1: serve the link without TLS, operator tokens in the
+#                               clear (a private network only) [0]
+#   SPARKGRID_ALLOW_UNREGISTERED    1: also route to Ray workers that no operator token
+#                               registered (a cluster whose every member is the platform's) [0]
 #   SPARKGRID_PRICES            the price book (TOML) [the shipped scheduler/prices.toml]
 #   SPARKGRID_ROUTING           how the scheduler picks a worker: fastest, round_robin, jsq, p2c
 #                               [fastest] (SPARKGRID_POLICY, its old name, is still read)
 #   SPARKGRID_HEAD_EXTRA_ARGS   more `sparkgrid head` options, space-separated []
 #   SPARKGRID_VENV              the virtual environment sparkgrid is installed in [PATH's]
+#   SPARKGRID_PYTHON            the Python sparkgrid is installed in [the `sparkgrid` command's]
 #   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN    the cluster's Ray token [~/.ray/auth_token,
 #                               generated on first start when there is none]
 #   RAY_PROMETHEUS_HOST         Prometheus URL for the dashboard's Metrics page, e.g.
@@ -56,6 +68,11 @@ metrics_port=${SPARKGRID_METRICS_PORT:-9464}
 tls_cert=${SPARKGRID_TLS_CERT:-}
 tls_key=${SPARKGRID_TLS_KEY:-}
 prices=${SPARKGRID_PRICES:-}
+link_port=${SPARKGRID_WORKER_LINK_PORT-50060}  # set and empty: no link
+link_cert=${SPARKGRID_WORKER_LINK_CERT:-}
+link_key=${SPARKGRID_WORKER_LINK_KEY:-}
+link_plaintext=${SPARKGRID_WORKER_LINK_PLAINTEXT:-0}
+allow_unregistered=${SPARKGRID_ALLOW_UNREGISTERED:-0}
 policy=${SPARKGRID_ROUTING:-${SPARKGRID_POLICY:-fastest}}
 
 # -- check everything before starting anything ------------------------------------------------
@@ -77,6 +94,34 @@ if [[ -n $tls_cert || -n $tls_key ]]; then
 fi
 if [[ -n $prices && ! -r $prices ]]; then
     sg_die "SPARKGRID_PRICES=$prices is not a readable file (the price book, TOML)"
+fi
+sg_require_flag SPARKGRID_ALLOW_UNREGISTERED "$allow_unregistered"
+sg_require_flag SPARKGRID_WORKER_LINK_PLAINTEXT "$link_plaintext"
+if [[ $link_port == off ]]; then
+    link_port=
+fi
+if [[ -n $link_port ]]; then
+    sg_require_port SPARKGRID_WORKER_LINK_PORT "$link_port"
+    [[ $link_port != "$grpc_port" && $link_port != "$metrics_port" ]] ||
+        sg_die "SPARKGRID_WORKER_LINK_PORT=$link_port: the API or its metrics have that port; give the link its own (50060)"
+    if [[ -n $link_cert || -n $link_key ]]; then
+        [[ -n $link_cert && -n $link_key ]] ||
+            sg_die "SPARKGRID_WORKER_LINK_CERT and SPARKGRID_WORKER_LINK_KEY go together: set both or neither"
+        ((!link_plaintext)) ||
+            sg_die "SPARKGRID_WORKER_LINK_PLAINTEXT=1 and SPARKGRID_WORKER_LINK_CERT: choose one"
+        [[ -r $link_cert ]] || sg_die "SPARKGRID_WORKER_LINK_CERT=$link_cert is not a readable file"
+        [[ -r $link_key ]] || sg_die "SPARKGRID_WORKER_LINK_KEY=$link_key is not a readable file"
+    elif ((!link_plaintext)); then
+        # The API's certificate then serves the link too (already checked above).
+        link_cert=$tls_cert
+        link_key=$tls_key
+        [[ -n $link_cert ]] ||
+            sg_die "the worker link (SPARKGRID_WORKER_LINK_PORT=$link_port) needs TLS: operator tokens" \
+                "cross the internet on it. Set SPARKGRID_WORKER_LINK_CERT and SPARKGRID_WORKER_LINK_KEY" \
+                "(or the API's SPARKGRID_TLS_CERT/KEY, which the link then shares); or" \
+                "SPARKGRID_WORKER_LINK_PORT=off for no link; or, on a private network only," \
+                "SPARKGRID_WORKER_LINK_PLAINTEXT=1"
+    fi
 fi
 
 if [[ -n ${SPARKGRID_REDIS_URL_FILE:-} ]]; then
@@ -102,6 +147,10 @@ fi
 if [[ -z $tls_cert && $grpc_host != 127.0.0.1 && $grpc_host != localhost ]]; then
     sg_log "note: the gRPC API is served in plaintext on $grpc_host:$grpc_port; API keys cross" \
         "the network in clear unless a TLS proxy fronts it (or set SPARKGRID_TLS_CERT/KEY)"
+fi
+if [[ -n $link_port && -z $link_cert && $grpc_host != 127.0.0.1 && $grpc_host != localhost ]]; then
+    sg_log "warning: the worker link is served in plaintext on $grpc_host:$link_port" \
+        "(SPARKGRID_WORKER_LINK_PLAINTEXT=1): operator tokens cross the network in clear"
 fi
 
 # -- Redis: answers, with the password; warn when it is not set up for a ledger ---------------
@@ -163,6 +212,17 @@ set_head_cmd() {
         head_cmd+=(--tls-cert "$tls_cert" --tls-key "$tls_key")
     fi
     sg_add_opt head_cmd --prices "$prices"
+    if [[ -n $link_port ]]; then
+        head_cmd+=(--worker-link-port "$link_port")
+        if [[ -n $link_cert ]]; then
+            head_cmd+=(--worker-link-cert "$link_cert" --worker-link-key "$link_key")
+        else
+            head_cmd+=(--worker-link-plaintext)
+        fi
+    fi
+    if ((allow_unregistered)); then
+        head_cmd+=(--allow-unregistered)
+    fi
     sg_add_words head_cmd "${SPARKGRID_HEAD_EXTRA_ARGS:-}"
 }
 

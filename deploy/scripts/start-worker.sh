@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# start-worker.sh: a node operator's GPU joins the network. Joins the platform's Ray cluster
-# (`ray start --address HEAD:6379`, with the cluster's token), then runs `sparkgrid worker
-# ... --foreground`: a named worker actor pinned to this node, health-checked every 5 s.
+# start-worker.sh: a trusted node's GPU joins the network as a member of the platform's Ray
+# cluster (GPUs the platform runs itself, or an operator's it trusts like itself: a member can
+# run code on every node, the head included; anyone else runs join-worker.sh, the worker link).
+# Joins the cluster (`ray start --address HEAD:6379`, with the cluster's token), then runs
+# `sparkgrid worker ... --foreground`: a named worker actor pinned to this node, registered
+# with the operator token, health-checked every 5 s.
 # SIGTERM or Ctrl-C drains the worker (running jobs finish, up to 120 s) and removes it, then
 # stops Ray on this node; give the whole stop 180 s before killing (systemd TimeoutStopSec,
 # docker --stop-timeout, Kubernetes terminationGracePeriodSeconds).
@@ -41,19 +44,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sg_install_traps
 sg_require_token_auth
 
-if [[ -n ${SPARKGRID_OPERATOR_TOKEN_FILE:-} ]]; then
-    [[ -r $SPARKGRID_OPERATOR_TOKEN_FILE ]] || sg_die "SPARKGRID_OPERATOR_TOKEN_FILE=$SPARKGRID_OPERATOR_TOKEN_FILE is not a readable file"
-    IFS= read -r SPARKGRID_OPERATOR_TOKEN <"$SPARKGRID_OPERATOR_TOKEN_FILE" || true
+if ! sg_operator_token; then
+    sg_log "warning: no SPARKGRID_OPERATOR_TOKEN(_FILE): the worker is unregistered, and a" \
+        "scheduler requiring registrations (the default) routes nothing to it"
 fi
-[[ -n ${SPARKGRID_OPERATOR_TOKEN:-} ]] && export SPARKGRID_OPERATOR_TOKEN
-[[ -n ${SPARKGRID_OPERATOR_TOKEN:-} ]] || sg_log "warning: no SPARKGRID_OPERATOR_TOKEN: the worker is unregistered, and a scheduler requiring registrations routes nothing to it"
 
 device=${SPARKGRID_DEVICE:-cuda}
 gpu_type=${SPARKGRID_GPU_TYPE:-}
 price=${SPARKGRID_PRICE_PER_HOUR:-0}
 name=${SPARKGRID_WORKER_NAME:-}
-target=${SPARKGRID_TARGET:-}
-draft=${SPARKGRID_DRAFT:-}
 max_batch_tokens=${SPARKGRID_MAX_BATCH_TOKENS:-}
 draft_vocab=${SPARKGRID_DRAFT_VOCAB:-}
 node_ip=${SPARKGRID_NODE_IP:-}
@@ -100,20 +99,8 @@ sg_require_uint SPARKGRID_RAY_SETTLE_S "$settle_s"
 sg_setup_path
 sg_setup_ray_auth
 
-# The models: both given, or neither (the pair shipped inside the package).
-if [[ -z $target && -z $draft ]]; then
-    pair=$("$SPARKGRID_PYTHON" -c 'from worker.models import shipped_pair
-p = shipped_pair()
-print(f"{p[0]}\n{p[1]}" if p else "")') || sg_die "could not look up the shipped model pair"
-    [[ -n $pair ]] || sg_die "this installation has no shipped model pair; set SPARKGRID_TARGET and SPARKGRID_DRAFT"
-    target=${pair%%$'\n'*}
-    draft=${pair#*$'\n'}
-    sg_log "models: the shipped pair (target $target, draft $draft)"
-elif [[ -z $target || -z $draft ]]; then
-    sg_die "set both SPARKGRID_TARGET and SPARKGRID_DRAFT, or neither (the shipped pair)"
-fi
-[[ -f $target/config.json ]] || sg_die "SPARKGRID_TARGET=$target: no config.json there (a target model directory)"
-[[ -f $draft/config.json ]] || sg_die "SPARKGRID_DRAFT=$draft: no config.json there (a DSpark draft directory)"
+target='' draft=''
+sg_models target draft
 
 # The head must answer before this node joins: a clear message beats Ray's retries. (KubeRay
 # runs its own wait for the head's GCS in an init container.)

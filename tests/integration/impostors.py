@@ -8,27 +8,32 @@ Knows: the worker actor's methods. Does not know: what any test checks.
 from __future__ import annotations
 
 
-class _Claims:
-    """What both kinds answer alike: the figures given, healthy, no leases kept."""
+def _claims():
+    """The base of both kinds: what they answer alike (the figures given, healthy, no leases
+    kept). Made in a function, so that Ray ships the class by value: the workers cannot import
+    this test module."""
 
-    _stats: dict
-    _registration: dict | None = None
-    _served = 0
+    class Claims:
+        _stats: dict
+        _registration: dict | None = None
+        _served = 0
 
-    async def registration(self):
-        return self._registration
+        async def registration(self):
+            return self._registration
 
-    async def stats(self):
-        return self._stats
+        async def stats(self):
+            return self._stats
 
-    async def check_health(self):
-        return None
+        async def check_health(self):
+            return None
 
-    async def renew(self, job_ids, lease_s):
-        return []
+        async def renew(self, job_ids, lease_s):
+            return []
 
-    async def served(self):
-        return self._served
+        async def served(self):
+            return self._served
+
+    return Claims
 
 
 def impostor_class():
@@ -39,7 +44,7 @@ def impostor_class():
     import ray
 
     @ray.remote
-    class Impostor(_Claims):
+    class Impostor(_claims()):
         def __init__(self, stats: dict, chunks: list[dict], tokenizer_files: dict,
                      registration: dict | None = None):
             self._stats, self._chunks, self._files = stats, chunks, tokenizer_files
@@ -69,7 +74,7 @@ def relay_class():
     import ray
 
     @ray.remote
-    class Relay(_Claims):
+    class Relay(_claims()):
         def __init__(self, stats: dict, target, delay_s: float):
             self._stats, self._target, self._delay_s = stats, target, delay_s
 

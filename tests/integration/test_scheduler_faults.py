@@ -168,7 +168,8 @@ def _start_head(cluster, redis_url: str, home) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "head", "--ray-address",
            ray.get_runtime_context().gcs_address, "--redis-url", redis_url, "--redis-prefix",
            "cli-test", "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1",
-           "--lease", "3s"]  # a killed one's jobs are orphans 3 s after its last renewal
+           "--lease", "3s",  # a killed one's jobs are orphans 3 s after its last renewal
+           "--allow-unregistered"]  # the module's workers have no operator (not tested here)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SPARKGRID_HOME": str(home)})
     line = Lines(proc).until("serving sparkgrid.v1.Inference", 120)[-1]

@@ -110,7 +110,8 @@ def _start_head(redis_url: str, home) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).with_name("sparkgrid")), "head", "--ray-address",
            ray.get_runtime_context().gcs_address, "--redis-url", redis_url, "--redis-prefix",
            PREFIX, "--grpc-port", "0", "--metrics-port", "-1", "--lease", f"{LEASE_S:g}s",
-           "--max-tokens-cap", "1500"]
+           "--max-tokens-cap", "1500",
+           "--allow-unregistered"]  # the module's workers have no operator (not tested here)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SPARKGRID_HOME": str(home)})
     line = Lines(proc).until("serving sparkgrid.v1.Inference", 120)[-1]

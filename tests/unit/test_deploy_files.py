@@ -1,7 +1,8 @@
 """deploy/: the operators' files are there and well formed.
 
 The inventory the design names, shell syntax and shellcheck of every script, YAML that parses,
-systemd units, the ledger's Redis settings and Prometheus's scrape targets. The KubeRay manifest
+systemd units, settings documented where they are read and set, the ledger's Redis settings and
+Prometheus's scrape targets. The KubeRay manifest
 and the images are checked in `test_deploy_manifests.py`, the start scripts' behaviour in
 `test_deploy_scripts.py`. No Ray, Redis, Docker or network is used.
 """
@@ -33,14 +34,18 @@ from deploy_common import (
     yaml_docs,
 )
 
+START_SCRIPTS = ["start-head.sh", "start-worker.sh", "join-worker.sh"]
+
 
 # -- the inventory ------------------------------------------------------------------------------
 def test_deploy_has_every_file_the_design_names():
     expected = [
         "README.md", "scripts/start-head.sh", "scripts/start-worker.sh",
+        "scripts/join-worker.sh", "scripts/common.sh",
         "docker/Dockerfile.worker", "docker/Dockerfile.head", "docker/compose.yaml",
         "kuberay/raycluster.yaml", "systemd/sparkgrid-head.service",
-        "systemd/sparkgrid-worker.service", "systemd/sparkgrid.env.example",
+        "systemd/sparkgrid-worker.service", "systemd/sparkgrid-linked-worker.service",
+        "systemd/sparkgrid.env.example",
         "redis/redis.conf", "prometheus/prometheus.yml", "envoy/envoy.yaml",
     ]
     missing = [f for f in expected if not (DEPLOY / f).is_file()]
@@ -51,11 +56,11 @@ def test_found_files_to_check():
     # The parametrized tests (here and in test_deploy_manifests.py) check what they find; an
     # empty list would check nothing.
     assert SHELL_SCRIPTS and YAML_FILES and DOCKERFILES and UNITS
-    assert ((SCRIPTS / "start-head.sh") in SHELL_SCRIPTS
-            and (SCRIPTS / "start-worker.sh") in SHELL_SCRIPTS)
+    assert {SCRIPTS / name for name in START_SCRIPTS} <= set(SHELL_SCRIPTS)
+    assert DEPLOY / "systemd" / "sparkgrid-linked-worker.service" in UNITS
 
 
-@pytest.mark.parametrize("name", ["start-head.sh", "start-worker.sh"])
+@pytest.mark.parametrize("name", START_SCRIPTS)
 def test_start_scripts_are_executable(name):
     assert os.access(SCRIPTS / name, os.X_OK), \
         f"deploy/scripts/{name} must be executable (chmod 755)"
@@ -128,9 +133,53 @@ def test_systemd_unit(unit):
     assert sections["Install"]["WantedBy"]
 
 
-def test_worker_unit_waits_for_the_drain():
-    service = _unit(DEPLOY / "systemd" / "sparkgrid-worker.service")["Service"]
+@pytest.mark.parametrize("name", ["sparkgrid-worker.service", "sparkgrid-linked-worker.service"])
+def test_worker_units_wait_for_the_drain(name):
+    service = _unit(DEPLOY / "systemd" / name)["Service"]
     assert int(service["TimeoutStopSec"][-1]) >= DRAIN_S + 30
+
+
+def test_linked_worker_unit_runs_the_join_script_without_the_private_network():
+    sections = _unit(DEPLOY / "systemd" / "sparkgrid-linked-worker.service")
+    service = sections["Service"]
+    assert service["ExecStart"][-1].endswith("/deploy/scripts/join-worker.sh")
+    # It only dials out: no WireGuard, and no Ray cluster to wait for.
+    ordering = " ".join(sections["Unit"].get("After", []) + sections["Unit"].get("Requires", []))
+    assert "wg-quick" not in ordering and "network-online.target" in ordering
+    # A refused token (exit status 2) is not retried for ever.
+    assert service["RestartPreventExitStatus"] == ["2"]
+    # The same hardening as the in-cluster worker's unit.
+    worker = _unit(DEPLOY / "systemd" / "sparkgrid-worker.service")["Service"]
+    for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "User",
+                "KillMode", "LimitNOFILE"):
+        assert service[key] == worker[key], key
+
+
+# -- the settings file --------------------------------------------------------------------------
+_SETTING = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=", re.M)
+
+
+def _documented_settings(script: Path) -> set[str]:
+    header = "".join(line + "\n" for line in script.read_text().splitlines()
+                     if line.startswith("#"))
+    return set(re.findall(r"\b((?:SPARKGRID|RAY)_[A-Z0-9_]+)\b", header))
+
+
+def test_every_setting_of_the_example_is_one_a_script_documents():
+    documented = set().union(*(_documented_settings(SCRIPTS / s) for s in START_SCRIPTS))
+    examples = set(_SETTING.findall(ENV_EXAMPLE.read_text()))
+    assert examples, "sparkgrid.env.example sets nothing"
+    assert not examples - documented, sorted(examples - documented)
+
+
+@pytest.mark.parametrize("name", START_SCRIPTS)
+def test_every_setting_a_script_reads_is_documented_at_its_top(name):
+    script = SCRIPTS / name
+    body = "\n".join(line for line in script.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    read = set(re.findall(r"\$\{?(SPARKGRID_[A-Z0-9_]+)", body))
+    assert read, f"{name} reads no setting"
+    assert not read - _documented_settings(script), sorted(read - _documented_settings(script))
 
 
 # -- Redis --------------------------------------------------------------------------------------

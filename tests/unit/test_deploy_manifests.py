@@ -2,8 +2,8 @@
 
 The RayCluster's required fields, its two GPU worker groups of different types, secrets for the
 Ray token and the Redis URL, the gRPC Service; pinned base images, non-root users, the compose
-file's Redis, and head and worker images that share Python and Ray. No Ray, Docker or network
-is used.
+file's Redis, head and worker images that share Python and Ray, and the worker link where each
+head serves it. No Ray, Docker or network is used.
 """
 
 from __future__ import annotations
@@ -217,3 +217,47 @@ def test_compose_runs_the_second_scheduler_on_the_running_ray_behind_envoy():
     assert "SPARKGRID_REDIS_URL" not in second["environment"]  # the secret file, not the env
     assert any(v.startswith("../envoy/envoy.yaml:") for v in envoy["volumes"])
     assert second["profiles"] == envoy["profiles"] == ["two-schedulers"]
+
+
+# -- the worker link ----------------------------------------------------------------------------
+LINK_PORT = 50060
+
+
+@needs_yaml
+def test_compose_head_serves_the_worker_link_over_tls_and_the_second_scheduler_none():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    head, second = compose["services"]["head"], compose["services"]["scheduler-b"]
+    env = head["environment"]
+    assert env["SPARKGRID_WORKER_LINK_PORT"] == str(LINK_PORT)
+    assert "SPARKGRID_WORKER_LINK_PLAINTEXT" not in env
+    for setting, secret in (("SPARKGRID_WORKER_LINK_CERT", "link.crt"),
+                            ("SPARKGRID_WORKER_LINK_KEY", "link.key")):
+        assert env[setting] == f"/run/secrets/{secret}"
+        assert secret in head["secrets"] and secret in compose["secrets"]
+    # Both run on one host (host networking): one of them may bind the link's port.
+    assert second["environment"]["SPARKGRID_WORKER_LINK_PORT"] == "off"
+
+
+@needs_yaml
+def test_kuberay_head_starts_without_a_link_and_routes_to_its_own_workers():
+    # start-head.sh refuses a link without TLS; this manifest mounts no certificate.
+    env = container_env(raycluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert env["SPARKGRID_WORKER_LINK_PORT"]["value"] == "off"
+    # Its worker pods carry no operator token: every member is the platform's own.
+    assert env["SPARKGRID_ALLOW_UNREGISTERED"]["value"] == "1"
+
+
+def test_head_image_exposes_the_worker_link():
+    exposed = [line.split()[1:] for line in
+               (DEPLOY / "docker" / "Dockerfile.head").read_text().splitlines()
+               if line.startswith("EXPOSE ")]
+    assert str(LINK_PORT) in [port for ports in exposed for port in ports]
+
+
+def test_worker_image_documents_the_linked_workers_docker_run():
+    worker = (DEPLOY / "docker" / "Dockerfile.worker").read_text()
+    top = worker[:worker.index("\nFROM ")]
+    assert "--entrypoint /opt/sparkgrid/bin/join-worker.sh" in top
+    assert "SPARKGRID_LINK=" in top and "SPARKGRID_OPERATOR_TOKEN_FILE=" in top
+    # The image carries the script (every file of deploy/scripts is copied and made executable).
+    assert "COPY deploy/scripts/ /opt/sparkgrid/bin/" in worker
