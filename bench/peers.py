@@ -5,7 +5,8 @@ in the same dtype and on one thread, one after the other in one run:
 - c = 1: `--single-prompts` requests (16) of `--single-max-tokens` (64), one at a time;
   per-request tokens/s (the mean over requests);
 - c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
-  flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c.
+  flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c. Every
+  request is a distinct prompt (a repeat would let vLLM's prefix cache skip its prefill).
 Every arm runs `--repeats` times (3), interleaved with the others; figures are medians.
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
@@ -137,8 +138,8 @@ def engine_arms(args, engine, prompts, singles) -> dict:
                     res = serve(engine, singles, concurrency=1, policy=policy,
                                 max_tokens=args.single_max_tokens)
                 else:
-                    res = serve(engine, requests_for(prompts, c), concurrency=c, policy=policy,
-                                max_tokens=args.max_tokens)
+                    res = serve(engine, requests_for(prompts, c, args.num_prompts),
+                                concurrency=c, policy=policy, max_tokens=args.max_tokens)
                 runs.setdefault(policy, {}).setdefault(str(c), []).append(res)
                 print(f"[{repeat + 1}/{args.repeats}] sparkgrid {policy:6s} c={c:<3d} "
                       f"{res['aggregate_tps']:8.1f} tok/s aggregate, {res['per_request_tps']:7.1f} "
@@ -157,9 +158,11 @@ def median_run(runs: list[dict]) -> dict:
     return chosen
 
 
-def requests_for(prompts: list[list[int]], c: int) -> list[list[int]]:
-    """Every prompt once, and at least 2c requests (prompts in turn), so the loop is full."""
-    n = max(len(prompts), 2 * c)
+def requests_for(prompts: list[list[int]], c: int, base: int = 64) -> list[list[int]]:
+    """max(base, 2c) requests, so the loop is full, each a distinct prompt while there are
+    enough (`held_out_prompts` cuts max(--num-prompts, 2 x the largest c)): a repeated prompt
+    would let a server with a prefix cache (vLLM's is on by default) skip its prefill."""
+    n = max(base, 2 * c)
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
@@ -173,7 +176,8 @@ def vllm_arms(args, prompts, singles) -> dict | None:
         spec_path.write_text(json.dumps({
             "target": str(Path(args.target).resolve()), "dtype": args.dtype,
             "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-            "prompts_by_c": {str(c): requests_for(prompts, c) for c in args.concurrency},
+            "prompts_by_c": {str(c): requests_for(prompts, c, args.num_prompts)
+                             for c in args.concurrency},
             "single_prompts": singles, "single_max_tokens": args.single_max_tokens,
             "repeats": args.repeats, "kv_cache_gib": 2}))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -283,7 +287,8 @@ def main(argv=None) -> int:
     config = EngineConfig(dtype=args.dtype, max_num_seqs=max(64, max(args.concurrency)),
                           draft_vocab_size=args.draft_vocab)
     engine = LLMEngine.from_pretrained(args.target, args.draft, config)
-    prompts = held_out_prompts(engine.tokenizer, args.prompt_package, args.num_prompts,
+    prompts = held_out_prompts(engine.tokenizer, args.prompt_package,
+                               max(args.num_prompts, 2 * max(args.concurrency)),
                                args.max_prompt_tokens)
     singles = prompts[:args.single_prompts]
     table = engine_arms(args, engine, prompts, singles)
