@@ -89,7 +89,7 @@ class Scheduler:
         self._lease_task: asyncio.Task | None = None
         self._quarantine_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
-        self.link_server = self.link_port = self.links = self._revocation_task = None
+        self.link_server = self.link_port = self.links = None
         """The worker link's server, port and servicer (`config.worker_link_port`)."""
         self.leases_lost = 0
         """How many times this scheduler found its lease lapsed (and took it again)."""
@@ -144,7 +144,6 @@ class Scheduler:
                (Path(c.worker_link_cert).read_bytes(), Path(c.worker_link_key).read_bytes()))
         self.link_server, self.link_port, self.links = await start_link_server(
             self.pool, self.store, c.host, c.worker_link_port, tls)
-        self._revocation_task = asyncio.create_task(self.links.watch_revocations())
         log.info("worker link: sparkgrid.v1.WorkerLink on %s:%d (%s)", c.host, self.link_port,
                  "plaintext" if tls is None else "TLS")
 
@@ -169,7 +168,6 @@ class Scheduler:
                 await asyncio.sleep(self.config.drain_delay_s)
             await self.server.stop(grace_s)
         if self.link_server is not None:  # linked workers' jobs have ended with the streams
-            await _cancel(self._revocation_task)
             await self.link_server.stop(1.0)
         await _cancel(self._sweep_task)
         await _cancel(self._quarantine_task)

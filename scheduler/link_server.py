@@ -9,7 +9,8 @@ serves; the registration is written to Redis like an in-cluster worker's (a name
 operator registered is PERMISSION_DENIED). Then the worker joins the pool through a
 `LinkHandle`, and from there routing, failover, leases, audits, billing and draining treat it
 like any worker. The link's end (the worker's process gone, the network cut, the worker silent
-past the pool's stale bound, its operator revoked) drops it from the pool: its jobs resume
+past the pool's stale bound, its operator revoked: the pool's discovery round sees that and
+closes the link) drops it from the pool: its jobs resume
 elsewhere from the tokens already delivered.
 
 Knows: gRPC, the link's messages, the token check. Does not know: routing, how a job runs.
@@ -48,22 +49,7 @@ class LinkServicer(worker_pb2_grpc.WorkerLinkServicer):
         self.pool = pool
         self.store = store
         self.registry = Registry(store, kind="linked")
-        self.links: dict[str, tuple[str, LinkHandle]] = {}  # worker -> (operator, handle)
-
-    async def watch_revocations(self, interval_s: float = 2.0) -> None:
-        """Close the links of revoked operators within `interval_s` (run as a task)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            if not self.links:
-                continue
-            try:
-                revoked = await self.store.revoked_operators()
-            except SchedulerError as err:
-                log.warning("worker links: revoked operators cannot be read: %s", err)
-                continue
-            for operator, handle in list(self.links.values()):
-                if operator in revoked:
-                    handle.close(f"operator {operator}: its token was revoked")
+        self.links: dict[str, LinkHandle] = {}  # worker -> its open link
 
     async def Link(self, request_iterator, context):  # noqa: N802 (gRPC's name)
         try:
@@ -73,7 +59,7 @@ class LinkServicer(worker_pb2_grpc.WorkerLinkServicer):
             log.warning("worker link from %s refused: %s", context.peer(), err)
             await context.abort(err.code, str(err))
             return
-        self.links[handle.name] = (operator, handle)
+        self.links[handle.name] = handle
         log.info("worker %s linked (operator %s, from %s)", handle.name, operator,
                  context.peer())
         reader = asyncio.create_task(self._read(context, handle))

@@ -3,6 +3,7 @@ their workers' registrations.
 
 Keys (under the store's prefix, beside those listed in `redis_store.py`):
     operators                     set of operator names
+    revoked_operators             set of the revoked ones (what schedulers poll)
     operator:{name}               hash: token_id (the live token's), created_at, revoked_at
     operator_token:{token_id}     hash: operator, hash (SHA-256 of the token), created_at,
                                   revoked_at
@@ -53,12 +54,14 @@ redis.call('HSET', KEYS[2], 'operator', ARGV[2], 'hash', ARGV[4], 'created_at', 
 return 1
 """
 
-# KEYS: operator. ARGV: prefix, now. 1, or 0 when unknown or revoked already.
+# KEYS: operator, revoked_operators. ARGV: prefix, now, name. 1, or 0 when unknown or revoked
+# already.
 REVOKE_OPERATOR = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then
   return 0
 end
 redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
 local token = redis.call('HGET', KEYS[1], 'token_id')
 redis.call('HSET', ARGV[1] .. ':operator_token:' .. token, 'revoked_at', ARGV[2])
 return 1
@@ -123,8 +126,9 @@ class OperatorStore:
         """Revokes the operator and its token at once; False when unknown or revoked already."""
         _check_operator(name)
         with self._reachable():
-            return bool(await self._revoke_operator(keys=[self._k("operator", name)],
-                                                    args=[self._p, repr(time.time())]))
+            return bool(await self._revoke_operator(
+                keys=[self._k("operator", name), self._k("revoked_operators")],
+                args=[self._p, repr(time.time()), name]))
 
     async def list_operators(self) -> list[dict]:
         """name, token_id, created_at, revoked_at (None if live), workers (registered names)."""
@@ -164,13 +168,9 @@ class OperatorStore:
         return operator, digest
 
     async def revoked_operators(self) -> set[str]:
+        """Every revoked operator: one read, whatever the number of operators."""
         with self._reachable():
-            names = sorted(await self._redis.smembers(self._k("operators")))
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.hexists(self._k("operator", name), "revoked_at")
-                flags = await pipe.execute()
-        return {name for name, revoked in zip(names, flags) if revoked}
+            return set(await self._redis.smembers(self._k("revoked_operators")))
 
     async def register_worker(self, operator: str, record: Registration) -> None:
         """Writes the worker's registration under `operator`. `PermissionDenied` when another

@@ -78,6 +78,7 @@ class WorkerPool:
         self.ray_address = ray_address
         self.registry = registry
         """None: any worker actor of the namespace is adopted (see `scheduler.registry`)."""
+        self._link_registry: Registry | None = None  # the worker link's, once a worker linked
         self.tokenizer_pins = tokenizer_pins
         """Model -> SHA-256 of its tokenizer.json; None: the first worker of a model sets it."""
         self.stats_interval_s = stats_interval_s
@@ -122,8 +123,7 @@ class WorkerPool:
 
     # -- what the scheduler reads ----------------------------------------------------------
     def snapshots(self) -> PoolView:
-        """Every worker's snapshot when iterated (O(N)), and each model's candidate index
-        (O(1)): what the router is given per request."""
+        """Per request, for the router: each model's candidate index, and every snapshot."""
         return PoolView(lambda: [self.observed.apply(w.snapshot()) for w in
                                  self._workers.values()], self._indexes)
 
@@ -138,8 +138,7 @@ class WorkerPool:
         return all(w.figures_asked > t for w in self._workers.values())
 
     def worker_stats(self, name: str) -> WorkerStats | None:
-        w = self._workers.get(name)
-        return None if w is None else w.stats
+        return None if (w := self._workers.get(name)) is None else w.stats
 
     def model(self, name: str) -> ModelInfo | None:
         return self._models.get(name)
@@ -253,7 +252,8 @@ class WorkerPool:
         named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
         names = {a["name"] for a in named if a["namespace"] == NAMESPACE
                  and not is_board(a["name"])}
-        revoked = await self.registry.revoked() if self.registry is not None else set()
+        registry = self.registry or self._link_registry  # revocations reach linked ones too
+        revoked = await registry.revoked() if registry is not None else set()
         for name, w in list(self._workers.items()):  # linked workers are not Ray's to list
             if (operator := getattr(w.registered, "operator", None)) in revoked:
                 self._drop(name, f"operator {operator}: its token was revoked")
@@ -265,6 +265,7 @@ class WorkerPool:
         """Adopt a worker whose link `registry` checks; None, or why it is not adopted."""
         if handle.name in self._workers:
             return f"a worker named {handle.name} is serving already"
+        self._link_registry = registry
         await self._adopt(handle.name, handle, registry)
         return None if handle.name in self._workers else self._refused.get(handle.name, "?")
 
@@ -434,8 +435,7 @@ class WorkerPool:
             self._changed.set()
 
     def _mark_unhealthy(self, name: str) -> None:
-        w = self._workers.get(name)
-        if w is not None:
+        if (w := self._workers.get(name)) is not None:
             w.healthy = False  # until its next good figures
             self._index(w)
 

@@ -187,13 +187,12 @@ class Stack:
     def _pin_tokenizer(self) -> Path:
         """The platform's pin of the shipped model's tokenizer (`--tokenizer-pins`): the
         scheduler counts prompt tokens with it, not with one a worker lends."""
-        import hashlib
-
+        from sparkgrid.registration import file_sha256
         from worker.actor import model_id
         from worker.models import shipped_pair
 
         target = shipped_pair()[0]
-        digest = hashlib.sha256((Path(target) / "tokenizer.json").read_bytes()).hexdigest()
+        digest = file_sha256(Path(target) / "tokenizer.json")
         path = self.home / "tokenizer-pins.toml"
         path.write_text(f'[tokenizers]\n"{model_id(str(target))}" = "{digest}"\n')
         return path

@@ -40,6 +40,18 @@ sg_require_port() {
 }
 
 # sg_require_flag NAME VALUE: VALUE is 1 (on) or 0 (off).
+# sg_check_worker DEVICE PRICE NAME DRAFT_VOCAB MAX_BATCH_TOKENS: the settings every worker
+# script takes, checked (empty NAME, DRAFT_VOCAB, MAX_BATCH_TOKENS: sparkgrid's defaults).
+sg_check_worker() {
+    [[ $1 =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || sg_die "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu, got '$1'"
+    [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || sg_die "SPARKGRID_PRICE_PER_HOUR: expected USD per hour such as 0.45, got '$2'"
+    if [[ -n $3 && ! $3 =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]]; then
+        sg_die "SPARKGRID_WORKER_NAME: expected up to 63 of A-Z a-z 0-9 . _ -, got '$3'"
+    fi
+    [[ -z $4 ]] || sg_require_uint SPARKGRID_DRAFT_VOCAB "$4"
+    [[ -z $5 ]] || sg_require_uint SPARKGRID_MAX_BATCH_TOKENS "$5"
+}
+
 sg_require_flag() {
     [[ $2 == 0 || $2 == 1 ]] || sg_die "$1: expected 1 (on) or 0 (off), got '$2'"
 }

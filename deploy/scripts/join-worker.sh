@@ -85,17 +85,7 @@ fi
 sg_operator_token ||
     sg_die "no operator token: set SPARKGRID_OPERATOR_TOKEN_FILE to a file holding the token" \
         "\`sparkgrid operators add\` printed for you (or SPARKGRID_OPERATOR_TOKEN); the platform gives it"
-[[ $device =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || sg_die "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu, got '$device'"
-[[ $price =~ ^[0-9]+([.][0-9]+)?$ ]] || sg_die "SPARKGRID_PRICE_PER_HOUR: expected USD per hour such as 0.45, got '$price'"
-if [[ -n $name && ! $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]]; then
-    sg_die "SPARKGRID_WORKER_NAME: expected up to 63 of A-Z a-z 0-9 . _ -, got '$name'"
-fi
-if [[ -n $draft_vocab ]]; then
-    sg_require_uint SPARKGRID_DRAFT_VOCAB "$draft_vocab"
-fi
-if [[ -n $max_batch_tokens ]]; then
-    sg_require_uint SPARKGRID_MAX_BATCH_TOKENS "$max_batch_tokens"
-fi
+sg_check_worker "$device" "$price" "$name" "$draft_vocab" "$max_batch_tokens"
 if [[ -n $ray_address && ! $ray_address =~ ^(.+):([0-9]+)$ ]]; then
     sg_die "SPARKGRID_RAY_ADDRESS=$ray_address: expected HOST:PORT of your own Ray cluster's head"
 fi

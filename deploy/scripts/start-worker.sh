@@ -81,17 +81,7 @@ if [[ $head != auto ]]; then
     head_port=${BASH_REMATCH[2]}
     sg_require_port "SPARKGRID_HEAD's port" "$head_port"
 fi
-[[ $device =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || sg_die "SPARKGRID_DEVICE: expected cuda, cuda:N or cpu, got '$device'"
-[[ $price =~ ^[0-9]+([.][0-9]+)?$ ]] || sg_die "SPARKGRID_PRICE_PER_HOUR: expected USD per hour such as 0.45, got '$price'"
-if [[ -n $name && ! $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]]; then
-    sg_die "SPARKGRID_WORKER_NAME: expected up to 63 of A-Z a-z 0-9 . _ -, got '$name'"
-fi
-if [[ -n $draft_vocab ]]; then
-    sg_require_uint SPARKGRID_DRAFT_VOCAB "$draft_vocab"
-fi
-if [[ -n $max_batch_tokens ]]; then
-    sg_require_uint SPARKGRID_MAX_BATCH_TOKENS "$max_batch_tokens"
-fi
+sg_check_worker "$device" "$price" "$name" "$draft_vocab" "$max_batch_tokens"
 sg_require_port SPARKGRID_RAY_METRICS_PORT "$ray_metrics_port"
 sg_require_uint SPARKGRID_RAY_WAIT_S "$ray_wait_s"
 sg_require_uint SPARKGRID_RAY_SETTLE_S "$settle_s"
