@@ -199,7 +199,8 @@ def main(argv=None) -> int:
             time.sleep(0.5)
         _, api_key = head.call(head.scheduler.store.create_key("bench"))
         prompts = load_prompts()
-        report = {"config": vars(args) | {"machine_cpus": os.cpu_count()}}
+        report = {"config": vars(args) | {"out": os.path.relpath(args.out, ROOT),
+                                          "machine_cpus": os.cpu_count()}}
         runs: dict[str, list] = {"in-cluster": [], "linked": []}
         with Client(head.endpoint, api_key) as client:
             client.complete(prompts[0], max_tokens=8, temperature=0, timeout_s=300)  # warm
