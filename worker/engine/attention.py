@@ -5,9 +5,11 @@ sequence) to the first `kv_len[n]` positions of their own sequence in a paged ca
 returns the output and the log-sum-exp of each row and head (`merge` joins it with attention
 over keys kept elsewhere, as the drafter's block).
 
-- `native`: a C++ kernel (`csrc/paged_attention.cpp`, registered as
-  `torch.ops.sparkgrid.paged_attention`) that streams each sequence's cache blocks in place and
-  serves every query row and head sharing a kv head from one float32 copy of a block. Built
+- `native`: a C++ kernel (`csrc/`, registered as `torch.ops.sparkgrid.paged_attention`) that
+  streams each sequence's cache blocks in place. Portable code serves every query row and head
+  sharing a kv head from one float32 copy of a block; bfloat16 caches on CPUs with AVX512-BF16
+  take `csrc/attention_bf16.h` (bfloat16 dot products, scores and accumulators in registers,
+  several query vectors per pass over a sequence's blocks). Built
   with the machine's C++ compiler at first use (about 15 s) and cached per source, torch version
   and CPU in `~/.cache/sparkgrid/ext`, beside the profiled cost tables. CPU only.
 - `torch`: the reference in plain torch ops (gather the contexts into a padded tensor, one
@@ -37,7 +39,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+_CSRC = Path(__file__).with_name("csrc")
 _BACKENDS = ("auto", "native", "torch")
 _lock = threading.Lock()
 _native_state: dict[str, object] = {}
@@ -95,7 +97,13 @@ def implementation_id(backend: str) -> str:
     hash of the kernel's source (profiles cached on disk are keyed by it)."""
     if backend != "native":
         return backend
-    return "native-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    return "native-" + hashlib.sha256(_source_bytes()).hexdigest()[:12]
+
+
+def _source_bytes() -> bytes:
+    """Every file the kernels are built from (sources and headers), in name order."""
+    return b"".join(p.name.encode() + p.read_bytes() for p in sorted(_CSRC.iterdir())
+                    if p.suffix in (".cpp", ".h"))
 
 
 def load_native() -> bool:
@@ -118,12 +126,12 @@ def _build_and_load() -> None:
         return
     from torch.utils import cpp_extension  # imported here: it pulls in setuptools
 
-    source = _SOURCE.read_bytes()
-    ident = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode())
+    ident = hashlib.sha256(_source_bytes() + torch.__version__.encode() + _cpu_flags().encode())
     name = f"sparkgrid_paged_attention_{ident.hexdigest()[:16]}"
     build_dir = Path.home() / ".cache" / "sparkgrid" / "ext" / name  # shared by every home
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(build_dir),
+    sources = [str(p) for p in sorted(_CSRC.glob("*.cpp"))]
+    cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 

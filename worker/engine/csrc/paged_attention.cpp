@@ -10,8 +10,9 @@
 // caller can merge it with attention over keys that are not in the cache (the drafter's
 // block).
 //
-// Registered as torch.ops.sparkgrid.paged_attention; built at first use by
-// worker/engine/attention.py.
+// bfloat16 caches with blocks of 16 and heads of 64 or 128 take the AVX512-BF16 path of
+// attention_bf16.h where the CPU has it. Registered as torch.ops.sparkgrid.paged_attention;
+// built at first use by worker/engine/attention.py.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -21,7 +22,10 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#include "attention_bf16.h"
 
 namespace {
 
@@ -353,6 +357,18 @@ std::tuple<at::Tensor, at::Tensor> paged_attention(
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     const int64_t dim = q.size(2);
+#ifdef SPARKGRID_BF16_ATTENTION
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (block_size == 16 && (dim == 64 || dim == 128)) {
+        if (dim == 64) {
+          sparkgrid_bf16::attend<64>(qc, kc, vc, tc, cc, lc, scale, out, lse);
+        } else {
+          sparkgrid_bf16::attend<128>(qc, kc, vc, tc, cc, lc, scale, out, lse);
+        }
+        return;
+      }
+    }
+#endif
     if (block_size == 16 && dim == 64) {
       attend<scalar_t, 16, 64>(qc, kc, vc, tc, cc, lc, block_size, scale, out, lse);
     } else if (block_size == 16 && dim == 128) {
