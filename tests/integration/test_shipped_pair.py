@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparkgrid.costs import SPSTable
+from worker.engine.attention import _cpu_flags
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
 from worker.models import PAIR_DIR, shipped_pair
@@ -71,3 +72,23 @@ def test_greedy_output_equals_the_targets_own_generate(pair, heldout_prompts, dr
     # its frozen copies of the target's embedding and lm_head were shared, not kept twice
     assert engine.shared_with_target == ["embed_tokens", "lm_head"]
     assert engine.draft.lm_head.weight.data_ptr() == engine.runner.model.lm_head.weight.data_ptr()
+
+
+@pytest.mark.skipif("avx512_bf16" not in _cpu_flags().split(),
+                    reason="batch-invariant attention in bfloat16 is the AVX512-BF16 path's")
+def test_in_bfloat16_every_policy_reproduces_plain_decoding(pair, heldout_prompts):
+    """The production dtype on the native kernel: a position's logits have the same bits
+    whether its prompt was prefilled or it was decoded, and however many rows were verified
+    beside it, so greedy speculation reproduces the engine's own plain decoding exactly."""
+    target_dir, draft_dir = shipped_pair("dspark")
+    engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
+                                       EngineConfig(dtype="bfloat16", policy="fixed",
+                                                    profile_sps=False))
+    assert engine.runner.backend == "native"
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [r["token_ids"] for r in engine.generate(heldout_prompts, params, policy="ar")]
+    engine.sps = SPSTable([1, 512], [100.0, 100.0])  # deep blocks: many rows a verify
+    for policy in ("fixed", "prefix"):
+        got = engine.generate(heldout_prompts, params, policy=policy)
+        assert [r["token_ids"] for r in got] == want, policy
+        assert sum(r["stats"]["tokens_accepted"] for r in got) > 0, policy

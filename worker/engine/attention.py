@@ -27,6 +27,7 @@ torch. The kernel did the same in 0.2 ms (1.0 ms for eight), and serves whole en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -92,6 +93,16 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
+def reads_prefill_in_place(backend: str, dtype: torch.dtype, head_dim: int,
+                           block_size: int) -> bool:
+    """Whether a prefill should attend through the paged cache too (it is written before
+    attention): where the kernel's bfloat16 path serves it (AVX512-BF16, blocks of 16, heads
+    of 64 or 128). There it is ~4x a per-sequence float32 SDPA, and a prompt's positions come
+    out with the bits they would have if decoded one at a time."""
+    return (backend == "native" and dtype == torch.bfloat16 and block_size == 16
+            and head_dim in (64, 128) and "avx512_bf16" in _cpu_flags().split())
+
+
 def implementation_id(backend: str) -> str:
     """Names the attention code a cost profile was measured with: `torch`, or `native-` and a
     hash of the kernel's source (profiles cached on disk are keyed by it)."""
@@ -136,6 +147,7 @@ def _build_and_load() -> None:
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
 
+@functools.cache
 def _cpu_flags() -> str:
     """What the compiled kernel depends on besides its source (it is built for this CPU)."""
     try:

@@ -29,7 +29,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from worker.engine.attention import AttentionMeta, attention_meta, backend_for, paged_attention
+from worker.engine.attention import (
+    AttentionMeta,
+    attention_meta,
+    backend_for,
+    paged_attention,
+    reads_prefill_in_place,
+)
 from worker.engine.kv_cache import PagedKV
 
 SUPPORTED_FAMILIES = ("qwen3", "llama")
@@ -245,8 +251,9 @@ class TargetRunner:
         tables = self.kv.block_tables(batch.seq_ids)  # [R, max_blocks]
         bs = self.kv.allocator.block_size
         write = tables[seq_of, positions // bs] * bs + positions % bs
-        if not any(batch.starts):  # prefill from scratch: only the new keys are visible
-            return _Layout(positions, write, None, list(batch.num_new))
+        if not any(batch.starts) and not reads_prefill_in_place(
+                self.backend, self.kv.k[0].dtype, self.head_dim, bs):
+            return _Layout(positions, write, None, list(batch.num_new))  # SDPA on new keys
         # causal: row i of a sequence sees positions [0, start + i]
         kv_len = [s + i + 1 for s, n in zip(batch.starts, batch.num_new) for i in range(n)]
         meta = attention_meta(tables, batch.num_new, kv_len, bs, self.backend)

@@ -78,15 +78,15 @@ inline __m512 transpose_sum(__m512 v[16]) {
 }
 
 constexpr int64_t kBlock = 16;  // cache block size this path serves
-constexpr int64_t kAhead = 2;   // blocks prefetched ahead of the one being read
+constexpr int64_t kAhead = 3;   // blocks prefetched ahead of the one being read
 
 // One pass: Q query vectors (rows of `qp`, each with its own visible length) over the
 // context of one (sequence, kv head). DIM: head size (64 or 128).
 template <int64_t Q, int64_t DIM>
 inline void pass(const at::BFloat16* const qrow[Q], const int32_t len[Q], const int64_t g_of[Q],
                  float scale, const at::BFloat16* kp, const at::BFloat16* vp,
-                 const int32_t* table, int64_t kv_slot, at::BFloat16* const orow[Q],
-                 float* const lrow[Q]) {
+                 const int32_t* table, int64_t kv_slot, const int32_t* next_table,
+                 int64_t next_blocks, at::BFloat16* const orow[Q], float* const lrow[Q]) {
   constexpr int64_t NB = DIM / 32;  // bfloat16 vectors per row
   constexpr int64_t NV = DIM / 16;  // float32 vectors per row
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -103,18 +103,22 @@ inline void pass(const at::BFloat16* const qrow[Q], const int32_t len[Q], const 
     ctx = std::max<int64_t>(ctx, len[m]);
   }
   alignas(64) float p[Q][kBlock];
+  const int64_t blocks = (ctx + kBlock - 1) / kBlock;
+  const int64_t row_bytes = kv_slot * static_cast<int64_t>(sizeof(at::BFloat16));
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t start = 0; start < ctx; start += kBlock) {
     const int64_t n_t = std::min(kBlock, ctx - start);
     const int64_t base = static_cast<int64_t>(table[start / kBlock]) * kBlock;
-    if (start + kAhead * kBlock < ctx) {  // a block further on, elsewhere in the pool
-      const int64_t next = static_cast<int64_t>(table[start / kBlock + kAhead]) * kBlock;
-      const char* kr = reinterpret_cast<const char*>(kp + next * kv_slot);
-      const char* vr = reinterpret_cast<const char*>(vp + next * kv_slot);
-      for (int64_t b = 0; b < kBlock * kv_slot * 2; b += 64) {  // all of its kv heads
-        _mm_prefetch(kr + b, _MM_HINT_T0);
-        _mm_prefetch(vr + b, _MM_HINT_T0);
-      }
+    // the block kAhead on (in this pass, else in the next one), fetched a row at a time
+    // while this block's values are added, so that requests to memory stay spread out
+    const int64_t ahead = start / kBlock + kAhead;
+    const char* pk = nullptr;
+    const char* pv = nullptr;
+    if (ahead < blocks || ahead - blocks < next_blocks) {
+      const int64_t slot = static_cast<int64_t>(ahead < blocks ? table[ahead]
+                                                : next_table[ahead - blocks]) * kBlock;
+      pk = reinterpret_cast<const char*>(kp + slot * kv_slot);
+      pv = reinterpret_cast<const char*>(vp + slot * kv_slot);
     }
     int64_t vis_max = 0;
     for (int64_t m = 0; m < Q; ++m) {
@@ -149,7 +153,14 @@ inline void pass(const at::BFloat16* const qrow[Q], const int32_t len[Q], const 
       const __m512 va = _mm512_set1_ps(alpha);
       for (int64_t i = 0; i < NV; ++i) acc[m][i] = _mm512_mul_ps(acc[m][i], va);
     }
-    for (int64_t t = 0; t < vis_max; ++t) {
+    for (int64_t t = 0; t < kBlock; ++t) {
+      if (pk != nullptr) {
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+          _mm_prefetch(pk + t * row_bytes + b, _MM_HINT_T2);
+          _mm_prefetch(pv + t * row_bytes + b, _MM_HINT_T2);
+        }
+      }
+      if (t >= vis_max) continue;
       const at::BFloat16* vr = vp + (base + t) * kv_slot;
       __m512 vf[NV];
       int64_t widened = -1;  // the kv head in vf (query vectors come ordered by head)
@@ -215,17 +226,27 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           TORCH_CHECK(len[j] <= max_blocks * kBlock,
                       "paged_attention: kv_len beyond the block table");
         }
+        // what the pass after this one reads first: this sequence again, or the next one
+        const bool last = m0 + kPass >= m_count;
+        const int64_t nr = last ? r + 1 : r;
+        const int32_t* next_table = nr < end ? tables + nr * max_blocks : table;
+        const int64_t next_blocks = nr < end && cu[nr + 1] > cu[nr]
+            ? std::min<int64_t>((lens[cu[nr + 1] - 1] + kBlock - 1) / kBlock, max_blocks) : 0;
         switch (n) {
-          case 1: pass<1, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, orow, lrow); break;
-          case 2: pass<2, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, orow, lrow); break;
+          case 1: pass<1, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, next_table,
+                             next_blocks, orow, lrow); break;
+          case 2: pass<2, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, next_table,
+                             next_blocks, orow, lrow); break;
           case 3:
             if constexpr (kPass >= 3) {
-              pass<3, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, orow, lrow);
+              pass<3, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, next_table,
+                             next_blocks, orow, lrow);
             }
             break;
           default:
             if constexpr (kPass >= 4) {
-              pass<4, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, orow, lrow);
+              pass<4, DIM>(qrow, len, g_of, fscale, kp, vp, table, kv_slot, next_table,
+                             next_blocks, orow, lrow);
             }
             break;
         }
