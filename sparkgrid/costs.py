@@ -6,7 +6,7 @@ router predicts a worker's throughput with it (on floats), so it lives here, fre
 `piecewise_linear` is the one interpolation rule of every profiled table in the project.
 
 Knows: interpolation, field checks. Does not know: how a table was measured, tensors (it
-works on anything with arithmetic and `clamp`, so a torch tensor or a float).
+works on anything with arithmetic and `clip`: a float, a numpy array or a torch tensor).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ def piecewise_linear(xs: list[float], ys: list[float], x):
     first, the first segment; past the last, the last slope, but never a negative one (a noisy
     profile must not predict that more work takes less time). One point: flat.
 
-    `x` is a number, or a torch tensor (float64) for many at once: the line is written as a
-    sum of hinges, one per segment, so that it needs only arithmetic and `clamp`, and this one
-    rule serves the router (floats) and the engine (tensors) alike."""
-    if hasattr(x, "clamp"):
+    `x` is a number, or an array (a float64 numpy array or torch tensor) for many at once: the
+    line is written as a sum of hinges, one per segment, so that it needs only arithmetic and
+    `clip`, and this one rule serves the router (floats) and the engine (arrays) alike."""
+    if hasattr(x, "clip"):
         def hinge(at, low, high):
-            return (x - at).clamp(min=low, max=high)
+            return (x - at).clip(min=low, max=high)
     else:
         def hinge(at, low, high):
             return _clamped(x - at, low, high)
@@ -98,10 +98,11 @@ class SPSTable:
         return 1.0 / piecewise_linear(self.batch_tokens, self._times(), num_tokens)
 
     def step_time(self, num_tokens):
-        """Predicted seconds per forward for each entry of `num_tokens` (a torch tensor of
-        counts >= 1); float64 on the CPU comes back."""
-        tokens = num_tokens.double().cpu()
-        if tokens.numel() and float(tokens.min()) < 1:
+        """Predicted seconds per forward for each entry of `num_tokens` (counts >= 1: a torch
+        tensor, float64 on the CPU comes back; or a float64 numpy array, the engine's planning
+        arithmetic, ~10x cheaper than torch on a few dozen numbers)."""
+        tokens = num_tokens.double().cpu() if hasattr(num_tokens, "double") else num_tokens
+        if tokens.reshape(-1).shape[0] and float(tokens.min()) < 1:
             raise ValueError(f"SPSTable covers forwards of >= 1 token; got {float(tokens.min())}")
         return piecewise_linear(self.batch_tokens, self._times(), tokens)
 

@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from sparkgrid.costs import json_object, piecewise_linear
@@ -108,16 +109,16 @@ class _RowsCost:
     full: float
     gamma: int
 
-    def step_time(self, num_tokens: torch.Tensor) -> torch.Tensor:  # [N] -> [N] float64
+    def step_time(self, num_tokens):  # [N] -> [N] float64, a tensor or a numpy array
         """A forward of `num_tokens` tokens over the `rows` sequences (more tokens never cost
         less: a noisy profile's negative slope counts as 0)."""
         per_token = max(self.full - self.plain, 0.0) / (self.rows * self.gamma)
-        extra = (num_tokens.double().cpu() - self.rows).clamp(min=0)
-        return self.plain + per_token * extra
+        tokens = num_tokens.double().cpu() if hasattr(num_tokens, "double") else num_tokens
+        return self.plain + per_token * (tokens - self.rows).clip(min=0)
 
     def __call__(self, num_tokens: float) -> float:
         """Forwards per second at `num_tokens`, like `SPSTable.__call__`."""
-        return 1.0 / float(self.step_time(torch.tensor([float(num_tokens)]))[0])
+        return 1.0 / float(self.step_time(np.array([float(num_tokens)]))[0])
 
 
 def prefix_lengths(
@@ -144,16 +145,15 @@ def prefix_lengths(
     an ablation only: it keeps scanning and commits the best-theta point, which biases the
     output distribution.
     """
-    _check_survival(survival)
-    num_requests, gamma = survival.shape
+    a = _survival_array(survival)  # [R, G]
+    num_requests, gamma = a.shape
     if num_requests == 0 or gamma == 0:
         return torch.zeros(num_requests, dtype=torch.long, device=survival.device)
-    a = survival.detach().double().cpu().reshape(-1)  # [R*G], index r*G + (j-1)
+    a = a.reshape(-1)  # [R*G], index r*G + (j-1)
     # Stable descending sort on the row-major flattening breaks ties by request then position.
-    sorted_a, order = torch.sort(a, descending=True, stable=True)  # [R*G]
-    steps = torch.arange(0, len(a) + 1, dtype=torch.float64)  # 0 = nothing admitted
-    tau = num_requests + extra_tau + torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                torch.cumsum(sorted_a, 0)])  # [R*G+1]
+    order = np.argsort(-a, kind="stable")  # [R*G]
+    steps = np.arange(0, len(a) + 1, dtype=np.float64)  # 0 = nothing admitted
+    tau = num_requests + extra_tau + np.concatenate(([0.0], np.cumsum(a[order])))  # [R*G+1]
     if fixed_seconds < 0 or not math.isfinite(fixed_seconds):
         raise ValueError(f"fixed_seconds must be finite and >= 0; got {fixed_seconds}")
     theta = tau / (fixed_seconds + sps.step_time(num_requests + extra_tokens + steps))  # [R*G+1]
@@ -162,13 +162,17 @@ def prefix_lengths(
         # Then verifying x_{r,j} depends only on candidates sorted before it (a_{r,<=j}, known
         # before x_{r,j} is drawn, and other requests), never on x_{r,j} itself through
         # c_{r,j+1}; that keeps verification lossless.
-        rises = theta[1:] > theta[:-1]  # [R*G]
-        num_admitted = int(torch.cumprod(rises.int(), 0).sum())
+        num_admitted = _leading_rises(theta)
     else:
-        num_admitted = int(torch.argmax(theta))  # first best point, as "theta > best"
-    admitted_rows = order[:num_admitted] // gamma
-    lengths = torch.bincount(admitted_rows, minlength=num_requests)  # [R]
-    return lengths.to(survival.device)
+        num_admitted = int(np.argmax(theta))  # first best point, as "theta > best"
+    lengths = np.bincount(order[:num_admitted] // gamma, minlength=num_requests)  # [R]
+    return torch.from_numpy(lengths).long().to(survival.device)
+
+
+def _leading_rises(theta: np.ndarray) -> int:
+    """How many of theta's steps rise before the first one that does not."""
+    falls = np.flatnonzero(~(theta[1:] > theta[:-1]))
+    return int(falls[0]) if len(falls) else len(theta) - 1
 
 
 def threshold_lengths(
@@ -185,16 +189,19 @@ def fixed_lengths(num_requests: int, gamma: int, device: "torch.device | str" = 
     return torch.full((num_requests,), gamma, dtype=torch.long, device=device)
 
 
-def _check_survival(survival: torch.Tensor) -> None:
+def _survival_array(survival: torch.Tensor) -> np.ndarray:
+    """`survival` checked, as a float64 numpy array (the planning arithmetic runs in numpy:
+    on a few dozen numbers a torch op costs ~10x as much, per step, on the host)."""
     if survival.dim() != 2:
         raise ValueError(f"survival must be [R, G]; got shape {tuple(survival.shape)}")
-    if survival.numel() == 0:
-        return
-    a = survival.detach()
-    if not bool(torch.isfinite(a).all()) or float(a.min()) < 0 or float(a.max()) > 1:
+    a = survival.detach().to("cpu", torch.float64).numpy()
+    if a.size == 0:
+        return a
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
         raise ValueError("survival probabilities must be finite and in [0, 1]")
-    if not bool((a[:, 1:] <= a[:, :-1]).all()):
+    if not (a[:, 1:] <= a[:, :-1]).all():
         raise ValueError("survival must be non-increasing along each row (a cumulative product)")
+    return a
 
 
 def drafting_pays(
@@ -209,7 +216,7 @@ def drafting_pays(
     (`expected_throughput` of the drafting rows against that of none, whose step spends
     `plain_seconds` besides its forward)."""
     if estimates.numel() == 0:
-        _check_survival(estimates)
+        _survival_array(estimates)
         return False
     rows = estimates.shape[0] + other_rows
     plain = expected_throughput(estimates[:0], sps, draft_seconds=plain_seconds, other_rows=rows)
@@ -235,17 +242,17 @@ def expected_throughput(
     time as its fixed seconds) would reach (n >= 1). With D = 0 it is plain decoding: rows in
     step_time(rows) + `draft_seconds` (then only the step's other work: no draft pass runs).
     """
-    _check_survival(estimates)
+    a = _survival_array(estimates)
     if draft_seconds < 0 or not math.isfinite(draft_seconds):
         raise ValueError(f"draft_seconds must be finite and >= 0; got {draft_seconds}")
-    rows = estimates.shape[0] + other_rows
+    rows = a.shape[0] + other_rows
     if rows < 1:
         raise ValueError("expected_throughput needs at least one row")
-    if estimates.numel() == 0:
-        return rows / (float(sps.step_time(torch.tensor([float(rows)]))[0]) + draft_seconds)
-    a = torch.sort(estimates.detach().double().cpu().reshape(-1), descending=True).values
-    steps = torch.arange(0, len(a) + 1, dtype=torch.float64)
-    tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a, 0)])
+    if a.size == 0:
+        return rows / (float(sps.step_time(np.array([float(rows)]))[0]) + draft_seconds)
+    a = -np.sort(-a.reshape(-1))  # descending
+    steps = np.arange(0, len(a) + 1, dtype=np.float64)
+    tau = rows + np.concatenate(([0.0], np.cumsum(a)))
     theta = tau / (sps.step_time(rows + steps) + draft_seconds)  # [N+1]
-    reach = 1 + int(torch.cumprod((theta[1:] > theta[:-1]).int(), 0).sum())  # Alg. 1's stop
+    reach = 1 + _leading_rises(theta)  # Alg. 1's stop
     return float(theta[1:max(reach, 2)].max())
