@@ -183,20 +183,35 @@ def test_engine_serves_in_bfloat16_on_the_chosen_device(tmp_path, request):
 
 
 def test_the_draft_gate_skips_costly_drafting_and_stays_lossless(structured_pairs, tmp_path):
-    """With every draft pass taken to cost a minute, prefix steps stop drafting (until an
-    estimate needs refreshing) and the greedy output is still the target's own."""
+    """Prefix steps draft, then stop while every draft pass is taken to cost a minute (their
+    draft context is deferred meanwhile), then draft again from that context once the cost
+    is back; the greedy output is the target's own throughout."""
     pair = structured_pairs("qwen3", "vanilla")
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [list(range(i, i + 5)) for i in range(4)]
     want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
     engine = make_engine(pair, tmp_path, policy="prefix")
-    assert engine.gate.draft_cost is not None  # profiled at start, beside SPS(B)
-    engine.gate.draft_cost = SPSTable([1], [1 / 60.0])  # as if a draft pass took a minute
-    got = engine.generate(prompts, params)
-    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
-    c = engine.counters
-    assert engine.gate.skipped_steps > 0 and c.draft_forwards >= 1
-    assert c.verify_forwards == c.draft_forwards + engine.gate.skipped_steps
+    gate = engine.gate
+    assert gate.draft_cost is not None  # profiled at start, beside SPS(B)
+    profiled = (gate.draft_cost, gate.overhead.drafting)
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    minute = SPSTable([1], [1 / 60.0])
+    phases = [(4, profiled), (6, (minute, minute if profiled[1] else None)), (None, profiled)]
+    drafts = []
+    for steps, (cost, overhead) in phases:
+        gate.draft_cost, gate.overhead.drafting = cost, overhead
+        before = engine.counters.draft_forwards
+        while engine.has_unfinished() and steps != 0:
+            for out in engine.step():
+                got[out.req_id] += out.token_ids
+            steps = None if steps is None else steps - 1
+        drafts.append(engine.counters.draft_forwards - before)
+    assert [got[i] for i in ids] == [w["token_ids"] for w in want]
+    assert drafts[0] >= 1 and drafts[1] == 0 and drafts[2] >= 1, drafts
+    assert gate.skipped_steps >= 6
+    assert not engine.draft_runner._deferred  # finished requests leave nothing behind
 
 
 def test_the_step_cost_by_sequences_is_profiled_with_sps_and_read_back(structured_pairs,
@@ -307,3 +322,38 @@ def test_a_reduced_draft_vocabulary_needs_the_drafts_ranking(structured_pairs):
                                draft_vocab_size=33), target, tok, draft, draft_ranking=_ranking())
     with pytest.raises(ValueError, match="draft_vocab_size"):
         EngineConfig(draft_vocab_size=-1)
+
+
+def test_a_deferred_draft_context_is_the_context_written_step_by_step(structured_pairs,
+                                                                      tmp_path):
+    """Deferred chunks of target features, flushed in one batch (or when a sequence holds
+    `max_deferred` tokens), give the drafter the keys and values that writing each chunk as
+    it came gives."""
+    pair = structured_pairs("qwen3", "vanilla")
+    now, later = (make_engine(pair, tmp_path / name, policy="fixed") for name in "ab")
+    width = pair[1].config.hidden_size * len(now.runner.feature_layer_ids)
+    gen = torch.Generator().manual_seed(5)
+    chunks = [(torch.randn(9, width, dtype=torch.float64, generator=gen), counts)
+              for counts in ([1, 4], [1, 2], [1, 1], [1, 1])]
+    later.draft_runner.max_deferred = 6  # "b" reaches it in the second chunk: written then
+    for kv in (now.draft_kv, later.draft_kv):
+        for sid in ("a", "b"):
+            kv.allocator.reserve(sid, 32)
+    pos = [0, 0]
+    for feats, counts in chunks:
+        rows = [0, counts[0]]
+        now.draft_runner.extend_context(["a", "b"], feats, rows, counts, pos)
+        later.draft_runner.defer_context(["a", "b"], feats, rows, counts, pos)
+        pos = [p + c for p, c in zip(pos, counts)]
+    held = later.draft_runner._deferred
+    assert (held["a"].start, held["a"].count, held["b"].start, held["b"].count) == (0, 4, 6, 2)
+    later.draft_runner.flush_context(["a", "b"])
+    for sid, n in zip(("a", "b"), pos):
+        slots = now.draft_kv.packed_slots([sid], torch.zeros(n, dtype=torch.long),
+                                          torch.arange(n))
+        slots_later = later.draft_kv.packed_slots([sid], torch.zeros(n, dtype=torch.long),
+                                                  torch.arange(n))
+        torch.testing.assert_close(later.draft_kv.k[:, slots_later], now.draft_kv.k[:, slots])
+        torch.testing.assert_close(later.draft_kv.v[:, slots_later], now.draft_kv.v[:, slots])
+    with pytest.raises(RuntimeError, match="position 5 deferred after 4"):
+        later.draft_runner.defer_context(["a"], chunks[0][0], [0], [1], [5])

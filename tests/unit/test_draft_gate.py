@@ -8,7 +8,8 @@ from sparkgrid.costs import SPSTable
 from worker.engine.spec_step import DraftGate, DraftProposal
 
 FLAT = SPSTable([1], [1.0])  # one second per verify forward, whatever its size
-SLOW_DRAFT = SPSTable([1], [1 / 5.0])  # five seconds per draft pass
+SLOW_DRAFT = SPSTable([1], [1 / 5.0])  # five seconds per draft pass: never pays beside FLAT
+MODERATE_DRAFT = SPSTable([1], [1 / 1.5])  # pays for likely tokens only (1.2 against 1 tok/s)
 FAST_DRAFT = SPSTable([1], [1e6])  # a microsecond per draft pass
 
 
@@ -27,13 +28,13 @@ UNLIKELY, LIKELY = [[-4.0, -4.0]], [[6.0, 6.0]]  # a ~ 0.018; a ~ 0.9975
 
 
 def test_a_request_without_an_estimate_drafts():
-    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT)
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
     reqs = _reqs("prefix", "prefix")
     assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]
 
 
 def test_costly_drafting_of_unlikely_tokens_is_skipped_then_refreshed_less_often():
-    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT, refresh_steps=3,
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=3,
                      max_refresh_steps=6)
     reqs = _reqs("prefix")
     drafted_at = []
@@ -93,7 +94,7 @@ def test_other_policies_and_missing_cost_models_are_never_gated():
 
 
 def test_a_finished_request_is_forgotten():
-    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT)
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
     reqs = _reqs("prefix")
     gate.observe(reqs, [0], _proposal(UNLIKELY))
     gate.forget("r0")
@@ -134,7 +135,7 @@ def test_a_newcomer_starts_from_the_others_mean_instead_of_drafting():
     """With estimates around, a new request is weighed like the others: where drafting
     unlikely tokens costs too much it does not draft either (until its refresh interval);
     where likely tokens are cheap to draft, it drafts."""
-    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT, refresh_steps=3)
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=3)
     old = _reqs("prefix")
     gate.observe(old, [0], _proposal(UNLIKELY))
     reqs = old + [SimpleNamespace(req_id="new", policy="prefix", remaining=100)]
@@ -144,3 +145,15 @@ def test_a_newcomer_starts_from_the_others_mean_instead_of_drafting():
     gate = DraftGate(gamma=2, sts=None, draft_cost=FAST_DRAFT)
     gate.observe(old, [0], _proposal(LIKELY))
     assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]
+
+
+def test_where_not_even_accepted_drafts_would_pay_nobody_drafts_until_the_load_falls():
+    """A draft pass costs 1.5 s for one row and 20 s for eight; a verify forward 1 s whatever
+    it holds. Among eight requests no subset's drafting could pay with every token accepted,
+    so none drafts, not even one without an estimate; alone, it drafts to get one."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1, 8], [1 / 1.5, 1 / 20.0]))
+    crowd = _reqs(*["prefix"] * 8)
+    for _ in range(3):
+        assert gate.rows(crowd, list(range(8)), FLAT, 512) == []
+    assert (gate.skipped_steps, gate.skipped_rows) == (3, 24)
+    assert gate.rows(crowd[:1], [0], FLAT, 512) == [0]

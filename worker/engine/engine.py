@@ -212,6 +212,8 @@ class LLMEngine:
     def _decode(self, plan: StepPlan) -> StepResult:
         """Draft, fix the verify lengths, verify every decoding row in one forward."""
         reqs, rows, gamma = plan.decode, plan.drafting, self.gamma
+        if rows:  # the drafting requests' context, as far as it was deferred
+            self.draft_runner.flush_context([reqs[i].req_id for i in rows])
         proposal = self.draft_pass([reqs[i] for i in rows], plan.uniforms[rows, :gamma]) \
             if rows else None
         self.planner.verify_lengths(plan, proposal)
@@ -228,7 +230,7 @@ class LLMEngine:
             self.kv.allocator.truncate(req.req_id, plan.starts[i] + n_acc[i] + 1)
         if plan.keep_context:  # the target's features at committed positions: draft context
             keep, row_starts = plan.keep_context, plan.verify_rows
-            self.draft_runner.extend_context([reqs[i].req_id for i in keep], feats,
+            self.draft_runner.defer_context([reqs[i].req_id for i in keep], feats,
                                              [row_starts[i] for i in keep],
                                              [n_acc[i] + 1 for i in keep],
                                              [plan.starts[i] for i in keep])
@@ -244,7 +246,7 @@ class LLMEngine:
                             self.device).tolist()
         if keep:
             rows = plan.prefill_rows
-            self.draft_runner.extend_context([reqs[i].req_id for i in keep], feats,
+            self.draft_runner.defer_context([reqs[i].req_id for i in keep], feats,
                                              [rows[i] for i in keep],
                                              [batch.num_new[i] for i in keep], [0] * len(keep))
         return first
@@ -326,6 +328,7 @@ class LLMEngine:
         self.kv.allocator.free(req.req_id)
         if self.draft_kv is not None:
             self.draft_kv.allocator.free(req.req_id)
+            self.draft_runner.forget(req.req_id)
         self.requests.pop(req.req_id, None)
         self.gate.forget(req.req_id)
         if admitted:

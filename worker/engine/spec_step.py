@@ -169,6 +169,8 @@ class DraftGate:
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
+        self._bound: dict[tuple[int, int], bool] = {}  # (rows, candidates) -> could pay
+        self._bound_tables: tuple = (None,) * 4  # the cost tables `_bound` was computed with
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
         self.skipped_rows = 0
@@ -181,6 +183,15 @@ class DraftGate:
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
+        if not self._could_pay(len(reqs), len(ids), sps):
+            # not even drafts that are always accepted would pay at this load: nobody drafts,
+            # and no estimate needs refreshing until the load falls
+            for r in ids:
+                if r in self._skipped:
+                    self._skipped[r] += 1
+            self.skipped_rows += len(ids)
+            self.skipped_steps += 1
+            return []
         newcomers = [r for r in ids if r not in self._estimate]
         if newcomers and self._estimate:  # they start from the others' mean, not a draft
             prior = torch.stack(list(self._estimate.values())).mean(0)
@@ -232,6 +243,28 @@ class DraftGate:
             if value > best_value:
                 best, best_value = set(ranked[:size]), value
         return best
+
+    def _could_pay(self, rows: int, candidates: int, sps) -> bool:
+        """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
+        in a step of `rows` could beat plain decoding if every draft token were accepted: an
+        upper bound on what any estimate could show, cached by the step's shape while the cost
+        tables stay the same objects."""
+        tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
+        if any(a is not b for a, b in zip(tables, self._bound_tables)):
+            self._bound, self._bound_tables = {}, tables
+        if (rows, candidates) not in self._bound:
+            cost = sps.at_rows(rows)
+            ones = torch.ones(candidates, self.gamma, dtype=torch.float64)
+            plain = expected_throughput(ones[:0], cost, draft_seconds=self.draft_seconds(0, rows),
+                                        other_rows=rows)
+            sizes, n = {candidates}, 1
+            while n < candidates:
+                sizes.add(n)
+                n *= 2
+            self._bound[(rows, candidates)] = any(
+                expected_throughput(ones[:n], cost, draft_seconds=self.draft_seconds(n, rows),
+                                    other_rows=rows - n) > plain for n in sorted(sizes))
+        return self._bound[(rows, candidates)]
 
     def draft_seconds(self, drafting_rows: int, rows: int) -> float:
         """Seconds a step of `rows` spends besides its target forward when `drafting_rows` of
