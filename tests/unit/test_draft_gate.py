@@ -135,7 +135,7 @@ def test_a_newcomer_starts_from_the_others_mean_instead_of_drafting():
     """With estimates around, a new request is weighed like the others: where drafting
     unlikely tokens costs too much it does not draft either (until its refresh interval);
     where likely tokens are cheap to draft, it drafts."""
-    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=3)
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1], [2.0]), refresh_steps=3)
     old = _reqs("prefix")
     gate.observe(old, [0], _proposal(UNLIKELY))
     reqs = old + [SimpleNamespace(req_id="new", policy="prefix", remaining=100)]
@@ -157,3 +157,16 @@ def test_where_not_even_accepted_drafts_would_pay_nobody_drafts_until_the_load_f
         assert gate.rows(crowd, list(range(8)), FLAT, 512) == []
     assert (gate.skipped_steps, gate.skipped_rows) == (3, 24)
     assert gate.rows(crowd[:1], [0], FLAT, 512) == [0]
+
+
+def test_no_refresh_is_forced_where_one_request_drafting_alone_could_not_pay():
+    """Two requests, a draft pass of 1.5 s, a verify forward of 1 s: both drafting could pay
+    (6 tokens in 2.5 s against 2 in 1 s) but one alone could not (4 in 2.5 s), so a stale
+    unlikely estimate stays out instead of forcing a draft pass when its interval runs out."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=2)
+    reqs = _reqs("prefix", "prefix")
+    gate.observe(reqs, [0, 1], _proposal(UNLIKELY * 2))
+    assert [gate.rows(reqs, [0, 1], FLAT, 512) for _ in range(6)] == [[]] * 6
+    for _ in range(10):  # the running means move to likely text
+        gate.observe(reqs, [0, 1], _proposal(LIKELY * 2))
+    assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]  # estimates that pay still draft

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparkgrid.costs import SPSTable
@@ -28,6 +29,7 @@ from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
     expected_throughput,
+    expected_throughputs,
     prefix_lengths,
     threshold_lengths,
 )
@@ -151,7 +153,11 @@ class DraftGate:
     the subsets tried being the best 0, 1, 2, 4, ... of them. A request without an estimate,
     or one that has not drafted for its refresh interval, drafts anyway, so estimates follow
     the text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`)
-    each time a refreshed estimate still leaves the request out. A request that arrives while
+    each time a refreshed estimate still leaves the request out. Refreshes are forced only
+    while drafting a single request could pay if all its tokens were accepted: under load
+    (64 requests on a CPU) one request's refresh would cost a draft pass for nothing, and
+    refreshes falling due one after another would draft in most steps. Where not even all
+    requests' drafting could pay, nobody drafts. A request that arrives while
     others have estimates starts from their mean (a request churn would otherwise force a
     draft pass for a few newcomers in step after step, in exactly the regime where drafting
     does not pay). The choice uses no token of
@@ -198,8 +204,11 @@ class DraftGate:
             for r in newcomers:
                 self._estimate[r] = prior.clone()
                 self._skipped[r], self._interval[r] = 0, self.refresh_steps
-        forced = [k for k, r in enumerate(ids)
-                  if r not in self._estimate or self._skipped[r] >= self._interval[r]]
+        # a refresh is forced only where one request's drafting could pay alone (else a
+        # stale estimate competes with the others as it is, and costs no draft pass)
+        refresh = self._could_pay(len(reqs), 1, sps)
+        forced = [k for k, r in enumerate(ids) if r not in self._estimate
+                  or (refresh and self._skipped[r] >= self._interval[r])]
         self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
         chosen = set(forced)
         optional = [k for k in range(len(ids)) if k not in chosen]
@@ -224,25 +233,22 @@ class DraftGate:
     def _best_subset(self, reqs, spec_idx, ids, forced, optional, sps,
                      max_batch_tokens) -> set[int]:
         """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`."""
-        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
+        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens).numpy()
         zeros = torch.zeros(self.gamma, dtype=torch.float64)  # no estimate yet: count on nothing
-        est = torch.stack([self._estimate.get(r, zeros) for r in ids])
-        est = est.masked_fill(torch.arange(self.gamma)[None, :] >= caps[:, None], 0.0)
-        ranked = sorted(optional, key=lambda k: -float(est[k].sum()))
-        cost = sps.at_rows(len(reqs))
+        est = torch.stack([self._estimate.get(r, zeros) for r in ids]).numpy().copy()
+        est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
+        sums = est.sum(axis=1)
+        ranked = sorted(optional, key=lambda k: -sums[k])
         sizes, n = {0, len(ranked)}, 1
         while n < len(ranked):
             sizes.add(n)
             n *= 2
-        best, best_value = set(), -1.0
-        for size in sorted(sizes):
-            drafting = forced + ranked[:size]
-            seconds = self.draft_seconds(len(drafting), len(reqs))  # 0: the plain step's own
-            value = expected_throughput(est[drafting], cost, draft_seconds=seconds,
-                                        other_rows=len(reqs) - len(drafting))
-            if value > best_value:
-                best, best_value = set(ranked[:size]), value
-        return best
+        sizes = sorted(sizes)
+        subsets = [est[forced + ranked[:size]] for size in sizes]
+        seconds = [self.draft_seconds(len(forced) + size, len(reqs)) for size in sizes]
+        values = expected_throughputs(subsets, sps.at_rows(len(reqs)), seconds, len(reqs))
+        best = int(np.argmax(values))  # the first of equals, as the smallest subset
+        return set(ranked[:sizes[best]])
 
     def _could_pay(self, rows: int, candidates: int, sps) -> bool:
         """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
