@@ -117,6 +117,11 @@ def _source_bytes() -> bytes:
                     if p.suffix in (".cpp", ".h"))
 
 
+def native_ops_ready() -> bool:
+    """Whether the native ops are loaded (without building them)."""
+    return bool(_native_state.get("ok"))
+
+
 def load_native() -> bool:
     """Build (once per source, torch and CPU) and load the CPU kernel; False if it cannot."""
     with _lock:

@@ -174,11 +174,15 @@ def _fuse(linears, name: str) -> torch.Tensor | None:
     return fused
 
 
-def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """The model's own RMSNorm (Qwen3/Llama semantics: statistics in float32, weight applied
-    in the input dtype) in one fused op for float32, the common CPU case."""
+    in the input dtype) in one fused op for float32, and for bfloat16 where `fused` (the
+    native ops are built: `csrc/fused_ops.cpp`)."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    if fused:
+        return torch.ops.sparkgrid.rms_norm_bf16(x.contiguous(), norm.weight,
+                                                 norm.variance_epsilon)
     normed = F.rms_norm(x.float(), norm.weight.shape, eps=norm.variance_epsilon)
     return norm.weight * normed.to(x.dtype)
 
@@ -203,6 +207,7 @@ class TargetRunner:
         self.vocab_size = cfg.vocab_size
         self.device = kv.device
         self.fused = [_fuse_layer(layer) for layer in model.model.layers]
+        self.silu = getattr(cfg, "hidden_act", None) == "silu"  # the fused SwiGLU's activation
         self._backend: str | None = None
 
     @torch.inference_mode()
@@ -215,25 +220,40 @@ class TargetRunner:
         feats = [h] if want_features and -1 in self.feature_layer_ids else []
         cos, sin = body.rotary_emb(h[None], layout.positions[None])  # [1, N, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        ops = self._native_ops(h)
         for idx, (layer, fused) in enumerate(zip(body.layers, self.fused)):
-            attn_in = rms_norm(layer.input_layernorm, h)
-            h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout)
-            gate, up = F.linear(rms_norm(layer.post_attention_layernorm, h), fused.gate_up_w,
-                                fused.gate_up_b).chunk(2, dim=-1)
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            attn_in = rms_norm(layer.input_layernorm, h, ops)
+            h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout, ops)
+            gate_up = F.linear(rms_norm(layer.post_attention_layernorm, h, ops), fused.gate_up_w,
+                               fused.gate_up_b)
+            if ops and self.silu:
+                act = torch.ops.sparkgrid.silu_mul_bf16(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = layer.mlp.act_fn(gate) * up
+            h = h + layer.mlp.down_proj(act)
             if want_features and idx in self.feature_layer_ids:
                 feats.append(h)
-        last = rms_norm(body.norm, h[batch.logits_rows])
+        last = rms_norm(body.norm, h[batch.logits_rows], ops)
         logits = self.model.lm_head(last).float()
         return logits, (torch.cat(feats, dim=-1) if want_features else None)
 
-    def _attention(self, layer_idx, attn, fused, x, cos, sin, layout: _Layout) -> torch.Tensor:
+    def _native_ops(self, h: torch.Tensor) -> bool:
+        """Whether this forward uses the fused bfloat16 ops (`csrc/fused_ops.cpp`): on the
+        native backend (built with them) in bfloat16; the torch backend stays plain torch."""
+        return self.backend == "native" and h.dtype == torch.bfloat16
+
+    def _attention(self, layer_idx, attn, fused, x, cos, sin, layout: _Layout,
+                   ops: bool = False) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, dim=-1)
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-        q, k = _rotate(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), 1)
+            q, k = rms_norm(attn.q_norm, q, ops), rms_norm(attn.k_norm, k, ops)
+        qk = torch.cat((q, k), dim=1)
+        qk = (torch.ops.sparkgrid.rotary_bf16(qk, cos.contiguous(), sin.contiguous()) if ops
+              else _rotate(qk, cos, sin))
+        q, k = qk.split((q.shape[1], k.shape[1]), 1)
         self.kv.write(layer_idx, layout.write_slots, k, v)
         if layout.meta is None:
             out = prefill_attention(q, k, v, layout.num_new, attn.scaling)

@@ -11,10 +11,24 @@ per-request seeded generators, which keeps each request's randomness reproducibl
 independent of which other requests share the batch.
 
 Scope: pure tensor functions, vectorised over rows, CPU or CUDA, any float dtype in, float32
-math inside. Not here: where uniforms come from, penalties, logit processors, request state.
+math inside (`argmax_rows` takes the native op where it is built). Not here: where uniforms
+come from, penalties, logit processors, request state.
 """
 
 import torch
+
+from worker.engine.attention import native_ops_ready
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of [M, V] rows (ties to the lowest index, a NaN largest): the
+    native op (`csrc/fused_ops.cpp`) for float32 on a CPU where it is built, torch's
+    elsewhere. Greedy decoding takes one per row and step: torch's CPU argmax of 64 x 8,192
+    logits takes ~0.5 ms, about 3% of a step at 64 requests."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 0 and native_ops_ready()):
+        return torch.ops.sparkgrid.argmax_rows(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 def warp_probs(
@@ -39,7 +53,7 @@ def warp_probs(
     temperature = temperature.to(device).float()
     greedy = temperature <= 0  # [M]
     one_hot = torch.zeros_like(logits)
-    one_hot[torch.arange(num_rows, device=device), logits.argmax(dim=-1)] = 1.0
+    one_hot[torch.arange(num_rows, device=device), argmax_rows(logits)] = 1.0
     if bool(greedy.all()):  # fast path: nothing to sort
         return one_hot
     safe_temp = torch.where(greedy, torch.ones_like(temperature), temperature)

@@ -18,7 +18,7 @@ import torch
 from worker.engine.model_runner import packed_index
 from worker.engine.planner import StepPlan
 from worker.engine.rejection import verify, verify_greedy
-from worker.engine.sampling import sample, warp_probs
+from worker.engine.sampling import argmax_rows, sample, warp_probs
 from worker.engine.spec_step import DraftProposal, pad_rows
 
 
@@ -39,7 +39,7 @@ def next_tokens(reqs, logits: torch.Tensor, repeats: list[int], uniforms: torch.
                 device: torch.device) -> torch.Tensor:
     """One token per logits row, drawn from its request's warped distribution."""
     if all(r.params.temperature == 0 for r in reqs):
-        return logits.argmax(dim=-1)  # what warp_probs' one-hot rows would give
+        return argmax_rows(logits)  # what warp_probs' one-hot rows would give
     return sample(warp_probs(logits, *sampling_columns(reqs, repeats, device)), uniforms)
 
 
@@ -54,7 +54,7 @@ def verify_step(plan: StepPlan, logits: torch.Tensor, draft_ids: torch.Tensor,
         return [0] * len(reqs), nxt.tolist()
     num_verify = torch.tensor(plan.lengths, device=device)
     if all(r.params.temperature == 0 for r in reqs):  # ids decide (`verify_greedy`)
-        target_ids = _padded(logits.argmax(dim=-1), num_new, gamma, -1, device)
+        target_ids = _padded(argmax_rows(logits), num_new, gamma, -1, device)
         n_acc, nxt = verify_greedy(target_ids, draft_ids, num_verify)
     else:
         target_probs = _padded(warp_probs(logits, *sampling_columns(reqs, num_new, device)),
