@@ -175,6 +175,8 @@ class DraftGate:
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
+        self._version = 0  # bumped whenever an estimate changes
+        self._last_subset: tuple | None = None  # (what it depended on, the subset chosen)
         self._bound: dict[tuple[int, int], bool] = {}  # (rows, candidates) -> could pay
         self._bound_tables: tuple = (None,) * 4  # the cost tables `_bound` was computed with
         self.skipped_steps = 0
@@ -201,6 +203,7 @@ class DraftGate:
         newcomers = [r for r in ids if r not in self._estimate]
         if newcomers and self._estimate:  # they start from the others' mean, not a draft
             prior = torch.stack(list(self._estimate.values())).mean(0)
+            self._version += 1
             for r in newcomers:
                 self._estimate[r] = prior.clone()
                 self._skipped[r], self._interval[r] = 0, self.refresh_steps
@@ -232,8 +235,21 @@ class DraftGate:
 
     def _best_subset(self, reqs, spec_idx, ids, forced, optional, sps,
                      max_batch_tokens) -> set[int]:
-        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`."""
+        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`;
+        the last answer again while nothing it depends on changed (under load the gate keeps
+        the same rows out step after step)."""
         caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens).numpy()
+        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version,
+               sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
+        if self._last_subset is not None and len(key) == len(self._last_subset[0]) and all(
+                a is b or a == b for a, b in zip(key, self._last_subset[0])):
+            return set(self._last_subset[1])
+        chosen = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps)
+        self._last_subset = (key, frozenset(chosen))
+        return chosen
+
+    def _weigh_subsets(self, ids, forced, optional, sps, rows, caps) -> set[int]:
+        """`_best_subset` computed: every candidate subset's expected throughput."""
         zeros = torch.zeros(self.gamma, dtype=torch.float64)  # no estimate yet: count on nothing
         est = torch.stack([self._estimate.get(r, zeros) for r in ids]).numpy().copy()
         est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
@@ -245,8 +261,8 @@ class DraftGate:
             n *= 2
         sizes = sorted(sizes)
         subsets = [est[forced + ranked[:size]] for size in sizes]
-        seconds = [self.draft_seconds(len(forced) + size, len(reqs)) for size in sizes]
-        values = expected_throughputs(subsets, sps.at_rows(len(reqs)), seconds, len(reqs))
+        seconds = [self.draft_seconds(len(forced) + size, rows) for size in sizes]
+        values = expected_throughputs(subsets, sps.at_rows(rows), seconds, rows)
         best = int(np.argmax(values))  # the first of equals, as the smallest subset
         return set(ranked[:sizes[best]])
 
@@ -284,6 +300,7 @@ class DraftGate:
         if not drafted or proposal is None or proposal.conf_logits is None:
             return
         a = survival(proposal_confidence(proposal, self.sts)).double()  # [D, G]
+        self._version += 1
         for k, i in enumerate(drafted):
             rid = reqs[i].req_id
             old = self._estimate.get(rid)
@@ -292,6 +309,7 @@ class DraftGate:
             self._interval.setdefault(rid, self.refresh_steps)
 
     def forget(self, req_id: str) -> None:
+        self._version += 1
         self._estimate.pop(req_id, None)
         self._skipped.pop(req_id, None)
         self._interval.pop(req_id, None)
