@@ -68,32 +68,32 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
-    caps = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
+    caps_t = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
+    caps = caps_t.tolist()  # per-row work in Python ints: a step's host time counts
     conf = proposal_confidence(proposal, sts) if proposal.conf_logits is not None else None
     policies = [reqs[i].policy for i in spec_idx]
     prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
-    chosen = torch.zeros(len(spec_idx), dtype=torch.long)
+    chosen = [0] * len(spec_idx)
     for k, pol in enumerate(policies):
         if pol == Policy.FIXED:
-            chosen[k] = gamma
+            chosen[k] = min(gamma, caps[k])
         elif pol == Policy.THRESHOLD:
-            chosen[k] = threshold_lengths(conf[k:k + 1], threshold)[0]
-    chosen = torch.minimum(chosen, caps)
+            chosen[k] = min(int(threshold_lengths(conf[k:k + 1], threshold)[0]), caps[k])
     if prefix_rows:
         others = [k for k in range(len(spec_idx)) if k not in prefix_rows]
-        extra_tokens = len(reqs) - len(spec_idx) + sum(1 + int(chosen[k]) for k in others)
+        extra_tokens = len(reqs) - len(spec_idx) + sum(1 + chosen[k] for k in others)
         extra_tau = len(reqs) - len(spec_idx) + sum(
             1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
             for k in others)
         a = survival(conf[prefix_rows])  # [P, G]
-        beyond_cap = torch.arange(gamma)[None, :] >= caps[prefix_rows][:, None]
+        beyond_cap = torch.arange(gamma)[None, :] >= caps_t[prefix_rows][:, None]
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
-        chosen[prefix_rows] = torch.minimum(
-            prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
-                           extra_tau=extra_tau, fixed_seconds=draft_seconds).cpu(),
-            caps[prefix_rows])
+        got = prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
+                             extra_tau=extra_tau, fixed_seconds=draft_seconds).tolist()
+        for k, n in zip(prefix_rows, got):
+            chosen[k] = min(n, caps[k])
     for k, i in enumerate(spec_idx):
-        lengths[i] = int(chosen[k])
+        lengths[i] = chosen[k]
     return lengths
 
 
