@@ -159,14 +159,35 @@ def test_where_not_even_accepted_drafts_would_pay_nobody_drafts_until_the_load_f
     assert gate.rows(crowd[:1], [0], FLAT, 512) == [0]
 
 
-def test_no_refresh_is_forced_where_one_request_drafting_alone_could_not_pay():
-    """Two requests, a draft pass of 1.5 s, a verify forward of 1 s: both drafting could pay
-    (6 tokens in 2.5 s against 2 in 1 s) but one alone could not (4 in 2.5 s), so a stale
-    unlikely estimate stays out instead of forcing a draft pass when its interval runs out."""
+def test_a_refresh_forces_a_draft_pass_only_where_the_due_requests_drafting_could_pay():
+    """Three requests, a draft pass of 1.5 s, a verify forward of 1 s: one request drafting
+    alone could not pay even with every token accepted (5 tokens in 2.5 s against 3 in 1 s),
+    all three could (9 in 2.5 s). So a lone stale estimate stays out when its refresh falls
+    due, and three falling due together draft."""
     gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=2)
-    reqs = _reqs("prefix", "prefix")
-    gate.observe(reqs, [0, 1], _proposal(UNLIKELY * 2))
-    assert [gate.rows(reqs, [0, 1], FLAT, 512) for _ in range(6)] == [[]] * 6
-    for _ in range(10):  # the running means move to likely text
-        gate.observe(reqs, [0, 1], _proposal(LIKELY * 2))
-    assert gate.rows(reqs, [0, 1], FLAT, 512) == [0, 1]  # estimates that pay still draft
+    reqs = _reqs("prefix", "prefix", "prefix")
+    gate.observe(reqs, [0, 1, 2], _proposal(UNLIKELY * 3))
+    assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == []
+    gate.observe(reqs, [1, 2], _proposal(UNLIKELY * 2))  # r1, r2 fresh again: r0 due first
+    assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == []
+    assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == []  # r0 is due, alone
+    assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == [0, 1, 2]  # all three due
+
+
+def test_a_request_due_for_refresh_joins_a_draft_pass_that_runs_anyway():
+    """Three requests; a draft pass costs 1 s for one or two rows, 1.2 s for three; a verify
+    forward 1 s. One request drafting alone could not pay (5 tokens in 2 s against 3 in 1 s),
+    the two likely ones together do, so the unlikely one is left out until its refresh falls
+    due, and then drafts beside them instead of forcing a pass of its own."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1, 2, 3], [1.0, 1.0, 1 / 1.2]),
+                     refresh_steps=2)
+    reqs = _reqs("prefix", "prefix", "prefix")
+    gate.observe(reqs, [0, 1, 2], _proposal(LIKELY * 2 + UNLIKELY))
+    drafted = []
+    for _ in range(3):
+        rows = gate.rows(reqs, [0, 1, 2], FLAT, 512)
+        drafted.append(rows)
+        gate.observe(reqs, rows, _proposal([UNLIKELY[0] if i == 2 else LIKELY[0] for i in rows]))
+    assert drafted == [[0, 1], [0, 1], [0, 1, 2]]
+    assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == [0, 1]  # refreshed: still out
+    assert gate._interval["r2"] == 4

@@ -22,7 +22,11 @@ a sequence and 5.1 ms for eight; torch's `flex_attention` compiled for the CPU w
 block mask takes 3.9 ms plus 12 ms to build the mask each step; nested (jagged) tensors have no
 CPU attention with GQA or holes; the CPU build of no serving library installs beside this
 torch. The kernel did the same in 0.2 ms (1.0 ms for eight), and serves whole engine steps in
-`bench/peers.py`. Knows: tensors and block tables. Does not know: models, requests or budgets.
+`bench/peers.py`. In a serving step the cache comes from memory, not from the CPU's caches:
+64 sequences of 256 positions with every layer's cache cold take the portable code 1.1-1.2 ms,
+the bfloat16 path 0.45-0.6 ms (it prefetches blocks a row at a time, a few blocks ahead),
+against 0.39 ms for a plain sum of the same bytes. Knows: tensors and block tables. Does not
+know: models, requests or budgets.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ from worker.engine.spec_step import StepOverhead
 from worker.engine.verify_policy import RowCostTable
 
 # Bumped when the engine's own step work changes in cost (the draft and overhead profiles
-# cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings.
-ENGINE_COST_VERSION = 3
+# cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings;
+# 4 = step overheads timed at the profiling context length (was at most 64 positions).
+ENGINE_COST_VERSION = 4
 
 
 @dataclass
@@ -108,7 +109,7 @@ def time_overhead(engine, rows: int, drafting: bool, steps: int = 6) -> float:
     its target forward, all drafting (`fixed`) or none (`ar`); the engine must be idle."""
     if engine.requests:
         raise RuntimeError("the engine must be idle to profile its step overhead")
-    ctx = max(1, min(engine.config.sps_context_len, 64))
+    ctx = max(1, engine.config.sps_context_len)  # the draft pass's cost grows with it
     budget = ctx + steps * (engine.gamma + 1) + 1
     alloc = engine.kv.allocator
     rows = max(1, min(rows, alloc.num_blocks // alloc.blocks_for(budget)))

@@ -153,9 +153,10 @@ class DraftGate:
     the subsets tried being the best 0, 1, 2, 4, ... of them. A request without an estimate,
     or one that has not drafted for its refresh interval, drafts anyway, so estimates follow
     the text; the interval starts at `refresh_steps` and doubles (up to `max_refresh_steps`)
-    each time a refreshed estimate still leaves the request out. Refreshes are forced only
-    while drafting a single request could pay if all its tokens were accepted: under load
-    (64 requests on a CPU) one request's refresh would cost a draft pass for nothing, and
+    each time a refreshed estimate still leaves the request out. The requests due for a
+    refresh force a draft pass only where their drafting, all their tokens accepted, could pay
+    by itself; otherwise they draft beside those chosen, when some are: under load (64
+    requests on a CPU) one request's refresh would cost a draft pass for nothing, and
     refreshes falling due one after another would draft in most steps. Where not even all
     requests' drafting could pay, nobody drafts. A request that arrives while
     others have estimates starts from their mean (a request churn would otherwise force a
@@ -207,17 +208,22 @@ class DraftGate:
             for r in newcomers:
                 self._estimate[r] = prior.clone()
                 self._skipped[r], self._interval[r] = 0, self.refresh_steps
-        # a refresh is forced only where one request's drafting could pay alone (else a
-        # stale estimate competes with the others as it is, and costs no draft pass)
-        refresh = self._could_pay(len(reqs), 1, sps)
-        forced = [k for k, r in enumerate(ids) if r not in self._estimate
-                  or (refresh and self._skipped[r] >= self._interval[r])]
-        self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
+        # requests due for a fresh estimate draft beside the chosen ones; they force a draft
+        # pass of their own only where their drafting could pay by itself (under load, one
+        # request's refresh after another would draft in most steps)
+        due = [k for k, r in enumerate(ids)
+               if r in self._estimate and self._skipped[r] >= self._interval[r]]
+        alone = bool(due) and self._could_pay(len(reqs), len(due), sps)
+        forced = [k for k, r in enumerate(ids) if r not in self._estimate] + (due if alone else [])
         chosen = set(forced)
         optional = [k for k in range(len(ids)) if k not in chosen]
         if optional:
-            chosen |= self._best_subset(reqs, spec_idx, ids, forced, optional, sps,
+            chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
                                         max_batch_tokens)
+        if chosen and not alone:  # a draft pass runs anyway: the due ones join it
+            forced = sorted(set(forced) | set(due))
+            chosen |= set(due)
+        self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
         for k, r in enumerate(ids):
             if k in chosen:
                 if k not in forced:  # drafting pays for it again
