@@ -178,8 +178,7 @@ class DraftGate:
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
         self._version = 0  # bumped whenever an estimate changes
         self._last_subset: tuple | None = None  # (what it depended on, the subset chosen)
-        self._bound: dict[tuple[int, int], bool] = {}  # (rows, candidates) -> could pay
-        self._bound_tables: tuple = (None,) * 4  # the cost tables `_bound` was computed with
+        self._memos: dict[str, tuple[tuple, dict]] = {}  # `_memo`: (tables, answers) a slot
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
         self.skipped_rows = 0
@@ -268,20 +267,16 @@ class DraftGate:
         sizes = sorted(sizes)
         subsets = [est[forced + ranked[:size]] for size in sizes]
         seconds = [self.draft_seconds(len(forced) + size, rows) for size in sizes]
-        values = expected_throughputs(subsets, sps.at_rows(rows), seconds, rows)
+        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
         best = int(np.argmax(values))  # the first of equals, as the smallest subset
         return set(ranked[:sizes[best]])
 
     def _could_pay(self, rows: int, candidates: int, sps) -> bool:
         """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
         in a step of `rows` could beat plain decoding if every draft token were accepted: an
-        upper bound on what any estimate could show, cached by the step's shape while the cost
-        tables stay the same objects."""
-        tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
-        if any(a is not b for a, b in zip(tables, self._bound_tables)):
-            self._bound, self._bound_tables = {}, tables
-        if (rows, candidates) not in self._bound:
-            cost = sps.at_rows(rows)
+        upper bound on what any estimate could show."""
+        def compute() -> bool:
+            cost = self._at_rows(sps, rows)
             ones = torch.ones(candidates, self.gamma, dtype=torch.float64)
             plain = expected_throughput(ones[:0], cost, draft_seconds=self.draft_seconds(0, rows),
                                         other_rows=rows)
@@ -289,17 +284,36 @@ class DraftGate:
             while n < candidates:
                 sizes.add(n)
                 n *= 2
-            self._bound[(rows, candidates)] = any(
-                expected_throughput(ones[:n], cost, draft_seconds=self.draft_seconds(n, rows),
-                                    other_rows=rows - n) > plain for n in sorted(sizes))
-        return self._bound[(rows, candidates)]
+            return any(expected_throughput(ones[:n], cost, other_rows=rows - n,
+                                           draft_seconds=self.draft_seconds(n, rows)) > plain
+                       for n in sorted(sizes))
+        return self._memo(("could pay", rows, candidates), compute, sps)
+
+    def _at_rows(self, sps, rows: int):
+        """`sps.at_rows(rows)`, once per row count."""
+        return self._memo(("at rows", rows), lambda: sps.at_rows(rows), sps)
+
+    def _memo(self, key, compute, sps=None):
+        """compute() once per key while the cost tables (`sps` too, where given) stay the same
+        objects: they are fixed once profiled, and a step asks the same questions again."""
+        tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
+        slot = "sps" if sps is not None else "own"
+        held_tables, values = self._memos.get(slot, ((None,) * 4, {}))
+        if any(a is not b for a, b in zip(tables, held_tables)):
+            values = {}
+            self._memos[slot] = (tables, values)
+        if key not in values:
+            values[key] = compute()
+        return values[key]
 
     def draft_seconds(self, drafting_rows: int, rows: int) -> float:
         """Seconds a step of `rows` spends besides its target forward when `drafting_rows` of
         them draft (0: none): the profiled `StepOverhead`, else the profiled draft pass."""
-        profiled = (1.0 / self.draft_cost(drafting_rows)
-                    if drafting_rows and self.draft_cost is not None else 0.0)
-        return self.overhead.seconds(drafting_rows, rows, profiled)
+        def compute() -> float:
+            profiled = (1.0 / self.draft_cost(drafting_rows)
+                        if drafting_rows and self.draft_cost is not None else 0.0)
+            return self.overhead.seconds(drafting_rows, rows, profiled)
+        return self._memo(("seconds", drafting_rows, rows), compute)
 
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""

@@ -26,6 +26,7 @@
 #include <limits>
 
 #include "attention_bf16.h"  // its vector helpers, where the CPU has AVX512-BF16
+#include "exp_approx.h"
 
 namespace {
 
@@ -46,23 +47,7 @@ inline uint16_t narrow(float f) {
 
 inline float round_bf16(float f) { return widen(narrow(f)); }
 
-// e^x for x <= 0 (range reduction and a degree-6 polynomial; relative error about 2e-7).
-inline float exp_nonpositive(float x) {
-  x = std::fmax(x, -87.0f);
-  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using sparkgrid_common::exp_nonpositive;  // e^x for x <= 0 (exp_approx.h)
 
 const uint16_t* bits_of(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
