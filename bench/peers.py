@@ -21,7 +21,7 @@ vLLM runs in a virtualenv of its own (`--vllm-python`, or `SPARKGRID_VLLM_PYTHON
 (their builds do not match its torch and break its import). Without it the vLLM arms are left
 out. It writes `--out` (`bench/results/peers.json`) and two plots beside it: aggregate tokens/s
 against concurrency, and per-request against aggregate tokens/s (the DSpark paper's Figure 7).
-Not a test: it asserts nothing; it reports. About 25 minutes on a 2-core CPU.
+Not a test: it asserts nothing; it reports. About 10-12 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
