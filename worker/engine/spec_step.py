@@ -177,7 +177,6 @@ class DraftGate:
         self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
         self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
         self._version = 0  # bumped whenever an estimate changes
-        self._last_subset: tuple | None = None  # (what it depended on, the subset chosen)
         self._memos: dict[str, tuple[tuple, dict]] = {}  # `_memo`: (tables, answers) a slot
         self.skipped_steps = 0
         """Steps in which the gate kept every drafting-capable request from drafting."""
@@ -244,13 +243,13 @@ class DraftGate:
         the last answer again while nothing it depends on changed (under load the gate keeps
         the same rows out step after step)."""
         caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens).numpy()
-        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version,
-               sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
-        if self._last_subset is not None and len(key) == len(self._last_subset[0]) and all(
-                a is b or a == b for a, b in zip(key, self._last_subset[0])):
-            return set(self._last_subset[1])
+        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version)
+        memo = self._memo_values(sps)  # one last answer, kept while the tables stay
+        last = memo.get("last subset")
+        if last is not None and last[0] == key:
+            return set(last[1])
         chosen = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps)
-        self._last_subset = (key, frozenset(chosen))
+        memo["last subset"] = (key, frozenset(chosen))
         return chosen
 
     def _weigh_subsets(self, ids, forced, optional, sps, rows, caps) -> set[int]:
@@ -294,17 +293,23 @@ class DraftGate:
         return self._memo(("at rows", rows), lambda: sps.at_rows(rows), sps)
 
     def _memo(self, key, compute, sps=None):
-        """compute() once per key while the cost tables (`sps` too, where given) stay the same
-        objects: they are fixed once profiled, and a step asks the same questions again."""
+        """compute() once per key while the cost tables stay the same objects (`_memo_values`):
+        they are fixed once profiled, and a step asks the same questions again."""
+        values = self._memo_values(sps)
+        if key not in values:
+            values[key] = compute()
+        return values[key]
+
+    def _memo_values(self, sps=None) -> dict:
+        """The answers computed with the current cost tables (`sps` too, where given); emptied
+        when any of them is replaced."""
         tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting)
         slot = "sps" if sps is not None else "own"
         held_tables, values = self._memos.get(slot, ((None,) * 4, {}))
         if any(a is not b for a, b in zip(tables, held_tables)):
             values = {}
             self._memos[slot] = (tables, values)
-        if key not in values:
-            values[key] = compute()
-        return values[key]
+        return values
 
     def draft_seconds(self, drafting_rows: int, rows: int) -> float:
         """Seconds a step of `rows` spends besides its target forward when `drafting_rows` of

@@ -80,8 +80,9 @@ inline __m512 transpose_sum(__m512 v[16]) {
 constexpr int64_t kBlock = 16;  // cache block size this path serves
 constexpr int64_t kAhead = 3;   // blocks prefetched ahead of the one being read
 
-// One pass: Q query vectors (rows of `qp`, each with its own visible length) over the
-// context of one (sequence, kv head). DIM: head size (64 or 128).
+// One pass: Q query vectors of one sequence (each with its own visible length and kv head
+// g_of[m]) over that sequence's context; `next_table` / `next_blocks`: what the following
+// pass reads first, prefetched near the end of this one. DIM: head size (64 or 128).
 template <int64_t Q, int64_t DIM>
 inline void pass(const at::BFloat16* const qrow[Q], const int32_t len[Q], const int64_t g_of[Q],
                  float scale, const at::BFloat16* kp, const at::BFloat16* vp,

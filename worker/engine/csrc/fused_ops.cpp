@@ -53,7 +53,9 @@ const uint16_t* bits_of(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
-uint16_t* bits_of(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* bits_of(at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
 
 void check_bf16(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, op, ": ", name,
@@ -109,12 +111,15 @@ at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
         const __m512 x = sparkgrid_bf16::widen(g + d);
         const __m512 e = sparkgrid_bf16::exp_nonpositive(
             _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-        const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        const __m512 one = _mm512_set1_ps(1.0f);
+        const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, e));
         const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
         const __m512 sig = _mm512_mask_mul_ps(t, negative, e, t);
         const __m256i act = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, sig));
-        const __m512 prod = _mm512_mul_ps(sparkgrid_bf16::widen(&act), sparkgrid_bf16::widen(u + d));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(prod));
+        const __m512 prod =
+            _mm512_mul_ps(sparkgrid_bf16::widen(&act), sparkgrid_bf16::widen(u + d));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
+                            (__m256i)_mm512_cvtneps_pbh(prod));
       }
 #endif
       for (; d < inner; ++d) {
