@@ -3,6 +3,7 @@ admission, cancellation, stop conditions, streaming text, and bad input."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -357,3 +358,32 @@ def test_a_deferred_draft_context_is_the_context_written_step_by_step(structured
         torch.testing.assert_close(later.draft_kv.v[:, slots_later], now.draft_kv.v[:, slots])
     with pytest.raises(RuntimeError, match="position 5 deferred after 4"):
         later.draft_runner.defer_context(["a"], chunks[0][0], [0], [1], [5])
+
+
+def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structured_pairs,
+                                                                          tmp_path):
+    """Writing deferred draft context is timed at start beside the draft pass (cached, on
+    stand-ins that leave the draft cache empty); the gate reads each request's deferred
+    tokens; every decode step of a greedy run is compared with its tables."""
+    pair = structured_pairs("qwen3", "vanilla")
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    flush = engine.gate.flush_cost
+    assert flush is not None and flush.batch_tokens[0] == 1 and len(flush.batch_tokens) >= 2
+    seconds = [1 / s for s in flush.steps_per_second]
+    assert all(b >= a for a, b in zip(seconds, seconds[1:]))
+    assert len(list(tmp_path.glob("flush-*.json"))) == 1
+    assert engine.draft_kv.allocator.num_used_blocks == 0
+    assert make_engine(pair, tmp_path, policy="prefix").gate.flush_cost == flush  # read back
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    rid = engine.add_request([5, 6, 7, 8], params, policy="ar")  # its context is not kept
+    spec = engine.add_request([5, 6, 7, 8], params, policy="fixed")
+    engine.step()  # the prefill: both prompts' features, deferred for the one that drafts
+    assert engine.gate.deferred_tokens(spec) == 4 and engine.gate.deferred_tokens(rid) == 0
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    online = engine.gate.online
+    assert sum(sum(seen) for seen in online.seen.values()) == steps
+    assert sum(seen[1] for seen in online.seen.values()) >= 1  # steps where `fixed` drafted
+    assert all(math.isfinite(m) for means in online.log_ratio.values() for m in means)

@@ -2,10 +2,13 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sparkgrid.costs import SPSTable
-from worker.engine.spec_step import DraftGate, DraftProposal
+from worker.engine.draft_gate import DraftGate
+from worker.engine.online_costs import OnlineCosts
+from worker.engine.spec_step import DraftProposal
 
 FLAT = SPSTable([1], [1.0])  # one second per verify forward, whatever its size
 SLOW_DRAFT = SPSTable([1], [1 / 5.0])  # five seconds per draft pass: never pays beside FLAT
@@ -93,12 +96,24 @@ def test_other_policies_and_missing_cost_models_are_never_gated():
     assert ungated.rows(one, [0], FLAT, 512) == [0]
 
 
-def test_a_finished_request_is_forgotten():
-    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+def test_a_request_arriving_with_nobody_around_starts_from_the_finished_ones():
+    """A finished request's estimate is dropped, and a request arriving with nobody around
+    starts from the finished requests' of its kind, greedy or sampled (a running mean),
+    instead of forcing a draft pass; without any, it drafts to learn."""
     reqs = _reqs("prefix")
-    gate.observe(reqs, [0], _proposal(UNLIKELY))
-    gate.forget("r0")
-    assert gate.rows(reqs, [0], FLAT, 512) == [0]
+    fresh = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+    assert fresh.rows(reqs, [0], FLAT, 512) == [0]
+    for prior, drafts in ((UNLIKELY, []), (LIKELY, [0])):
+        gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+        gate.observe(_reqs("prefix"), [0], _proposal(prior))
+        gate.forget("r0")
+        newcomer = [SimpleNamespace(req_id="later", policy="prefix", remaining=100)]
+        assert gate.rows(newcomer, [0], FLAT, 512) == drafts
+        # a sampled request begins from sampled ones only (greedy steps follow the timing)
+        sampled = [SimpleNamespace(req_id="sampled", policy="prefix", remaining=100,
+                                   params=SimpleNamespace(temperature=0.8))]
+        gate.forget("later")
+        assert gate.rows(sampled, [0], FLAT, 512) == [0]
 
 
 def test_only_the_requests_whose_drafting_pays_draft():
@@ -191,3 +206,53 @@ def test_a_request_due_for_refresh_joins_a_draft_pass_that_runs_anyway():
     assert drafted == [[0, 1], [0, 1], [0, 1, 2]]
     assert gate.rows(reqs, [0, 1, 2], FLAT, 512) == [0, 1]  # refreshed: still out
     assert gate._interval["r2"] == 4
+
+
+def test_deferred_draft_context_is_charged_to_the_requests_that_would_write_it():
+    """Drafting a likely request pays (about 3 tokens in 2.5 s against 1 in 1 s) when its
+    context is current, and not when 100 tokens of deferred context at 10 ms each must be
+    written first (3 tokens in 3.5 s)."""
+    flush = SPSTable([1, 64, 512], [1 / 0.1, 1 / 0.1, 1 / (0.1 + 448 * 0.01)])  # 10 ms a token
+    decisions = {}
+    for deferred in (3, 103):  # one block's tokens (gamma + 1) are in the profiled overhead
+        gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+        gate.flush_cost, gate.deferred_tokens = flush, lambda req_id, n=deferred: n
+        reqs = _reqs("prefix")
+        gate.observe(reqs, [0], _proposal(LIKELY))
+        decisions[deferred] = gate.rows(reqs, [0], FLAT, 512)
+        assert gate.flush_seconds(["r0"]) == pytest.approx(0.01 * (deferred - 3))
+    assert decisions == {3: [0], 103: []}
+
+
+def test_the_online_factor_steers_greedy_steps_only():
+    """Where drafting steps have run twice as long as their tables say, relative to plain
+    ones, drafting the likely request (1.2 against 1 token a second by the tables) no longer
+    pays in a greedy step; a step with a sampled request keeps the tables' choice, so its
+    random draws keep their schedule."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+    gate.online = OnlineCosts()
+    for _ in range(10):
+        gate.online.observe(1, True, predicted=1.0, measured=2.0)
+        gate.online.observe(1, False, predicted=1.0, measured=1.0)
+    reqs = _reqs("prefix")
+    gate.observe(reqs, [0], _proposal(LIKELY))
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=True) == []
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=False) == [0]
+    gate.online = OnlineCosts()  # nothing learned yet: the tables alone
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=True) == [0]
+
+
+def test_under_a_load_where_nothing_could_pay_nobody_drafts_and_planning_is_cached():
+    """64 requests: drafting them all would pay if every draft token were accepted (192
+    tokens in 1.5 s against 64 in 1 s), but not as well as the best estimate held (about 66
+    tokens): nobody drafts, and no candidate subset is even weighed, step after step."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SPSTable([1, 64], [1 / 0.1, 1 / 0.5]),
+                     refresh_steps=1000)
+    reqs = _reqs(*["prefix"] * 64)
+    gate.observe(reqs, list(range(64)), _proposal(UNLIKELY * 64))
+    weighed = []
+    original = gate._weigh_subsets
+    gate._weigh_subsets = lambda *a: weighed.append(1) or original(*a)
+    for _ in range(3):
+        assert gate.rows(reqs, list(range(64)), FLAT, 4096) == []
+    assert weighed == []

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparkgrid.costs import SPSTable
+from worker.engine.draft_gate import StepOverhead
 from worker.engine.online_calibration import OnlineCalibration
-from worker.engine.spec_step import StepOverhead
 from worker.engine.verify_policy import expected_throughput, prefix_lengths
 
 

@@ -57,6 +57,9 @@ class EngineConfig:
     online_calibration: bool = True
     """Correct the draft's confidence per position from this engine's own verifications
     (`online_calibration`), separately for greedy and sampled requests."""
+    online_costs: bool = True
+    """Let the draft gate correct its profiled step costs by how this engine's drafting and
+    plain steps really run (`online_costs`)."""
     draft_vocab_size: int = 0
     """Draft only the N tokens the target writes most often (`draft_vocab`; needs the draft's
     `draft_vocab.json` ranking); 0 = the full vocabulary."""

@@ -108,6 +108,11 @@ class DraftRunner:
         self.extend_context([sid for sid, _ in held], feats, rows, [d.count for _, d in held],
                             [d.start for _, d in held])
 
+    def deferred_tokens(self, seq_id: str) -> int:
+        """Tokens of `seq_id`'s context not yet written (0: none)."""
+        held = self._deferred.get(seq_id)
+        return held.count if held is not None else 0
+
     def forget(self, seq_id: str) -> None:
         """Drop a finished sequence's deferred context."""
         self._deferred.pop(seq_id, None)

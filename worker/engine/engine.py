@@ -16,6 +16,7 @@ Knows: where the parts meet. Does not know: Ray, gRPC, or which worker runs a jo
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 
 from sparkgrid.detokenizer import IncrementalDetokenizer
 from worker.engine.config import EngineConfig, Resume, SamplingParams
+from worker.engine.draft_gate import DraftGate
 from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
@@ -35,11 +37,12 @@ from worker.engine.loader import (
 )
 from worker.engine.model_runner import TargetRunner
 from worker.engine.online_calibration import OnlineCalibration
+from worker.engine.online_costs import OnlineCosts
 from worker.engine.planner import Planner, StepPlan, StepResult
 from worker.engine.profiler import profile_engine
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import argmax_rows, sample, warp_probs
-from worker.engine.spec_step import DraftGate, DraftProposal, confidence, pad_rows
+from worker.engine.spec_step import DraftProposal, confidence, pad_rows
 from worker.engine.verifier import next_tokens, sampling_columns, verify_step
 from worker.engine.verify_policy import Policy, parse_policy
 
@@ -111,6 +114,11 @@ class LLMEngine:
             costs = profile_engine(self)
             self.sps, self.step_cost = costs.sps, costs.step_cost
             self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
+            self.gate.flush_cost = costs.flush_cost
+        if self.draft_runner is not None:
+            self.gate.deferred_tokens = self.draft_runner.deferred_tokens
+            if config.online_costs:
+                self.gate.online = OnlineCosts()
 
     @property
     def gate(self) -> DraftGate:
@@ -179,9 +187,16 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the increments of every request that moved."""
+        started = time.perf_counter()
         plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
         result = self._run(plan)
-        return self._commit(plan, result)
+        outputs = self._commit(plan, result)
+        predicted = (self.planner.predicted_seconds(plan) if self.gate.online is not None
+                     else None)
+        if predicted is not None:  # the whole step's time but the newcomers' prefill
+            measured = time.perf_counter() - started - result.prefill_seconds
+            self.gate.online.observe(len(plan.decode), bool(plan.drafting), predicted, measured)
+        return outputs
 
     def generate(self, prompts: list[str | list[int]],
                  params: SamplingParams | list[SamplingParams],
@@ -206,7 +221,9 @@ class LLMEngine:
         prefill of the newcomers."""
         result = self._decode(plan) if plan.decode else StepResult()
         if plan.prefill:
+            started = time.perf_counter()
             result.first_tokens = self._prefill(plan)
+            result.prefill_seconds = time.perf_counter() - started
         return result
 
     def _decode(self, plan: StepPlan) -> StepResult:

@@ -11,7 +11,7 @@ depend on its confidence, so the run hands the proposal back (`Planner.verify_le
 before the verify forward, and the plan then also lays out that forward's rows.
 
 Knows: requests, the engine's budgets (`EngineConfig`), the cache allocators' reservations,
-the policies (`spec_step.choose_lengths`, `DraftGate`). Does not know: models, logits,
+the policies (`spec_step.choose_lengths`, `draft_gate.DraftGate`). Does not know: models, logits,
 sampling, verification, or how tokens are committed.
 """
 
@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sparkgrid.costs import SPSTable
+from worker.engine.draft_gate import DraftGate
 from worker.engine.kv_cache import BlockAllocator
 from worker.engine.model_runner import ForwardBatch
 from worker.engine.request import Request, Status
-from worker.engine.spec_step import DraftGate, DraftProposal, choose_lengths
+from worker.engine.spec_step import DraftProposal, choose_lengths
 from worker.engine.verify_policy import Policy, RowCostTable
 
 
@@ -52,7 +54,8 @@ class StepPlan:
     profiled)."""
     fixed_seconds: float
     """Profiled seconds of this step besides its target forward, for its drafting rows (what
-    `prefix` weighs each verified token against; `DraftGate.draft_seconds`)."""
+    `prefix` weighs each verified token against; `DraftGate.draft_seconds`, and
+    `DraftGate.flush_seconds` for their deferred context)."""
     prefill: list[Request]
     """Waiting requests admitted this step (their caches reserved), prefilled in one forward
     after the decode."""
@@ -115,6 +118,8 @@ class StepResult:
     """Each decoding row's token after its accepted drafts (bonus, or correction)."""
     first_tokens: list[int] = field(default_factory=list)
     """Each admitted request's first generated token."""
+    prefill_seconds: float = 0.0
+    """Wall seconds of the newcomers' prefill (the step's other time is the decode's)."""
 
 
 class Planner:
@@ -134,15 +139,17 @@ class Planner:
         `max_num_seqs`, `max_prefill_tokens` and the caches' budgets)."""
         decode = list(running)
         keep = [i for i, r in enumerate(decode) if r.policy != Policy.AR]
-        drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens)
+        drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
+                                  greedy=all(r.params.temperature == 0 for r in decode))
         admitted = self._admit(len(running), waiting)
         return StepPlan(
             decode=decode, keep_context=keep, drafting=drafting,
             starts=[r.num_tokens - 1 for r in decode],
-            uniforms=(torch.stack([self._draws(r, 2 * self.gamma + 1) for r in decode])
-                      if decode else None),
+            uniforms=self._all_draws(decode, 2 * self.gamma + 1),
             cost=cost,
-            fixed_seconds=self.gate.draft_seconds(len(drafting), len(decode)) if decode else 0.0,
+            fixed_seconds=(self.gate.draft_seconds(len(drafting), len(decode))
+                           + self.gate.flush_seconds([decode[i].req_id for i in drafting])
+                           if decode else 0.0),
             prefill=admitted,
             prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]
                               if admitted else None))
@@ -155,6 +162,18 @@ class Planner:
                                       sts=self.sts, max_batch_tokens=self.config.max_batch_tokens,
                                       draft_seconds=plan.fixed_seconds)
         self.gate.observe(plan.decode, plan.drafting, proposal)
+
+    def predicted_seconds(self, plan: StepPlan) -> float | None:
+        """What the tables say the decode part of `plan` takes once its verify lengths are
+        set: its fixed seconds and its target forward; None without decoding rows or a cost
+        table."""
+        if not plan.decode or plan.cost is None:
+            return None
+        tokens = float(sum(plan.num_new))
+        if isinstance(plan.cost, RowCostTable):
+            return plan.fixed_seconds + float(
+                plan.cost.at_rows(len(plan.decode)).step_time(np.array([tokens]))[0])
+        return plan.fixed_seconds + 1.0 / plan.cost(tokens)
 
     def _admit(self, num_running: int, waiting: deque[Request]) -> list[Request]:
         admitted, prefill_tokens = [], 0
@@ -174,6 +193,14 @@ class Planner:
             admitted.append(req)
             prefill_tokens += len(req.prompt_ids)
         return admitted
+
+    def _all_draws(self, reqs: list[Request], n: int) -> torch.Tensor | None:
+        """[R, n] each request's draws (`_draws`), or None without requests."""
+        if not reqs:
+            return None
+        if all(r.params.temperature == 0 for r in reqs):  # one tensor, not one a request
+            return torch.zeros(len(reqs), n, device=self.device)
+        return torch.stack([self._draws(r, n) for r in reqs])
 
     def _draws(self, req: Request, n: int) -> torch.Tensor:
         if req.params.temperature == 0:  # greedy: one-hot distributions ignore the draw

@@ -30,15 +30,19 @@ import torch
 from sparkgrid.costs import SPSTable
 from worker.engine.attention import implementation_id
 from worker.engine.config import SamplingParams
+from worker.engine.draft_gate import StepOverhead
 from worker.engine.model_runner import ForwardBatch, TargetRunner
 from worker.engine.request import SpecStats
-from worker.engine.spec_step import StepOverhead
 from worker.engine.verify_policy import RowCostTable
 
 # Bumped when the engine's own step work changes in cost (the draft and overhead profiles
 # cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings;
 # 4 = step overheads timed at the profiling context length (was at most 64 positions).
 ENGINE_COST_VERSION = 4
+FLUSH_TOKENS = [1, 64, 512]
+"""Deferred context tokens the flush profile writes (the gate charges the last slope)."""
+FLUSH_ROWS = 8
+"""Stand-in requests they are spread over."""
 
 
 @dataclass
@@ -53,6 +57,8 @@ class EngineCosts:
     """Draft passes per second by drafting rows (an `SPSTable` over rows)."""
     overhead: StepOverhead = field(default_factory=StepOverhead)
     """What a decode step spends besides its target forward."""
+    flush_cost: SPSTable | None = None
+    """Deferred draft context written per second, by its tokens (an `SPSTable` over tokens)."""
 
 
 def profile_engine(engine) -> EngineCosts:
@@ -77,7 +83,11 @@ def profile_engine(engine) -> EngineCosts:
     overhead = StepOverhead(*load_or_profile_overhead(
         lambda rows, drafting: time_overhead(engine, rows, drafting), max_rows=max_rows,
         cache_dir=cfg.sps_cache_dir, ident=ident))
-    return EngineCosts(sps, step_cost, draft_cost, overhead)
+    room = (alloc.num_blocks - alloc.num_reserved_blocks - FLUSH_ROWS) * alloc.block_size
+    flush_cost = load_or_profile_flush(lambda tokens: time_flush(engine, tokens),
+                                       sizes=[t for t in FLUSH_TOKENS if t <= room] or [1],
+                                       cache_dir=cfg.sps_cache_dir, ident=ident)
+    return EngineCosts(sps, step_cost, draft_cost, overhead, flush_cost)
 
 
 @torch.inference_mode()
@@ -101,6 +111,32 @@ def time_draft(engine, rows: int, repeats: int = 5) -> float:
         for row in stand_ins:
             alloc.free(row.req_id)
     return seconds
+
+
+@torch.inference_mode()
+def time_flush(engine, tokens: int, rows: int = FLUSH_ROWS, repeats: int = 3) -> float:
+    """Best seconds of writing `tokens` tokens of deferred draft context, spread over `rows`
+    stand-in requests (`DraftRunner.extend_context`, what `flush_context` runs)."""
+    alloc, runner = engine.draft_kv.allocator, engine.runner
+    rows = max(1, min(rows, tokens))
+    counts = [tokens // rows + (i < tokens % rows) for i in range(rows)]
+    free = (alloc.num_blocks - alloc.num_reserved_blocks) * alloc.block_size
+    if free < tokens + rows * alloc.block_size:
+        raise RuntimeError(f"the draft cache cannot hold {tokens} profiling tokens")
+    hidden = runner.model.config.hidden_size
+    feats = torch.randn(tokens, hidden * len(runner.feature_layer_ids), device=engine.device,
+                        generator=torch.Generator(engine.device).manual_seed(0)
+                        ).to(engine.dtype)
+    seq_ids = [f"__flush_profile_{i}" for i in range(rows)]
+    starts = [sum(counts[:i]) for i in range(rows)]
+    try:
+        for sid, count in zip(seq_ids, counts):
+            alloc.reserve(sid, count)
+        return best_seconds(lambda: engine.draft_runner.extend_context(
+            seq_ids, feats, starts, counts, [0] * rows), engine.device, repeats)
+    finally:
+        for sid in seq_ids:
+            alloc.free(sid)
 
 
 @torch.inference_mode()
@@ -353,6 +389,21 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
         return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
 
     return _cached(cache_dir, f"{kind}-{key}.json", build)
+
+
+def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
+                          cache_dir: str | None) -> SPSTable:
+    """Deferred draft context written per second by its tokens (`DraftGate.flush_cost`), at
+    `sizes` (FLUSH_TOKENS, as far as the draft cache holds them): `time_flush(tokens)` times
+    one write. Cached beside the draft table."""
+    key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "rows": FLUSH_ROWS,
+                                     "kind": "flush"}, sort_keys=True).encode()).hexdigest()[:24]
+
+    def build() -> SPSTable:
+        times = [max(time_flush(tokens), 1e-6) for tokens in sizes]
+        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
+
+    return _cached(cache_dir, f"flush-{key}.json", build)
 
 
 def load_or_profile_overhead(time_overhead, *, ident: dict, max_rows: int,

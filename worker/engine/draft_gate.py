@@ -1,0 +1,415 @@
+"""Which requests draft in a `prefix` step: the draft gate, and the step costs it weighs.
+
+`DraftGate.rows` is asked before every step (by `planner`), from what is known before any
+draft token exists: each request's survival estimate from its earlier blocks, the profiled
+cost tables (`profiler`: the target's step cost, the draft pass, `StepOverhead`, the cost of
+writing deferred draft context), and how the engine's real steps compare with those tables
+(`online_costs`). So the choice never depends on the step's own tokens, and verification
+stays lossless.
+
+Knows: estimates, cost tables, the `prefix` policy's expected throughput
+(`verify_policy.expected_throughputs`). Does not know: models, caches, sampling or tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from sparkgrid.costs import SPSTable
+from worker.engine.online_costs import OnlineCosts
+from worker.engine.spec_step import DraftProposal, proposal_confidence, verify_caps
+from worker.engine.sts import survival
+from worker.engine.verify_policy import (
+    Policy,
+    RowCostTable,
+    expected_throughput,
+    expected_throughputs,
+)
+
+
+class StepOverhead:
+    """Seconds a decode step spends besides its target forward (the draft pass, drafting
+    bookkeeping, sampling, commit, detokenizing): `plain`, by the step's rows, for steps in
+    which nobody drafts; `drafting`, by the drafting rows. Both are profiled (`SPSTable`s of
+    such steps per second, cached like SPS(B)), so choices depend on the tables, not on the
+    timing noise of the moment, and a seed's text repeats on the same schedule.
+
+    Alg. 1 and the draft gate weigh verified tokens against the whole step's time; these
+    seconds are the part of it that the forward's cost table does not hold."""
+
+    def __init__(self, plain: SPSTable | None = None, drafting: SPSTable | None = None):
+        self.plain, self.drafting = plain, drafting
+
+    def seconds(self, drafting_rows: int, rows: int, default: float) -> float:
+        """The profiled seconds for a step of `rows` with `drafting_rows` drafting, or
+        `default` without a profile."""
+        table = self.drafting if drafting_rows else self.plain
+        if table is None:
+            return default
+        return 1.0 / table(drafting_rows or rows)
+
+
+class DraftGate:
+    """Chooses which requests draft in a step where the `prefix` policy is used.
+
+    On a fast accelerator a draft pass costs little next to a verify forward; on a CPU, or a
+    small GPU serving a big batch, it can cost more than the tokens it saves, and more so for
+    requests in text the drafter finds hard. Before each step the gate picks the subset of
+    requests whose drafting is expected to raise the step's throughput (`expected_throughput`),
+    from each request's survival estimate (a running mean of its calibrated a_{r,j} over its
+    earlier blocks), the step cost (SPS(B), or the `RowCostTable` at the step's rows), the
+    profiled seconds of a draft pass for that many rows (`draft_cost`, draft passes per second
+    by rows; no gate without it), the cost of writing each request's deferred draft context
+    first (`flush_cost`), and, in steps whose requests all decode greedily, how much longer
+    than their tables drafting steps have really run (`online`). Requests are considered in
+    order of their estimate's sum, the subsets tried being the best 0, 1, 2, 4, ... of them.
+
+    Refreshes: a request without an estimate, or one that has not drafted for its refresh
+    interval, drafts anyway, so estimates follow the text; the interval starts at
+    `refresh_steps` and doubles (up to `max_refresh_steps`) each time a refreshed estimate
+    still leaves the request out. The requests due for a refresh force a draft pass only where
+    their drafting, all their tokens accepted, could pay by itself (deferred context and the
+    online factor included); otherwise they draft beside those chosen, when some are: under
+    load (64 requests on a CPU) one request's refresh would cost a draft pass for nothing,
+    and refreshes falling due one after another would draft in most steps.
+
+    Under load: where not even all requests' drafting could pay if every draft token were
+    accepted, nobody drafts; where not even requests as good as the best estimate held could
+    pay, only refreshes draft, and that answer is cached until an estimate, the load or the
+    factor changes, so such a step's planning is a few dictionary lookups. A request that
+    arrives while others have estimates starts from their mean, and one arriving with nobody
+    around from the mean of the requests before it (a churn of requests would otherwise force
+    a draft pass for newcomers step after step, in exactly the regime where drafting does not
+    pay). The choice uses no token of the current step, so verification stays lossless.
+    """
+
+    def __init__(self, gamma: int, sts: list[float] | None, draft_cost: SPSTable | None, *,
+                 refresh_steps: int = 8, max_refresh_steps: int = 64, smoothing: float = 0.3):
+        self.gamma, self.sts, self.draft_cost = gamma, sts, draft_cost
+        self.refresh_steps, self.max_refresh_steps = refresh_steps, max_refresh_steps
+        self.smoothing = smoothing
+        self.overhead = StepOverhead()
+        """What steps spend besides their target forward (`profiler.profile_engine`)."""
+        self.flush_cost: SPSTable | None = None
+        """Deferred draft context written per second by its tokens (`profiler.profile_engine`;
+        None: not charged). A request the gate kept out holds its recent tokens' target
+        features (`DraftRunner.defer_context`, a newcomer its whole prompt); drafting writes
+        them first, which no drafting step's profile holds (there each row writes one block's
+        tokens a step). Measured on the shipped pair at 64 requests on a 2-core CPU: 8 ms of
+        a 60 ms drafting step, which made drafting look worth it where it lost."""
+        self.deferred_tokens: Callable[[str], int] | None = None
+        """A request's deferred context tokens (`DraftRunner.deferred_tokens`), or None."""
+        self.online: OnlineCosts | None = None
+        """How drafting steps really run against their tables, relative to plain steps (the
+        engine's timings, `OnlineCosts`); None: the tables alone."""
+        self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
+        self._prior: dict[bool, torch.Tensor] = {}  # greedy? -> [G] where newcomers begin
+        self._greedy: dict[str, bool] = {}  # req_id -> whether it decodes greedily
+        self._factor = 1.0  # the online factor of the step being planned (`rows`)
+        self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
+        self._interval: dict[str, int] = {}  # req_id -> skipped steps before a refresh
+        self._refreshing: set[str] = set()  # drafted last step only to refresh the estimate
+        self._version = 0  # bumped whenever an estimate changes
+        self._memos: dict[str, tuple[tuple, dict]] = {}  # `_memo`: (tables, answers) a slot
+        self.skipped_steps = 0
+        """Steps in which the gate kept every drafting-capable request from drafting."""
+        self.skipped_rows = 0
+        """Request-steps that the gate kept from drafting."""
+
+    def rows(self, reqs, spec_idx: list[int], sps: SPSTable | RowCostTable | None,
+             max_batch_tokens: int, *, greedy: bool = False) -> list[int]:
+        """The subset of `spec_idx` that drafts this step, in `spec_idx` order. `greedy`:
+        every request of the step decodes greedily, so timing may steer the choice (the
+        `online` factor): it cannot change their tokens. A sampled request's tokens depend on
+        the schedule of its draws, which stays a function of the tables and the requests,
+        so a seed's text repeats when the same requests come in the same order."""
+        self._factor = (self.online.drafting_factor(len(reqs))
+                        if greedy and self.online is not None else 1.0)
+        if (not spec_idx or sps is None or self.draft_cost is None
+                or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
+            return spec_idx
+        ids = [reqs[i].req_id for i in spec_idx]
+        if not self._could_pay(len(reqs), len(ids), sps):
+            # not even drafts that are always accepted would pay at this load: nobody drafts,
+            # and no estimate needs refreshing until the load falls
+            for r in ids:
+                if r in self._skipped:
+                    self._skipped[r] += 1
+            self.skipped_rows += len(ids)
+            self.skipped_steps += 1
+            return []
+        newcomers = [r for r in ids if r not in self._estimate]
+        for k, r in enumerate(ids):
+            self._greedy.setdefault(r, _decodes_greedily(reqs[spec_idx[k]]))
+        newcomers = [r for r in newcomers if self._estimate or self._greedy[r] in self._prior]
+        if newcomers:
+            # they start from the others' mean (or, with nobody around, from that of the
+            # requests before them), not from a draft pass
+            mean = (torch.stack(list(self._estimate.values())).mean(0) if self._estimate
+                    else None)
+            self._version += 1
+            for r in newcomers:
+                self._estimate[r] = (mean if mean is not None
+                                     else self._prior[self._greedy[r]]).clone()
+                self._skipped[r], self._interval[r] = 0, self.refresh_steps
+        # requests due for a fresh estimate draft beside the chosen ones; they force a draft
+        # pass of their own only where their drafting could pay by itself (under load, one
+        # request's refresh after another would draft in most steps)
+        due = [k for k, r in enumerate(ids)
+               if r in self._estimate and self._skipped[r] >= self._interval[r]]
+        extra = np.array([self._extra_flush_tokens(r) for r in ids], dtype=np.float64)
+        alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
+                 and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
+                                             extra))
+        forced = [k for k, r in enumerate(ids) if r not in self._estimate] + (due if alone else [])
+        chosen = set(forced)
+        optional = [k for k in range(len(ids)) if k not in chosen]
+        # where not even requests as good as the best estimate held would pay, only
+        # refreshes draft (the common case under load: then this is all of the planning;
+        # for one optional request, weighing it costs the same)
+        if optional and (len(optional) == 1 or self._best_could_pay(len(reqs), len(ids), sps)):
+            chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
+                                        max_batch_tokens, extra)
+        if chosen and not alone:  # a draft pass runs anyway: the due ones join it
+            forced = sorted(set(forced) | set(due))
+            chosen |= set(due)
+        self._refreshing.update(ids[k] for k in forced if ids[k] in self._estimate)
+        for k, r in enumerate(ids):
+            if k in chosen:
+                if k not in forced:  # drafting pays for it again
+                    self._interval[r] = self.refresh_steps
+                    self._refreshing.discard(r)
+                continue
+            if r in self._refreshing:  # refreshed, and drafting still does not pay
+                self._interval[r] = min(2 * self._interval[r], self.max_refresh_steps)
+                self._refreshing.discard(r)
+            self._skipped[r] += 1
+        self.skipped_rows += len(ids) - len(chosen)
+        if not chosen:
+            self.skipped_steps += 1
+        return [spec_idx[k] for k in sorted(chosen)]
+
+    def _estimates(self, reqs, spec_idx, ids, ks, max_batch_tokens, base=None) -> np.ndarray:
+        """[len(ks), G] the survival estimates of requests `ks` (or `base` for each), zero
+        past what each may verify this step (`verify_caps`)."""
+        zeros = torch.zeros(self.gamma, dtype=torch.float64)
+        est = (np.tile(base, (len(ks), 1)) if base is not None else
+               torch.stack([self._estimate.get(ids[k], zeros) for k in ks]).numpy().copy())
+        caps = verify_caps(reqs, [spec_idx[k] for k in ks], self.gamma, max_batch_tokens)
+        est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
+        return est
+
+    def _drafting_seconds(self, ks, rows: int, extra: np.ndarray) -> float:
+        """Seconds besides the forward of a step of `rows` in which requests `ks` draft
+        (`extra`: each request's deferred context tokens beyond one block)."""
+        return (self.draft_seconds(len(ks), rows)
+                + self._flush_seconds_per_token() * float(extra[ks].sum()))
+
+    def _refresh_could_pay(self, reqs, spec_idx, ids, due, sps, max_batch_tokens,
+                           extra) -> bool:
+        """Whether drafting for some of the `due` requests (1, 2, 4, ... of them, those with
+        the least deferred context first) could pay by itself if all their draft tokens were
+        accepted, their deferred context and the online factor included (`_could_pay` is the
+        same bound on the tables alone). Where not even that would pay, a refresh would cost
+        a draft pass to learn what could not change the choice. No again, without a
+        computation, while the load and the factor stay and the deferred context only grows
+        (under load the same requests stay due step after step)."""
+        rows = len(reqs)
+        factor = self._factor
+        key = (tuple(ids[k] for k in due), rows, round(math.log(factor), 2))
+        memo = self._memo_values(sps)
+        last = memo.get("last refresh")
+        if last is not None and last[0] == key and (extra[due] >= last[1]).all():
+            return False
+        order = sorted(due, key=lambda k: extra[k])
+        est = self._estimates(reqs, spec_idx, ids, order, max_batch_tokens,
+                              base=np.ones(self.gamma))
+        sizes = _powers_up_to(len(order))
+        subsets = [est[:0]] + [est[:n] for n in sizes]
+        seconds = [self.draft_seconds(0, rows)] + [
+            self._drafting_seconds(order[:n], rows, extra) for n in sizes]
+        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        pays = max(values[1:]) / factor > values[0]
+        memo["last refresh"] = None if pays else (key, extra[due].copy())
+        return pays
+
+    def _best_subset(self, reqs, spec_idx, ids, forced, optional, sps,
+                     max_batch_tokens, extra) -> set[int]:
+        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`;
+        the last answer again while nothing it depends on changed (under load the gate keeps
+        the same rows out step after step)."""
+        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
+        factor = self._factor
+        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version,
+               round(math.log(factor), 2))  # the factor in steps of 1%
+        memo = self._memo_values(sps)  # one last answer, kept while the tables stay
+        last = memo.get("last subset")
+        # deferred context only grows while a request is kept out, and with it the cost of
+        # every subset that drafts: a step where nobody drafted stays so until something else
+        # changes
+        if last is not None and last[0] == key and (
+                np.array_equal(last[2], extra)
+                or (not forced and not last[1] and (extra >= last[2]).all())):
+            return set(last[1])
+        chosen = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps, extra, factor)
+        memo["last subset"] = (key, frozenset(chosen), extra)
+        return chosen
+
+    def _weigh_subsets(self, ids, forced, optional, sps, rows, caps, extra,
+                       factor) -> set[int]:
+        """`_best_subset` computed: every candidate subset's expected throughput (`extra`:
+        each request's deferred context tokens that drafting would write first; `factor`:
+        how much longer than its tables a drafting step runs, `OnlineCosts`)."""
+        zeros = torch.zeros(self.gamma, dtype=torch.float64)  # no estimate yet: count on nothing
+        est = torch.stack([self._estimate.get(r, zeros) for r in ids]).numpy().copy()
+        est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
+        sums = est.sum(axis=1)
+        ranked = sorted(optional, key=lambda k: -sums[k])
+        sizes = [0] + _powers_up_to(len(ranked))
+        subsets = [est[forced + ranked[:size]] for size in sizes]
+        seconds = [self._drafting_seconds(forced + ranked[:size], rows, extra)
+                   for size in sizes]
+        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        values = [v / factor if forced or size else v for v, size in zip(values, sizes)]
+        best = int(np.argmax(values))  # the first of equals, as the smallest subset
+        return set(ranked[:sizes[best]])
+
+    def _could_pay(self, rows: int, candidates: int, sps) -> bool:
+        """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
+        in a step of `rows` could beat plain decoding if every draft token were accepted: an
+        upper bound on what any estimate could show."""
+        def compute() -> bool:
+            cost = self._at_rows(sps, rows)
+            ones = torch.ones(candidates, self.gamma, dtype=torch.float64)
+            plain = expected_throughput(ones[:0], cost, draft_seconds=self.draft_seconds(0, rows),
+                                        other_rows=rows)
+            return any(expected_throughput(ones[:n], cost, other_rows=rows - n,
+                                           draft_seconds=self.draft_seconds(n, rows)) > plain
+                       for n in _powers_up_to(candidates))
+        return self._memo(("could pay", rows, candidates), compute, sps)
+
+    def _best_could_pay(self, rows: int, candidates: int, sps) -> bool:
+        """Whether drafting for some of `candidates` requests (1, 2, 4, ... or all) in a step
+        of `rows` could pay if each accepted as well as the best estimate now held of any
+        request (element-wise; no deferred context; the online factor included). Asked again
+        only when an estimate, the load or the factor changes: under load, where nothing
+        pays, this is the whole of a step's planning."""
+        if not self._estimate:
+            return True
+        factor = self._factor
+        key = ("best could pay", rows, candidates, self._version, round(math.log(factor), 2))
+
+        def compute() -> bool:
+            best = torch.stack(list(self._estimate.values())).max(0).values.numpy()
+            sizes = _powers_up_to(candidates)
+            subsets = [np.zeros((0, self.gamma))] + [np.tile(best, (n, 1)) for n in sizes]
+            seconds = [self.draft_seconds(n, rows) for n in [0] + sizes]
+            values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+            return max(values[1:]) / factor > values[0]
+        values = self._memo_values(sps)
+        last = values.get("last best could pay")
+        if last is None or last[0] != key:
+            values["last best could pay"] = last = (key, compute())
+        return last[1]
+
+    def _at_rows(self, sps, rows: int):
+        """`sps.at_rows(rows)`, once per row count."""
+        return self._memo(("at rows", rows), lambda: sps.at_rows(rows), sps)
+
+    def _memo(self, key, compute, sps=None):
+        """compute() once per key while the cost tables stay the same objects (`_memo_values`):
+        they are fixed once profiled, and a step asks the same questions again."""
+        values = self._memo_values(sps)
+        if key not in values:
+            values[key] = compute()
+        return values[key]
+
+    def _memo_values(self, sps=None) -> dict:
+        """The answers computed with the current cost tables (`sps` too, where given); emptied
+        when any of them is replaced."""
+        tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting,
+                  self.flush_cost)
+        slot = "sps" if sps is not None else "own"
+        held_tables, values = self._memos.get(slot, ((None,) * len(tables), {}))
+        if any(a is not b for a, b in zip(tables, held_tables)):
+            values = {}
+            self._memos[slot] = (tables, values)
+        return values
+
+    def draft_seconds(self, drafting_rows: int, rows: int) -> float:
+        """Seconds a step of `rows` spends besides its target forward when `drafting_rows` of
+        them draft (0: none): the profiled `StepOverhead`, else the profiled draft pass."""
+        def compute() -> float:
+            profiled = (1.0 / self.draft_cost(drafting_rows)
+                        if drafting_rows and self.draft_cost is not None else 0.0)
+            return self.overhead.seconds(drafting_rows, rows, profiled)
+        return self._memo(("seconds", drafting_rows, rows), compute)
+
+    def flush_seconds(self, req_ids: list[str]) -> float:
+        """Seconds that writing the deferred context of `req_ids` adds to a drafting step,
+        beyond the block's tokens a row that drafts every step writes (already in the
+        profiled step overhead)."""
+        return self._flush_seconds_per_token() * sum(map(self._extra_flush_tokens, req_ids))
+
+    def _extra_flush_tokens(self, req_id: str) -> int:
+        if self.deferred_tokens is None or self.flush_cost is None:
+            return 0
+        return max(0, self.deferred_tokens(req_id) - (self.gamma + 1))
+
+    def _flush_seconds_per_token(self) -> float:
+        """The slope of `flush_cost` between its last two points (at least 0): what one more
+        deferred token costs in a large write."""
+        table = self.flush_cost
+        if table is None or len(table.batch_tokens) < 2:
+            return 0.0
+
+        def compute() -> float:
+            first, last = table.batch_tokens[-2], table.batch_tokens[-1]
+            return max(0.0, (1.0 / table(last) - 1.0 / table(first)) / (last - first))
+        return self._memo(("flush per token",), compute)
+
+    def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
+        """After a draft pass: each drafted request's new block updates its estimate."""
+        if not drafted or proposal is None or proposal.conf_logits is None:
+            return
+        a = survival(proposal_confidence(proposal, self.sts)).double()  # [D, G]
+        self._version += 1
+        for k, i in enumerate(drafted):
+            rid = reqs[i].req_id
+            old = self._estimate.get(rid)
+            self._estimate[rid] = a[k] if old is None else old + self.smoothing * (a[k] - old)
+            self._skipped[rid] = 0
+            self._interval.setdefault(rid, self.refresh_steps)
+            self._greedy.setdefault(rid, _decodes_greedily(reqs[i]))
+
+    def forget(self, req_id: str) -> None:
+        self._version += 1
+        gone = self._estimate.pop(req_id, None)
+        greedy = self._greedy.pop(req_id, True)
+        if gone is not None:  # a running mean of the finished requests' estimates, per regime
+            # (a sampled request's choices never depend on the timing that steers greedy ones)
+            prior = self._prior.get(greedy)
+            self._prior[greedy] = (gone.clone() if prior is None
+                                   else prior + self.smoothing * (gone - prior))
+        self._skipped.pop(req_id, None)
+        self._interval.pop(req_id, None)
+        self._refreshing.discard(req_id)
+
+
+def _powers_up_to(n: int) -> list[int]:
+    """1, 2, 4, ... below `n`, and `n` itself (n >= 1)."""
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return sizes + [n]
+
+
+def _decodes_greedily(req) -> bool:
+    """Whether `req` decodes greedily (a stand-in without sampling parameters counts so)."""
+    params = getattr(req, "params", None)
+    return params is None or params.temperature == 0
