@@ -21,8 +21,7 @@ import torch
 
 from sparkgrid.costs import SPSTable
 from worker.engine.online_costs import OnlineCosts
-from worker.engine.spec_step import DraftProposal, proposal_confidence, verify_caps
-from worker.engine.sts import survival
+from worker.engine.spec_step import DraftProposal, proposal_survival, verify_caps
 from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
@@ -170,8 +169,8 @@ class DraftGate:
         optional = [k for k in range(len(ids)) if k not in chosen]
         # where not even requests as good as the best estimate held would pay, only
         # refreshes draft (the common case under load: then this is all of the planning;
-        # for one optional request, weighing it costs the same)
-        if optional and (len(optional) == 1 or self._best_could_pay(len(reqs), len(ids), sps)):
+        # for a few optional requests, weighing them costs about the same)
+        if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
             chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
                                         max_batch_tokens, extra)
         if chosen and not alone:  # a draft pass runs anyway: the due ones join it
@@ -376,7 +375,7 @@ class DraftGate:
         """After a draft pass: each drafted request's new block updates its estimate."""
         if not drafted or proposal is None or proposal.conf_logits is None:
             return
-        a = survival(proposal_confidence(proposal, self.sts)).double()  # [D, G]
+        a = proposal_survival(proposal, self.sts).double()  # [D, G]
         self._version += 1
         for k, i in enumerate(drafted):
             rid = reqs[i].req_id

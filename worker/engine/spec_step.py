@@ -41,6 +41,8 @@ class DraftProposal:
     conf_logits: torch.Tensor | None   # [S, G] raw confidence logits, None without a head
     conf: torch.Tensor | None = None   # [S, G] the c_k this step decides with (STS, then the
                                        # engine's online calibration); None: from conf_logits
+    survival: torch.Tensor | None = None  # [S, G] a_{r,j} of `conf`, once asked for
+                                          # (`proposal_survival`)
 
 
 def proposal_confidence(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
@@ -48,6 +50,14 @@ def proposal_confidence(proposal: DraftProposal, sts: list[float] | None) -> tor
     if proposal.conf is not None:
         return proposal.conf.cpu()
     return confidence(proposal.conf_logits, sts).cpu()
+
+
+def proposal_survival(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
+    """[S, G] a_{r,j}, the cumulative product of a proposal's c_k, on the CPU; computed once a
+    proposal (Alg. 1 and the draft gate both read it)."""
+    if proposal.survival is None:
+        proposal.survival = survival(proposal_confidence(proposal, sts))
+    return proposal.survival
 
 
 def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tensor:
@@ -81,7 +91,7 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         extra_tau = len(reqs) - len(spec_idx) + sum(
             1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
             for k in others)
-        a = survival(conf[prefix_rows])  # [P, G]
+        a = proposal_survival(proposal, sts)[prefix_rows]  # [P, G]
         beyond_cap = torch.arange(gamma)[None, :] >= torch.from_numpy(caps_t[prefix_rows])[:, None]
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
         got = prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
