@@ -160,10 +160,15 @@ class DraftGate:
         # request's refresh after another would draft in most steps)
         due = [k for k, r in enumerate(ids)
                if r in self._estimate and self._skipped[r] >= self._interval[r]]
-        extra = np.array([self._extra_flush_tokens(r) for r in ids], dtype=np.float64)
+        held: list[np.ndarray] = []
+
+        def extra() -> np.ndarray:  # each request's deferred tokens, once asked for
+            if not held:
+                held.append(np.array([self._extra_flush_tokens(r) for r in ids], np.float64))
+            return held[0]
         alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
                  and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
-                                             extra))
+                                             extra()))
         forced = [k for k, r in enumerate(ids) if r not in self._estimate] + (due if alone else [])
         chosen = set(forced)
         optional = [k for k in range(len(ids)) if k not in chosen]
@@ -172,7 +177,7 @@ class DraftGate:
         # for a few optional requests, weighing them costs about the same)
         if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
             chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
-                                        max_batch_tokens, extra)
+                                        max_batch_tokens, extra())
         if chosen and not alone:  # a draft pass runs anyway: the due ones join it
             forced = sorted(set(forced) | set(due))
             chosen |= set(due)

@@ -88,7 +88,7 @@ class DraftRunner:
                                    f"{expected}")
             self._next[sid] = pos + count
             held = self._deferred.setdefault(sid, _Deferred(pos))
-            held.parts.append(feats[row:row + count])
+            held.parts.append((feats, row, count))  # sliced when written: a step's host time
             held.count += count
             if held.count >= self.max_deferred:
                 full.append(sid)
@@ -104,7 +104,7 @@ class DraftRunner:
         for _, d in held:
             rows.append(row)
             row += d.count
-        feats = torch.cat([part for _, d in held for part in d.parts])
+        feats = torch.cat([f[row:row + n] for _, d in held for f, row, n in d.parts])
         self.extend_context([sid for sid, _ in held], feats, rows, [d.count for _, d in held],
                             [d.start for _, d in held])
 
@@ -124,4 +124,4 @@ class _Deferred:
 
     def __init__(self, start: int):
         self.start, self.count = start, 0
-        self.parts: list[torch.Tensor] = []
+        self.parts: list[tuple[torch.Tensor, int, int]] = []  # (features, first row, rows)
