@@ -401,7 +401,11 @@ class WorkerPool:
         self._index(w)
 
     def _index(self, w: TrackedWorker) -> None:
-        """Put `w`'s current snapshot in its model's candidate index (O(log N))."""
+        """Put `w`'s current snapshot in its model's candidate index (O(log N)), if the pool
+        still holds it: a read that was in flight when the worker was dropped (revoked, gone)
+        must not put it back where the router finds it."""
+        if self._workers.get(w.name) is not w:
+            return
         snap = self.observed.apply(w.snapshot())
         if w.indexed_model not in (None, snap.model):
             self._indexes[w.indexed_model].remove(w.name)

@@ -195,3 +195,22 @@ def test_the_dispatcher_reports_delivered_chunks_and_not_a_refused_one():
     assert pool.strikes and pool.strikes[0][0] == "cheat"
     assert pool.observed.figures("cheat").tokens == pytest.approx(2, rel=0.01)
     assert pool.observed.figures("honest").tokens == pytest.approx(3, rel=0.01)
+
+
+def test_a_dropped_worker_is_not_put_back_in_the_index_by_an_answer_in_flight():
+    """The pool drops a worker (its operator revoked, say) while a read of its figures is in
+    flight; when that answer lands, the worker must not be routable again."""
+    from types import SimpleNamespace
+
+    from scheduler.worker_pool import WorkerPool
+
+    pool = WorkerPool("auto")
+    w = SimpleNamespace(name="m-1", indexed_model=None, handle=None, snapshot=lambda: snap("m-1"))
+    pool._workers["m-1"] = w
+    pool._index(w)
+    assert pool._indexes["m"].get("m-1") is not None
+    pool._drop("m-1", "revoked")
+    assert pool._indexes["m"].get("m-1") is None
+    pool._index(w)  # the read that was in flight
+    assert pool._indexes["m"].get("m-1") is None
+    assert not pool.stats()
