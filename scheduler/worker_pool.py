@@ -47,14 +47,7 @@ from scheduler.observed import ObservedSpeeds
 from scheduler.quarantine import Quarantines
 from scheduler.registry import Registry, lent_tokenizer_of, remember_model
 from scheduler.router import CandidateIndex, PoolView
-from scheduler.worker_errors import (
-    FAILED,
-    GONE,
-    NO_ANSWER,
-    WorkerLost,
-    WorkerRefused,
-    first_line,
-)
+from scheduler.worker_errors import FAILED, GONE, NO_ANSWER, WorkerLost, WorkerRefused, first_line
 from sparkgrid.board import is_board
 from sparkgrid.contract import NAMESPACE, Chunk, ContractError, Resume, SamplingParams, WorkerStats
 
