@@ -25,7 +25,6 @@ from worker.engine.spec_step import DraftProposal, proposal_survival, verify_cap
 from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
-    expected_throughput,
     expected_throughputs,
 )
 
@@ -141,10 +140,10 @@ class DraftGate:
             self.skipped_rows += len(ids)
             self.skipped_steps += 1
             return []
-        newcomers = [r for r in ids if r not in self._estimate]
         for k, r in enumerate(ids):
             self._greedy.setdefault(r, _decodes_greedily(reqs[spec_idx[k]]))
-        newcomers = [r for r in newcomers if self._estimate or self._greedy[r] in self._prior]
+        newcomers = [r for r in ids if r not in self._estimate
+                     and (self._estimate or self._greedy[r] in self._prior)]
         if newcomers:
             # they start from the others' mean (or, with nobody around, from that of the
             # requests before them), not from a draft pass
@@ -197,13 +196,13 @@ class DraftGate:
             self.skipped_steps += 1
         return [spec_idx[k] for k in sorted(chosen)]
 
-    def _estimates(self, reqs, spec_idx, ids, ks, max_batch_tokens, base=None) -> np.ndarray:
-        """[len(ks), G] the survival estimates of requests `ks` (or `base` for each), zero
-        past what each may verify this step (`verify_caps`)."""
+    def _estimates(self, ids, ks, caps: np.ndarray, base=None) -> np.ndarray:
+        """[len(ks), G] the survival estimates of requests `ks` (or `base` for each; no
+        estimate yet: count on nothing), zero past what each may verify this step (`caps`,
+        `verify_caps` of `ks`)."""
         zeros = torch.zeros(self.gamma, dtype=torch.float64)
         est = (np.tile(base, (len(ks), 1)) if base is not None else
                torch.stack([self._estimate.get(ids[k], zeros) for k in ks]).numpy().copy())
-        caps = verify_caps(reqs, [spec_idx[k] for k in ks], self.gamma, max_batch_tokens)
         est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
         return est
 
@@ -230,8 +229,8 @@ class DraftGate:
         if last is not None and last[0] == key and (extra[due] >= last[1]).all():
             return False
         order = sorted(due, key=lambda k: extra[k])
-        est = self._estimates(reqs, spec_idx, ids, order, max_batch_tokens,
-                              base=np.ones(self.gamma))
+        caps = verify_caps(reqs, [spec_idx[k] for k in order], self.gamma, max_batch_tokens)
+        est = self._estimates(ids, order, caps, base=np.ones(self.gamma))
         sizes = _powers_up_to(len(order))
         subsets = [est[:0]] + [est[:n] for n in sizes]
         seconds = [self.draft_seconds(0, rows)] + [
@@ -268,9 +267,7 @@ class DraftGate:
         """`_best_subset` computed: every candidate subset's expected throughput (`extra`:
         each request's deferred context tokens that drafting would write first; `factor`:
         how much longer than its tables a drafting step runs, `OnlineCosts`)."""
-        zeros = torch.zeros(self.gamma, dtype=torch.float64)  # no estimate yet: count on nothing
-        est = torch.stack([self._estimate.get(r, zeros) for r in ids]).numpy().copy()
-        est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
+        est = self._estimates(ids, range(len(ids)), caps)
         sums = est.sum(axis=1)
         ranked = sorted(optional, key=lambda k: -sums[k])
         sizes = [0] + _powers_up_to(len(ranked))
@@ -286,15 +283,19 @@ class DraftGate:
         """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
         in a step of `rows` could beat plain decoding if every draft token were accepted: an
         upper bound on what any estimate could show."""
-        def compute() -> bool:
-            cost = self._at_rows(sps, rows)
-            ones = torch.ones(candidates, self.gamma, dtype=torch.float64)
-            plain = expected_throughput(ones[:0], cost, draft_seconds=self.draft_seconds(0, rows),
-                                        other_rows=rows)
-            return any(expected_throughput(ones[:n], cost, other_rows=rows - n,
-                                           draft_seconds=self.draft_seconds(n, rows)) > plain
-                       for n in _powers_up_to(candidates))
-        return self._memo(("could pay", rows, candidates), compute, sps)
+        return self._memo(("could pay", rows, candidates), lambda: self._alike_rows_pay(
+            rows, candidates, np.ones(self.gamma), sps, 1.0), sps)
+
+    def _alike_rows_pay(self, rows: int, candidates: int, survival_row: np.ndarray, sps,
+                        factor: float) -> bool:
+        """Whether 1, 2, 4, ... or `candidates` requests that all survive as `survival_row`
+        (no deferred context) could draft for more throughput than plain decoding, a step of
+        `rows`, drafting subsets' throughput divided by `factor`."""
+        sizes = _powers_up_to(candidates)
+        subsets = [np.zeros((0, self.gamma))] + [np.tile(survival_row, (n, 1)) for n in sizes]
+        seconds = [self.draft_seconds(n, rows) for n in [0] + sizes]
+        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        return max(values[1:]) / factor > values[0]
 
     def _best_could_pay(self, rows: int, candidates: int, sps) -> bool:
         """Whether drafting for some of `candidates` requests (1, 2, 4, ... or all) in a step
@@ -307,17 +308,12 @@ class DraftGate:
         factor = self._factor
         key = ("best could pay", rows, candidates, self._version, round(math.log(factor), 2))
 
-        def compute() -> bool:
-            best = torch.stack(list(self._estimate.values())).max(0).values.numpy()
-            sizes = _powers_up_to(candidates)
-            subsets = [np.zeros((0, self.gamma))] + [np.tile(best, (n, 1)) for n in sizes]
-            seconds = [self.draft_seconds(n, rows) for n in [0] + sizes]
-            values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
-            return max(values[1:]) / factor > values[0]
         values = self._memo_values(sps)
         last = values.get("last best could pay")
         if last is None or last[0] != key:
-            values["last best could pay"] = last = (key, compute())
+            best = torch.stack(list(self._estimate.values())).max(0).values.numpy()
+            last = (key, self._alike_rows_pay(rows, candidates, best, sps, factor))
+            values["last best could pay"] = last
         return last[1]
 
     def _at_rows(self, sps, rows: int):

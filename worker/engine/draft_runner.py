@@ -104,7 +104,7 @@ class DraftRunner:
         for _, d in held:
             rows.append(row)
             row += d.count
-        feats = torch.cat([f[row:row + n] for _, d in held for f, row, n in d.parts])
+        feats = torch.cat([f[first:first + n] for _, d in held for f, first, n in d.parts])
         self.extend_context([sid for sid, _ in held], feats, rows, [d.count for _, d in held],
                             [d.start for _, d in held])
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from sparkgrid.costs import SPSTable
@@ -169,11 +168,9 @@ class Planner:
         table."""
         if not plan.decode or plan.cost is None:
             return None
-        tokens = float(sum(plan.num_new))
-        if isinstance(plan.cost, RowCostTable):
-            return plan.fixed_seconds + float(
-                plan.cost.at_rows(len(plan.decode)).step_time(np.array([tokens]))[0])
-        return plan.fixed_seconds + 1.0 / plan.cost(tokens)
+        cost = (plan.cost.at_rows(len(plan.decode)) if isinstance(plan.cost, RowCostTable)
+                else plan.cost)  # forwards per second by tokens, either way
+        return plan.fixed_seconds + 1.0 / cost(float(sum(plan.num_new)))
 
     def _admit(self, num_running: int, waiting: deque[Request]) -> list[Request]:
         admitted, prefill_tokens = [], 0

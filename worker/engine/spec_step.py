@@ -74,8 +74,8 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
-    caps_t = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
-    caps = caps_t.tolist()  # per-row work in Python ints: a step's host time counts
+    cap_array = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
+    caps = cap_array.tolist()  # per-row work in Python ints: a step's host time counts
     conf = proposal_confidence(proposal, sts) if proposal.conf_logits is not None else None
     policies = [reqs[i].policy for i in spec_idx]
     prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
@@ -92,7 +92,8 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
             1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
             for k in others)
         a = proposal_survival(proposal, sts)[prefix_rows]  # [P, G]
-        beyond_cap = torch.arange(gamma)[None, :] >= torch.from_numpy(caps_t[prefix_rows])[:, None]
+        beyond_cap = (torch.arange(gamma)[None, :]
+                      >= torch.from_numpy(cap_array[prefix_rows])[:, None])
         a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
         got = prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
                              extra_tau=extra_tau, fixed_seconds=draft_seconds).tolist()
