@@ -252,12 +252,13 @@ class EngineLoop:
         self._recent_steps.append((time.monotonic(), new_tokens))
         self._totals["generated_tokens"] += new_tokens
         finished = self._deliver(outputs)
-        self._publish()
         self._on_step(StepReport(elapsed, new_tokens, self.engine.counters.verify_tokens - before,
                                  finished))
 
     def _deliver(self, outputs) -> list[tuple[str, float | None]]:
-        finished = []
+        """Account for `outputs`, publish the figures, then hand each chunk to its sink: a
+        caller that reads the stats after its chunk sees the state that chunk left."""
+        finished, sends = [], []
         for out in outputs:
             sink = self._sinks.get(out.req_id)
             stats = out.stats
@@ -277,7 +278,10 @@ class EngineLoop:
             chunk = Chunk(out.req_id, tuple(out.token_ids), out.text,
                           out.finish_reason if out.finished else None, usage, spec)
             if sink is not None:
-                sink(chunk)
+                sends.append((sink, chunk))
+        self._publish()
+        for sink, chunk in sends:
+            sink(chunk)
         return finished
 
     def _resolve_drained(self) -> None:

@@ -33,3 +33,40 @@ def test_bad_ranking_files_are_refused_naming_the_file(tmp_path, content):
     (tmp_path / RANKING_NAME).write_text(content)
     with pytest.raises(ValueError, match=RANKING_NAME):
         load_ranking(tmp_path, 3)
+
+
+def _heads():
+    from worker.engine.markov import MARKOV_HEADS
+    torch.manual_seed(0)
+    return {name: cls(64, 16, 8) for name, cls in MARKOV_HEADS.items()}
+
+
+def test_the_vanilla_markov_table_gives_the_projected_bias_and_the_others_have_none():
+    """A row of the table is the bias a draft step would project, onto all of the vocabulary
+    and onto a reduced one's rows; the gated and recurrent heads read h_k, so no table."""
+    heads = _heads()
+    vanilla = heads.pop("vanilla")
+    prev, h = torch.tensor([3, 0, 63, 3]), torch.randn(4, 16)
+    w2 = vanilla.markov_w2.weight[torch.tensor([5, 1, 9])]
+    for rows in (None, w2):
+        table = vanilla.transition_table(rows)
+        assert table.shape == (64, 64 if rows is None else 3)
+        projected, embed, _ = vanilla.step(h, prev, None, rows)
+        read, read_embed, _ = vanilla.step(h, prev, None, rows, table)
+        torch.testing.assert_close(read, projected)
+        assert torch.equal(read_embed, embed)
+    assert all(head.transition_table(w2) is None for head in heads.values())
+
+
+def test_a_reduced_vocabulary_holds_the_table_only_within_its_memory_budget(monkeypatch):
+    from types import SimpleNamespace
+
+    from worker.engine import draft_vocab
+    head = _heads()["vanilla"]
+    draft = SimpleNamespace(lm_head=torch.nn.Linear(16, 64, bias=False), markov_head=head)
+    vocab = draft_vocab.DraftVocab.build(draft, list(range(64))[::-1], 4)
+    assert vocab.markov_table.shape == (64, 4)
+    torch.testing.assert_close(vocab.markov_table[7],
+                               head.markov_w2.weight[[63, 62, 61, 60]] @ head.markov_w1.weight[7])
+    monkeypatch.setattr(draft_vocab, "MARKOV_TABLE_MAX_BYTES", 64 * 4 * 4 - 1)
+    assert draft_vocab.DraftVocab.build(draft, list(range(64)), 4).markov_table is None

@@ -13,7 +13,6 @@ Knows: estimates, cost tables, the `prefix` policy's expected throughput
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -218,15 +217,16 @@ class DraftGate:
         the least deferred context first) could pay by itself if all their draft tokens were
         accepted, their deferred context and the online factor included (`_could_pay` is the
         same bound on the tables alone). Where not even that would pay, a refresh would cost
-        a draft pass to learn what could not change the choice. No again, without a
-        computation, while the load and the factor stay and the deferred context only grows
-        (under load the same requests stay due step after step)."""
+        a draft pass to learn what could not change the choice. The gain found is kept: while
+        the same requests are due at the same load and their deferred context only grows, it
+        can only fall, so a gain that did not beat the factor still does not, without a
+        computation (under load the same requests stay due step after step)."""
         rows = len(reqs)
-        factor = self._factor
-        key = (tuple(ids[k] for k in due), rows, round(math.log(factor), 2))
+        key = (tuple(ids[k] for k in due), rows)
         memo = self._memo_values(sps)
         last = memo.get("last refresh")
-        if last is not None and last[0] == key and (extra[due] >= last[1]).all():
+        if (last is not None and last[0] == key and last[2] <= self._factor
+                and (extra[due] >= last[1]).all()):
             return False
         order = sorted(due, key=lambda k: extra[k])
         caps = verify_caps(reqs, [spec_idx[k] for k in order], self.gamma, max_batch_tokens)
@@ -236,37 +236,39 @@ class DraftGate:
         seconds = [self.draft_seconds(0, rows)] + [
             self._drafting_seconds(order[:n], rows, extra) for n in sizes]
         values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
-        pays = max(values[1:]) / factor > values[0]
-        memo["last refresh"] = None if pays else (key, extra[due].copy())
-        return pays
+        gain = max(values[1:]) / values[0]
+        memo["last refresh"] = (key, extra[due].copy(), gain)
+        return gain > self._factor
 
     def _best_subset(self, reqs, spec_idx, ids, forced, optional, sps,
                      max_batch_tokens, extra) -> set[int]:
-        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`;
-        the last answer again while nothing it depends on changed (under load the gate keeps
-        the same rows out step after step)."""
+        """The best 0, 1, 2, 4, ... (and all) of `optional` to draft alongside `forced`.
+        The subsets' throughputs on the tables are kept while nothing they depend on changes
+        (under load the gate keeps the same rows out step after step), and the choice among
+        them is made again with each step's online factor, which moves a little every step."""
         caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
-        factor = self._factor
-        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version,
-               round(math.log(factor), 2))  # the factor in steps of 1%
-        memo = self._memo_values(sps)  # one last answer, kept while the tables stay
+        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs), self._version)
+        memo = self._memo_values(sps)  # one last weighing, kept while the tables stay
         last = memo.get("last subset")
-        # deferred context only grows while a request is kept out, and with it the cost of
-        # every subset that drafts: a step where nobody drafted stays so until something else
-        # changes
-        if last is not None and last[0] == key and (
-                np.array_equal(last[2], extra)
-                or (not forced and not last[1] and (extra >= last[2]).all())):
-            return set(last[1])
-        chosen = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps, extra, factor)
-        memo["last subset"] = (key, frozenset(chosen), extra)
-        return chosen
+        if last is not None and last[0] == key:
+            weighed = last[2]
+            if np.array_equal(last[1], extra):
+                return _pick(*weighed, forced, self._factor)
+            # deferred context only grows while a request is kept out, and with it the cost
+            # of every subset that drafts: where no subset beat plain decoding, none does yet
+            values = weighed[2]
+            if not forced and (extra >= last[1]).all() and max(values[1:]) <= (
+                    values[0] * self._factor):
+                return set()
+        weighed = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps, extra)
+        memo["last subset"] = (key, extra, weighed)
+        return _pick(*weighed, forced, self._factor)
 
-    def _weigh_subsets(self, ids, forced, optional, sps, rows, caps, extra,
-                       factor) -> set[int]:
-        """`_best_subset` computed: every candidate subset's expected throughput (`extra`:
-        each request's deferred context tokens that drafting would write first; `factor`:
-        how much longer than its tables a drafting step runs, `OnlineCosts`)."""
+    def _weigh_subsets(self, ids, forced, optional, sps, rows, caps,
+                       extra) -> tuple[list[int], list[int], list[float]]:
+        """Every candidate subset's expected throughput on the tables, for `_best_subset`
+        (`extra`: each request's deferred context tokens that drafting would write first):
+        the optional requests ranked by estimate, the subset sizes, and their throughputs."""
         est = self._estimates(ids, range(len(ids)), caps)
         sums = est.sum(axis=1)
         ranked = sorted(optional, key=lambda k: -sums[k])
@@ -275,46 +277,42 @@ class DraftGate:
         seconds = [self._drafting_seconds(forced + ranked[:size], rows, extra)
                    for size in sizes]
         values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
-        values = [v / factor if forced or size else v for v, size in zip(values, sizes)]
-        best = int(np.argmax(values))  # the first of equals, as the smallest subset
-        return set(ranked[:sizes[best]])
+        return ranked, sizes, values
 
     def _could_pay(self, rows: int, candidates: int, sps) -> bool:
         """Whether drafting for some of `candidates` requests (the best 1, 2, 4, ... or all)
         in a step of `rows` could beat plain decoding if every draft token were accepted: an
         upper bound on what any estimate could show."""
-        return self._memo(("could pay", rows, candidates), lambda: self._alike_rows_pay(
-            rows, candidates, np.ones(self.gamma), sps, 1.0), sps)
+        return self._memo(("could pay", rows, candidates), lambda: self._alike_rows_gain(
+            rows, candidates, np.ones(self.gamma), sps) > 1.0, sps)
 
-    def _alike_rows_pay(self, rows: int, candidates: int, survival_row: np.ndarray, sps,
-                        factor: float) -> bool:
-        """Whether 1, 2, 4, ... or `candidates` requests that all survive as `survival_row`
-        (no deferred context) could draft for more throughput than plain decoding, a step of
-        `rows`, drafting subsets' throughput divided by `factor`."""
+    def _alike_rows_gain(self, rows: int, candidates: int, survival_row: np.ndarray,
+                         sps) -> float:
+        """How many times plain decoding's throughput the best of 1, 2, 4, ... or
+        `candidates` requests that all survive as `survival_row` (no deferred context) would
+        give by drafting, in a step of `rows`, on the tables."""
         sizes = _powers_up_to(candidates)
         subsets = [np.zeros((0, self.gamma))] + [np.tile(survival_row, (n, 1)) for n in sizes]
         seconds = [self.draft_seconds(n, rows) for n in [0] + sizes]
         values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
-        return max(values[1:]) / factor > values[0]
+        return max(values[1:]) / values[0]
 
     def _best_could_pay(self, rows: int, candidates: int, sps) -> bool:
         """Whether drafting for some of `candidates` requests (1, 2, 4, ... or all) in a step
         of `rows` could pay if each accepted as well as the best estimate now held of any
-        request (element-wise; no deferred context; the online factor included). Asked again
-        only when an estimate, the load or the factor changes: under load, where nothing
+        request (element-wise; no deferred context; the online factor included). The gain is
+        computed again only when an estimate or the load changes: under load, where nothing
         pays, this is the whole of a step's planning."""
         if not self._estimate:
             return True
-        factor = self._factor
-        key = ("best could pay", rows, candidates, self._version, round(math.log(factor), 2))
-
+        key = ("best could pay", rows, candidates, self._version)
         values = self._memo_values(sps)
         last = values.get("last best could pay")
         if last is None or last[0] != key:
             best = torch.stack(list(self._estimate.values())).max(0).values.numpy()
-            last = (key, self._alike_rows_pay(rows, candidates, best, sps, factor))
+            last = (key, self._alike_rows_gain(rows, candidates, best, sps))
             values["last best could pay"] = last
-        return last[1]
+        return last[1] > self._factor
 
     def _at_rows(self, sps, rows: int):
         """`sps.at_rows(rows)`, once per row count."""
@@ -407,6 +405,15 @@ def _powers_up_to(n: int) -> list[int]:
         sizes.append(k)
         k *= 2
     return sizes + [n]
+
+
+def _pick(ranked: list[int], sizes: list[int], values: list[float], forced: list[int],
+          factor: float) -> set[int]:
+    """The best of `_weigh_subsets`' subsets, drafting ones' throughput divided by `factor`
+    (how much longer than its tables a drafting step runs): the first of equals, as the
+    smallest subset."""
+    scaled = [v / factor if forced or size else v for v, size in zip(values, sizes)]
+    return set(ranked[:sizes[int(np.argmax(scaled))]])
 
 
 def _decodes_greedily(req) -> bool:

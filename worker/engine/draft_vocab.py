@@ -66,6 +66,12 @@ def load_ranking(draft_dir: str | Path, vocab_size: int) -> list[int] | None:
     return ranked
 
 
+MARKOV_TABLE_MAX_BYTES = 64 << 20
+"""The most memory a reduced vocabulary's Markov bias table may take (the shipped pair's,
+8,192 x 2,048 in bfloat16: 32 MiB; a 151,936-token vocabulary's would not fit, and there a
+draft step's projection costs little beside the target's forward)."""
+
+
 @dataclass(frozen=True)
 class DraftVocab:
     """The N kept token ids and the rows of the vocabulary-wide draft weights for them."""
@@ -73,6 +79,10 @@ class DraftVocab:
     token_ids: torch.Tensor  # [N] long, the kept ids (most frequent first)
     lm_head: torch.Tensor  # [N, d] rows of the drafter's lm_head
     markov_w2: torch.Tensor | None  # [N, r] rows of the Markov head's W2; None without one
+    markov_table: torch.Tensor | None = None
+    """[V, N] the Markov bias of every previous token onto the kept ones
+    (`MarkovHead.transition_table`), where the head has one and it takes at most
+    `MARKOV_TABLE_MAX_BYTES`; None: computed each draft step."""
 
     @classmethod
     def build(cls, draft, ranking: list[int], size: int) -> "DraftVocab":
@@ -83,5 +93,9 @@ class DraftVocab:
                              f"in [1, {vocab}], got {size}")
         ids = torch.tensor(ranking[:size], dtype=torch.long, device=draft.lm_head.weight.device)
         head = draft.markov_head
-        return cls(ids, draft.lm_head.weight[ids].contiguous(),
-                   head.markov_w2.weight[ids].contiguous() if head is not None else None)
+        w2 = head.markov_w2.weight[ids].contiguous() if head is not None else None
+        table = None
+        if head is not None and vocab * size * w2.element_size() <= MARKOV_TABLE_MAX_BYTES:
+            with torch.inference_mode():
+                table = head.transition_table(w2)
+        return cls(ids, draft.lm_head.weight[ids].contiguous(), w2, table)

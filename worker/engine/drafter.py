@@ -275,11 +275,13 @@ class DSparkDraft(nn.Module):
         prev_ids = anchor_ids  # x_0
         state = self.markov_head.init_state(h.shape[0]) if self.markov_head is not None else None
         w2 = vocab.markov_w2 if vocab is not None else None
+        table = vocab.markov_table if vocab is not None else None
         ids, probs, confs = [], [], []
         for k in range(h.shape[1]):
             logits_k, prev_embed = base_logits[:, k], None  # [R, V] (or [R, N])
             if self.markov_head is not None:
-                bias, prev_embed, state = self.markov_head.step(h[:, k], prev_ids, state, w2)
+                bias, prev_embed, state = self.markov_head.step(h[:, k], prev_ids, state, w2,
+                                                                 table)
                 logits_k = logits_k + bias
             if self.confidence_head is not None:
                 confs.append(self.confidence_head(h[:, k], prev_embed))  # [R]

@@ -30,12 +30,23 @@ class MarkovHead(nn.Module):
         return None
 
     def step(self, h_k: torch.Tensor, prev_ids: torch.Tensor, state: torch.Tensor | None,
-             w2: torch.Tensor | None = None):
+             w2: torch.Tensor | None = None, table: torch.Tensor | None = None):
         """One step: ``h_k`` [R, d], ``prev_ids`` [R] (``x_{k-1}``) ->
         (bias [R, V], prev_embed ``W1[x_{k-1}]`` [R, r], new state). ``w2`` [N, r]: rows of
-        W2 to project onto instead of all V (a reduced draft vocabulary; bias [R, N])."""
+        W2 to project onto instead of all V (a reduced draft vocabulary; bias [R, N]).
+        ``table``: `transition_table(w2)`, whose rows are the biases, read instead of
+        computed (the gated and recurrent heads have none: their bias depends on ``h_k``)."""
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
+        if table is not None:
+            return table[prev_ids], prev_embed, state
         return self._bias(prev_embed, w2), prev_embed, state
+
+    def transition_table(self, w2: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``B(x)`` for every ``x`` at once, [V, V] (or [V, N] onto `w2`'s rows): the vanilla
+        head's bias depends on ``x_{k-1}`` alone, so a draft step can read its row instead
+        of projecting (one row copy against a rank x N product per row and step). The same
+        product, so the same values."""
+        return self._bias(self.markov_w1.weight, w2)
 
     def _bias(self, x: torch.Tensor, w2: torch.Tensor | None) -> torch.Tensor:
         return self.markov_w2(x) if w2 is None else F.linear(x, w2)
@@ -48,10 +59,13 @@ class GatedMarkovHead(MarkovHead):
         super().__init__(vocab_size, hidden_size, rank)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)  # weight r x (d + r), bias r
 
-    def step(self, h_k, prev_ids, state, w2=None):
+    def step(self, h_k, prev_ids, state, w2=None, table=None):
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
         gate = torch.sigmoid(self.gate_proj(torch.cat([h_k, prev_embed], dim=-1)))  # [R, r]
         return self._bias(gate * prev_embed, w2), prev_embed, state
+
+    def transition_table(self, w2=None) -> None:
+        return None  # the gate reads h_k
 
 
 class RnnMarkovHead(MarkovHead):
@@ -70,13 +84,16 @@ class RnnMarkovHead(MarkovHead):
         w = self.markov_w1.weight
         return torch.zeros(num_rows, self.rank, device=w.device, dtype=w.dtype)  # [R, r]
 
-    def step(self, h_k, prev_ids, state, w2=None):
+    def step(self, h_k, prev_ids, state, w2=None, table=None):
         prev_embed = self.markov_w1(prev_ids)  # [R, r]
         z = self.joint_proj(torch.cat([state, prev_embed, h_k], dim=-1))  # [R, 3r]
         gate, candidate, output = z.split(self.rank, dim=-1)
         gate = torch.sigmoid(gate)
         new_state = (1 - gate) * state + gate * torch.tanh(candidate)  # [R, r]
         return self._bias(torch.tanh(output), w2), prev_embed, new_state
+
+    def transition_table(self, w2=None) -> None:
+        return None  # the bias reads the state and h_k
 
 
 MARKOV_HEADS = {"vanilla": MarkovHead, "gated": GatedMarkovHead, "rnn": RnnMarkovHead}
