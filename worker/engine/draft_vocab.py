@@ -18,10 +18,13 @@ pass itself (`drafter.DSparkDraft.draft_block` takes a `DraftVocab`), counting t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from worker.engine.linear import Linear
 
 RANKING_NAME = "draft_vocab.json"
 
@@ -83,6 +86,16 @@ class DraftVocab:
     """[V, N] the Markov bias of every previous token onto the kept ones
     (`MarkovHead.transition_table`), where the head has one and it takes at most
     `MARKOV_TABLE_MAX_BYTES`; None: computed each draft step."""
+    head: Linear | None = None
+    """`lm_head` as a `Linear` whose weight is packed for oneDNN (`packed`); None: plain."""
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The base logits over the kept tokens, `h [..., d] -> [..., N]`."""
+        return self.head(h) if self.head is not None else F.linear(h, self.lm_head)
+
+    def packed(self) -> "DraftVocab":
+        """This vocabulary with its `lm_head` rows packed for oneDNN where the machine can."""
+        return replace(self, head=Linear(self.lm_head, None, pack=True))
 
     @classmethod
     def build(cls, draft, ranking: list[int], size: int) -> "DraftVocab":

@@ -28,6 +28,7 @@ from worker.engine.draft_gate import DraftGate
 from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
 from worker.engine.kv_cache import BlockAllocator, PagedKV
+from worker.engine.linear import pack_linears
 from worker.engine.loader import (
     EngineModels,
     draft_vocab,
@@ -84,6 +85,10 @@ class LLMEngine:
         self.vocab_size = tcfg.vocab_size
         self.kv = self._make_kv(config.kv_budget_tokens, "target kv cache", tcfg)
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
+        if draft is not None and self.runner.backend == "native":  # linear.py: oneDNN layouts
+            pack_linears(draft, skip=("lm_head",))  # lm_head: the target's, or the vocab's rows
+            if self.draft_vocab is not None:
+                self.draft_vocab = self.draft_vocab.packed()
         self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache",
                                        draft.config) if draft is not None else None)
         self.draft_runner = (DraftRunner(draft, self.draft_kv, self.device, self.draft_vocab)

@@ -37,6 +37,7 @@ from worker.engine.attention import (
     reads_prefill_in_place,
 )
 from worker.engine.kv_cache import PagedKV
+from worker.engine.linear import Linear
 
 SUPPORTED_FAMILIES = ("qwen3", "llama")
 
@@ -140,25 +141,30 @@ _TokenizersBackend.__name__ = _TokenizersBackend.__qualname__ = "TokenizersBacke
 
 @dataclass
 class _Fused:
-    """One layer's q/k/v and gate/up projections as single matrices (one matmul each)."""
+    """One layer's projections as `Linear`s, q/k/v and gate/up each fused into one matrix
+    (one matmul each)."""
 
-    qkv_w: torch.Tensor            # [q_out + 2 * kv_out, d]
-    qkv_b: torch.Tensor | None
+    qkv: Linear                    # [q_out + 2 * kv_out, d]
     qkv_sizes: tuple[int, int, int]
-    gate_up_w: torch.Tensor        # [2 * intermediate, d]
-    gate_up_b: torch.Tensor | None
+    o: Linear
+    gate_up: Linear                # [2 * intermediate, d]
+    down: Linear
 
 
-def _fuse_layer(layer) -> _Fused:
+def _fuse_layer(layer, pack: bool) -> _Fused:
     """Concatenate projections, then point the model's own modules at views of the result,
-    so the weights exist once and the Hugging Face model keeps working unchanged."""
+    so the weights exist once and the Hugging Face model keeps working unchanged; `pack`: lay
+    the weights out for oneDNN as well (`linear.py`)."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv_w = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
     qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias")
     gate_up_w = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
     gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj], "bias")
     sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
-    return _Fused(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b)
+    return _Fused(Linear(qkv_w, qkv_b, pack), sizes,
+                  Linear(attn.o_proj.weight, attn.o_proj.bias, pack),
+                  Linear(gate_up_w, gate_up_b, pack),
+                  Linear(mlp.down_proj.weight, mlp.down_proj.bias, pack))
 
 
 def _fuse(linears, name: str) -> torch.Tensor | None:
@@ -206,7 +212,9 @@ class TargetRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
         self.device = kv.device
-        self.fused = [_fuse_layer(layer) for layer in model.model.layers]
+        self._layers = model.model.layers
+        self._fused: list[_Fused] | None = None  # built on first use: packing needs the backend
+        self._lm_head: Linear | None = None
         self.silu = getattr(cfg, "hidden_act", None) == "silu"  # the fused SwiGLU's activation
         self._backend: str | None = None
 
@@ -224,18 +232,17 @@ class TargetRunner:
         for idx, (layer, fused) in enumerate(zip(body.layers, self.fused)):
             attn_in = rms_norm(layer.input_layernorm, h, ops)
             h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout, ops)
-            gate_up = F.linear(rms_norm(layer.post_attention_layernorm, h, ops), fused.gate_up_w,
-                               fused.gate_up_b)
+            gate_up = fused.gate_up(rms_norm(layer.post_attention_layernorm, h, ops))
             if ops and self.silu:
                 act = torch.ops.sparkgrid.silu_mul_bf16(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = layer.mlp.act_fn(gate) * up
-            h = h + layer.mlp.down_proj(act)
+            h = h + fused.down(act)
             if want_features and idx in self.feature_layer_ids:
                 feats.append(h)
         last = rms_norm(body.norm, h[batch.logits_rows], ops)
-        logits = self.model.lm_head(last).float()
+        logits = self.lm_head(last).float()
         return logits, (torch.cat(feats, dim=-1) if want_features else None)
 
     def _native_ops(self, h: torch.Tensor) -> bool:
@@ -246,7 +253,7 @@ class TargetRunner:
     def _attention(self, layer_idx, attn, fused, x, cos, sin, layout: _Layout,
                    ops: bool = False) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, dim=-1)
+        q, k, v = fused.qkv(x).split(fused.qkv_sizes, dim=-1)
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = rms_norm(attn.q_norm, q, ops), rms_norm(attn.k_norm, k, ops)
@@ -260,7 +267,7 @@ class TargetRunner:
         else:
             out, _ = paged_attention(q, self.kv.k[layer_idx], self.kv.v[layer_idx], layout.meta,
                                      attn.scaling)
-        return attn.o_proj(out.reshape(n, -1))
+        return fused.o(out.reshape(n, -1))
 
     def _layout(self, batch: ForwardBatch) -> _Layout:
         for sid, start, n in zip(batch.seq_ids, batch.starts, batch.num_new):
@@ -278,6 +285,32 @@ class TargetRunner:
         kv_len = [s + i + 1 for s, n in zip(batch.starts, batch.num_new) for i in range(n)]
         meta = attention_meta(tables, batch.num_new, kv_len, bs, self.backend)
         return _Layout(positions, write, meta, list(batch.num_new))
+
+    @property
+    def fused(self) -> list[_Fused]:
+        """Every layer's projections; on the native backend in bfloat16 their weights are
+        packed for oneDNN (`linear.py`), as is the `lm_head`'s."""
+        if self._fused is None:
+            self._build()
+        return self._fused
+
+    @property
+    def lm_head(self) -> Linear:
+        if self._lm_head is None:
+            self._build()
+        return self._lm_head
+
+    def _build(self) -> None:
+        pack = self.backend == "native"
+        self._fused = [_fuse_layer(layer, pack) for layer in self._layers]
+        head = self.model.lm_head
+        self._lm_head = Linear(head.weight, head.bias, pack)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the weights held a second time in oneDNN's layout (`linear.py`)."""
+        return sum(lin.packed_bytes for f in self.fused for lin in (f.qkv, f.o, f.gate_up, f.down)
+                   ) + self.lm_head.packed_bytes
 
     @property
     def backend(self) -> str:

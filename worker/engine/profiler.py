@@ -37,8 +37,9 @@ from worker.engine.verify_policy import RowCostTable
 
 # Bumped when the engine's own step work changes in cost (the draft and overhead profiles
 # cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings;
-# 4 = step overheads timed at the profiling context length (was at most 64 positions).
-ENGINE_COST_VERSION = 4
+# 4 = step overheads timed at the profiling context length (was at most 64 positions);
+# 5 = the drafter's linear layers packed for oneDNN where the target's are (`linear.py`).
+ENGINE_COST_VERSION = 5
 FLUSH_TOKENS = [1, 64, 512]
 """Deferred context tokens the flush profile writes (the gate charges the last slope)."""
 FLUSH_ROWS = 8
@@ -227,6 +228,7 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
         "model": getattr(cfg, "_name_or_path", ""), "config": cfg.to_json_string(use_diff=False),
         "sizes": sizes, "ctx_len": ctx_len, "gamma": gamma,
         "attention": implementation_id(runner.backend), "timing": "best-of-n",
+        "linears": "onednn-packed" if runner.packed_bytes else "plain",
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
