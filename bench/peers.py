@@ -234,7 +234,8 @@ def outputs_agree(table: dict, vllm: dict | None) -> dict:
 
 
 def memory_figures(engine: LLMEngine) -> dict:
-    """Bytes per cached token and the most 1,024-token requests a 2 GiB cache holds."""
+    """Bytes per cached token, the most 1,024-token requests a 2 GiB cache holds, and the
+    weight bytes held a second time in oneDNN's layout."""
     tcfg, dcfg = engine.runner.model.config, engine.draft.config
     target = cache_bytes_per_token(tcfg.num_hidden_layers, tcfg.num_key_value_heads,
                                    engine.runner.head_dim, engine.dtype)
@@ -246,7 +247,8 @@ def memory_figures(engine: LLMEngine) -> dict:
                 "target_only": budget // (target * 1024),
                 "target_and_draft": budget // ((target + draft) * 1024)},
             "reservation": "prompt + max_tokens per request, in blocks of "
-                           f"{engine.kv.allocator.block_size} tokens"}
+                           f"{engine.kv.allocator.block_size} tokens",
+            "packed_weight_bytes": engine.packed_weight_bytes}
 
 
 def plot(table: dict, vllm: dict | None, concurrency: list[int], path: Path) -> None:

@@ -86,9 +86,15 @@ class LLMEngine:
         self.kv = self._make_kv(config.kv_budget_tokens, "target kv cache", tcfg)
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
         if draft is not None and self.runner.backend == "native":  # linear.py: oneDNN layouts
-            pack_linears(draft, skip=("lm_head",))  # lm_head: the target's, or the vocab's rows
+            drafter_packed = pack_linears(draft, skip=("lm_head",))  # the lm_head: the target's
             if self.draft_vocab is not None:
                 self.draft_vocab = self.draft_vocab.packed()
+                drafter_packed += self.draft_vocab.head.packed_bytes
+        else:
+            drafter_packed = 0
+        self.packed_weight_bytes = self.runner.packed_bytes + drafter_packed
+        """Weight bytes held a second time, laid out for oneDNN (`linear.py`); 0 off the
+        native bfloat16 path."""
         self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache",
                                        draft.config) if draft is not None else None)
         self.draft_runner = (DraftRunner(draft, self.draft_kv, self.device, self.draft_vocab)
