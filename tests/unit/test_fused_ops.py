@@ -81,3 +81,33 @@ def test_argmax_rows_is_torch_argmax_with_ties_infinities_and_nans():
     assert got[1:6].tolist() == [100, 0, 7000, 8194, 8193]
     with pytest.raises(RuntimeError, match="argmax_rows: x must be"):
         torch.ops.sparkgrid.argmax_rows(x.bfloat16())
+
+
+def test_the_drafter_norm_and_rope_on_the_native_ops_match_its_torch_ones():
+    """`DSparkDraft.use_native_ops`: the drafter's RMSNorm within one rounding step of its
+    torch computation, its RoPE bit for bit, and autograd (training) still on the torch ops."""
+    from worker.engine.drafter import DraftAttention, RMSNorm, apply_rope
+
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(64, 1e-6).bfloat16()
+    norm.weight.data = (torch.rand(64, generator=gen) + 0.5).bfloat16()
+    x = (torch.randn(3, 7, 4, 64, generator=gen) * 3).bfloat16()
+    with torch.inference_mode():
+        want = norm(x)
+        norm.native_ops = True
+        got = norm(x)
+    _close_in_bf16(got, want)
+    with torch.enable_grad():  # training: the torch ops, whatever the flag
+        assert torch.equal(norm(x), want)
+
+    attn = DraftAttention.__new__(DraftAttention)  # `rope` needs no projections
+    torch.nn.Module.__init__(attn)
+    attn.native_ops = True
+    cos = torch.randn(3, 7, 64, generator=gen).bfloat16()
+    sin = torch.randn(3, 7, 64, generator=gen).bfloat16()
+    q = torch.randn(3, 7, 4, 64, generator=gen).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(attn.rope(q, cos, sin), apply_rope(q, cos, sin))
+        k = torch.randn(11, 2, 64, generator=gen).bfloat16()  # context rows: [N, heads, hd]
+        assert torch.equal(attn.rope(k, cos.view(-1, 64)[:11], sin.view(-1, 64)[:11]),
+                           apply_rope(k, cos.view(-1, 64)[:11], sin.view(-1, 64)[:11]))

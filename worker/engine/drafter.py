@@ -36,6 +36,13 @@ ContextAttention = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 SampleFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _native(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` computes `x` with the fused bfloat16 ops (`csrc/fused_ops.cpp`): where
+    the engine turned them on (`DSparkDraft.use_native_ops`), for bfloat16 without autograd
+    (training and other dtypes run the torch ops)."""
+    return module.native_ops and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     """Qwen3's RMSNorm, computed in at least float32 (float64 stays float64)."""
 
@@ -43,8 +50,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.native_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native(self, x) and self.weight.dtype == torch.bfloat16:
+            return torch.ops.sparkgrid.rms_norm_bf16(x.contiguous(), self.weight, self.eps)
         y = x.to(torch.promote_types(x.dtype, torch.float32))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
@@ -71,6 +81,17 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(q_width, c.hidden_size, bias=c.attention_bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # per head
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.native_ops = False
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`apply_rope`, in one fused pass where the native ops are on (the same roundings:
+        each product rounded to bfloat16, then their sum)."""
+        if not _native(self, x):
+            return apply_rope(x, cos, sin)
+        heads, hd = x.shape[-2:]
+        out = torch.ops.sparkgrid.rotary_bf16(x.reshape(-1, heads, hd).contiguous(),
+                                              cos.contiguous(), sin.contiguous())
+        return out.view(x.shape)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [..., S, d] -> k, v [..., S, kv_heads, hd]; k after k_norm and RoPE.
@@ -80,7 +101,7 @@ class DraftAttention(nn.Module):
         """
         k = self.k_norm(self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return apply_rope(k, cos, sin), v
+        return self.rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
         """x [R, G, d]; cos/sin [R, G, hd]; ctx_k/ctx_v [R, C, kv_heads, hd];
@@ -100,7 +121,7 @@ class DraftAttention(nn.Module):
         the cached context and over the block's own keys, joined by their log-sum-exps."""
         rows, gamma = x.shape[:2]
         q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        q = apply_rope(q, cos, sin)  # [R, G, heads, hd]
+        q = self.rope(q, cos, sin)  # [R, G, heads, hd]
         k, v = self.keys_values(x, cos, sin)  # [R, G, kv_heads, hd]
         out_ctx, lse_ctx = context_attention(layer_idx, q.flatten(0, 1))
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -173,6 +194,14 @@ class DSparkDraft(nn.Module):
     @property
     def config(self) -> DraftConfig:
         return self._config
+
+    def use_native_ops(self) -> None:
+        """Compute RMSNorm and RoPE with the fused bfloat16 ops (`csrc/fused_ops.cpp`, which
+        must be loaded) wherever this draft runs in bfloat16 without autograd: the engine's
+        draft passes and context writes, on its native attention path."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, DraftAttention)):
+                module.native_ops = True
 
     @property
     def gamma(self) -> int:
@@ -276,15 +305,14 @@ class DSparkDraft(nn.Module):
         state = self.markov_head.init_state(h.shape[0]) if self.markov_head is not None else None
         w2 = vocab.markov_w2 if vocab is not None else None
         table = vocab.markov_table if vocab is not None else None
-        ids, probs, confs = [], [], []
+        ids, probs, embeds = [], [], []
         for k in range(h.shape[1]):
             logits_k, prev_embed = base_logits[:, k], None  # [R, V] (or [R, N])
             if self.markov_head is not None:
                 bias, prev_embed, state = self.markov_head.step(h[:, k], prev_ids, state, w2,
                                                                  table)
                 logits_k = logits_k + bias
-            if self.confidence_head is not None:
-                confs.append(self.confidence_head(h[:, k], prev_embed))  # [R]
+            embeds.append(prev_embed)
             prev_ids, p_k = sample_fn(k + 1, logits_k)
             if vocab is not None:
                 prev_ids = vocab.token_ids[prev_ids]
@@ -293,7 +321,11 @@ class DSparkDraft(nn.Module):
                     p_k = full.index_copy_(1, vocab.token_ids, p_k)
             ids.append(prev_ids)
             probs.append(p_k)
-        conf_logits = torch.stack(confs, dim=1) if confs else None
+        conf_logits = None
+        if self.confidence_head is not None:
+            # every position's confidence at once (it steers no draw): one product, not gamma
+            prev = torch.stack(embeds, dim=1) if embeds[0] is not None else None  # [R, G, r]
+            conf_logits = self.confidence_head(h, prev)  # [R, G]
         draft_probs = torch.stack(probs, dim=1) if probs[0] is not None else None
         return torch.stack(ids, dim=1), draft_probs, conf_logits
 

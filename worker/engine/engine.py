@@ -87,6 +87,7 @@ class LLMEngine:
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
         if draft is not None and self.runner.backend == "native":  # linear.py: oneDNN layouts
             drafter_packed = pack_linears(draft, skip=("lm_head",))  # the lm_head: the target's
+            draft.use_native_ops()
             if self.draft_vocab is not None:
                 self.draft_vocab = self.draft_vocab.packed()
                 drafter_packed += self.draft_vocab.head.packed_bytes

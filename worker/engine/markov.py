@@ -112,6 +112,7 @@ class ConfidenceHead(nn.Module):
         self.proj = nn.Linear(hidden_size + markov_rank, 1)  # weight 1 x (d + r), bias 1
 
     def forward(self, h_k: torch.Tensor, prev_embed: torch.Tensor | None) -> torch.Tensor:
-        """``h_k`` [R, d], ``prev_embed`` [R, r] or None -> confidence logit [R]."""
+        """``h_k`` [..., d], ``prev_embed`` [..., r] or None -> confidence logit [...] (one
+        position's rows, or every position of a block at once)."""
         x = torch.cat([h_k, prev_embed], dim=-1) if self.uses_markov else h_k
         return self.proj(x).squeeze(-1)

@@ -38,8 +38,9 @@ from worker.engine.verify_policy import RowCostTable
 # Bumped when the engine's own step work changes in cost (the draft and overhead profiles
 # cached on disk are keyed by it): 2 = greedy draft argmax in float32; 3 = best-of-N timings;
 # 4 = step overheads timed at the profiling context length (was at most 64 positions);
-# 5 = the drafter's linear layers packed for oneDNN where the target's are (`linear.py`).
-ENGINE_COST_VERSION = 5
+# 5 = the drafter's linear layers packed for oneDNN where the target's are (`linear.py`);
+# 6 = the drafter's RMSNorm and RoPE on the fused ops, its confidence head once a block.
+ENGINE_COST_VERSION = 6
 FLUSH_TOKENS = [1, 64, 512]
 """Deferred context tokens the flush profile writes (the gate charges the last slope)."""
 FLUSH_ROWS = 8
