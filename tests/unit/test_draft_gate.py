@@ -242,6 +242,23 @@ def test_the_online_factor_steers_greedy_steps_only():
     assert gate.rows(reqs, [0], FLAT, 512, greedy=True) == [0]
 
 
+def test_an_online_factor_below_one_lets_drafting_pay_where_the_tables_alone_would_not():
+    """A five-second draft pass never pays beside a one-second forward by the tables (three
+    tokens in 6 s against one in 1 s, every draft accepted); where drafting steps have run
+    at 0.4 of their tables relative to plain ones, it does (0.5 / 0.4 = 1.25x), and the
+    gate's first check, whether drafting could pay at all, must not rule it out first."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT)
+    reqs = _reqs("prefix")
+    gate.observe(reqs, [0], _proposal(LIKELY))
+    gate.online = OnlineCosts()
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=True) == []  # nothing learned: the tables
+    for _ in range(10):
+        gate.online.observe(1, True, predicted=1.0, measured=0.4)
+        gate.online.observe(1, False, predicted=1.0, measured=1.0)
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=True) == [0]
+    assert gate.rows(reqs, [0], FLAT, 512, greedy=False) == []  # sampled: the tables alone
+
+
 def test_under_a_load_where_nothing_could_pay_nobody_drafts_and_planning_is_cached():
     """64 requests: drafting them all would pay if every draft token were accepted (192
     tokens in 1.5 s against 64 in 1 s), but not as well as the best estimate held (about 66
