@@ -33,6 +33,7 @@ from worker.worker_config import WorkerConfig
 READY_POLL_S = 0.5
 TOKEN_ENV = "SPARKGRID_OPERATOR_TOKEN"
 HEALTH_POLL_S = 5.0
+SIGNAL_POLL_S = 0.2  # how soon a foreground worker notices Ctrl-C / SIGTERM
 
 
 class LaunchError(Exception):
@@ -240,29 +241,38 @@ def _print_ready(stats: WorkerStats, out) -> None:
 
 
 def _stay(actor, handle, name: str, opts: LaunchOptions, out) -> int:
-    """Watch the worker until Ctrl-C / SIGTERM, then drain and remove it."""
+    """Watch the worker until Ctrl-C / SIGTERM, then drain and remove it. The signal only
+    records itself (no lock, no exception): raised as an exception it could land inside a Ray
+    call, or before the handler's `try`, and skip the drain. A second signal, while
+    draining, stops at once."""
+    signalled: list[int] = []
+
+    def on_signal(signum, frame):
+        signalled.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                      else signal.SIG_DFL)
+
     # SIGTERM (systemd, docker stop) stops it like Ctrl-C; SIGINT is set too, because a
     # process started in the background by a shell inherits SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
-    print(f"worker {name} serving in the foreground; Ctrl-C drains and removes it", file=out)
-    try:
-        while True:
-            time.sleep(HEALTH_POLL_S)
-            try:
-                actor.call(handle.check_health.remote(), timeout_s=30)
-            except actor.WorkerDied:
-                print(f"worker {name} died", file=out)
-                return 1
-            except Exception as err:  # unhealthy: say so, watch on (the scheduler routes around)
-                print(f"worker {name} unhealthy: {err}", file=out)
-    except KeyboardInterrupt:
-        stop_worker(actor, handle, name, opts.drain_timeout_s, out)
-        return 0
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+        signal.signal(sig, on_signal)
+    print(f"worker {name} serving in the foreground; Ctrl-C drains and removes it", file=out,
+          flush=True)
+    next_check = time.monotonic() + HEALTH_POLL_S
+    while not signalled:
+        time.sleep(SIGNAL_POLL_S)
+        if signalled or time.monotonic() < next_check:
+            continue
+        try:
+            actor.call(handle.check_health.remote(), timeout_s=30)
+        except actor.WorkerDied:
+            print(f"worker {name} died", file=out)
+            return 1
+        except Exception as err:  # unhealthy: say so, watch on (the scheduler routes around)
+            print(f"worker {name} unhealthy: {err}", file=out)
+        next_check = time.monotonic() + HEALTH_POLL_S
+    stop_worker(actor, handle, name, opts.drain_timeout_s, out)
+    return 0
 
 
 def stop_worker(actor, handle, name: str, drain_timeout_s: float, out) -> None:
