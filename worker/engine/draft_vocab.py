@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from worker.engine.linear import Linear
 
@@ -80,22 +79,16 @@ class DraftVocab:
     """The N kept token ids and the rows of the vocabulary-wide draft weights for them."""
 
     token_ids: torch.Tensor  # [N] long, the kept ids (most frequent first)
-    lm_head: torch.Tensor  # [N, d] rows of the drafter's lm_head
+    lm_head: Linear  # [N, d] rows of the drafter's lm_head: h [..., d] -> logits [..., N]
     markov_w2: torch.Tensor | None  # [N, r] rows of the Markov head's W2; None without one
     markov_table: torch.Tensor | None = None
     """[V, N] the Markov bias of every previous token onto the kept ones
     (`MarkovHead.transition_table`), where the head has one and it takes at most
     `MARKOV_TABLE_MAX_BYTES`; None: computed each draft step."""
-    head: Linear | None = None
-    """`lm_head` as a `Linear` whose weight is packed for oneDNN (`packed`); None: plain."""
-
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """The base logits over the kept tokens, `h [..., d] -> [..., N]`."""
-        return self.head(h) if self.head is not None else F.linear(h, self.lm_head)
 
     def packed(self) -> "DraftVocab":
         """This vocabulary with its `lm_head` rows packed for oneDNN where the machine can."""
-        return replace(self, head=Linear(self.lm_head, None, pack=True))
+        return replace(self, lm_head=Linear(self.lm_head.weight, None, pack=True))
 
     @classmethod
     def build(cls, draft, ranking: list[int], size: int) -> "DraftVocab":
@@ -111,4 +104,4 @@ class DraftVocab:
         if head is not None and vocab * size * w2.element_size() <= MARKOV_TABLE_MAX_BYTES:
             with torch.inference_mode():
                 table = head.transition_table(w2)
-        return cls(ids, draft.lm_head.weight[ids].contiguous(), w2, table)
+        return cls(ids, Linear(draft.lm_head.weight[ids].contiguous()), w2, table)

@@ -300,7 +300,7 @@ class DSparkDraft(nn.Module):
         sees [R, N] and returns indices into them, which come back as token ids, and each
         distribution comes back over all V with zeros outside the N.
         """
-        base_logits = F.linear(h, self.lm_head.weight) if vocab is None else vocab.project(h)
+        base_logits = self.lm_head(h) if vocab is None else vocab.lm_head(h)
         prev_ids = anchor_ids  # x_0
         state = self.markov_head.init_state(h.shape[0]) if self.markov_head is not None else None
         w2 = vocab.markov_w2 if vocab is not None else None

@@ -85,14 +85,13 @@ class LLMEngine:
         self.vocab_size = tcfg.vocab_size
         self.kv = self._make_kv(config.kv_budget_tokens, "target kv cache", tcfg)
         self.runner = TargetRunner(target, self.kv, list(draft.target_layer_ids) if draft else [])
+        drafter_packed = 0
         if draft is not None and self.runner.backend == "native":  # linear.py: oneDNN layouts
             drafter_packed = pack_linears(draft, skip=("lm_head",))  # the lm_head: the target's
             draft.use_native_ops()
             if self.draft_vocab is not None:
                 self.draft_vocab = self.draft_vocab.packed()
-                drafter_packed += self.draft_vocab.head.packed_bytes
-        else:
-            drafter_packed = 0
+                drafter_packed += self.draft_vocab.lm_head.packed_bytes
         self.packed_weight_bytes = self.runner.packed_bytes + drafter_packed
         """Weight bytes held a second time, laid out for oneDNN (`linear.py`); 0 off the
         native bfloat16 path."""

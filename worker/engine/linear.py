@@ -84,8 +84,8 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Swap every `nn.Linear` under `module` (but those named in `skip`) for a `PackedLinear`
-    sharing its parameters, where the machine packs their dtype; returns the bytes packed."""
+    """Turn every `nn.Linear` under `module` (but those named in `skip`) into a `PackedLinear`,
+    where the machine packs their dtype; returns the bytes packed."""
     total = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -94,9 +94,7 @@ def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
             packed = Linear(child.weight, child.bias, pack=True)
             if packed.packed is None:
                 continue
-            swapped = PackedLinear.__new__(PackedLinear)
-            swapped.__dict__.update(child.__dict__)
-            swapped._packed = packed
-            setattr(parent, name, swapped)
+            child.__class__ = PackedLinear  # in place: the same module, its parameters kept
+            child._packed = packed
             total += packed.packed_bytes
     return total

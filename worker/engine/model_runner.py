@@ -212,11 +212,12 @@ class TargetRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
         self.device = kv.device
-        self._layers = model.model.layers
-        self._fused: list[_Fused] | None = None  # built on first use: packing needs the backend
-        self._lm_head: Linear | None = None
         self.silu = getattr(cfg, "hidden_act", None) == "silu"  # the fused SwiGLU's activation
         self._backend: str | None = None
+        pack = self.backend == "native"  # linear.py: weights laid out for oneDNN
+        self.fused = [_fuse_layer(layer, pack) for layer in model.model.layers]
+        """Every layer's projections (packed on the native backend in bfloat16)."""
+        self.lm_head = Linear(model.lm_head.weight, model.lm_head.bias, pack)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch,
@@ -285,26 +286,6 @@ class TargetRunner:
         kv_len = [s + i + 1 for s, n in zip(batch.starts, batch.num_new) for i in range(n)]
         meta = attention_meta(tables, batch.num_new, kv_len, bs, self.backend)
         return _Layout(positions, write, meta, list(batch.num_new))
-
-    @property
-    def fused(self) -> list[_Fused]:
-        """Every layer's projections; on the native backend in bfloat16 their weights are
-        packed for oneDNN (`linear.py`), as is the `lm_head`'s."""
-        if self._fused is None:
-            self._build()
-        return self._fused
-
-    @property
-    def lm_head(self) -> Linear:
-        if self._lm_head is None:
-            self._build()
-        return self._lm_head
-
-    def _build(self) -> None:
-        pack = self.backend == "native"
-        self._fused = [_fuse_layer(layer, pack) for layer in self._layers]
-        head = self.model.lm_head
-        self._lm_head = Linear(head.weight, head.bias, pack)
 
     @property
     def packed_bytes(self) -> int:
