@@ -7,7 +7,8 @@ in the same dtype and on one thread, one after the other in one run:
 - c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
   flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c. Every
   request is a distinct prompt (a repeat would let vLLM's prefix cache skip its prefill).
-Every arm runs `--repeats` times (3), interleaved with the others; figures are medians.
+Every arm runs `--repeats` times (3), interleaved with the others (their order rotating from
+repeat to repeat); figures are medians.
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
 an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
@@ -133,7 +134,9 @@ def engine_arms(args, engine, prompts, singles) -> dict:
         serve(engine, prompts[:4], concurrency=4, policy=policy, max_tokens=8)
     for repeat in range(args.repeats):
         for c in args.concurrency:
-            for policy in args.policies:
+            # the order rotates each repeat: no policy always runs right after another one
+            shift = repeat % len(args.policies)
+            for policy in args.policies[shift:] + args.policies[:shift]:
                 if c == 1:
                     res = serve(engine, singles, concurrency=1, policy=policy,
                                 max_tokens=args.single_max_tokens)

@@ -364,7 +364,8 @@ def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structu
                                                                           tmp_path):
     """Writing deferred draft context is timed at start beside the draft pass (cached, on
     stand-ins that leave the draft cache empty); the gate reads each request's deferred
-    tokens; every decode step of a greedy run is compared with its tables."""
+    tokens; every decode step it planned (with a `prefix` row) of a greedy run is compared with
+    its tables, and no other."""
     pair = structured_pairs("qwen3", "vanilla")
     engine = make_engine(pair, tmp_path, policy="prefix")
     flush = engine.gate.flush_cost
@@ -376,14 +377,23 @@ def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structu
     assert make_engine(pair, tmp_path, policy="prefix").gate.flush_cost == flush  # read back
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     rid = engine.add_request([5, 6, 7, 8], params, policy="ar")  # its context is not kept
-    spec = engine.add_request([5, 6, 7, 8], params, policy="fixed")
+    spec = engine.add_request([5, 6, 7, 8], params, policy="prefix")
     engine.step()  # the prefill: both prompts' features, deferred for the one that drafts
     assert engine.gate.deferred_tokens(spec) == 4 and engine.gate.deferred_tokens(rid) == 0
-    steps = 0
+    planned = others = 0  # steps with the `prefix` request, and `ar`-only steps after it
+    while engine.has_unfinished():
+        with_prefix = any(r.req_id == spec for r in engine.running)
+        engine.step()
+        planned += with_prefix
+        others += not with_prefix
+    online = engine.gate.online
+    assert others >= 1  # the `prefix` request finished first: it drafted
+    assert sum(sum(seen) for seen in online.seen.values()) == planned
+    assert sum(seen[1] for seen in online.seen.values()) >= 1  # its first block, at least
+    assert all(math.isfinite(m) for means in online.log_ratio.values() for m in means)
+    engine.add_request([5, 6, 7, 8], params, policy="fixed")  # another regime: its steps
+    drafted = engine.counters.draft_forwards  # teach the gate nothing
     while engine.has_unfinished():
         engine.step()
-        steps += 1
-    online = engine.gate.online
-    assert sum(sum(seen) for seen in online.seen.values()) == steps
-    assert sum(seen[1] for seen in online.seen.values()) >= 1  # steps where `fixed` drafted
-    assert all(math.isfinite(m) for means in online.log_ratio.values() for m in means)
+    assert engine.counters.draft_forwards > drafted
+    assert sum(sum(seen) for seen in online.seen.values()) == planned

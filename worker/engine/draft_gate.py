@@ -139,8 +139,10 @@ class DraftGate:
             self.skipped_rows += len(ids)
             self.skipped_steps += 1
             return []
+        greedy = self._greedy
         for k, r in enumerate(ids):
-            self._greedy.setdefault(r, _decodes_greedily(reqs[spec_idx[k]]))
+            if r not in greedy:
+                greedy[r] = _decodes_greedily(reqs[spec_idx[k]])
         newcomers = [r for r in ids if r not in self._estimate
                      and (self._estimate or self._greedy[r] in self._prior)]
         if newcomers:
@@ -160,13 +162,18 @@ class DraftGate:
                if r in self._estimate and self._skipped[r] >= self._interval[r]]
         held: list[np.ndarray] = []
 
-        def extra() -> np.ndarray:  # each request's deferred tokens, once asked for
-            if not held:
+        def extra(ks=None) -> np.ndarray:  # each request's deferred tokens, once asked for
+            if held:  # (of requests `ks` only, the others' 0, until all are asked for)
+                return held[0]
+            if ks is None:
                 held.append(np.array([self._extra_flush_tokens(r) for r in ids], np.float64))
-            return held[0]
+                return held[0]
+            some = np.zeros(len(ids))
+            some[ks] = [self._extra_flush_tokens(ids[k]) for k in ks]
+            return some
         alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
                  and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
-                                             extra()))
+                                             extra(due)))
         forced = [k for k, r in enumerate(ids) if r not in self._estimate] + (due if alone else [])
         chosen = set(forced)
         optional = [k for k in range(len(ids)) if k not in chosen]
@@ -235,7 +242,7 @@ class DraftGate:
         subsets = [est[:0]] + [est[:n] for n in sizes]
         seconds = [self.draft_seconds(0, rows)] + [
             self._drafting_seconds(order[:n], rows, extra) for n in sizes]
-        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        values = expected_throughputs(subsets, self.cost_at_rows(sps, rows), seconds, rows)
         gain = max(values[1:]) / values[0]
         memo["last refresh"] = (key, extra[due].copy(), gain)
         return gain > self._factor
@@ -276,7 +283,7 @@ class DraftGate:
         subsets = [est[forced + ranked[:size]] for size in sizes]
         seconds = [self._drafting_seconds(forced + ranked[:size], rows, extra)
                    for size in sizes]
-        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        values = expected_throughputs(subsets, self.cost_at_rows(sps, rows), seconds, rows)
         return ranked, sizes, values
 
     def _could_pay(self, rows: int, candidates: int, sps) -> bool:
@@ -296,7 +303,7 @@ class DraftGate:
         sizes = _powers_up_to(candidates)
         subsets = [np.zeros((0, self.gamma))] + [np.tile(survival_row, (n, 1)) for n in sizes]
         seconds = [self.draft_seconds(n, rows) for n in [0] + sizes]
-        values = expected_throughputs(subsets, self._at_rows(sps, rows), seconds, rows)
+        values = expected_throughputs(subsets, self.cost_at_rows(sps, rows), seconds, rows)
         return max(values[1:]) / values[0]
 
     def _best_could_pay(self, rows: int, candidates: int, sps) -> bool:
@@ -316,8 +323,8 @@ class DraftGate:
             values["last best could pay"] = last
         return last[1] > self._factor
 
-    def _at_rows(self, sps, rows: int):
-        """`sps.at_rows(rows)`, once per row count."""
+    def cost_at_rows(self, sps, rows: int):
+        """`sps.at_rows(rows)`, once per row count (while the tables stay)."""
         return self._memo(("at rows", rows), lambda: sps.at_rows(rows), sps)
 
     def _memo(self, key, compute, sps=None):

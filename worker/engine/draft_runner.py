@@ -81,13 +81,16 @@ class DraftRunner:
         """`extend_context`, postponed until the sequence drafts (`flush_context`), or holds
         `max_deferred` tokens. A sequence's deferred positions must follow one another."""
         full = []
+        following, deferred = self._next, self._deferred  # per request and step: host time
         for sid, row, count, pos in zip(seq_ids, rows, counts, positions):
-            expected = self._next.get(sid, pos)
+            expected = following.get(sid, pos)
             if pos != expected:
                 raise RuntimeError(f"draft context of {sid!r}: position {pos} deferred after "
                                    f"{expected}")
-            self._next[sid] = pos + count
-            held = self._deferred.setdefault(sid, _Deferred(pos))
+            following[sid] = pos + count
+            held = deferred.get(sid)
+            if held is None:
+                held = deferred[sid] = _Deferred(pos)
             held.parts.append((feats, row, count))  # sliced when written: a step's host time
             held.count += count
             if held.count >= self.max_deferred:

@@ -202,8 +202,12 @@ class LLMEngine:
         plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
         result = self._run(plan)
         outputs = self._commit(plan, result)
-        predicted = (self.planner.predicted_seconds(plan) if self.gate.online is not None
-                     else None)
+        # the gate learns from the steps it plans: those with a `prefix` row (a `fixed` or
+        # `ar` step runs another regime, all rows drafting or none, which it never chooses
+        # between plain and partial steps, and must not steer it)
+        planned = any(r.policy == Policy.PREFIX for r in plan.decode)
+        predicted = (self.planner.predicted_seconds(plan)
+                     if planned and self.gate.online is not None else None)
         if predicted is not None:  # the whole step's time but the newcomers' prefill
             measured = time.perf_counter() - started - result.prefill_seconds
             self.gate.online.observe(len(plan.decode), bool(plan.drafting), predicted, measured)

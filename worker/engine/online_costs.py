@@ -7,15 +7,20 @@ lengths, a burst of deferred draft context is written before a pass. Measured on
 pair at 64 requests on a 2-core CPU: drafting steps ran 12-16% longer than their tables said,
 plain steps 0-8% shorter, and the gate drafted where it lost a quarter of the throughput.
 
-So the engine times every decode step (the whole step, less the newcomers' prefill) and keeps
-a running mean of log(measured / predicted seconds) for drafting and for plain steps apart,
-per load (the step's rows, in powers of two: the errors differ with the load). The gate
-multiplies the predicted time of every subset that drafts by `drafting_factor(rows)` =
-exp(mean_drafting - mean_plain): the ratio only, so a machine that runs faster or slower as a
-whole (a neighbour's load) changes nothing, and an error both kinds of step share cancels.
-Times, not throughputs: which requests the gate lets draft depends on their estimates, and
-their tokens would bias the mean (a refresh drafts the requests whose estimates are worst).
-Until each kind was seen `warmup` times at a load the factor is 1 there. One observation
+So the engine times every decode step that the gate planned (one with a `prefix` row; the
+whole step, less the newcomers' prefill) and keeps a running mean of log(measured / predicted
+seconds) for drafting and for plain steps apart, per load (the step's rows, in powers of two:
+the errors differ with the load). The gate multiplies the predicted time of every subset that
+drafts by `drafting_factor(rows)` = exp(mean_drafting - mean_plain): the ratio only, so a
+machine that runs faster or slower as a whole (a neighbour's load) changes nothing, and an
+error both kinds of step share cancels. Times, not throughputs: which requests the gate lets
+draft depends on their estimates, and their tokens would bias the mean (a refresh drafts the
+requests whose estimates are worst). Steps of other policies teach it nothing: a `fixed` step
+(every row drafting a block a step, so no deferred context to write) or an `ar` one (no draft
+pass before it to cool the caches) runs in a regime the gate never chooses. Measured at 16
+requests on a 2-core CPU, with `ar` and `fixed` runs before it: their steps set the factor to
+0.73-0.80, and `prefix` then drafted in part of its steps and ran 4-11% below both. Until each
+kind was seen `warmup` times at a load the factor is 1 there. One observation
 moves a mean by at most `rate` x `clip`.
 
 Lossless: the factor a step uses is fixed before its draft pass, from earlier steps, and only

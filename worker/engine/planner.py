@@ -168,7 +168,8 @@ class Planner:
         table."""
         if not plan.decode or plan.cost is None:
             return None
-        cost = (plan.cost.at_rows(len(plan.decode)) if isinstance(plan.cost, RowCostTable)
+        cost = (self.gate.cost_at_rows(plan.cost, len(plan.decode))
+                if isinstance(plan.cost, RowCostTable)
                 else plan.cost)  # forwards per second by tokens, either way
         return plan.fixed_seconds + 1.0 / cost(float(sum(plan.num_new)))
 

@@ -45,6 +45,9 @@ class SpecStats:
         if len(self.position_verified) < gamma:
             self.position_verified += [0] * (gamma - len(self.position_verified))
             self.position_accepted += [0] * (gamma - len(self.position_accepted))
+        if num_verified == 0:  # a plain step (the draft gate's choice): one token, no draft
+            self.accept_lengths.append(1)
+            return
         self.tokens_verified += num_verified
         self.tokens_accepted += num_accepted
         self.accept_lengths.append(num_accepted + 1)

@@ -117,8 +117,10 @@ class _RowsCost:
         return self.plain + per_token * (tokens - self.rows).clip(min=0)
 
     def __call__(self, num_tokens: float) -> float:
-        """Forwards per second at `num_tokens`, like `SPSTable.__call__`."""
-        return 1.0 / float(self.step_time(np.array([float(num_tokens)]))[0])
+        """Forwards per second at `num_tokens`, like `SPSTable.__call__` (`step_time`'s
+        arithmetic on one number: asked once a step)."""
+        per_token = max(self.full - self.plain, 0.0) / (self.rows * self.gamma)
+        return 1.0 / (self.plain + per_token * max(float(num_tokens) - self.rows, 0.0))
 
 
 def prefix_lengths(
