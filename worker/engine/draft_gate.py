@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from sparkgrid.costs import SPSTable
 from worker.engine.online_costs import OnlineCosts
@@ -103,8 +102,10 @@ class DraftGate:
         self.online: OnlineCosts | None = None
         """How drafting steps really run against their tables, relative to plain steps (the
         engine's timings, `OnlineCosts`); None: the tables alone."""
-        self._estimate: dict[str, torch.Tensor] = {}  # req_id -> [G] float64
-        self._prior: dict[bool, torch.Tensor] = {}  # greedy? -> [G] where newcomers begin
+        # (numpy, not torch: a step asks about a few dozen numbers, where a torch op costs
+        # several times a numpy one on the host)
+        self._estimate: dict[str, np.ndarray] = {}  # req_id -> [G] float64
+        self._prior: dict[bool, np.ndarray] = {}  # greedy? -> [G] where newcomers begin
         self._greedy: dict[str, bool] = {}  # req_id -> whether it decodes greedily
         self._factor = 1.0  # the online factor of the step being planned (`rows`)
         self._skipped: dict[str, int] = {}  # req_id -> steps since its last draft
@@ -148,12 +149,12 @@ class DraftGate:
         if newcomers:
             # they start from the others' mean (or, with nobody around, from that of the
             # requests before them), not from a draft pass
-            mean = (torch.stack(list(self._estimate.values())).mean(0) if self._estimate
+            mean = (np.stack(list(self._estimate.values())).mean(0) if self._estimate
                     else None)
             self._version += 1
             for r in newcomers:
                 self._estimate[r] = (mean if mean is not None
-                                     else self._prior[self._greedy[r]]).clone()
+                                     else self._prior[self._greedy[r]]).copy()
                 self._skipped[r], self._interval[r] = 0, self.refresh_steps
         # requests due for a fresh estimate draft beside the chosen ones; they force a draft
         # pass of their own only where their drafting could pay by itself (under load, one
@@ -206,9 +207,9 @@ class DraftGate:
         """[len(ks), G] the survival estimates of requests `ks` (or `base` for each; no
         estimate yet: count on nothing), zero past what each may verify this step (`caps`,
         `verify_caps` of `ks`)."""
-        zeros = torch.zeros(self.gamma, dtype=torch.float64)
+        zeros = np.zeros(self.gamma)
         est = (np.tile(base, (len(ks), 1)) if base is not None else
-               torch.stack([self._estimate.get(ids[k], zeros) for k in ks]).numpy().copy())
+               np.stack([self._estimate.get(ids[k], zeros) for k in ks]))
         est[np.arange(self.gamma)[None, :] >= caps[:, None]] = 0.0
         return est
 
@@ -318,7 +319,7 @@ class DraftGate:
         values = self._memo_values(sps)
         last = values.get("last best could pay")
         if last is None or last[0] != key:
-            best = torch.stack(list(self._estimate.values())).max(0).values.numpy()
+            best = np.stack(list(self._estimate.values())).max(0)
             last = (key, self._alike_rows_gain(rows, candidates, best, sps))
             values["last best could pay"] = last
         return last[1] > self._factor
@@ -383,7 +384,7 @@ class DraftGate:
         """After a draft pass: each drafted request's new block updates its estimate."""
         if not drafted or proposal is None or proposal.conf_logits is None:
             return
-        a = proposal_survival(proposal, self.sts).double()  # [D, G]
+        a = proposal_survival(proposal, self.sts).numpy().astype(np.float64)  # [D, G]
         self._version += 1
         for k, i in enumerate(drafted):
             rid = reqs[i].req_id
@@ -400,7 +401,7 @@ class DraftGate:
         if gone is not None:  # a running mean of the finished requests' estimates, per regime
             # (a sampled request's choices never depend on the timing that steers greedy ones)
             prior = self._prior.get(greedy)
-            self._prior[greedy] = (gone.clone() if prior is None
+            self._prior[greedy] = (gone.copy() if prior is None
                                    else prior + self.smoothing * (gone - prior))
         self._skipped.pop(req_id, None)
         self._interval.pop(req_id, None)

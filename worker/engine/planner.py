@@ -156,8 +156,10 @@ class Planner:
     def verify_lengths(self, plan: StepPlan, proposal: DraftProposal | None) -> None:
         """Set `plan.lengths` from the draft pass's proposal, under each row's policy; the gate
         learns from the proposal's confidence."""
+        cost = (self.gate.cost_at_rows(plan.cost, len(plan.decode))  # resolved once a load
+                if isinstance(plan.cost, RowCostTable) else plan.cost)
         plan.lengths = choose_lengths(plan.decode, plan.drafting, proposal, gamma=self.gamma,
-                                      sps=plan.cost, threshold=self.config.threshold,
+                                      sps=cost, threshold=self.config.threshold,
                                       sts=self.sts, max_batch_tokens=self.config.max_batch_tokens,
                                       draft_seconds=plan.fixed_seconds)
         self.gate.observe(plan.decode, plan.drafting, proposal)

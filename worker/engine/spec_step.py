@@ -91,10 +91,10 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         extra_tau = len(reqs) - len(spec_idx) + sum(
             1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
             for k in others)
-        a = proposal_survival(proposal, sts)[prefix_rows]  # [P, G]
-        beyond_cap = (torch.arange(gamma)[None, :]
-                      >= torch.from_numpy(cap_array[prefix_rows])[:, None])
-        a = a.masked_fill(beyond_cap, 0.0)  # never worth verifying: the walk stops there
+        a = proposal_survival(proposal, sts).numpy()[prefix_rows]  # [P, G], in numpy (host
+        # arithmetic on a few dozen numbers a step)
+        beyond_cap = np.arange(gamma)[None, :] >= cap_array[prefix_rows][:, None]
+        a[beyond_cap] = 0.0  # never worth verifying: the walk stops there
         got = prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
                              extra_tau=extra_tau, fixed_seconds=draft_seconds).tolist()
         for k, n in zip(prefix_rows, got):

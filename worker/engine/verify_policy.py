@@ -116,6 +116,13 @@ class _RowsCost:
         tokens = num_tokens.double().cpu() if hasattr(num_tokens, "double") else num_tokens
         return self.plain + per_token * (tokens - self.rows).clip(min=0)
 
+    def at_rows(self, rows: int) -> "_RowsCost":
+        """This cost itself, for a forward of the same `rows` (what a planner that resolved
+        the table once for its step hands on)."""
+        if rows != self.rows:
+            raise ValueError(f"a cost at {self.rows} rows asked for {rows}")
+        return self
+
     def __call__(self, num_tokens: float) -> float:
         """Forwards per second at `num_tokens`, like `SPSTable.__call__` (`step_time`'s
         arithmetic on one number: asked once a step)."""
@@ -124,7 +131,7 @@ class _RowsCost:
 
 
 def prefix_lengths(
-    survival: torch.Tensor,  # [R, G] a_{r,j}, non-increasing in j, in [0, 1]
+    survival: torch.Tensor | np.ndarray,  # [R, G] a_{r,j}, non-increasing in j, in [0, 1]
     sps: "SPSTable | _RowsCost",  # seconds by tokens (a `RowCostTable` at the step's rows)
     *,
     extra_tokens: int = 0,
@@ -148,9 +155,10 @@ def prefix_lengths(
     output distribution.
     """
     a = _survival_array(survival)  # [R, G]
+    device = survival.device if isinstance(survival, torch.Tensor) else "cpu"
     num_requests, gamma = a.shape
     if num_requests == 0 or gamma == 0:
-        return torch.zeros(num_requests, dtype=torch.long, device=survival.device)
+        return torch.zeros(num_requests, dtype=torch.long, device=device)
     a = a.reshape(-1)  # [R*G], index r*G + (j-1)
     # Stable descending sort on the row-major flattening breaks ties by request then position.
     order = np.argsort(-a, kind="stable")  # [R*G]
@@ -168,7 +176,7 @@ def prefix_lengths(
     else:
         num_admitted = int(np.argmax(theta))  # first best point, as "theta > best"
     lengths = np.bincount(order[:num_admitted] // gamma, minlength=num_requests)  # [R]
-    return torch.from_numpy(lengths).long().to(survival.device)
+    return torch.from_numpy(lengths).long().to(device)
 
 
 def _leading_rises(theta: np.ndarray) -> int:
@@ -191,15 +199,16 @@ def fixed_lengths(num_requests: int, gamma: int, device: "torch.device | str" = 
     return torch.full((num_requests,), gamma, dtype=torch.long, device=device)
 
 
-def _survival_array(survival: torch.Tensor) -> np.ndarray:
+def _survival_array(survival: torch.Tensor | np.ndarray) -> np.ndarray:
     """`survival` checked, as a float64 numpy array (the planning arithmetic runs in numpy:
     on a few dozen numbers a torch op costs ~10x as much, per step, on the host)."""
-    if survival.dim() != 2:
+    if survival.ndim != 2:
         raise ValueError(f"survival must be [R, G]; got shape {tuple(survival.shape)}")
-    a = survival.detach().to("cpu", torch.float64).numpy()
+    a = (survival.detach().to("cpu", torch.float64).numpy()
+         if isinstance(survival, torch.Tensor) else np.asarray(survival, dtype=np.float64))
     if a.size == 0:
         return a
-    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+    if not ((a >= 0) & (a <= 1)).all():  # NaN fails both comparisons, an infinity one
         raise ValueError("survival probabilities must be finite and in [0, 1]")
     if not (a[:, 1:] <= a[:, :-1]).all():
         raise ValueError("survival must be non-increasing along each row (a cumulative product)")
