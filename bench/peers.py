@@ -213,8 +213,23 @@ def ratios(table: dict, vllm: dict | None, concurrency: list[int]) -> dict:
             others = [row[p] for p in row if p != "prefix"]
             if others:
                 entry["prefix_vs_best_other"] = row["prefix"] / max(others)
+                entry.update(_paired(table, c, key(c)))
         out[str(c)] = entry
     return out
+
+
+def _paired(table: dict, c: int, metric: str) -> dict:
+    """`prefix` against the better of the other policies within each repeat (their runs
+    follow one another, so a slow minute hits them alike): every repeat's ratio and their
+    median. The ratio of medians above compares runs minutes apart, and a max of two noisy
+    figures is biased up where the two are level (as `ar` and `fixed` are at 16 requests)."""
+    runs = {p: table[p][str(c)][f"{metric}_runs"] for p in table}
+    if len({len(r) for r in runs.values()}) != 1:
+        return {}
+    per_repeat = [runs["prefix"][i] / max(runs[p][i] for p in runs if p != "prefix")
+                  for i in range(len(runs["prefix"]))]
+    return {"prefix_vs_best_other_per_repeat": per_repeat,
+            "prefix_vs_best_other_paired": statistics.median(per_repeat)}
 
 
 def outputs_agree(table: dict, vllm: dict | None) -> dict:

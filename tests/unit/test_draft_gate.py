@@ -273,3 +273,42 @@ def test_under_a_load_where_nothing_could_pay_nobody_drafts_and_planning_is_cach
     for _ in range(3):
         assert gate.rows(reqs, list(range(64)), FLAT, 4096) == []
     assert weighed == []
+
+
+@pytest.mark.parametrize("reweigh", [1, 3])
+def test_a_weighing_serves_at_most_reweigh_steps_while_the_estimates_move(reweigh):
+    """Drafting pays on the first, likely estimate; every drafted block then is unlikely. A
+    gate that weighs every step stops after one block; one whose weighing serves 3 steps
+    stops after 3, and weighs a third as often where drafting keeps paying."""
+    for cost, expected in ((MODERATE_DRAFT, [True] * reweigh + [False] * 4),
+                           (FAST_DRAFT, [True] * 12)):
+        gate = DraftGate(gamma=2, sts=None, draft_cost=cost, reweigh_steps=reweigh)
+        weighed = _count_calls(gate, "_weigh_subsets")
+        reqs = _reqs("prefix")
+        gate.observe(reqs, [0], _proposal(LIKELY))
+        drafted = []
+        for _ in range(len(expected)):
+            rows = gate.rows(reqs, [0], FLAT, 512)
+            drafted.append(bool(rows))
+            if rows:
+                gate.observe(reqs, rows, _proposal(UNLIKELY))
+        assert drafted == expected
+        if cost is FAST_DRAFT:
+            assert len(weighed) == len(expected) // reweigh
+        newcomer = _reqs("prefix", "prefix")  # other requests: weighed at once
+        before = len(weighed)
+        gate.rows(newcomer, [0, 1], FLAT, 512)
+        assert len(weighed) == before + 1
+    with pytest.raises(ValueError, match="reweigh_steps"):
+        DraftGate(gamma=2, sts=None, draft_cost=FAST_DRAFT, reweigh_steps=0)
+
+
+def _count_calls(obj, name: str) -> list:
+    """A list that grows by one at each call of `obj.name` (which still runs)."""
+    calls, original = [], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    setattr(obj, name, counted)
+    return calls
