@@ -18,8 +18,8 @@ from scipy.stats import chisquare
 
 from sparkgrid.costs import SPSTable
 from worker.engine.config import EngineConfig, SamplingParams
-from worker.engine.draft_gate import StepOverhead
 from worker.engine.engine import LLMEngine
+from worker.engine.online_costs import StepOverhead
 
 pytestmark = pytest.mark.integration
 

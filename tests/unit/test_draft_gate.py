@@ -312,3 +312,31 @@ def _count_calls(obj, name: str) -> list:
         return original(*args, **kwargs)
     setattr(obj, name, counted)
     return calls
+
+
+def test_a_step_where_nobody_drafts_is_taken_again_without_weighing_and_the_same():
+    """Requests that draft unlikely tokens, refreshed now and then, with requests coming and
+    going: a gate that takes a quiet step's answer again (up to 8 steps, while nothing it
+    rests on changed) chooses exactly as one that weighs every step, and weighs less."""
+    script = []
+    for quiet_steps in (8, 0):
+        gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=3,
+                         max_refresh_steps=12)
+        gate.quiet_steps = quiet_steps
+        asked = _count_calls(gate, "_could_pay")
+        reqs, drafted = _reqs("prefix", "prefix"), []
+        for step in range(60):
+            if step == 20:
+                reqs = reqs + [SimpleNamespace(req_id="late", policy="prefix", remaining=100)]
+            if step == 40:
+                gate.forget(reqs[0].req_id)
+                reqs = reqs[1:]
+            rows = gate.rows(reqs, list(range(len(reqs))), FLAT, 512)
+            drafted.append(tuple(reqs[i].req_id for i in rows))
+            if rows:
+                gate.observe(reqs, rows, _proposal(UNLIKELY * len(rows)))
+        script.append((drafted, gate.skipped_rows, gate.skipped_steps, len(asked)))
+    (quiet, q_rows, q_steps, q_asked), (plain, p_rows, p_steps, p_asked) = script
+    assert quiet == plain and (q_rows, q_steps) == (p_rows, p_steps)
+    assert sum(1 for d in plain if not d) > 40  # mostly nobody drafts: refreshes only
+    assert q_asked < p_asked / 2

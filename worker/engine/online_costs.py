@@ -26,12 +26,17 @@ moves a mean by at most `rate` x `clip`.
 Lossless: the factor a step uses is fixed before its draft pass, from earlier steps, and only
 picks which requests draft; verification never sees it. (Which requests draft does change the
 schedule of a sampled request's random draws, as the gate's choices always did.)
-Knows: seconds. Does not know: models, requests, tables.
+Also here: `StepOverhead`, the profiled seconds a step spends besides its target forward,
+which the gate adds to every step it weighs.
+Knows: seconds (and, for `StepOverhead`, the profiled tables of them). Does not know: models
+or requests.
 """
 
 from __future__ import annotations
 
 import math
+
+from sparkgrid.costs import SPSTable
 
 PLAIN, DRAFTING = 0, 1
 
@@ -82,3 +87,25 @@ class OnlineCosts:
 def _load(rows: int) -> int:
     """The load bucket of a step of `rows`: floor(log2(rows))."""
     return max(rows, 1).bit_length() - 1
+
+
+class StepOverhead:
+    """Seconds a decode step spends besides its target forward (the draft pass, drafting
+    bookkeeping, sampling, commit, detokenizing): `plain`, by the step's rows, for steps in
+    which nobody drafts; `drafting`, by the drafting rows. Both are profiled (`SPSTable`s of
+    such steps per second, cached like SPS(B)), so choices depend on the tables, not on the
+    timing noise of the moment, and a seed's text repeats on the same schedule.
+
+    Alg. 1 and the draft gate weigh verified tokens against the whole step's time; these
+    seconds are the part of it that the forward's cost table does not hold."""
+
+    def __init__(self, plain: SPSTable | None = None, drafting: SPSTable | None = None):
+        self.plain, self.drafting = plain, drafting
+
+    def seconds(self, drafting_rows: int, rows: int, default: float) -> float:
+        """The profiled seconds for a step of `rows` with `drafting_rows` drafting, or
+        `default` without a profile."""
+        table = self.drafting if drafting_rows else self.plain
+        if table is None:
+            return default
+        return 1.0 / table(drafting_rows or rows)

@@ -30,8 +30,8 @@ import torch
 from sparkgrid.costs import SPSTable
 from worker.engine.attention import implementation_id
 from worker.engine.config import SamplingParams
-from worker.engine.draft_gate import StepOverhead
 from worker.engine.model_runner import ForwardBatch, TargetRunner
+from worker.engine.online_costs import StepOverhead
 from worker.engine.request import SpecStats
 from worker.engine.verify_policy import RowCostTable
 
