@@ -7,8 +7,9 @@ in the same dtype and on one thread, one after the other in one run:
 - c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
   flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c. Every
   request is a distinct prompt (a repeat would let vLLM's prefix cache skip its prefill).
-Every arm runs `--repeats` times (3), interleaved with the others (their order rotating from
-repeat to repeat); figures are medians.
+Every arm runs `--repeats` times (5), interleaved with the others (their order rotating from
+repeat to repeat); figures are medians, and `prefix` against the better of `ar` and `fixed` is
+also given repeat by repeat (`_paired`).
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
 an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
@@ -22,7 +23,7 @@ vLLM runs in a virtualenv of its own (`--vllm-python`, or `SPARKGRID_VLLM_PYTHON
 (their builds do not match its torch and break its import). Without it the vLLM arms are left
 out. It writes `--out` (`bench/results/peers.json`) and two plots beside it: aggregate tokens/s
 against concurrency, and per-request against aggregate tokens/s (the DSpark paper's Figure 7).
-Not a test: it asserts nothing; it reports. About 10-12 minutes on a 2-core CPU.
+Not a test: it asserts nothing; it reports. About 11 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="installed package whose source the prompts are cut from")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="runs of every arm, interleaved (medians are reported)")
     p.add_argument("--vllm-python", default=os.environ.get("SPARKGRID_VLLM_PYTHON"),
                    help="python of vLLM's virtualenv (default $SPARKGRID_VLLM_PYTHON; "
