@@ -325,11 +325,13 @@ def test_a_reduced_draft_vocabulary_needs_the_drafts_ranking(structured_pairs):
         EngineConfig(draft_vocab_size=-1)
 
 
+@pytest.mark.parametrize("copy", [False, True])
 def test_a_deferred_draft_context_is_the_context_written_step_by_step(structured_pairs,
-                                                                      tmp_path):
+                                                                      tmp_path, copy):
     """Deferred chunks of target features, flushed in one batch (or when a sequence holds
     `max_deferred` tokens), give the drafter the keys and values that writing each chunk as
-    it came gives."""
+    it came gives; held as copies (a prefill's), they no longer depend on the features they
+    came from."""
     pair = structured_pairs("qwen3", "vanilla")
     now, later = (make_engine(pair, tmp_path / name, policy="fixed") for name in "ab")
     width = pair[1].config.hidden_size * len(now.runner.feature_layer_ids)
@@ -344,7 +346,9 @@ def test_a_deferred_draft_context_is_the_context_written_step_by_step(structured
     for feats, counts in chunks:
         rows = [0, counts[0]]
         now.draft_runner.extend_context(["a", "b"], feats, rows, counts, pos)
-        later.draft_runner.defer_context(["a", "b"], feats, rows, counts, pos)
+        later.draft_runner.defer_context(["a", "b"], feats, rows, counts, pos, copy=copy)
+        if copy:  # the step's output goes away (or is reused): the copies stay
+            feats.zero_()
         pos = [p + c for p, c in zip(pos, counts)]
     held = later.draft_runner._deferred
     assert (held["a"].start, held["a"].count, held["b"].start, held["b"].count) == (0, 4, 6, 2)

@@ -280,7 +280,8 @@ class LLMEngine:
             rows = plan.prefill_rows
             self.draft_runner.defer_context([reqs[i].req_id for i in keep], feats,
                                              [rows[i] for i in keep],
-                                             [batch.num_new[i] for i in keep], [0] * len(keep))
+                                             [batch.num_new[i] for i in keep], [0] * len(keep),
+                                             copy=True)
         return first
 
     def draft_pass(self, reqs: list[Request], uniforms: torch.Tensor) -> DraftProposal:
