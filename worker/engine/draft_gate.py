@@ -133,22 +133,12 @@ class DraftGate:
             # no request came or went or fell due for a refresh, and drafting only grew
             # dearer (deferred context, the factor): the same answer, without the weighing
             self._quiet = (ids, quiet[1], quiet[2], quiet[3] - 1)
-            skipped = self._skipped
-            for r in ids:
-                skipped[r] += 1
-            self.skipped_rows += len(ids)
-            self.skipped_steps += 1
-            return []
+            return self._keep_out(ids)
         self._quiet = None
         if not self._could_pay(len(reqs), len(ids), sps):
             # not even drafts that are always accepted would pay at this load: nobody drafts,
             # and no estimate needs refreshing until the load falls
-            for r in ids:
-                if r in self._skipped:
-                    self._skipped[r] += 1
-            self.skipped_rows += len(ids)
-            self.skipped_steps += 1
-            return []
+            return self._keep_out(ids)
         greedy = self._greedy
         for k, r in enumerate(ids):
             if r not in greedy:
@@ -217,6 +207,17 @@ class DraftGate:
             self._quiet = (ids, (self._version, len(reqs)), self._factor,
                            min(gaps + [self.quiet_steps]))
         return [spec_idx[k] for k in sorted(chosen)]
+
+    def _keep_out(self, ids: list[str]) -> list[int]:
+        """A step in which none of `ids` drafts, decided without weighing: their skipped
+        steps and the counters move on."""
+        skipped = self._skipped
+        for r in ids:
+            if r in skipped:
+                skipped[r] += 1
+        self.skipped_rows += len(ids)
+        self.skipped_steps += 1
+        return []
 
     def _estimates(self, ids, ks, caps: np.ndarray, base=None) -> np.ndarray:
         """[len(ks), G] the survival estimates of requests `ks` (or `base` for each; no

@@ -205,9 +205,9 @@ class LLMEngine:
         # the gate learns from the steps it plans: those with a `prefix` row (a `fixed` or
         # `ar` step runs another regime, all rows drafting or none, which it never chooses
         # between plain and partial steps, and must not steer it)
-        planned = any(r.policy == Policy.PREFIX for r in plan.decode)
-        predicted = (self.planner.predicted_seconds(plan)
-                     if planned and self.gate.online is not None else None)
+        planned = self.gate.online is not None and any(
+            r.policy == Policy.PREFIX for r in plan.decode)
+        predicted = self.planner.predicted_seconds(plan) if planned else None
         if predicted is not None:  # the whole step's time but the newcomers' prefill
             measured = time.perf_counter() - started - result.prefill_seconds
             self.gate.online.observe(len(plan.decode), bool(plan.drafting), predicted, measured)

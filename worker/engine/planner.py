@@ -156,10 +156,8 @@ class Planner:
     def verify_lengths(self, plan: StepPlan, proposal: DraftProposal | None) -> None:
         """Set `plan.lengths` from the draft pass's proposal, under each row's policy; the gate
         learns from the proposal's confidence."""
-        cost = (self.gate.cost_at_rows(plan.cost, len(plan.decode))  # resolved once a load
-                if isinstance(plan.cost, RowCostTable) else plan.cost)
         plan.lengths = choose_lengths(plan.decode, plan.drafting, proposal, gamma=self.gamma,
-                                      sps=cost, threshold=self.config.threshold,
+                                      sps=self._step_cost(plan), threshold=self.config.threshold,
                                       sts=self.sts, max_batch_tokens=self.config.max_batch_tokens,
                                       draft_seconds=plan.fixed_seconds)
         self.gate.observe(plan.decode, plan.drafting, proposal)
@@ -170,10 +168,14 @@ class Planner:
         table."""
         if not plan.decode or plan.cost is None:
             return None
-        cost = (self.gate.cost_at_rows(plan.cost, len(plan.decode))
-                if isinstance(plan.cost, RowCostTable)
-                else plan.cost)  # forwards per second by tokens, either way
-        return plan.fixed_seconds + 1.0 / cost(float(sum(plan.num_new)))
+        return plan.fixed_seconds + 1.0 / self._step_cost(plan)(float(sum(plan.num_new)))
+
+    def _step_cost(self, plan: StepPlan):
+        """`plan.cost` at the step's rows (forwards per second by tokens), resolved once a
+        load while the tables stay (an `SPSTable` is its own, whatever the rows); None
+        without one."""
+        return (self.gate.cost_at_rows(plan.cost, len(plan.decode))
+                if plan.cost is not None and plan.decode else None)
 
     def _admit(self, num_running: int, waiting: deque[Request]) -> list[Request]:
         admitted, prefill_tokens = [], 0
