@@ -92,3 +92,27 @@ def test_in_bfloat16_every_policy_reproduces_plain_decoding(pair, heldout_prompt
         got = engine.generate(heldout_prompts, params, policy=policy)
         assert [r["token_ids"] for r in got] == want, policy
         assert sum(r["stats"]["tokens_accepted"] for r in got) > 0, policy
+
+
+def test_in_bfloat16_the_drafter_reads_the_targets_own_copy_of_the_shared_lm_head(pair):
+    """With the whole vocabulary the draft's base logits come from the lm_head it shares with
+    the target; where the runner holds that weight packed for oneDNN (AVX512-BF16) or widened
+    to float32 (AVX2), the draft pass uses the runner's copy rather than the plain bfloat16
+    one (the slowest product of a draft pass on either CPU)."""
+    target_dir, draft_dir = shipped_pair("dspark")
+    engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
+                                       EngineConfig(dtype="bfloat16", policy="fixed",
+                                                    profile_sps=False))
+    assert engine.draft_vocab is None and "lm_head" in engine.shared_with_target
+    if engine.runner.linears == "plain":
+        pytest.skip("this machine runs the projections as they are (no native kernel)")
+    assert engine.draft.serving_lm_head is engine.runner.lm_head
+    assert engine.packed_weight_bytes >= engine.runner.packed_bytes > 0
+    h = torch.randn(5, engine.draft.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        mine = engine.draft.lm_head(h.bfloat16()).float()
+        served = engine.draft.serving_lm_head(h.bfloat16()).float()
+    assert torch.allclose(served, mine, rtol=1e-2, atol=1e-2)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    got = engine.generate([[5, 6, 7, 8]], params, policy="fixed")[0]
+    assert len(got["token_ids"]) == 16  # a draft pass through the runner's copy ran

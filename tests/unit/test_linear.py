@@ -95,3 +95,67 @@ def test_pack_linears_keeps_parameters_state_dict_and_outputs():
 def test_pack_linears_leaves_a_float32_module_alone():
     model = nn.Sequential(nn.Linear(8, 8))
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
+
+
+@pytest.fixture
+def no_native_half(monkeypatch):
+    """This CPU as one without native half-precision matmuls (AVX2 only): nothing packs, and
+    bfloat16/float16 weights are widened to float32."""
+    from worker.engine import linear
+    monkeypatch.setitem(linear._probe, "ok", False)
+    for dtype in (torch.bfloat16, torch.float16):
+        monkeypatch.setitem(linear._probe, f"native {dtype}", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_without_native_half_matmuls_a_projection_runs_in_float32(no_native_half, dtype, bias):
+    w, b = _weights(bias=bias, dtype=dtype)
+    lin = Linear(w, b, pack=True)
+    assert lin.packed is None and lin.wide is not None
+    assert lin.packed_bytes == 4 * (w.numel() + (b.numel() if bias else 0))
+    x = torch.randn(7, 80).to(dtype)
+    got = lin(x)
+    assert got.dtype == dtype and got.shape == (7, 96)
+    want = F.linear(x.double(), w.double(), b.double() if bias else None)
+    # float32 sums rounded once to the dtype: within one unit in the last place of the exact
+    # product, as the half-precision F.linear is (it accumulates in float32 too)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=1.0)
+    assert ((got.double() - want).abs() <= ulp).all()
+    assert ((F.linear(x, w, b).double() - want).abs() <= ulp).all()
+    # the model's own weight is untouched, and a float32 input takes F.linear's own error
+    assert lin.weight is w
+    with pytest.raises(RuntimeError):
+        lin(torch.randn(3, 80))
+
+
+def test_without_native_half_matmuls_pack_linears_widens_and_keeps_the_state_dict(no_native_half):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 48, bias=False)).bfloat16()
+    x = torch.randn(5, 32).bfloat16()
+    with torch.inference_mode():
+        before = model(x)
+    keys = list(model.state_dict())
+    assert pack_linears(model) == (64 * 32 + 64 + 48 * 64) * 4
+    assert isinstance(model[0], PackedLinear) and model[0]._packed.wide is not None
+    assert list(model.state_dict()) == keys
+    with torch.inference_mode():
+        after = model(x)
+    assert after.dtype == torch.bfloat16
+    assert torch.allclose(after.float(), before.float(), rtol=2e-2, atol=2e-2)
+    assert pack_linears(nn.Sequential(nn.Linear(8, 8))) == 0  # float32 stays as it is
+
+
+def test_a_widened_row_comes_out_the_same_whatever_batch_it_is_in(no_native_half):
+    """As for packed bfloat16: greedy equality of verify forwards to plain decoding on a CPU
+    without native half-precision matmuls rests on this."""
+    from worker.engine.linear import float32_packing_invariant
+    if not float32_packing_invariant():
+        pytest.skip("oneDNN's float32 products here depend on the rows beside them")
+    w, _ = _weights(out_f=512, in_f=256, bias=False)
+    lin = Linear(w, None, pack=True)
+    assert lin.wide is not None and lin.wide[2]  # packed for oneDNN
+    x = torch.randn(64, 256).bfloat16()
+    full = lin(x)
+    for rows in (1, 5, 32):
+        assert torch.equal(lin(x[:rows]), full[:rows])

@@ -190,6 +190,10 @@ class DSparkDraft(nn.Module):
             ConfidenceHead(d, c.markov_rank if c.confidence_uses_markov else 0)
             if c.enable_confidence_head else None)
         self.rotary_emb = _rotary_for(c)
+        self.serving_lm_head = None
+        """What computes the base logits in place of `lm_head` when it is given (a `Linear`
+        over the same weight, packed or widened: the target runner's, where the lm_head is
+        shared with the target); None: `lm_head` itself."""
 
     @property
     def config(self) -> DraftConfig:
@@ -300,7 +304,9 @@ class DSparkDraft(nn.Module):
         sees [R, N] and returns indices into them, which come back as token ids, and each
         distribution comes back over all V with zeros outside the N.
         """
-        base_logits = self.lm_head(h) if vocab is None else vocab.lm_head(h)
+        base_logits = (vocab.lm_head(h) if vocab is not None else
+                       self.serving_lm_head(h) if self.serving_lm_head is not None else
+                       self.lm_head(h))
         prev_ids = anchor_ids  # x_0
         state = self.markov_head.init_state(h.shape[0]) if self.markov_head is not None else None
         w2 = vocab.markov_w2 if vocab is not None else None

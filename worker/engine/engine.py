@@ -88,13 +88,16 @@ class LLMEngine:
         drafter_packed = 0
         if draft is not None and self.runner.backend == "native":  # linear.py: oneDNN layouts
             drafter_packed = pack_linears(draft, skip=("lm_head",))  # the lm_head: the target's
+            if "lm_head" in self.shared_with_target and self.runner.lm_head.bias is None:
+                # the target's packed (or widened) copy serves the draft's base logits too
+                draft.serving_lm_head = self.runner.lm_head
             draft.use_native_ops()
             if self.draft_vocab is not None:
                 self.draft_vocab = self.draft_vocab.packed()
                 drafter_packed += self.draft_vocab.lm_head.packed_bytes
         self.packed_weight_bytes = self.runner.packed_bytes + drafter_packed
-        """Weight bytes held a second time, laid out for oneDNN (`linear.py`); 0 off the
-        native bfloat16 path."""
+        """Weight bytes held a second time, laid out for oneDNN or widened to float32
+        (`linear.py`); 0 off the native half-precision path."""
         self.draft_kv = (self._make_kv(config.draft_kv_budget_tokens, "draft kv cache",
                                        draft.config) if draft is not None else None)
         self.draft_runner = (DraftRunner(draft, self.draft_kv, self.device, self.draft_vocab)

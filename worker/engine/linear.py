@@ -6,12 +6,22 @@ layout, and oneDNN reorders it into its blocked layout on every call. At serving
 machine a `[1, 256] x [256, 8192]` projection takes 173 us through `F.linear` and 85 us with the
 weight packed beforehand; at 32 rows 745 against 631 us. `Linear` packs the weight once, with
 torch's own binding of oneDNN (the ops its compiler uses for frozen CPU graphs), and falls back to
-`F.linear` wherever that is not available or not exact: other devices, other dtypes, a CPU
-without native bfloat16 matmuls, or a torch whose oneDNN ops differ.
+`F.linear` wherever that is not available or not exact: other devices, other dtypes, or a
+torch whose oneDNN ops differ.
 
-The packed copy is held beside the model's own weight (the model's modules still run for audits
-and tests), so a packed projection costs its weight's bytes a second time; `packed_bytes` says how
-many.
+A CPU without native bfloat16 (or float16) matmuls (AVX2 only, no AVX512) gets a float32 copy of
+the weight instead, and computes the product in float32, rounding it to the model's dtype: there
+torch's half-precision matmul is emulated element by element and a serving batch is many times
+slower than in float32 (on a 2-core AVX2 machine a `[64, 256] x [256, 1024]` projection took
+3.97 ms in bfloat16 and 0.45 ms in float32; at one row 66 against 47 us). Accumulation is in
+float32 either way; only the order of the sums differs from `F.linear`'s. The float32 copy is
+packed for oneDNN too, where that keeps a row's product independent of the rows beside it
+(`float32_packing_invariant`; float32 `F.linear` does not): the same speed within a few
+microseconds a call, and greedy speculation then reproduces plain decoding.
+
+The copy is held beside the model's own weight (the model's modules still run for audits and
+tests), so a packed projection costs its weight's bytes a second time, a widened one twice more;
+`packed_bytes` says how many.
 """
 from __future__ import annotations
 
@@ -32,6 +42,52 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _probe["ok"]
 
 
+def widening_pays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` on `device` run faster as a float32 copy: a half-precision
+    dtype on a CPU whose oneDNN has no native matmul for it (no AVX512 bfloat16/float16)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = f"native {dtype}"
+    if key not in _probe:
+        try:
+            mkldnn = torch.ops.mkldnn
+            _probe[key] = bool(torch.backends.mkldnn.is_available() and (
+                mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
+                else mkldnn._is_mkldnn_fp16_supported()))
+        except (RuntimeError, AttributeError):
+            _probe[key] = False
+    return not _probe[key]
+
+
+def float32_packing_invariant() -> bool:
+    """Whether float32 weights packed for oneDNN give each row of a product the same bits
+    whatever rows are beside it, on a probe (plain `F.linear` does not: its kernel depends on
+    the number of rows). Greedy speculation reproduces plain decoding only where a row's
+    numbers do not depend on how many rows its forward verified."""
+    if "float32 invariant" not in _probe:
+        _probe["float32 invariant"] = _probe_float32_packing()
+    return _probe["float32 invariant"]
+
+
+def _probe_float32_packing() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(160, 96, generator=gen)
+        x = torch.randn(40, 96, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+        def product(rows: int) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x[:rows].contiguous(), packed, None,
+                                                      "none", [], "")
+        full = product(40)
+        return (torch.allclose(full, F.linear(x, w), rtol=1e-4, atol=1e-4)
+                and all(torch.equal(product(rows), full[:rows]) for rows in (1, 2, 3, 8, 17)))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def _probe_packing() -> bool:
     try:
         if not (torch.backends.mkldnn.is_available()
@@ -50,27 +106,49 @@ def _probe_packing() -> bool:
 
 class Linear:
     """`y = x W^T + b` over a 2-D `x`, through a packed weight where `pack` and the machine
-    allow it, else `F.linear`. The weight and bias are the model's own (not copied)."""
+    allow it, or a float32 copy where that is faster (`widening_pays`), else `F.linear`. The
+    weight and bias are the model's own (not copied)."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "wide")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  pack: bool = False):
         self.weight, self.bias = weight, bias
         self.packed = None
+        self.wide: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        """The weight and bias in float32 (`widening_pays`), and whether that weight is
+        packed for oneDNN (`float32_packing_invariant`); None: not widened."""
         if pack and packing_supported(weight.device, weight.dtype):
             with torch.inference_mode():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        elif pack and widening_pays(weight.device, weight.dtype):
+            with torch.inference_mode():
+                wide = weight.detach().float()
+                wide_bias = bias.detach().float() if bias is not None else None
+                if float32_packing_invariant():
+                    self.wide = (torch.ops.mkldnn._reorder_linear_weight(wide, None), wide_bias,
+                                 True)
+                else:
+                    self.wide = (wide, wide_bias, False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype or (self.packed is None and self.wide is None):
             return F.linear(x, self.weight, self.bias)
+        if self.wide is not None:
+            weight, bias, packed = self.wide
+            x = x.float().contiguous()
+            out = (torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "") if packed
+                   else F.linear(x, weight, bias))
+            return out.to(self.weight.dtype)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none",
                                                   [], "")
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes of the packed copy (0 where the weight is used as it is)."""
+        """Bytes of the packed or widened copy (0 where the weight is used as it is)."""
+        if self.wide is not None:
+            bias = self.wide[1]
+            return 4 * (self.weight.numel() + (bias.numel() if bias is not None else 0))
         return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
 
 
@@ -85,14 +163,14 @@ class PackedLinear(nn.Linear):
 
 def pack_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Turn every `nn.Linear` under `module` (but those named in `skip`) into a `PackedLinear`,
-    where the machine packs their dtype; returns the bytes packed."""
+    where the machine packs or widens their dtype (`Linear`); returns the bytes of the copies."""
     total = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or name in skip:
                 continue
             packed = Linear(child.weight, child.bias, pack=True)
-            if packed.packed is None:
+            if packed.packed is None and packed.wide is None:
                 continue
             child.__class__ = PackedLinear  # in place: the same module, its parameters kept
             child._packed = packed

@@ -216,7 +216,8 @@ class TargetRunner:
         self._backend: str | None = None
         pack = self.backend == "native"  # linear.py: weights laid out for oneDNN
         self.fused = [_fuse_layer(layer, pack) for layer in model.model.layers]
-        """Every layer's projections (packed on the native backend in bfloat16)."""
+        """Every layer's projections (packed, or widened to float32, on the native backend
+        in half precision: `linear.py`)."""
         self.lm_head = Linear(model.lm_head.weight, model.lm_head.bias, pack)
 
     @torch.inference_mode()
@@ -288,8 +289,17 @@ class TargetRunner:
         return _Layout(positions, write, meta, list(batch.num_new))
 
     @property
+    def linears(self) -> str:
+        """How the projections run (`linear.py`): "onednn-packed", "float32" (a widened copy,
+        on a CPU without native half-precision matmuls) or "plain"."""
+        head = self.lm_head
+        return "onednn-packed" if head.packed is not None else (
+            "float32" if head.wide is not None else "plain")
+
+    @property
     def packed_bytes(self) -> int:
-        """Bytes of the weights held a second time in oneDNN's layout (`linear.py`)."""
+        """Bytes of the weights held a second time, in oneDNN's layout or in float32
+        (`linear.py`)."""
         return sum(lin.packed_bytes for f in self.fused for lin in (f.qkv, f.o, f.gate_up, f.down)
                    ) + self.lm_head.packed_bytes
 

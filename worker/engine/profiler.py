@@ -229,7 +229,7 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
         "model": getattr(cfg, "_name_or_path", ""), "config": cfg.to_json_string(use_diff=False),
         "sizes": sizes, "ctx_len": ctx_len, "gamma": gamma,
         "attention": implementation_id(runner.backend), "timing": "best-of-n",
-        "linears": "onednn-packed" if runner.packed_bytes else "plain",
+        "linears": runner.linears,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
