@@ -372,18 +372,18 @@ def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structu
     its tables, and no other."""
     pair = structured_pairs("qwen3", "vanilla")
     engine = make_engine(pair, tmp_path, policy="prefix")
-    flush = engine.gate.flush_cost
+    flush = engine.gate.flush.table
     assert flush is not None and flush.batch_tokens[0] == 1 and len(flush.batch_tokens) >= 2
     seconds = [1 / s for s in flush.steps_per_second]
     assert all(b >= a for a, b in zip(seconds, seconds[1:]))
     assert len(list(tmp_path.glob("flush-*.json"))) == 1
     assert engine.draft_kv.allocator.num_used_blocks == 0
-    assert make_engine(pair, tmp_path, policy="prefix").gate.flush_cost == flush  # read back
+    assert make_engine(pair, tmp_path, policy="prefix").gate.flush.table == flush  # read back
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     rid = engine.add_request([5, 6, 7, 8], params, policy="ar")  # its context is not kept
     spec = engine.add_request([5, 6, 7, 8], params, policy="prefix")
     engine.step()  # the prefill: both prompts' features, deferred for the one that drafts
-    assert engine.gate.deferred_tokens(spec) == 4 and engine.gate.deferred_tokens(rid) == 0
+    assert engine.gate.flush.tokens(spec) == 4 and engine.gate.flush.tokens(rid) == 0
     planned = others = 0  # steps with the `prefix` request, and `ar`-only steps after it
     while engine.has_unfinished():
         with_prefix = any(r.req_id == spec for r in engine.running)

@@ -211,17 +211,34 @@ def test_a_request_due_for_refresh_joins_a_draft_pass_that_runs_anyway():
 def test_deferred_draft_context_is_charged_to_the_requests_that_would_write_it():
     """Drafting a likely request pays (about 3 tokens in 2.5 s against 1 in 1 s) when its
     context is current, and not when 100 tokens of deferred context at 10 ms each must be
-    written first (3 tokens in 3.5 s)."""
+    written first (3 tokens in 3.5 s) by a request with three tokens left to make (a
+    step's worth: the write cannot be spread over later steps)."""
     flush = SPSTable([1, 64, 512], [1 / 0.1, 1 / 0.1, 1 / (0.1 + 448 * 0.01)])  # 10 ms a token
     decisions = {}
     for deferred in (3, 103):  # one block's tokens (gamma + 1) are in the profiled overhead
         gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
-        gate.flush_cost, gate.deferred_tokens = flush, lambda req_id, n=deferred: n
-        reqs = _reqs("prefix")
+        gate.flush.table, gate.flush.tokens = flush, lambda req_id, n=deferred: n
+        reqs = _reqs("prefix", remaining=3)
         gate.observe(reqs, [0], _proposal(LIKELY))
         decisions[deferred] = gate.rows(reqs, [0], FLAT, 512)
-        assert gate.flush_seconds(["r0"]) == pytest.approx(0.01 * (deferred - 3))
+        assert gate.flush.seconds(["r0"]) == pytest.approx(0.01 * (deferred - 3))
     assert decisions == {3: [0], 103: []}
+
+
+@pytest.mark.parametrize("remaining, drafts", [(3, False), (40, True), (400, True)])
+def test_deferred_context_is_spread_over_the_steps_it_will_serve(remaining, drafts):
+    """The same 100 deferred tokens (1 s to write) are written once and then serve every
+    later draft pass: a request with many tokens left (at about 2.8 tokens a step, 40 tokens
+    are 14 steps; at most 16 are counted) drafts, one about to end does not."""
+    flush = SPSTable([1, 64, 512], [1 / 0.1, 1 / 0.1, 1 / (0.1 + 448 * 0.01)])
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT)
+    gate.flush.table, gate.flush.tokens = flush, lambda req_id: 103
+    reqs = _reqs("prefix", remaining=remaining)
+    gate.observe(reqs, [0], _proposal(LIKELY))
+    est = gate._estimate["r0"]
+    steps = min(max(1.0, remaining / (1 + est.sum())), 16)
+    assert gate.flush.step_tokens(reqs[0], est) == pytest.approx(100 / steps)
+    assert gate.rows(reqs, [0], FLAT, 512) == ([0] if drafts else [])
 
 
 def test_the_online_factor_steers_greedy_steps_only():

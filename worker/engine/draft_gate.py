@@ -13,12 +13,10 @@ Knows: estimates, cost tables, the `prefix` policy's expected throughput
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from sparkgrid.costs import SPSTable
-from worker.engine.online_costs import OnlineCosts, StepOverhead
+from worker.engine.online_costs import ContextFlush, OnlineCosts, StepOverhead
 from worker.engine.spec_step import DraftProposal, proposal_survival, verify_caps
 from worker.engine.verify_policy import (
     Policy,
@@ -33,32 +31,29 @@ class DraftGate:
     On a fast accelerator a draft pass costs little next to a verify forward; on a CPU, or a
     small GPU serving a big batch, it can cost more than the tokens it saves, and more so for
     requests in text the drafter finds hard. Before each step the gate picks the subset of
-    requests whose drafting is expected to raise the step's throughput (`expected_throughput`),
-    from each request's survival estimate (a running mean of its calibrated a_{r,j} over its
-    earlier blocks), the step cost (SPS(B), or the `RowCostTable` at the step's rows), the
-    profiled seconds of a draft pass for that many rows (`draft_cost`, draft passes per second
-    by rows; no gate without it), the cost of writing each request's deferred draft context
-    first (`flush_cost`), and, in steps whose requests all decode greedily, how much longer
-    than their tables drafting steps have really run (`online`). Requests are considered in
-    order of their estimate's sum, the subsets tried being the best 0, 1, 2, 4, ... of them.
+    requests whose drafting is expected to raise the step's throughput
+    (`expected_throughputs`), from each request's survival estimate (a running mean of its
+    calibrated a_{r,j} over its earlier blocks), the step cost (SPS(B), or the `RowCostTable`
+    at the step's rows), the profiled seconds of a draft pass for that many rows
+    (`draft_cost`; no gate without it), writing each request's deferred draft context first
+    (`flush`, spread over the steps it will serve), and, in steps whose requests all
+    decode greedily, how much longer than their tables drafting steps have really run
+    (`online`). Requests are considered in order of their estimate's sum, the subsets tried
+    being the best 0, 1, 2, 4, ... of them.
 
     Refreshes: a request without an estimate, or one that has not drafted for its refresh
     interval, drafts anyway, so estimates follow the text; the interval starts at
     `refresh_steps` and doubles (up to `max_refresh_steps`) each time a refreshed estimate
-    still leaves the request out. The requests due for a refresh force a draft pass only where
-    their drafting, all their tokens accepted, could pay by itself (deferred context and the
-    online factor included); otherwise they draft beside those chosen, when some are: under
-    load (64 requests on a CPU) one request's refresh would cost a draft pass for nothing,
-    and refreshes falling due one after another would draft in most steps.
+    still leaves the request out. Due requests force a draft pass only where their drafting,
+    all their tokens accepted, could pay by itself; otherwise they draft beside those chosen
+    (under load, refreshes falling due one after another would draft in most steps).
 
-    Under load: where not even all requests' drafting could pay if every draft token were
+    Under load, where not even all requests' drafting could pay with every draft token
     accepted, nobody drafts; where not even requests as good as the best estimate held could
-    pay, only refreshes draft, and that answer is cached until an estimate, the load or the
-    factor changes, so such a step's planning is a few dictionary lookups. A request that
-    arrives while others have estimates starts from their mean, and one arriving with nobody
-    around from the mean of the requests before it (a churn of requests would otherwise force
-    a draft pass for newcomers step after step, in exactly the regime where drafting does not
-    pay). The choice uses no token of the current step, so verification stays lossless.
+    pay, only refreshes draft; both answers are cached while nothing they rest on changes. A
+    newcomer starts from the running requests' mean estimate (with nobody around, from that
+    of the requests before it), not from a draft pass of its own. The choice uses no token
+    of the current step, so verification stays lossless.
     """
 
     def __init__(self, gamma: int, sts: list[float] | None, draft_cost: SPSTable | None, *,
@@ -78,15 +73,8 @@ class DraftGate:
         weighing every step cost 0.2 ms of a 6 ms step."""
         self.overhead = StepOverhead()
         """What steps spend besides their target forward (`profiler.profile_engine`)."""
-        self.flush_cost: SPSTable | None = None
-        """Deferred draft context written per second by its tokens (`profiler.profile_engine`;
-        None: not charged). A request the gate kept out holds its recent tokens' target
-        features (`DraftRunner.defer_context`, a newcomer its whole prompt); drafting writes
-        them first, which no drafting step's profile holds (there each row writes one block's
-        tokens a step). Measured on the shipped pair at 64 requests on a 2-core CPU: 8 ms of
-        a 60 ms drafting step, which made drafting look worth it where it lost."""
-        self.deferred_tokens: Callable[[str], int] | None = None
-        """A request's deferred context tokens (`DraftRunner.deferred_tokens`), or None."""
+        self.flush = ContextFlush(gamma)
+        """What writing a request's deferred draft context adds to a drafting step."""
         self.online: OnlineCosts | None = None
         """How drafting steps really run against their tables, relative to plain steps (the
         engine's timings, `OnlineCosts`); None: the tables alone."""
@@ -162,14 +150,14 @@ class DraftGate:
                if r in self._estimate and self._skipped[r] >= self._interval[r]]
         held: list[np.ndarray] = []
 
-        def extra(ks=None) -> np.ndarray:  # each request's deferred tokens, once asked for
-            if held:  # (of requests `ks` only, the others' 0, until all are asked for)
+        def extra(ks=None) -> np.ndarray:  # each request's deferred tokens a step (amortized),
+            if held:  # once asked for (of requests `ks` only, the others' 0, until all are)
                 return held[0]
             if ks is None:
-                held.append(np.array([self._extra_flush_tokens(r) for r in ids], np.float64))
+                held.append(np.array([self._step_flush_tokens(reqs[i]) for i in spec_idx]))
                 return held[0]
             some = np.zeros(len(ids))
-            some[ks] = [self._extra_flush_tokens(ids[k]) for k in ks]
+            some[ks] = [self._step_flush_tokens(reqs[spec_idx[k]]) for k in ks]
             return some
         alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
                  and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
@@ -233,7 +221,7 @@ class DraftGate:
         """Seconds besides the forward of a step of `rows` in which requests `ks` draft
         (`extra`: each request's deferred context tokens beyond one block)."""
         return (self.draft_seconds(len(ks), rows)
-                + self._flush_seconds_per_token() * float(extra[ks].sum()))
+                + self.flush.seconds_per_token() * float(extra[ks].sum()))
 
     def _refresh_could_pay(self, reqs, spec_idx, ids, due, sps, max_batch_tokens,
                            extra) -> bool:
@@ -358,7 +346,7 @@ class DraftGate:
         """The answers computed with the current cost tables (`sps` too, where given); emptied
         when any of them is replaced."""
         tables = (sps, self.draft_cost, self.overhead.plain, self.overhead.drafting,
-                  self.flush_cost)
+                  self.flush.table)
         slot = "sps" if sps is not None else "own"
         held_tables, values = self._memos.get(slot, ((None,) * len(tables), {}))
         if any(a is not b for a, b in zip(tables, held_tables)):
@@ -375,28 +363,9 @@ class DraftGate:
             return self.overhead.seconds(drafting_rows, rows, profiled)
         return self._memo(("seconds", drafting_rows, rows), compute)
 
-    def flush_seconds(self, req_ids: list[str]) -> float:
-        """Seconds that writing the deferred context of `req_ids` adds to a drafting step,
-        beyond the block's tokens a row that drafts every step writes (already in the
-        profiled step overhead)."""
-        return self._flush_seconds_per_token() * sum(map(self._extra_flush_tokens, req_ids))
-
-    def _extra_flush_tokens(self, req_id: str) -> int:
-        if self.deferred_tokens is None or self.flush_cost is None:
-            return 0
-        return max(0, self.deferred_tokens(req_id) - (self.gamma + 1))
-
-    def _flush_seconds_per_token(self) -> float:
-        """The slope of `flush_cost` between its last two points (at least 0): what one more
-        deferred token costs in a large write."""
-        table = self.flush_cost
-        if table is None or len(table.batch_tokens) < 2:
-            return 0.0
-
-        def compute() -> float:
-            first, last = table.batch_tokens[-2], table.batch_tokens[-1]
-            return max(0.0, (1.0 / table(last) - 1.0 / table(first)) / (last - first))
-        return self._memo(("flush per token",), compute)
+    def _step_flush_tokens(self, req) -> float:
+        """`ContextFlush.step_tokens` of `req` with its current estimate."""
+        return self.flush.step_tokens(req, self._estimate.get(req.req_id))
 
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""

@@ -128,9 +128,9 @@ class LLMEngine:
             costs = profile_engine(self)
             self.sps, self.step_cost = costs.sps, costs.step_cost
             self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
-            self.gate.flush_cost = costs.flush_cost
+            self.gate.flush.table = costs.flush_cost
         if self.draft_runner is not None:
-            self.gate.deferred_tokens = self.draft_runner.deferred_tokens
+            self.gate.flush.tokens = self.draft_runner.deferred_tokens
             if config.online_costs:
                 self.gate.online = OnlineCosts()
 

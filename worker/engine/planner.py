@@ -54,7 +54,7 @@ class StepPlan:
     fixed_seconds: float
     """Profiled seconds of this step besides its target forward, for its drafting rows (what
     `prefix` weighs each verified token against; `DraftGate.draft_seconds`, and
-    `DraftGate.flush_seconds` for their deferred context)."""
+    `DraftGate.flush` for their deferred context)."""
     prefill: list[Request]
     """Waiting requests admitted this step (their caches reserved), prefilled in one forward
     after the decode."""
@@ -147,7 +147,7 @@ class Planner:
             uniforms=self._all_draws(decode, 2 * self.gamma + 1),
             cost=cost,
             fixed_seconds=(self.gate.draft_seconds(len(drafting), len(decode))
-                           + self.gate.flush_seconds([decode[i].req_id for i in drafting])
+                           + self.gate.flush.seconds([decode[i].req_id for i in drafting])
                            if decode else 0.0),
             prefill=admitted,
             prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]

@@ -396,7 +396,7 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
 
 def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
                           cache_dir: str | None) -> SPSTable:
-    """Deferred draft context written per second by its tokens (`DraftGate.flush_cost`), at
+    """Deferred draft context written per second by its tokens (`DraftGate.flush`), at
     `sizes` (FLUSH_TOKENS, as far as the draft cache holds them): `time_flush(tokens)` times
     one write. Cached beside the draft table."""
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "rows": FLUSH_ROWS,
