@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparkgrid.costs import SPSTable
-from worker.engine.attention import _cpu_flags
 from worker.engine.config import EngineConfig, SamplingParams
 from worker.engine.engine import LLMEngine
+from worker.engine.linear import float32_packing_invariant, packing_supported, widening_pays
 from worker.models import PAIR_DIR, shipped_pair
 from worker.training.corpus import load_corpus
 from worker.training.draft_stages import corpus_prefixes
@@ -74,12 +74,21 @@ def test_greedy_output_equals_the_targets_own_generate(pair, heldout_prompts, dr
     assert engine.draft.lm_head.weight.data_ptr() == engine.runner.model.lm_head.weight.data_ptr()
 
 
-@pytest.mark.skipif("avx512_bf16" not in _cpu_flags().split(),
-                    reason="batch-invariant attention in bfloat16 is the AVX512-BF16 path's")
+def _row_invariant_bfloat16_linears() -> bool:
+    """Whether this CPU's bfloat16 projections give a row the same bits whatever rows are
+    beside it: packed for oneDNN (AVX512-BF16), or widened to float32 and packed (AVX2)."""
+    cpu = torch.device("cpu")
+    return packing_supported(cpu, torch.bfloat16) or (
+        widening_pays(cpu, torch.bfloat16) and float32_packing_invariant())
+
+
+@pytest.mark.skipif(not _row_invariant_bfloat16_linears(),
+                    reason="this CPU's oneDNN gives no row-invariant bfloat16 projections")
 def test_in_bfloat16_every_policy_reproduces_plain_decoding(pair, heldout_prompts):
     """The production dtype on the native kernel: a position's logits have the same bits
-    whether its prompt was prefilled or it was decoded, and however many rows were verified
-    beside it, so greedy speculation reproduces the engine's own plain decoding exactly."""
+    however many rows were verified beside it (and, on AVX512-BF16, whether its prompt was
+    prefilled or it was decoded), so greedy speculation reproduces the engine's own plain
+    decoding exactly."""
     target_dir, draft_dir = shipped_pair("dspark")
     engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir),
                                        EngineConfig(dtype="bfloat16", policy="fixed",

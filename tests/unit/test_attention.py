@@ -86,14 +86,15 @@ def test_matches_per_sequence_sdpa(backend, dtype, block_size, dim, q_rows):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif("avx512_bf16" not in A._cpu_flags().split(),
-                    reason="the bfloat16 path of the kernel needs a CPU with AVX512-BF16")
-@pytest.mark.parametrize("dim", [64, 128])
-def test_a_bf16_verify_row_gives_the_bits_of_the_same_position_decoded_alone(dim):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [64, 128, 32])
+def test_a_verify_row_gives_the_bits_of_the_same_position_decoded_alone(dim, dtype):
     """The target's logits at a position do not depend on how many rows were verified beside
-    it, although the bfloat16 path takes several query vectors a pass (the portable code
-    scores many query vectors another way and agrees only to rounding)."""
-    q, kc, vc, meta, _ = make_case(21 + dim, dtype=torch.bfloat16, block_size=16,
+    it: a row's scores and softmax come out with the same bits whether its pass holds one
+    query vector a kv head or many (the bfloat16 path of AVX512-BF16 CPUs, and the portable
+    code everywhere else, whose few-vector and many-vector passes sum in one fixed order)."""
+    block = 16 if dim in (64, 128) else 5
+    q, kc, vc, meta, _ = make_case(21 + dim, dtype=dtype, block_size=block,
                                    q_rows=[7, 3, 1], ctx=[70, 33, 50], heads=8, kv_heads=2,
                                    dim=dim)
     together, lse = A.paged_attention(q, kc, vc, meta, dim ** -0.5)
@@ -102,7 +103,7 @@ def test_a_bf16_verify_row_gives_the_bits_of_the_same_position_decoded_alone(dim
     for r in range(3):
         for _ in range(int(meta.cu_q[r + 1] - meta.cu_q[r])):
             alone = A.AttentionMeta(meta.block_tables[r:r + 1], one, meta.kv_len[row:row + 1],
-                                    16, int(meta.kv_len[row]), "native")
+                                    block, int(meta.kv_len[row]), "native")
             out1, lse1 = A.paged_attention(q[row:row + 1], kc, vc, alone, dim ** -0.5)
             assert torch.equal(out1[0], together[row]) and torch.equal(lse1[0], lse[row]), row
             row += 1

@@ -357,3 +357,19 @@ def test_a_step_where_nobody_drafts_is_taken_again_without_weighing_and_the_same
     assert quiet == plain and (q_rows, q_steps) == (p_rows, p_steps)
     assert sum(1 for d in plain if not d) > 40  # mostly nobody drafts: refreshes only
     assert q_asked < p_asked / 2
+
+
+@pytest.mark.parametrize("deferred, refreshed", [(3, True), (103, False)])
+def test_a_refresh_is_charged_its_deferred_context_whole(deferred, refreshed):
+    """A request left out (its blocks unlikely) falls due for a refresh after a step. With all
+    its drafts accepted a refresh could pay by itself (3 tokens in 2.5 s against 1 in 1 s),
+    and it forces a draft pass; with 100 deferred tokens to write first (1 s) it could not
+    (3 in 3.5 s), however long the request has left: spread over later steps, the write
+    would have passed (62 ms a step), but a refreshed request is most likely left out again."""
+    flush = SPSTable([1, 64, 512], [1 / 0.1, 1 / 0.1, 1 / (0.1 + 448 * 0.01)])
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, refresh_steps=1)
+    gate.flush.table, gate.flush.tokens = flush, lambda req_id: deferred
+    reqs = _reqs("prefix", remaining=1000)
+    gate.observe(reqs, [0], _proposal(UNLIKELY))
+    assert gate.rows(reqs, [0], FLAT, 512) == []  # unlikely: left out, now due
+    assert gate.rows(reqs, [0], FLAT, 512) == ([0] if refreshed else [])

@@ -7,7 +7,10 @@ over keys kept elsewhere, as the drafter's block).
 
 - `native`: a C++ kernel (`csrc/`, registered as `torch.ops.sparkgrid.paged_attention`) that
   streams each sequence's cache blocks in place. Portable code serves every query row and head
-  sharing a kv head from one float32 copy of a block; bfloat16 caches on CPUs with AVX512-BF16
+  sharing a kv head from one float32 copy of a block, summing scores and softmax denominators
+  in one fixed order whatever the number of rows in the pass (a verify row gets the bits of
+  the same position decoded alone, so greedy speculation reproduces plain decoding on an
+  AVX2 CPU too); bfloat16 caches on CPUs with AVX512-BF16
   take `csrc/attention_bf16.h` (bfloat16 dot products, scores and accumulators in registers,
   several query vectors per pass over a sequence's blocks). Built
   with the machine's C++ compiler at first use (about 15 s) and cached per source, torch version

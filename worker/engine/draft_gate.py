@@ -148,20 +148,13 @@ class DraftGate:
         # request's refresh after another would draft in most steps)
         due = [k for k, r in enumerate(ids)
                if r in self._estimate and self._skipped[r] >= self._interval[r]]
-        held: list[np.ndarray] = []
-
-        def extra(ks=None) -> np.ndarray:  # each request's deferred tokens a step (amortized),
-            if held:  # once asked for (of requests `ks` only, the others' 0, until all are)
-                return held[0]
-            if ks is None:
-                held.append(np.array([self._step_flush_tokens(reqs[i]) for i in spec_idx]))
-                return held[0]
-            some = np.zeros(len(ids))
-            some[ks] = [self._step_flush_tokens(reqs[spec_idx[k]]) for k in ks]
-            return some
+        # a refresh is charged its deferred context whole: a request due for one was left
+        # out, and most likely will be again after this one draft pass
+        whole = np.zeros(len(ids))
+        whole[due] = [self.flush.extra_tokens(ids[k]) for k in due]
         alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
                  and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
-                                             extra(due)))
+                                             whole))
         forced = [k for k, r in enumerate(ids) if r not in self._estimate] + (due if alone else [])
         chosen = set(forced)
         optional = [k for k in range(len(ids)) if k not in chosen]
@@ -169,8 +162,9 @@ class DraftGate:
         # refreshes draft (the common case under load: then this is all of the planning;
         # for a few optional requests, weighing them costs about the same)
         if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
+            spread = np.array([self._step_flush_tokens(reqs[i]) for i in spec_idx])
             chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
-                                        max_batch_tokens, extra())
+                                        max_batch_tokens, spread)
         if chosen and not alone:  # a draft pass runs anyway: the due ones join it
             forced = sorted(set(forced) | set(due))
             chosen |= set(due)

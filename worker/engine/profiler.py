@@ -79,7 +79,8 @@ def profile_engine(engine) -> EngineCosts:
              "dtype": str(engine.dtype), "ctx_len": cfg.sps_context_len,
              "target": runner.model.config.to_json_string(use_diff=False),
              "draft": repr(engine.draft.config), "draft_vocab_size": cfg.draft_vocab_size,
-             "attention": implementation_id(runner.backend), "engine": ENGINE_COST_VERSION}
+             "attention": implementation_id(runner.backend), "linears": runner.linears,
+             "engine": ENGINE_COST_VERSION}
     draft_cost = load_or_profile_draft(lambda rows: time_draft(engine, rows), max_rows=max_rows,
                                        cache_dir=cfg.sps_cache_dir, ident=ident)
     overhead = StepOverhead(*load_or_profile_overhead(

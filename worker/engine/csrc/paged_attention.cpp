@@ -35,6 +35,42 @@ inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: exa
 
 constexpr int64_t kLanes = 16;  // query vectors scored together, one per vector lane
 
+// Every path computes a score in one fixed order, so that a row's attention does not depend on
+// how many query vectors share its pass (a verify row gives the bits of the same position
+// decoded alone, and greedy speculation reproduces plain decoding): eight partial sums, part j
+// taking the dims d = j (mod 8) in increasing order, then ((p0 + p1) + (p2 + p3)) + ((p4 + p5)
+// + (p6 + p7)). Softmax denominators are summed in key order on every path too.
+constexpr int64_t kParts = 8;
+
+template <typename acc_t>
+inline acc_t tree8(acc_t p0, acc_t p1, acc_t p2, acc_t p3, acc_t p4, acc_t p5, acc_t p6,
+                   acc_t p7) {
+  return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7));
+}
+
+template <typename acc_t>
+inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t dim) {
+  acc_t part[kParts] = {};
+  int64_t d = 0;
+  for (; d + kParts <= dim; d += kParts) {
+#pragma omp simd
+    for (int64_t j = 0; j < kParts; ++j) part[j] += a[d + j] * b[d + j];
+  }
+  for (int64_t j = 0; d < dim; ++d, ++j) part[j] += a[d] * b[d];
+  return tree8(part[0], part[1], part[2], part[3], part[4], part[5], part[6], part[7]);
+}
+
+// p[t] = exp(s[t] - max) for the `visible` first keys (0 for the rest of the block's `bs`),
+// and their sum in key order.
+template <typename acc_t>
+inline acc_t exp_weights(const acc_t* s, acc_t* p, int64_t visible, int64_t bs, acc_t max) {
+#pragma omp simd
+  for (int64_t t = 0; t < bs; ++t) p[t] = t < visible ? exp_nonpositive(s[t] - max) : acc_t(0);
+  acc_t sum = 0;
+  for (int64_t t = 0; t < visible; ++t) sum += p[t];
+  return sum;
+}
+
 // The per-query state of an online softmax: running max, denominator, unnormalized output.
 template <typename acc_t>
 struct Softmax {
@@ -52,12 +88,7 @@ template <typename acc_t, int64_t DIM>
 inline void fold(Softmax<acc_t>& st, int64_t m, int64_t dim, const acc_t* s, acc_t* p,
                  int64_t visible, int64_t bs, acc_t chunk_max, const acc_t* vf) {
   const acc_t new_max = std::max(st.mx[m], chunk_max);
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < bs; ++t) {
-    p[t] = t < visible ? exp_nonpositive(s[t] - new_max) : acc_t(0);
-    sum += p[t];
-  }
+  const acc_t sum = exp_weights(s, p, visible, bs, new_max);
   const acc_t alpha = st.mx[m] == -std::numeric_limits<acc_t>::infinity()
       ? acc_t(0) : exp_nonpositive(st.mx[m] - new_max);
   acc_t* a = st.acc.data() + m * dim;
@@ -96,26 +127,15 @@ inline void small_block(Softmax<acc_t>& st, const acc_t* qf, const int32_t* m_le
     acc_t kr[DIM];
 #pragma omp simd
     for (int64_t d = 0; d < DIM; ++d) kr[d] = static_cast<acc_t>(ks[d]);
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t* qv = qf + m * DIM;
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < DIM; ++d) dot += qv[d] * kr[d];
-      s[m][t] = dot;
-    }
+    for (int64_t m = 0; m < M; ++m) s[m][t] = dot_fixed(qf + m * DIM, kr, DIM);
   }
   for (int64_t m = 0; m < M; ++m) {
     acc_t chunk_max = -std::numeric_limits<acc_t>::infinity();
     for (int64_t t = 0; t < visible[m]; ++t) chunk_max = std::max(chunk_max, s[m][t]);
     new_max[m] = visible[m] > 0 ? std::max(st.mx[m], chunk_max) : st.mx[m];
-    acc_t sum = 0;
     const acc_t nm = new_max[m];
     const int64_t vis = visible[m];
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n_t; ++t) {
-      p[m][t] = t < vis ? exp_nonpositive(s[m][t] - nm) : acc_t(0);
-      sum += p[m][t];
-    }
+    const acc_t sum = exp_weights(s[m], p[m], vis, n_t, nm);
     alpha[m] = (vis <= 0) ? acc_t(1)
         : (st.mx[m] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
                                                                : exp_nonpositive(st.mx[m] - nm));
@@ -146,10 +166,11 @@ inline void small_block(Softmax<acc_t>& st, const acc_t* qf, const int32_t* m_le
   }
 }
 
-// Each block of keys and values is converted to float32 once (contiguous rows, vectorized),
-// then serves every query vector of the task. Few query vectors (a one-token decode): each
-// score is a dot product over dim. Many (verify rows, a draft block): the query vectors are
-// staged transposed, so that one key scores up to kLanes of them in one vector per dim.
+// Few query vectors (a one-token decode) with a compiled head size: `small_block`, each key
+// read in place. Otherwise each block of keys and values is converted to float32 once
+// (contiguous rows, vectorized), then serves every query vector of the task: the vectors are
+// staged transposed, so that one key scores eight of them in one vector per dim (verify rows,
+// a draft block). Both sum a score in the same order (`dot_fixed`).
 template <typename scalar_t, int64_t BS, int64_t DIM>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& cu_q, const at::Tensor& kv_len,
@@ -182,7 +203,9 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t row0 = cu[r], rows = cu[r + 1] - cu[r];
       const int64_t m_count = rows * group;  // query vectors served by this kv head
       if (m_count == 0) continue;
-      const bool lanes = m_count > 4;
+      // few vectors with a compiled head size: small_block; otherwise the lanes (the other
+      // sizes are a fallback, kept on one path so that its rows are batch-invariant too)
+      const bool small = DIM > 0 && m_count <= 4 && bs <= 64;
       const int64_t chunks = (m_count + kLanes - 1) / kLanes;
       st.reset(m_count, dim);
       qf.assign(m_count * dim, 0);
@@ -195,7 +218,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const scalar_t* src = qp + (row0 + i) * q_row + h * dim;
         for (int64_t d = 0; d < dim; ++d) qf[m * dim + d] = static_cast<acc_t>(src[d]) * scale;
       }
-      if (lanes) {  // qt[chunk][d][lane]
+      if (!small) {  // qt[chunk][d][lane]
         qt.assign(chunks * dim * kLanes, 0);
         for (int64_t m = 0; m < m_count; ++m)
           for (int64_t d = 0; d < dim; ++d)
@@ -219,7 +242,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             }
           }
         }
-        if (DIM > 0 && m_count <= 4 && bs <= 64) {  // staged rows unused: read in place
+        if (small) {  // staged rows unused: read in place
           constexpr int64_t D = DIM > 0 ? DIM : 1;
           const acc_t* q0 = qf.data();
           switch (m_count) {
@@ -241,43 +264,33 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             vd[d] = static_cast<acc_t>(vs[d]);
           }
         }
-        if (!lanes) {
-          for (int64_t m = 0; m < m_count; ++m) {
-            const int64_t visible = std::min<int64_t>(n_t, m_len[m] - start);
-            if (visible <= 0) continue;
-            acc_t q_local[DIM > 0 ? DIM : 1];  // registers when DIM > 0
-            const acc_t* qv = qf.data() + m * dim;
-            if (DIM > 0) {
-              for (int64_t d = 0; d < dim; ++d) q_local[d] = qv[d];
-              qv = q_local;
-            }
-            acc_t* s = s_buf.data();
-            acc_t chunk_max = kNegInf;
-            for (int64_t t = 0; t < visible; ++t) {
-              const acc_t* kv = kf.data() + t * dim;
-              acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < dim; ++d) dot += qv[d] * kv[d];
-              s[t] = dot;
-              chunk_max = std::max(chunk_max, dot);
-            }
-            fold<acc_t, DIM>(st, m, dim, s, p_buf.data(), visible, bs, chunk_max, vf.data());
-          }
-          continue;
-        }
         for (int64_t c = 0; c < chunks; ++c) {
           const acc_t* qc = qt.data() + c * dim * kLanes;
           acc_t* s = s_buf.data();  // s[t * kLanes + lane]
+          constexpr int64_t kGroup = 8;  // lanes a pass: eight partial sums of eight lanes each
           for (int64_t t = 0; t < n_t; ++t) {
-            acc_t sl[kLanes] = {};
             const acc_t* kv = kf.data() + t * dim;
-            for (int64_t d = 0; d < dim; ++d) {
-              const acc_t kd = kv[d];
-              const acc_t* qd = qc + d * kLanes;
+            for (int64_t l0 = 0; l0 < kLanes; l0 += kGroup) {
+              acc_t sl[kParts][kGroup] = {};
+              int64_t d = 0;
+              for (; d + kParts <= dim; d += kParts) {
+                for (int64_t j = 0; j < kParts; ++j) {  // unrolled: the parts stay in registers
+                  const acc_t kd = kv[d + j];
+                  const acc_t* qd = qc + (d + j) * kLanes + l0;
 #pragma omp simd
-              for (int64_t l = 0; l < kLanes; ++l) sl[l] += kd * qd[l];
+                  for (int64_t l = 0; l < kGroup; ++l) sl[j][l] += kd * qd[l];
+                }
+              }
+              for (int64_t j = 0; d < dim; ++d, ++j) {
+                const acc_t kd = kv[d];
+                const acc_t* qd = qc + d * kLanes + l0;
+#pragma omp simd
+                for (int64_t l = 0; l < kGroup; ++l) sl[j][l] += kd * qd[l];
+              }
+              for (int64_t l = 0; l < kGroup; ++l)
+                s[t * kLanes + l0 + l] = tree8(sl[0][l], sl[1][l], sl[2][l], sl[3][l], sl[4][l],
+                                               sl[5][l], sl[6][l], sl[7][l]);
             }
-            for (int64_t l = 0; l < kLanes; ++l) s[t * kLanes + l] = sl[l];
           }
           const int64_t m_end = std::min(kLanes, m_count - c * kLanes);
           acc_t col[BS > 0 ? BS : 1];
