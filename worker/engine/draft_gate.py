@@ -162,7 +162,9 @@ class DraftGate:
         # refreshes draft (the common case under load: then this is all of the planning;
         # for a few optional requests, weighing them costs about the same)
         if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
-            spread = np.array([self._step_flush_tokens(reqs[i]) for i in spec_idx])
+            estimate = self._estimate.get
+            spread = np.array([self.flush.step_tokens(reqs[i], estimate(reqs[i].req_id))
+                               for i in spec_idx])
             chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
                                         max_batch_tokens, spread)
         if chosen and not alone:  # a draft pass runs anyway: the due ones join it
@@ -213,7 +215,9 @@ class DraftGate:
 
     def _drafting_seconds(self, ks, rows: int, extra: np.ndarray) -> float:
         """Seconds besides the forward of a step of `rows` in which requests `ks` draft
-        (`extra`: each request's deferred context tokens beyond one block)."""
+        (`extra`: each request's deferred context tokens that this step is charged: beyond
+        one block, and spread over later steps (`ContextFlush.step_tokens`) but for a
+        refresh)."""
         return (self.draft_seconds(len(ks), rows)
                 + self.flush.seconds_per_token() * float(extra[ks].sum()))
 
@@ -275,7 +279,8 @@ class DraftGate:
     def _weigh_subsets(self, ids, forced, optional, sps, rows, caps,
                        extra) -> tuple[list[int], list[int], list[float]]:
         """Every candidate subset's expected throughput on the tables, for `_best_subset`
-        (`extra`: each request's deferred context tokens that drafting would write first):
+        (`extra`: each request's share of the deferred context drafting would write first,
+        `ContextFlush.step_tokens`):
         the optional requests ranked by estimate, the subset sizes, and their throughputs."""
         est = self._estimates(ids, range(len(ids)), caps)
         sums = est.sum(axis=1)
@@ -356,10 +361,6 @@ class DraftGate:
                         if drafting_rows and self.draft_cost is not None else 0.0)
             return self.overhead.seconds(drafting_rows, rows, profiled)
         return self._memo(("seconds", drafting_rows, rows), compute)
-
-    def _step_flush_tokens(self, req) -> float:
-        """`ContextFlush.step_tokens` of `req` with its current estimate."""
-        return self.flush.step_tokens(req, self._estimate.get(req.req_id))
 
     def observe(self, reqs, drafted: list[int], proposal: DraftProposal | None) -> None:
         """After a draft pass: each drafted request's new block updates its estimate."""
