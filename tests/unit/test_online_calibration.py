@@ -18,16 +18,18 @@ def simulate(calib: OnlineCalibration, true_c: torch.Tensor, stated_c: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     gamma = true_c.numel()
     for _ in range(steps):
-        used = calib.apply(stated_c.expand(rows, gamma), [greedy] * rows)
+        stated = stated_c.expand(rows, gamma)
+        used = calib.apply(stated, [greedy] * rows)
         draws = torch.rand(rows, gamma, generator=gen) < true_c
         accepted = torch.cumprod(draws.int(), 1).sum(1).tolist()
-        calib.update(used, [greedy] * rows, [gamma] * rows, accepted)
+        calib.update(stated, used, [greedy] * rows, [gamma] * rows, accepted)
     return calib.apply(stated_c[None], [greedy])[0]
 
 
 def test_learns_the_acceptance_the_drafter_understates():
     """Stated c_k = 0.5 while greedy blocks are accepted at 0.8: after enough verified blocks
-    the corrected c_k sits near 0.8 (SGD noise: well inside 0.08)."""
+    the corrected c_k sits near 0.8 (the map's noise after 6,400 labels a position, with a
+    memory of 2,000: about 0.01; 0.08 is many standard deviations)."""
     calib = OnlineCalibration(4)
     true_c = torch.tensor([0.8, 0.8, 0.8, 0.8])
     got = simulate(calib, true_c, torch.full((4,), 0.5), True, steps=400, rows=16, seed=1)
@@ -49,25 +51,52 @@ def test_only_positions_with_a_label_move():
     (position 3 was never verified); accepting 0 of 4 labels position 1 alone (rejected)."""
     calib = OnlineCalibration(4)
     used = torch.full((1, 4), 0.5, dtype=torch.float64)
-    calib.update(used, [True], [2], [2])
+    calib.update(used, used, [True], [2], [2])
     assert calib.offsets[0, :2].gt(0).all() and calib.offsets[0, 2:].eq(0).all()
+    assert calib.scales[0, 2:].eq(1).all()
     calib = OnlineCalibration(4)
-    calib.update(used, [True], [4], [0])
+    calib.update(used, used, [True], [4], [0])
     assert calib.offsets[0, 0] < 0 and calib.offsets[0, 1:].eq(0).all()
     assert calib.labels[0].tolist() == [1, 0, 0, 0]
 
 
-def test_a_wide_batch_moves_at_most_batch_labels_worth():
-    calib = OnlineCalibration(1, rate=0.02, batch_labels=16)
+def test_a_wide_batch_takes_one_newton_step_not_one_a_label():
+    """64 accepted labels at a stated 0.5 (logit 0: only the offset moves): the step is their
+    gradient (64 x 0.5) over their curvature (64 x 0.25) plus the prior, 1.6, where one
+    fixed-rate step a label would add up without bound as the batch widens."""
+    calib = OnlineCalibration(1, prior=4.0)
     used = torch.full((64, 1), 0.5, dtype=torch.float64)
-    calib.update(used, [True] * 64, [1] * 64, [1] * 64)
-    assert calib.offsets[0, 0].item() == pytest.approx(0.02 * 0.5 * 16)
+    calib.update(used, used, [True] * 64, [1] * 64, [1] * 64)
+    assert calib.offsets[0, 0].item() == pytest.approx(32 / (16 + 4))
+    assert calib.scales[0, 0].item() == pytest.approx(1.0)
+
+
+def test_learns_a_slope_an_offset_cannot():
+    """The drafter states c_k spread over (0.05, 0.95) while acceptance follows
+    sigmoid(2 logit(c_k) + 0.5): confident blocks are accepted more often than stated,
+    doubtful ones less, which no offset alone expresses. After 300 steps of 16 rows the map
+    is within 0.05 of the truth at c = 0.2, 0.5 and 0.8 (its noise with 2,000 labels'
+    memory is about 0.02 there)."""
+    calib = OnlineCalibration(2)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(300):
+        stated = torch.rand(16, 2, generator=gen) * 0.9 + 0.05
+        truth = torch.sigmoid(2 * torch.logit(stated) + 0.5)
+        used = calib.apply(stated, [True] * 16)
+        draws = torch.rand(16, 2, generator=gen) < truth
+        accepted = torch.cumprod(draws.int(), 1).sum(1).tolist()
+        calib.update(stated, used, [True] * 16, [2] * 16, accepted)
+    probe = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)[:, None].expand(3, 2)
+    want = torch.sigmoid(2 * torch.logit(probe) + 0.5)
+    got = calib.apply(probe, [True] * 3)
+    assert torch.all((got - want).abs() < 0.05), (got, want)
 
 
 def test_correction_is_monotone_in_the_stated_confidence():
     """A fixed increasing map per position: Alg. 1's lossless early stop still applies."""
     calib = OnlineCalibration(2)
     calib.offsets[0] = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    calib.scales[0] = torch.tensor([calib.min_scale, 3.0], dtype=torch.float64)
     c = torch.linspace(0.01, 0.99, 50)[:, None].expand(50, 2)
     out = calib.apply(c, [True] * 50)
     assert torch.all(out[1:] > out[:-1])
@@ -76,8 +105,12 @@ def test_correction_is_monotone_in_the_stated_confidence():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="gamma"):
         OnlineCalibration(0)
-    with pytest.raises(ValueError, match="rate"):
-        OnlineCalibration(3, rate=0.0)
+    with pytest.raises(ValueError, match="memory"):
+        OnlineCalibration(3, memory=0.0)
+    with pytest.raises(ValueError, match="prior"):
+        OnlineCalibration(3, prior=0.0)
+    with pytest.raises(ValueError, match="min_scale"):
+        OnlineCalibration(3, min_scale=0.0)
 
 
 def test_step_overhead_reads_its_profiled_tables():

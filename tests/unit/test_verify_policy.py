@@ -326,3 +326,19 @@ def test_a_large_cost_per_sequence_makes_alg_1_verify_more():
     assert not drafting_pays(survival, by_tokens, draft_seconds=0.5)
     assert drafting_pays(survival, by_rows.at_rows(16), draft_seconds=0.5)
 
+
+
+def test_threshold_bars_the_drafts_own_confidence_not_the_online_map():
+    """`threshold` compares the draft's STS confidence with its bar; the engine's online map
+    (`DraftProposal.conf`, here far lower) is what `prefix` plans with, and must not move
+    a static bar (a map learned on `fixed` steps had left `threshold` verifying nothing)."""
+    from types import SimpleNamespace
+
+    from worker.engine.spec_step import DraftProposal, choose_lengths
+    stated = torch.tensor([[3.0, 3.0, -3.0]])  # sigmoid: 0.95, 0.95, 0.05
+    proposal = DraftProposal(ids=torch.zeros(1, 3, dtype=torch.long), probs=None,
+                             conf_logits=stated, conf=torch.full((1, 3), 0.1))
+    reqs = [SimpleNamespace(policy=Policy.THRESHOLD, remaining=100)]
+    got = choose_lengths(reqs, [0], proposal, gamma=3, sps=None, threshold=0.5, sts=None,
+                         max_batch_tokens=64)
+    assert got == [2]

@@ -347,8 +347,9 @@ class LLMEngine:
         lengths = [plan.lengths[i] for i in rows]
         n_acc = [result.accepted[i] for i in rows]
         if self.calibration is not None and proposal.conf is not None:
-            self.calibration.update(proposal.conf, [plan.decode[i].params.temperature == 0
-                                                    for i in rows], lengths, n_acc)
+            self.calibration.update(confidence(proposal.conf_logits, self.sts), proposal.conf,
+                                    [plan.decode[i].params.temperature == 0 for i in rows],
+                                    lengths, n_acc)
         if self.config.record_confidence and proposal.conf_logits is not None:
             for row, verified, accepted in zip(proposal.conf_logits.float().cpu(), lengths, n_acc):
                 labels = torch.full((self.gamma,), -1, dtype=torch.int8)

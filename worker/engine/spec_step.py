@@ -83,8 +83,10 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     for k, pol in enumerate(policies):
         if pol == Policy.FIXED:
             chosen[k] = min(gamma, caps[k])
-        elif pol == Policy.THRESHOLD:
-            chosen[k] = min(int(threshold_lengths(conf[k:k + 1], threshold)[0]), caps[k])
+        elif pol == Policy.THRESHOLD:  # a bar on the draft's own (STS) confidence: the
+            # engine's online recalibration serves `prefix`, and would move a static bar
+            stated = confidence(proposal.conf_logits[k:k + 1], sts).cpu()
+            chosen[k] = min(int(threshold_lengths(stated, threshold)[0]), caps[k])
     if prefix_rows:
         others = [k for k in range(len(spec_idx)) if k not in prefix_rows]
         extra_tokens = len(reqs) - len(spec_idx) + sum(1 + chosen[k] for k in others)
