@@ -373,25 +373,3 @@ def test_a_refresh_is_charged_its_deferred_context_whole(deferred, refreshed):
     gate.observe(reqs, [0], _proposal(UNLIKELY))
     assert gate.rows(reqs, [0], FLAT, 512) == []  # unlikely: left out, now due
     assert gate.rows(reqs, [0], FLAT, 512) == ([0] if refreshed else [])
-
-
-def test_a_load_where_only_plain_steps_were_measured_gets_a_few_drafting_steps():
-    """By the tables a five-second draft pass never pays (`SLOW_DRAFT`), so a gate on the
-    tables alone would never measure a drafting step and its factor would stay 1 for good.
-    Once plain steps were seen `warmup` times at a load, every request drafts until drafting
-    steps were too; then the gate weighs again, with the factor they taught it. Sampled
-    steps never explore (their draws keep the tables' schedule)."""
-    gate = DraftGate(gamma=2, sts=None, draft_cost=SLOW_DRAFT)
-    gate.online = OnlineCosts(warmup=3)
-    reqs = _reqs("prefix", "prefix")
-    gate.observe(reqs, [0, 1], _proposal(LIKELY * 2))
-    for _ in range(3):
-        assert gate.rows(reqs, [0, 1], FLAT, 512, greedy=True) == []
-        gate.online.observe(2, False, predicted=1.0, measured=1.0)
-    assert gate.rows(reqs, [0, 1], FLAT, 512, greedy=False) == []
-    for _ in range(3):
-        assert gate.rows(reqs, [0, 1], FLAT, 512, greedy=True) == [0, 1]
-        gate.online.observe(2, True, predicted=1.0, measured=1.0)  # as slow as the tables
-    assert gate.explored_steps == 3
-    assert gate.rows(reqs, [0, 1], FLAT, 512, greedy=True) == []
-    assert gate.explored_steps == 3

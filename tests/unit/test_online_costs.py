@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from worker.engine.online_costs import DRAFTING, PLAIN, OnlineCosts
+from worker.engine.online_costs import OnlineCosts
 
 
 def _feed(costs, rows, drafting, ratio, n=40):
@@ -72,17 +72,3 @@ def test_the_factor_stays_within_its_limit_and_odd_values_are_ignored():
 def test_bad_settings_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         OnlineCosts(**kwargs)
-
-
-def test_the_kind_not_yet_seen_at_a_load_is_named_once_the_other_was():
-    costs = OnlineCosts(warmup=8)
-    assert costs.unexplored(16) is None  # nothing seen: the tables decide
-    _feed(costs, 16, False, 1.3, n=8)
-    assert costs.unexplored(16) == DRAFTING and costs.unexplored(20) == DRAFTING
-    assert costs.unexplored(8) is None and costs.unexplored(32) is None  # other loads
-    _feed(costs, 16, True, 1.1, n=8)
-    assert costs.unexplored(16) is None  # both measured: the factor decides
-    assert costs.drafting_factor(16) == pytest.approx(1.1 / 1.3)
-    other = OnlineCosts(warmup=4)
-    _feed(other, 64, True, 1.0, n=4)
-    assert other.unexplored(64) == PLAIN

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparkgrid.costs import SPSTable
-from worker.engine.online_costs import DRAFTING, ContextFlush, OnlineCosts, StepOverhead
+from worker.engine.online_costs import ContextFlush, OnlineCosts, StepOverhead
 from worker.engine.spec_step import DraftProposal, proposal_survival, verify_caps
 from worker.engine.verify_policy import (
     Policy,
@@ -38,9 +38,8 @@ class DraftGate:
     (`draft_cost`; no gate without it), writing each request's deferred draft context first
     (`flush`, spread over the steps it will serve), and, in steps whose requests all
     decode greedily, how much longer than their tables drafting steps have really run
-    (`online`; at a load where one kind of step, drafting or plain, was not yet measured
-    often enough, the gate takes a few of it). Requests are considered in order of their
-    estimate's sum, the subsets tried being the best 0, 1, 2, 4, ... of them.
+    (`online`). Requests are considered in order of their estimate's sum, the subsets tried
+    being the best 0, 1, 2, 4, ... of them.
 
     Refreshes: a request without an estimate, or one that has not drafted for its refresh
     interval, drafts anyway, so estimates follow the text; the interval starts at
@@ -101,9 +100,6 @@ class DraftGate:
         """Steps in which the gate kept every drafting-capable request from drafting."""
         self.skipped_rows = 0
         """Request-steps that the gate kept from drafting."""
-        self.explored_steps = 0
-        """Steps whose kind (all drafting, or none) the gate took to measure it at a load
-        (`OnlineCosts.unexplored`), not by weighing."""
 
     def rows(self, reqs, spec_idx: list[int], sps: SPSTable | RowCostTable | None,
              max_batch_tokens: int, *, greedy: bool = False) -> list[int]:
@@ -118,12 +114,6 @@ class DraftGate:
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
-        explore = (self.online.unexplored(len(reqs))
-                   if greedy and self.online is not None else None)
-        if explore is not None:  # a few steps of the kind not yet measured at this load
-            self._quiet = None
-            self.explored_steps += 1
-            return spec_idx if explore == DRAFTING else self._keep_out(ids)
         quiet = self._quiet
         if (quiet is not None and quiet[0] == ids and quiet[1] == (self._version, len(reqs))
                 and self._factor >= quiet[2] and quiet[3] > 0):

@@ -29,6 +29,7 @@ Knows: confidences and acceptance counts. Does not know: models, requests or cos
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GREEDY, SAMPLED = 0, 1
@@ -69,34 +70,41 @@ class OnlineCalibration:
         tokens and accepted `accepted[s]` of them."""
         if used.shape[0] == 0:
             return
-        k = torch.arange(self.gamma)[None, :]
-        ver = torch.tensor(verified)[:, None]
-        acc = torch.tensor(accepted)[:, None]
-        labelled = ((k <= acc) & (k < ver)).double()  # accepted, then the first rejected one
-        p = used.double().cpu()
-        x = _logit(conf)  # [S, G]
-        residual = ((k < acc).double() - p) * labelled  # [S, G] gradient weights
+        # numpy on a few dozen numbers: a step's host time (torch's small ops cost ~10x)
+        gamma = self.gamma
+        k = np.arange(gamma)[None, :]
+        ver = np.asarray(verified)[:, None]
+        acc = np.asarray(accepted)[:, None]
+        labelled = ((k <= acc) & (k < ver)).astype(np.float64)  # accepted, then the first
+        # rejected one
+        p = used.detach().double().cpu().numpy()
+        x = _logit(conf).numpy()  # [S, G]
+        residual = ((k < acc) - p) * labelled  # [S, G] gradient weights
         weight = p * (1 - p) * labelled  # [S, G] curvature weights
-        for g in (True, False):
-            rows = torch.tensor([x == g for x in greedy])
-            if not rows.any():
-                continue
-            regime = GREEDY if g else SAMPLED
+        regimes = np.array([GREEDY if g else SAMPLED for g in greedy])
+        for regime in np.unique(regimes):
+            rows = regimes == regime
             count = labelled[rows].sum(0)  # [G]
             xr, r, w = x[rows], residual[rows], weight[rows]
-            grad = torch.stack(((r * xr).sum(0), r.sum(0)), -1)  # [G, 2]
-            new = torch.stack((torch.stack(((w * xr * xr).sum(0), (w * xr).sum(0)), -1),
-                               torch.stack(((w * xr).sum(0), w.sum(0)), -1)), -2)  # [G,2,2]
             decay = (1.0 - 1.0 / self.memory) ** count  # [G]
-            held = self.curvature[regime] * decay[:, None, None] + new
-            self.curvature[regime] = held
-            step = torch.linalg.solve(held + self.prior * torch.eye(2, dtype=torch.float64),
-                                      grad)  # [G, 2]
-            self.scales[regime] = (self.scales[regime] + step[:, 0]).clamp(self.min_scale,
-                                                                           self.max_scale)
-            self.offsets[regime] = (self.offsets[regime] + step[:, 1]).clamp(-self.limit,
-                                                                             self.limit)
-            self.labels[regime] += count.long()
+            held = self.curvature[regime].numpy()  # [G, 2, 2], updated in place
+            held *= decay[:, None, None]
+            held[:, 0, 0] += (w * xr * xr).sum(0)
+            cross = (w * xr).sum(0)
+            held[:, 0, 1] += cross
+            held[:, 1, 0] += cross
+            held[:, 1, 1] += w.sum(0)
+            # the Newton step (held + prior I)^-1 grad, the 2 x 2 inverse written out
+            a, b = held[:, 0, 0] + self.prior, held[:, 0, 1]
+            d = held[:, 1, 1] + self.prior
+            g0, g1 = (r * xr).sum(0), r.sum(0)
+            det = a * d - b * b  # > 0: held is positive semi-definite, the prior positive
+            scales, offsets = self.scales[regime].numpy(), self.offsets[regime].numpy()
+            scales += (d * g0 - b * g1) / det
+            offsets += (a * g1 - b * g0) / det
+            np.clip(scales, self.min_scale, self.max_scale, out=scales)
+            np.clip(offsets, -self.limit, self.limit, out=offsets)
+            self.labels[regime] += torch.from_numpy(count.astype(np.int64))
 
 
 def _logit(conf: torch.Tensor) -> torch.Tensor:

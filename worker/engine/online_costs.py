@@ -88,20 +88,6 @@ class OnlineCosts:
         return math.exp(max(-self.limit, min(self.limit, diff)))
 
 
-    def unexplored(self, rows: int) -> int | None:
-        """The kind of step (`PLAIN` or `DRAFTING`) seen fewer than `warmup` times at the
-        load of `rows` while the other kind was seen that often, or None. Until it is seen,
-        `drafting_factor` stays 1 there, and a gate that planned on the tables alone could
-        go on choosing the other kind for good: measured on the shipped pair at 16 requests
-        on a 2-core AVX2 CPU, the tables priced plain steps 30% and drafting ones 15% below
-        what they took, so a fresh engine never drafted (a run at 498 tokens/s where
-        `fixed` gave 564) until its refreshes fell due at a lighter load."""
-        seen = self.seen.get(_load(rows))
-        if seen is None or max(seen) < self.warmup or min(seen) >= self.warmup:
-            return None
-        return PLAIN if seen[PLAIN] < self.warmup else DRAFTING
-
-
 def _load(rows: int) -> int:
     """The load bucket of a step of `rows`: floor(log2(rows))."""
     return max(rows, 1).bit_length() - 1
