@@ -373,3 +373,21 @@ def test_a_refresh_is_charged_its_deferred_context_whole(deferred, refreshed):
     gate.observe(reqs, [0], _proposal(UNLIKELY))
     assert gate.rows(reqs, [0], FLAT, 512) == []  # unlikely: left out, now due
     assert gate.rows(reqs, [0], FLAT, 512) == ([0] if refreshed else [])
+
+
+@pytest.mark.parametrize("margin, drafts", [(1.0, True), (1.1, True), (1.25, False)])
+def test_drafting_by_choice_must_promise_the_margin(margin, drafts):
+    """The likely request's drafting promises 1.2x plain decoding by the tables
+    (`MODERATE_DRAFT`): it drafts under a margin of 1.1, not under one of 1.25, in greedy
+    steps and sampled ones alike."""
+    gate = DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, margin=margin)
+    reqs = _reqs("prefix")
+    gate.observe(reqs, [0], _proposal(LIKELY))
+    for greedy in (True, False):
+        assert gate.rows(reqs, [0], FLAT, 512, greedy=greedy) == ([0] if drafts else [])
+
+
+@pytest.mark.parametrize("margin", [0.9, float("nan"), float("inf"), "1.1"])
+def test_a_bad_margin_is_refused(margin):
+    with pytest.raises(ValueError, match="margin"):
+        DraftGate(gamma=2, sts=None, draft_cost=MODERATE_DRAFT, margin=margin)

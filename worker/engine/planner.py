@@ -128,7 +128,7 @@ class Planner:
                  draft_kv: BlockAllocator | None, device: torch.device):
         self.config, self.gamma, self.sts, self.device = config, gamma, sts, device
         self.kv, self.draft_kv = kv, draft_kv
-        self.gate = DraftGate(gamma, sts, None, reweigh_steps=4)
+        self.gate = DraftGate(gamma, sts, None, reweigh_steps=4, margin=1.1)
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`);
         its costs are the profiler's (`profiler.profile_engine`)."""
 
