@@ -43,7 +43,7 @@ from worker.engine.planner import Planner, StepPlan, StepResult
 from worker.engine.profiler import profile_engine
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import argmax_rows, sample, warp_probs
-from worker.engine.spec_step import DraftProposal, confidence, pad_rows
+from worker.engine.spec_step import DraftProposal, pad_rows, stated_confidence
 from worker.engine.verifier import next_tokens, sampling_columns, verify_step
 from worker.engine.verify_policy import Policy, parse_policy
 
@@ -306,11 +306,11 @@ class LLMEngine:
         self.counters.draft_forwards += 1
         for r in reqs:
             r.stats.draft_tokens_proposed += self.gamma
-        conf = None
+        proposal = DraftProposal(ids, probs, conf_logits)
         if conf_logits is not None and self.calibration is not None:
-            conf = self.calibration.apply(confidence(conf_logits, self.sts),
-                                          [r.params.temperature == 0 for r in reqs])
-        return DraftProposal(ids, probs, conf_logits, conf)
+            proposal.conf = self.calibration.apply(stated_confidence(proposal, self.sts),
+                                                   [r.params.temperature == 0 for r in reqs])
+        return proposal
 
     # -- commit: tokens, statistics, outputs ---------------------------------------------------
     def _commit(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
@@ -347,7 +347,7 @@ class LLMEngine:
         lengths = [plan.lengths[i] for i in rows]
         n_acc = [result.accepted[i] for i in rows]
         if self.calibration is not None and proposal.conf is not None:
-            self.calibration.update(confidence(proposal.conf_logits, self.sts), proposal.conf,
+            self.calibration.update(stated_confidence(proposal, self.sts), proposal.conf,
                                     [plan.decode[i].params.temperature == 0 for i in rows],
                                     lengths, n_acc)
         if self.config.record_confidence and proposal.conf_logits is not None:

@@ -71,12 +71,11 @@ class OnlineCalibration:
         if used.shape[0] == 0:
             return
         # numpy on a few dozen numbers: a step's host time (torch's small ops cost ~10x)
-        gamma = self.gamma
-        k = np.arange(gamma)[None, :]
+        k = np.arange(self.gamma)[None, :]
         ver = np.asarray(verified)[:, None]
         acc = np.asarray(accepted)[:, None]
-        labelled = ((k <= acc) & (k < ver)).astype(np.float64)  # accepted, then the first
-        # rejected one
+        # accepted positions, then the first rejected one
+        labelled = ((k <= acc) & (k < ver)).astype(np.float64)
         p = used.detach().double().cpu().numpy()
         x = _logit(conf).numpy()  # [S, G]
         residual = ((k < acc) - p) * labelled  # [S, G] gradient weights

@@ -43,6 +43,8 @@ class DraftProposal:
                                        # engine's online calibration); None: from conf_logits
     survival: torch.Tensor | None = None  # [S, G] a_{r,j} of `conf`, once asked for
                                           # (`proposal_survival`)
+    stated: torch.Tensor | None = None  # [S, G] the draft's own c_k (STS, before the online
+                                        # calibration), once asked for (`stated_confidence`)
 
 
 def proposal_confidence(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
@@ -50,6 +52,14 @@ def proposal_confidence(proposal: DraftProposal, sts: list[float] | None) -> tor
     if proposal.conf is not None:
         return proposal.conf.cpu()
     return confidence(proposal.conf_logits, sts).cpu()
+
+
+def stated_confidence(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
+    """[S, G] the draft's own c_k of a proposal's rows (STS, not the engine's online
+    calibration), on the CPU: what `threshold` bars and the online calibration learns from."""
+    if proposal.stated is None:
+        proposal.stated = confidence(proposal.conf_logits, sts).cpu()
+    return proposal.stated
 
 
 def proposal_survival(proposal: DraftProposal, sts: list[float] | None) -> torch.Tensor:
@@ -78,15 +88,16 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     caps = cap_array.tolist()  # per-row work in Python ints: a step's host time counts
     conf = proposal_confidence(proposal, sts) if proposal.conf_logits is not None else None
     policies = [reqs[i].policy for i in spec_idx]
+    # `threshold` bars the draft's own confidence: the engine's online calibration serves
+    # `prefix`, and would move a static bar
+    stated = stated_confidence(proposal, sts) if Policy.THRESHOLD in policies else None
     prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
     chosen = [0] * len(spec_idx)
     for k, pol in enumerate(policies):
         if pol == Policy.FIXED:
             chosen[k] = min(gamma, caps[k])
-        elif pol == Policy.THRESHOLD:  # a bar on the draft's own (STS) confidence: the
-            # engine's online recalibration serves `prefix`, and would move a static bar
-            stated = confidence(proposal.conf_logits[k:k + 1], sts).cpu()
-            chosen[k] = min(int(threshold_lengths(stated, threshold)[0]), caps[k])
+        elif pol == Policy.THRESHOLD:
+            chosen[k] = min(int(threshold_lengths(stated[k:k + 1], threshold)[0]), caps[k])
     if prefix_rows:
         others = [k for k in range(len(spec_idx)) if k not in prefix_rows]
         extra_tokens = len(reqs) - len(spec_idx) + sum(1 + chosen[k] for k in others)
