@@ -379,6 +379,9 @@ def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structu
     assert len(list(tmp_path.glob("flush-*.json"))) == 1
     assert engine.draft_kv.allocator.num_used_blocks == 0
     assert make_engine(pair, tmp_path, policy="prefix").gate.flush.table == flush  # read back
+    # a forward costs the same whatever its tokens: drafting pays on any machine (on a fast
+    # CPU the tiny pair's profiled tables can rule it out, and this test is about the steps)
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     rid = engine.add_request([5, 6, 7, 8], params, policy="ar")  # its context is not kept
     spec = engine.add_request([5, 6, 7, 8], params, policy="prefix")

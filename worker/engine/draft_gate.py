@@ -19,7 +19,7 @@ import numpy as np
 
 from sparkgrid.costs import SPSTable
 from worker.engine.online_costs import ContextFlush, OnlineCosts, StepOverhead
-from worker.engine.spec_step import DraftProposal, proposal_survival, verify_caps
+from worker.engine.spec_step import DraftProposal, proposal_survival, spec_caps, verify_caps
 from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
@@ -160,8 +160,10 @@ class DraftGate:
                if r in self._estimate and self._skipped[r] >= self._interval[r]]
         # a refresh is charged its deferred context whole: a request due for one was left
         # out, and most likely will be again after this one draft pass
-        whole = np.zeros(len(ids))
-        whole[due] = [self.flush.extra_tokens(ids[k]) for k in due]
+        whole = None
+        if due:
+            whole = np.zeros(len(ids))
+            whole[due] = [self.flush.extra_tokens(ids[k]) for k in due]
         alone = (bool(due) and self._could_pay(len(reqs), len(due), sps)
                  and self._refresh_could_pay(reqs, spec_idx, ids, due, sps, max_batch_tokens,
                                              whole))
@@ -173,8 +175,8 @@ class DraftGate:
         # for a few optional requests, weighing them costs about the same)
         if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
             estimate = self._estimate.get
-            spread = np.array([self.flush.step_tokens(reqs[i], estimate(reqs[i].req_id))
-                               for i in spec_idx])
+            spread = [self.flush.step_tokens(reqs[i], estimate(reqs[i].req_id))
+                      for i in spec_idx]  # a list: compared with the last weighing's
             chosen |= self._best_subset(reqs, spec_idx, ids, sorted(forced), optional, sps,
                                         max_batch_tokens, spread)
         if chosen and not alone:  # a draft pass runs anyway: the due ones join it
@@ -266,23 +268,24 @@ class DraftGate:
         The subsets' throughputs on the tables are kept while nothing they depend on changes
         (under load the gate keeps the same rows out step after step), and the choice among
         them is made again with each step's online factor, which moves a little every step."""
-        caps = verify_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
-        key = (tuple(ids), tuple(forced), tuple(caps.tolist()), len(reqs))
+        caps = spec_caps(reqs, spec_idx, self.gamma, max_batch_tokens)
+        key = (tuple(ids), tuple(forced), tuple(caps), len(reqs))
         memo = self._memo_values(sps)  # one last weighing, kept while the tables stay
         last = memo.get("last subset")
         if last is not None and last[0] == key:
             _, held, weighed, version, served = last
             same = version == self._version  # the estimates it weighed are still those held
-            if np.array_equal(held, extra) and (same or served < self.reweigh_steps):
+            if held == extra and (same or served < self.reweigh_steps):
                 memo["last subset"] = (key, held, weighed, version, served + 1)
                 return _pick(*weighed, forced, self._factor)
             # deferred context only grows while a request is kept out, and with it the cost
             # of every subset that drafts: where no subset beat plain decoding, none does yet
             values = weighed[2]
-            if same and not forced and (extra >= held).all() and max(values[1:]) <= (
-                    values[0] * self._factor):
+            if same and not forced and all(e >= h for e, h in zip(extra, held)) and max(
+                    values[1:]) <= values[0] * self._factor:
                 return set()
-        weighed = self._weigh_subsets(ids, forced, optional, sps, len(reqs), caps, extra)
+        weighed = self._weigh_subsets(ids, forced, optional, sps, len(reqs), np.array(caps),
+                                      np.array(extra))
         memo["last subset"] = (key, extra, weighed, self._version, 1)
         return _pick(*weighed, forced, self._factor)
 
@@ -415,7 +418,8 @@ def _pick(ranked: list[int], sizes: list[int], values: list[float], forced: list
     (how much longer than its tables a drafting step runs): the first of equals, as the
     smallest subset."""
     scaled = [v / factor if forced or size else v for v, size in zip(values, sizes)]
-    return set(ranked[:sizes[int(np.argmax(scaled))]])
+    best = max(range(len(scaled)), key=scaled.__getitem__)  # the first of equals
+    return set(ranked[:sizes[best]])
 
 
 def _decodes_greedily(req) -> bool:

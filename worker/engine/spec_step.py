@@ -26,7 +26,7 @@ from worker.engine.sts import apply_sts, survival
 from worker.engine.verify_policy import (
     Policy,
     RowCostTable,
-    prefix_lengths,
+    prefix_lengths_checked,
     threshold_lengths,
 )
 
@@ -84,8 +84,7 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
-    cap_array = verify_caps(reqs, spec_idx, gamma, max_batch_tokens)
-    caps = cap_array.tolist()  # per-row work in Python ints: a step's host time counts
+    caps = spec_caps(reqs, spec_idx, gamma, max_batch_tokens)  # Python ints: a step's host time
     conf = proposal_confidence(proposal, sts) if proposal.conf_logits is not None else None
     policies = [reqs[i].policy for i in spec_idx]
     # `threshold` bars the draft's own confidence: the engine's online calibration serves
@@ -99,17 +98,23 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
         elif pol == Policy.THRESHOLD:
             chosen[k] = min(int(threshold_lengths(stated[k:k + 1], threshold)[0]), caps[k])
     if prefix_rows:
-        others = [k for k in range(len(spec_idx)) if k not in prefix_rows]
+        others = ([] if len(prefix_rows) == len(spec_idx) else
+                  sorted(set(range(len(spec_idx))) - set(prefix_rows)))
         extra_tokens = len(reqs) - len(spec_idx) + sum(1 + chosen[k] for k in others)
         extra_tau = len(reqs) - len(spec_idx) + sum(
             1 + float(survival(conf[k])[:chosen[k]].sum()) if conf is not None else 1.0
             for k in others)
-        a = proposal_survival(proposal, sts).numpy()[prefix_rows]  # [P, G], in numpy (host
-        # arithmetic on a few dozen numbers a step)
-        beyond_cap = np.arange(gamma)[None, :] >= cap_array[prefix_rows][:, None]
-        a[beyond_cap] = 0.0  # never worth verifying: the walk stops there
-        got = prefix_lengths(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
-                             extra_tau=extra_tau, fixed_seconds=draft_seconds).tolist()
+        # [P, G] in float64 numpy (host arithmetic on a few dozen numbers a step); a cumulative
+        # product of confidences in (0, 1), so Alg. 1 runs without checking it again
+        a = proposal_survival(proposal, sts).numpy().astype(np.float64)
+        if len(prefix_rows) < len(spec_idx):
+            a = a[prefix_rows]
+        prefix_caps = [caps[k] for k in prefix_rows]
+        if min(prefix_caps) < gamma:  # never worth verifying past a cap: the walk stops there
+            a[np.arange(gamma)[None, :] >= np.array(prefix_caps)[:, None]] = 0.0
+        got = prefix_lengths_checked(a, sps.at_rows(len(reqs)), extra_tokens=extra_tokens,
+                                     extra_tau=extra_tau,
+                                     fixed_seconds=max(0.0, draft_seconds)).tolist()
         for k, n in zip(prefix_rows, got):
             chosen[k] = min(n, caps[k])
     for k, i in enumerate(spec_idx):
@@ -120,9 +125,13 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
 def verify_caps(reqs, spec_idx: list[int], gamma: int, max_batch_tokens: int) -> np.ndarray:
     """[S] the most draft tokens each request of `spec_idx` may verify, known before drafting:
     gamma, the tokens it has left to generate, and a fair share of the batch."""
+    return np.array(spec_caps(reqs, spec_idx, gamma, max_batch_tokens), dtype=np.int64)
+
+
+def spec_caps(reqs, spec_idx: list[int], gamma: int, max_batch_tokens: int) -> list[int]:
+    """`verify_caps` as a list of ints (for host arithmetic on a few numbers)."""
     share = max(0, max_batch_tokens // len(reqs) - 1)
-    return np.array([min(gamma, reqs[i].remaining - 1, share) for i in spec_idx],
-                    dtype=np.int64)
+    return [min(gamma, reqs[i].remaining - 1, share) for i in spec_idx]
 
 
 def pad_rows(values: torch.Tensor | None, rows: list[int], num_rows: int, gamma: int,

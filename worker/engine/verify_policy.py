@@ -156,17 +156,33 @@ def prefix_lengths(
     """
     a = _survival_array(survival)  # [R, G]
     device = survival.device if isinstance(survival, torch.Tensor) else "cpu"
+    if fixed_seconds < 0 or not math.isfinite(fixed_seconds):
+        raise ValueError(f"fixed_seconds must be finite and >= 0; got {fixed_seconds}")
+    lengths = prefix_lengths_checked(a, sps, extra_tokens=extra_tokens, extra_tau=extra_tau,
+                                     fixed_seconds=fixed_seconds, early_stop=early_stop)
+    return torch.from_numpy(lengths).long().to(device)
+
+
+def prefix_lengths_checked(a: np.ndarray, sps, *, extra_tokens: int = 0,
+                           extra_tau: float = 0.0, fixed_seconds: float = 0.0,
+                           early_stop: bool = True) -> np.ndarray:  # [R] int64
+    """`prefix_lengths` on a float64 [R, G] array already known to hold survival
+    probabilities (the engine's own, a cumulative product of confidences in (0, 1)), with a
+    finite `fixed_seconds` >= 0: no checks and no torch, for a step's host time (at one
+    request on a 2-core CPU the checks and conversions were half of Alg. 1's 0.1 ms)."""
     num_requests, gamma = a.shape
     if num_requests == 0 or gamma == 0:
-        return torch.zeros(num_requests, dtype=torch.long, device=device)
+        return np.zeros(num_requests, dtype=np.int64)
     a = a.reshape(-1)  # [R*G], index r*G + (j-1)
     # Stable descending sort on the row-major flattening breaks ties by request then position.
     order = np.argsort(-a, kind="stable")  # [R*G]
-    steps = np.arange(0, len(a) + 1, dtype=np.float64)  # 0 = nothing admitted
-    tau = num_requests + extra_tau + np.concatenate(([0.0], np.cumsum(a[order])))  # [R*G+1]
-    if fixed_seconds < 0 or not math.isfinite(fixed_seconds):
-        raise ValueError(f"fixed_seconds must be finite and >= 0; got {fixed_seconds}")
-    theta = tau / (fixed_seconds + sps.step_time(num_requests + extra_tokens + steps))  # [R*G+1]
+    tau = np.empty(len(a) + 1)  # [R*G+1]: 0 = nothing admitted
+    tau[0] = 0.0
+    np.cumsum(a[order], out=tau[1:])
+    tau += num_requests + extra_tau
+    theta = tau / (fixed_seconds + sps.step_time(
+        np.arange(num_requests + extra_tokens, num_requests + extra_tokens + len(a) + 1,
+                  dtype=np.float64)))  # [R*G+1]
     if early_stop:
         # DSpark Alg. 1 / Appendix A: stop at the first candidate that does not raise theta.
         # Then verifying x_{r,j} depends only on candidates sorted before it (a_{r,<=j}, known
@@ -175,8 +191,7 @@ def prefix_lengths(
         num_admitted = _leading_rises(theta)
     else:
         num_admitted = int(np.argmax(theta))  # first best point, as "theta > best"
-    lengths = np.bincount(order[:num_admitted] // gamma, minlength=num_requests)  # [R]
-    return torch.from_numpy(lengths).long().to(device)
+    return np.bincount(order[:num_admitted] // gamma, minlength=num_requests)  # [R]
 
 
 def _leading_rises(theta: np.ndarray) -> int:
