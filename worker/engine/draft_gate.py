@@ -110,6 +110,11 @@ class DraftGate:
         """Steps in which the gate kept every drafting-capable request from drafting."""
         self.skipped_rows = 0
         """Request-steps that the gate kept from drafting."""
+        self.ruled_out = False
+        """Whether the last step's answer, nobody drafting, came from a bound rather than a
+        weighing: not even drafts always accepted, or not even requests as good as the best
+        estimate held, could pay at its load (the planner's `dormant_after` counts such
+        steps)."""
 
     def rows(self, reqs, spec_idx: list[int], sps: SPSTable | RowCostTable | None,
              max_batch_tokens: int, *, greedy: bool = False) -> list[int]:
@@ -122,6 +127,7 @@ class DraftGate:
                                       if greedy and self.online is not None else 1.0)
         if (not spec_idx or sps is None or self.draft_cost is None
                 or any(reqs[i].policy != Policy.PREFIX for i in spec_idx)):
+            self.ruled_out = False
             return spec_idx
         ids = [reqs[i].req_id for i in spec_idx]
         quiet = self._quiet
@@ -131,11 +137,12 @@ class DraftGate:
             # no request came or went or fell due for a refresh, and drafting only grew
             # dearer (deferred context, the factor): the same answer, without the weighing
             self._quiet = (ids, quiet[1], quiet[2], quiet[3] - 1)
-            return self._keep_out(ids)
+            return self._keep_out(ids)  # `ruled_out` as the step it repeats
         self._quiet = None
         if not self._could_pay(len(reqs), len(ids), sps):
             # not even drafts that are always accepted would pay at this load: nobody drafts,
             # and no estimate needs refreshing until the load falls
+            self.ruled_out = True
             return self._keep_out(ids)
         greedy = self._greedy
         for k, r in enumerate(ids):
@@ -173,7 +180,8 @@ class DraftGate:
         # where not even requests as good as the best estimate held would pay, only
         # refreshes draft (the common case under load: then this is all of the planning;
         # for a few optional requests, weighing them costs about the same)
-        if optional and (len(optional) <= 4 or self._best_could_pay(len(reqs), len(ids), sps)):
+        hopeless = len(optional) > 4 and not self._best_could_pay(len(reqs), len(ids), sps)
+        if optional and not hopeless:
             estimate = self._estimate.get
             spread = [self.flush.step_tokens(reqs[i], estimate(reqs[i].req_id))
                       for i in spec_idx]  # a list: compared with the last weighing's
@@ -194,6 +202,7 @@ class DraftGate:
                 self._refreshing.discard(r)
             self._skipped[r] += 1
         self.skipped_rows += len(ids) - len(chosen)
+        self.ruled_out = hopeless and not chosen
         if not chosen:
             self.skipped_steps += 1
             # steps before one not due this step falls due (its refresh might pay where
@@ -203,6 +212,13 @@ class DraftGate:
             self._quiet = (ids, (self._version, len(reqs)), self._factor,
                            min(gaps + [self.quiet_steps]))
         return [spec_idx[k] for k in sorted(chosen)]
+
+    def rules_out(self, rows: int, sps) -> bool:
+        """Whether the bounds alone rule drafting out at a load of `rows` (as `ruled_out`
+        says of a step): not even drafts always accepted, or not even requests as good as the
+        best estimate held, could pay there."""
+        return (not self._could_pay(rows, rows, sps)
+                or (bool(self._estimate) and not self._best_could_pay(rows, rows, sps)))
 
     def _keep_out(self, ids: list[str]) -> list[int]:
         """A step in which none of `ids` drafts, decided without weighing: their skipped

@@ -205,11 +205,11 @@ class LLMEngine:
         plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
         result = self._run(plan)
         outputs = self._commit(plan, result)
-        # the gate learns from the steps it plans: those with a `prefix` row (a `fixed` or
+        # the gate learns from the steps it plans: those with a `prefix` row keeping a context (a
         # `ar` step runs another regime, all rows drafting or none, which it never chooses
         # between plain and partial steps, and must not steer it)
         planned = self.gate.online is not None and any(
-            r.policy == Policy.PREFIX for r in plan.decode)
+            plan.decode[i].policy == Policy.PREFIX for i in plan.keep_context)
         predicted = self.planner.predicted_seconds(plan) if planned else None
         if predicted is not None:  # the whole step's time but the newcomers' prefill
             measured = time.perf_counter() - started - result.prefill_seconds
@@ -247,6 +247,8 @@ class LLMEngine:
     def _decode(self, plan: StepPlan) -> StepResult:
         """Draft, fix the verify lengths, verify every decoding row in one forward."""
         reqs, rows, gamma = plan.decode, plan.drafting, self.gamma
+        for req_id in plan.dormant:  # they will not draft again: their context goes
+            self.draft_runner.forget(req_id)
         if rows:  # the drafting requests' context, as far as it was deferred
             self.draft_runner.flush_context([reqs[i].req_id for i in rows])
         proposal = self.draft_pass([reqs[i] for i in rows], plan.uniforms[rows, :gamma]) \
@@ -318,10 +320,9 @@ class LLMEngine:
         first token, learn from the drafted blocks, release the finished; returns the
         increments of every request that moved."""
         self.counters.steps += 1
-        keep = set(plan.keep_context)
         for i, req in enumerate(plan.decode):
             n_acc = result.accepted[i]
-            if i in keep:
+            if req.policy != Policy.AR:  # a dormant one's plain steps too (`keeps_context`)
                 req.stats.record(plan.lengths[i], n_acc, self.gamma)
                 self.counters.draft_tokens_verified += plan.lengths[i]
                 self.counters.draft_tokens_accepted += n_acc

@@ -38,8 +38,9 @@ class StepPlan:
     decode: list[Request]
     """Running requests that decode this step: all of them (no preemption), in order."""
     keep_context: list[int]
-    """Rows of `decode` whose policy drafts: the target's features at their committed
-    positions extend their draft context, whether or not they draft this step."""
+    """Rows of `decode` that keep a draft context (`Request.keeps_context`: their policy
+    drafts, and they are not dormant): the target's features at their committed positions
+    extend their draft context, whether or not they draft this step."""
     drafting: list[int]
     """Rows of `decode` that draft this step (the draft gate's choice among `keep_context`)."""
     starts: list[int]
@@ -60,6 +61,9 @@ class StepPlan:
     after the decode."""
     prefill_uniforms: torch.Tensor | None
     """[P] each admitted request's draw for its first token; None without admissions."""
+    dormant: list[str] = field(default_factory=list)
+    """Requests that stop keeping a draft context from this step on (`Planner.dormant_after`):
+    the engine drops what they hold."""
     lengths: list[int] = field(default_factory=list)
     """Draft tokens each decoding row verifies (0: none), set by `Planner.verify_lengths`."""
 
@@ -84,8 +88,8 @@ class StepPlan:
 
     @property
     def prefill_context(self) -> list[int]:
-        """Rows of `prefill` whose policy drafts (their prompt becomes draft context)."""
-        return [i for i, r in enumerate(self.prefill) if r.policy != Policy.AR]
+        """Rows of `prefill` that keep a draft context (their prompt becomes draft context)."""
+        return [i for i, r in enumerate(self.prefill) if r.keeps_context]
 
     @property
     def prefill_rows(self) -> list[int]:
@@ -131,16 +135,28 @@ class Planner:
         self.gate = DraftGate(gamma, sts, None, reweigh_steps=4, margin=1.1)
         """Skips drafting in `prefix` steps where it is not expected to pay (`DraftGate`);
         its costs are the profiler's (`profiler.profile_engine`)."""
+        self.dormant_after = 32
+        """Steps in a row in which the gate ruled drafting out by a bound (`DraftGate.ruled_out`:
+        not even drafts always accepted, or not even requests as good as the best estimate
+        held, could pay at the load) after which the `prefix` requests running stop keeping a
+        draft context and will not draft again, and those admitted while it lasts keep none:
+        under such a load the features, their deferral and the gate's planning cost 2-4% of
+        a plain step for context no draft pass would read (64 requests on a 2-core CPU).
+        Requests admitted after the load has eased keep a context again."""
+        self._ruled_out_steps = 0
 
     def plan(self, running: list[Request], waiting: deque[Request],
              cost: SPSTable | RowCostTable | None) -> StepPlan:
         """The plan of the next step over `running`, admitting from `waiting` (FIFO, within
         `max_num_seqs`, `max_prefill_tokens` and the caches' budgets)."""
         decode = list(running)
-        keep = [i for i, r in enumerate(decode) if r.policy != Policy.AR]
+        keep = [i for i, r in enumerate(decode) if r.keeps_context]
         drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
                                   greedy=all(r.params.temperature == 0 for r in decode))
-        admitted = self._admit(len(running), waiting)
+        dormant = self._dormancy(decode, keep, drafting, cost, len(waiting))
+        if dormant:
+            keep = [i for i in keep if decode[i].keeps_context]
+        admitted = self._admit(len(running), waiting, cost)
         return StepPlan(
             decode=decode, keep_context=keep, drafting=drafting,
             starts=[r.num_tokens - 1 for r in decode],
@@ -149,7 +165,7 @@ class Planner:
             fixed_seconds=(self.gate.draft_seconds(len(drafting), len(decode))
                            + self.gate.flush.seconds([decode[i].req_id for i in drafting])
                            if decode else 0.0),
-            prefill=admitted,
+            prefill=admitted, dormant=dormant,
             prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]
                               if admitted else None))
 
@@ -177,7 +193,32 @@ class Planner:
         return (self.gate.cost_at_rows(plan.cost, len(plan.decode))
                 if plan.cost is not None and plan.decode else None)
 
-    def _admit(self, num_running: int, waiting: deque[Request]) -> list[Request]:
+    def _dormancy(self, decode: list[Request], keep: list[int], drafting: list[int], cost,
+                  num_waiting: int) -> list[str]:
+        """Count the steps in a row in which the gate's bounds ruled drafting out (with nobody
+        keeping a context, the bounds at the load its rows and the waiting requests make);
+        once they reach `dormant_after`,
+        every `prefix` request of `keep` stops keeping a context (its id is returned, for the
+        engine to drop what it holds), and so do newcomers while the count holds, where the
+        bounds rule drafting out at the load they join (`_admit`; an engine that idled and
+        takes one request keeps its context).
+        Tables and estimates decide, and no token: verification is untouched."""
+        if not decode:  # nothing decoded: nothing learned (a batch ended, or the engine idles)
+            return []
+        if keep:
+            ruled = not drafting and self.gate.ruled_out
+        else:
+            load = min(self.config.max_num_seqs, len(decode) + num_waiting)
+            ruled = cost is not None and self.gate.rules_out(load, cost)
+        self._ruled_out_steps = self._ruled_out_steps + 1 if ruled else 0
+        if self._ruled_out_steps < self.dormant_after:
+            return []
+        gone = [decode[i] for i in keep if decode[i].policy == Policy.PREFIX]
+        for req in gone:
+            req.keeps_context = False
+        return [r.req_id for r in gone]
+
+    def _admit(self, num_running: int, waiting: deque[Request], cost) -> list[Request]:
         admitted, prefill_tokens = [], 0
         while waiting and num_running + len(admitted) < self.config.max_num_seqs:
             req = waiting[0]
@@ -194,6 +235,13 @@ class Planner:
             req.status = Status.RUNNING
             admitted.append(req)
             prefill_tokens += len(req.prompt_ids)
+        # the load they join: those running, admitted, and still waiting for a seat
+        load = min(self.config.max_num_seqs, num_running + len(admitted) + len(waiting))
+        if (admitted and cost is not None and self._ruled_out_steps >= self.dormant_after
+                and self.gate.rules_out(load, cost)):
+            for req in admitted:  # drafting is ruled out at the load they join: no context
+                if req.policy == Policy.PREFIX:
+                    req.keeps_context = False
         return admitted
 
     def _all_draws(self, reqs: list[Request], n: int) -> torch.Tensor | None:

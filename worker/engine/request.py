@@ -100,6 +100,10 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.policy = policy
+        self.keeps_context = policy != "ar"
+        """Whether the target's features at this request's committed positions extend its
+        draft context (the planner clears it for a `prefix` request that will not draft again:
+        `Planner.dormant_after`)."""
         self.output_ids: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None

@@ -1,0 +1,147 @@
+"""The drafter's context on real (small) weights: deferred and written later as if written
+step by step, the cost of writing it profiled and charged, the steps that teach the gate's
+online costs, and requests that stop keeping a context where drafting is ruled out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_engines import make_engine  # noqa: E402  (beside this file)
+
+from sparkgrid.costs import SPSTable
+from worker.engine.config import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+
+def test_where_drafting_is_ruled_out_requests_stop_keeping_draft_context(structured_pairs,
+                                                                         tmp_path):
+    """A draft pass priced at a minute: the gate's first bound rules drafting out step after
+    step. After `dormant_after` such steps the `prefix` requests drop their deferred context
+    and keep none (no features asked of the target), a newcomer admitted meanwhile keeps
+    none, and the text is still the target's. Once the engine has idled, a request at a load
+    where drafting pays keeps its context again."""
+    pair = structured_pairs("qwen3", "vanilla")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [list(range(i, i + 5)) for i in range(5)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    planner, gate = engine.planner, engine.gate
+    planner.dormant_after = 4
+    profiled = (gate.draft_cost, gate.overhead.drafting)
+    minute = SPSTable([1], [1 / 60.0])
+    gate.draft_cost, gate.overhead.drafting = minute, minute if profiled[1] else None
+    asked = []  # whether each target forward was asked for features
+    forward = engine.runner.forward
+    engine.runner.forward = lambda batch, want_features: (
+        asked.append(want_features) or forward(batch, want_features))
+    ids = [engine.add_request(p, params) for p in prompts[:4]]
+    got = {i: [] for i in ids}
+
+    def step():
+        for out in engine.step():
+            got.setdefault(out.req_id, []).extend(out.token_ids)
+
+    step()  # the prefill: prompts deferred as draft context
+    assert all(engine.draft_runner.deferred_tokens(i) == 5 for i in ids)
+    for _ in range(planner.dormant_after):
+        step()
+    assert not any(engine.requests[i].keeps_context for i in ids)
+    assert all(engine.draft_runner.deferred_tokens(i) == 0 for i in ids)
+    late = engine.add_request(prompts[4], params)
+    ids.append(late)
+    asked.clear()
+    while engine.has_unfinished():
+        step()
+    assert not any(asked)  # nobody keeps a context: no features, no deferral
+    assert engine.counters.draft_forwards == 0
+    assert [got[i] for i in ids] == [w["token_ids"] for w in want]
+    gate.draft_cost, gate.overhead.drafting = profiled
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
+    alone = engine.add_request(prompts[0], params)
+    engine.step()
+    assert engine.requests[alone].keeps_context
+    assert engine.draft_runner.deferred_tokens(alone) == 5
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_deferred_draft_context_is_the_context_written_step_by_step(structured_pairs,
+                                                                      tmp_path, copy):
+    """Deferred chunks of target features, flushed in one batch (or when a sequence holds
+    `max_deferred` tokens), give the drafter the keys and values that writing each chunk as
+    it came gives; held as copies (a prefill's), they no longer depend on the features they
+    came from."""
+    pair = structured_pairs("qwen3", "vanilla")
+    now, later = (make_engine(pair, tmp_path / name, policy="fixed") for name in "ab")
+    width = pair[1].config.hidden_size * len(now.runner.feature_layer_ids)
+    gen = torch.Generator().manual_seed(5)
+    chunks = [(torch.randn(9, width, dtype=torch.float64, generator=gen), counts)
+              for counts in ([1, 4], [1, 2], [1, 1], [1, 1])]
+    later.draft_runner.max_deferred = 6  # "b" reaches it in the second chunk: written then
+    for kv in (now.draft_kv, later.draft_kv):
+        for sid in ("a", "b"):
+            kv.allocator.reserve(sid, 32)
+    pos = [0, 0]
+    for feats, counts in chunks:
+        rows = [0, counts[0]]
+        now.draft_runner.extend_context(["a", "b"], feats, rows, counts, pos)
+        later.draft_runner.defer_context(["a", "b"], feats, rows, counts, pos, copy=copy)
+        if copy:  # the step's output goes away (or is reused): the copies stay
+            feats.zero_()
+        pos = [p + c for p, c in zip(pos, counts)]
+    held = later.draft_runner._deferred
+    assert (held["a"].start, held["a"].count, held["b"].start, held["b"].count) == (0, 4, 6, 2)
+    later.draft_runner.flush_context(["a", "b"])
+    for sid, n in zip(("a", "b"), pos):
+        slots = now.draft_kv.packed_slots([sid], torch.zeros(n, dtype=torch.long),
+                                          torch.arange(n))
+        slots_later = later.draft_kv.packed_slots([sid], torch.zeros(n, dtype=torch.long),
+                                                  torch.arange(n))
+        torch.testing.assert_close(later.draft_kv.k[:, slots_later], now.draft_kv.k[:, slots])
+        torch.testing.assert_close(later.draft_kv.v[:, slots_later], now.draft_kv.v[:, slots])
+    with pytest.raises(RuntimeError, match="position 5 deferred after 4"):
+        later.draft_runner.defer_context(["a"], chunks[0][0], [0], [1], [5])
+
+
+def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structured_pairs,
+                                                                          tmp_path):
+    """Writing deferred draft context is timed at start beside the draft pass (cached, on
+    stand-ins that leave the draft cache empty); the gate reads each request's deferred
+    tokens; every decode step it planned (with a `prefix` row) of a greedy run is compared with
+    its tables, and no other."""
+    pair = structured_pairs("qwen3", "vanilla")
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    flush = engine.gate.flush.table
+    assert flush is not None and flush.batch_tokens[0] == 1 and len(flush.batch_tokens) >= 2
+    seconds = [1 / s for s in flush.steps_per_second]
+    assert all(b >= a for a, b in zip(seconds, seconds[1:]))
+    assert len(list(tmp_path.glob("flush-*.json"))) == 1
+    assert engine.draft_kv.allocator.num_used_blocks == 0
+    assert make_engine(pair, tmp_path, policy="prefix").gate.flush.table == flush  # read back
+    # a forward costs the same whatever its tokens: drafting pays on any machine (on a fast
+    # CPU the tiny pair's profiled tables can rule it out, and this test is about the steps)
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    rid = engine.add_request([5, 6, 7, 8], params, policy="ar")  # its context is not kept
+    spec = engine.add_request([5, 6, 7, 8], params, policy="prefix")
+    engine.step()  # the prefill: both prompts' features, deferred for the one that drafts
+    assert engine.gate.flush.tokens(spec) == 4 and engine.gate.flush.tokens(rid) == 0
+    planned = others = 0  # steps with the `prefix` request, and `ar`-only steps after it
+    while engine.has_unfinished():
+        with_prefix = any(r.req_id == spec for r in engine.running)
+        engine.step()
+        planned += with_prefix
+        others += not with_prefix
+    online = engine.gate.online
+    assert others >= 1  # the `prefix` request finished first: it drafted
+    assert sum(sum(seen) for seen in online.seen.values()) == planned
+    assert sum(seen[1] for seen in online.seen.values()) >= 1  # its first block, at least
+    assert all(math.isfinite(m) for means in online.log_ratio.values() for m in means)
+    engine.add_request([5, 6, 7, 8], params, policy="fixed")  # another regime: its steps
+    drafted = engine.counters.draft_forwards  # teach the gate nothing
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.counters.draft_forwards > drafted
+    assert sum(sum(seen) for seen in online.seen.values()) == planned
