@@ -8,8 +8,8 @@ in the same dtype and on one thread, one after the other in one run:
   flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c. Every
   request is a distinct prompt (a repeat would let vLLM's prefix cache skip its prefill).
 Every arm runs `--repeats` times (5), interleaved with the others (their order running through
-the permutations, so that each follows each other equally often); figures are medians, and `prefix` against the better of `ar` and `fixed` is
-also given repeat by repeat (`_paired`).
+the permutations, so that each follows each other equally often); figures are medians, and
+`prefix` against the better of `ar` and `fixed` is also given repeat by repeat (`_paired`).
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
 an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
