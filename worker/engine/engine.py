@@ -205,9 +205,9 @@ class LLMEngine:
         plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
         result = self._run(plan)
         outputs = self._commit(plan, result)
-        # the gate learns from the steps it plans: those with a `prefix` row keeping a context (a
-        # `ar` step runs another regime, all rows drafting or none, which it never chooses
-        # between plain and partial steps, and must not steer it)
+        # the gate learns from the steps it plans: those with a `prefix` row keeping a context
+        # (a `fixed` or `ar` step runs another regime, all rows drafting or none, which it never
+        # chooses between plain and partial steps, and must not steer it)
         planned = self.gate.online is not None and any(
             plan.decode[i].policy == Policy.PREFIX for i in plan.keep_context)
         predicted = self.planner.predicted_seconds(plan) if planned else None

@@ -196,20 +196,19 @@ class Planner:
     def _dormancy(self, decode: list[Request], keep: list[int], drafting: list[int], cost,
                   num_waiting: int) -> list[str]:
         """Count the steps in a row in which the gate's bounds ruled drafting out (with nobody
-        keeping a context, the bounds at the load its rows and the waiting requests make);
-        once they reach `dormant_after`,
-        every `prefix` request of `keep` stops keeping a context (its id is returned, for the
-        engine to drop what it holds), and so do newcomers while the count holds, where the
-        bounds rule drafting out at the load they join (`_admit`; an engine that idled and
-        takes one request keeps its context).
-        Tables and estimates decide, and no token: verification is untouched."""
+        keeping a context, the bounds at the load its rows and the waiting requests make).
+        Once they reach `dormant_after`, every `prefix` request of `keep` stops keeping a
+        context (its id is returned, for the engine to drop what it holds), and so do
+        newcomers while the count holds, where the bounds rule drafting out at the load they
+        join (`_admit`; an engine that idled and takes one request keeps its context). Tables
+        and estimates decide, and no token: verification is untouched."""
         if not decode:  # nothing decoded: nothing learned (a batch ended, or the engine idles)
             return []
         if keep:
             ruled = not drafting and self.gate.ruled_out
         else:
-            load = min(self.config.max_num_seqs, len(decode) + num_waiting)
-            ruled = cost is not None and self.gate.rules_out(load, cost)
+            ruled = cost is not None and self.gate.rules_out(
+                self._joined_load(len(decode) + num_waiting), cost)
         self._ruled_out_steps = self._ruled_out_steps + 1 if ruled else 0
         if self._ruled_out_steps < self.dormant_after:
             return []
@@ -217,6 +216,10 @@ class Planner:
         for req in gone:
             req.keeps_context = False
         return [r.req_id for r in gone]
+
+    def _joined_load(self, requests: int) -> int:
+        """The rows a step will run once `requests` (running, admitted, waiting) have seats."""
+        return min(self.config.max_num_seqs, requests)
 
     def _admit(self, num_running: int, waiting: deque[Request], cost) -> list[Request]:
         admitted, prefill_tokens = [], 0
@@ -235,10 +238,9 @@ class Planner:
             req.status = Status.RUNNING
             admitted.append(req)
             prefill_tokens += len(req.prompt_ids)
-        # the load they join: those running, admitted, and still waiting for a seat
-        load = min(self.config.max_num_seqs, num_running + len(admitted) + len(waiting))
         if (admitted and cost is not None and self._ruled_out_steps >= self.dormant_after
-                and self.gate.rules_out(load, cost)):
+                and self.gate.rules_out(
+                    self._joined_load(num_running + len(admitted) + len(waiting)), cost)):
             for req in admitted:  # drafting is ruled out at the load they join: no context
                 if req.policy == Policy.PREFIX:
                     req.keeps_context = False
