@@ -1,15 +1,17 @@
 """The engine against the server a user would pick instead: vLLM's CPU build, side by side.
 
 Both serve the same target, the same prompts (token ids), the same number of tokens, greedily,
-in the same dtype and on one thread, one after the other in one run:
+in the same dtype and on one thread, in one run:
 - c = 1: `--single-prompts` requests (16) of `--single-max-tokens` (64), one at a time;
   per-request tokens/s (the mean over requests);
 - c > 1: `--num-prompts` requests (64; at least 2c) of `--max-tokens` (128) with at most c in
   flight (a closed loop); aggregate tokens/s, and per-request tokens/s as aggregate / c. Every
   request is a distinct prompt (a repeat would let vLLM's prefix cache skip its prefill).
-Every arm runs `--repeats` times (5), interleaved with the others (their order running through
-the permutations, so that each follows each other equally often); figures are medians, and
-`prefix` against the better of `ar` and `fixed` is also given repeat by repeat (`_paired`).
+Every arm, vLLM's included, runs `--repeats` times (5), interleaved with the others (their
+order running through the permutations, so that each follows each other equally often; vLLM
+in one process kept for the run, `bench/vllm_session.py`); figures are medians, and `prefix`
+against the better of `ar` and `fixed`, and `prefix` and `ar` against vLLM, are also given
+repeat by repeat, with a sign test (`_paired`).
 sparkgrid runs `ar`, `fixed` and `prefix`; vLLM runs without speculation (its CPU model runner
 refuses a `dspark` draft). Prompts are held out: cut at function definitions from the source of
 an installed third-party package (`--prompt-package`, default `redis`), which the shipped target
@@ -23,7 +25,8 @@ vLLM runs in a virtualenv of its own (`--vllm-python`, or `SPARKGRID_VLLM_PYTHON
 (their builds do not match its torch and break its import). Without it the vLLM arms are left
 out. It writes `--out` (`bench/results/peers.json`) and two plots beside it: aggregate tokens/s
 against concurrency, and per-request against aggregate tokens/s (the DSpark paper's Figure 7).
-Not a test: it asserts nothing; it reports. About 11 minutes on a 2-core CPU.
+Not a test: it asserts nothing; it reports. About 12 minutes on a 2-core CPU (5 repeats), and
+12-15 GB of memory while vLLM holds one cache per concurrency.
 """
 
 from __future__ import annotations
@@ -35,9 +38,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import closed_loop  # noqa: E402  (bench/closed_loop.py, beside this script)
+from vllm_session import VllmSession  # noqa: E402
 
 from worker.engine.attention import cache_bytes_per_token  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
@@ -129,27 +131,39 @@ def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, poli
     return res
 
 
-def engine_arms(args, engine, prompts, singles) -> dict:
-    """Every (concurrency, policy) arm `--repeats` times, the arms interleaved within each
-    repeat so that machine noise hits them alike; the medians, with every run's figure."""
+def all_arms(args, engine, prompts, singles, peer: VllmSession | None,
+             partial: Path) -> tuple[dict, dict | None]:
+    """Every (concurrency, arm) `--repeats` times, the engine's policies and vLLM (`peer`)
+    interleaved within each repeat so that machine noise hits them alike; the medians, with
+    every run's figure: (engine policy -> c -> run, vLLM's {version, arms} or None). The runs
+    so far are written to `partial` after each repeat."""
     runs: dict = {}
+    arms = args.policies + (["vllm"] if peer is not None else [])
     for policy in args.policies:  # warm-up: the kernel, the profiles, the allocator
         serve(engine, prompts[:4], concurrency=4, policy=policy, max_tokens=8)
     for repeat in range(args.repeats):
         for c in args.concurrency:
-            for policy in arm_order(args.policies, repeat, c):
-                if c == 1:
-                    res = serve(engine, singles, concurrency=1, policy=policy,
+            for arm in arm_order(arms, repeat, c):
+                if arm == "vllm":
+                    res = peer.run(c)
+                elif c == 1:
+                    res = serve(engine, singles, concurrency=1, policy=arm,
                                 max_tokens=args.single_max_tokens)
                 else:
                     res = serve(engine, requests_for(prompts, c, args.num_prompts),
-                                concurrency=c, policy=policy, max_tokens=args.max_tokens)
-                runs.setdefault(policy, {}).setdefault(str(c), []).append(res)
-                print(f"[{repeat + 1}/{args.repeats}] sparkgrid {policy:6s} c={c:<3d} "
+                                concurrency=c, policy=arm, max_tokens=args.max_tokens)
+                runs.setdefault(arm, {}).setdefault(str(c), []).append(res)
+                tau = f", tau {res['mean_accept_length']:.2f}" if arm != "vllm" else ""
+                print(f"[{repeat + 1}/{args.repeats}] {arm:6s} c={c:<3d} "
                       f"{res['aggregate_tps']:8.1f} tok/s aggregate, {res['per_request_tps']:7.1f} "
-                      f"per request, tau {res['mean_accept_length']:.2f}", file=sys.stderr,
-                      flush=True)
-    return {policy: {c: median_run(rs) for c, rs in by_c.items()} for policy, by_c in runs.items()}
+                      f"per request{tau}", file=sys.stderr, flush=True)
+        partial.write_text(json.dumps({a: {c: [{k: v for k, v in r.items() if k != "outputs"}
+                                                for r in rs] for c, rs in by_c.items()}
+                                       for a, by_c in runs.items()}))
+    medians = {a: {c: median_run(rs) for c, rs in by_c.items()} for a, by_c in runs.items()}
+    vllm = ({"version": peer.version, "arms": medians.pop("vllm")} if peer is not None
+            else None)
+    return medians, vllm
 
 
 def arm_order(policies: list[str], repeat: int, c: int) -> list[str]:
@@ -181,31 +195,18 @@ def requests_for(prompts: list[list[int]], c: int, base: int = 64) -> list[list[
 
 
 # -- vLLM --------------------------------------------------------------------------------------
-def vllm_arms(args, prompts, singles) -> dict | None:
+def vllm_session(args, prompts, singles) -> VllmSession | None:
+    """vLLM's process for the run (`bench/vllm_session.py`), or None without `--vllm-python`."""
     if not args.vllm_python:
         print("no --vllm-python: vLLM arms left out", file=sys.stderr)
         return None
-    with tempfile.TemporaryDirectory(prefix="sparkgrid-peers-") as work:
-        spec_path, out_path = Path(work) / "spec.json", Path(work) / "out.json"
-        spec_path.write_text(json.dumps({
-            "target": str(Path(args.target).resolve()), "dtype": args.dtype,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-            "prompts_by_c": {str(c): requests_for(prompts, c, args.num_prompts)
-                             for c in args.concurrency},
-            "single_prompts": singles, "single_max_tokens": args.single_max_tokens,
-            "repeats": args.repeats, "kv_cache_gib": 2}))
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run([args.vllm_python, str(ROOT / "bench" / "vllm_peer.py"),
-                               str(spec_path), str(out_path)], env=env, cwd=work,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"vLLM peer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        result = json.loads(out_path.read_text())
-    for c, arm in result["arms"].items():
-        print(f"vllm           c={c:<3s} {arm['aggregate_tps']:8.1f} tok/s aggregate, "
-              f"{arm['per_request_tps']:7.1f} per request", file=sys.stderr, flush=True)
-    return result
+    return VllmSession(args.vllm_python, {
+        "target": str(Path(args.target).resolve()), "dtype": args.dtype,
+        "max_tokens": args.max_tokens,
+        "prompts_by_c": {str(c): requests_for(prompts, c, args.num_prompts)
+                         for c in args.concurrency},
+        "single_prompts": singles, "single_max_tokens": args.single_max_tokens,
+        "kv_cache_gib": 2}, args.threads)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -217,38 +218,44 @@ def ratios(table: dict, vllm: dict | None, concurrency: list[int]) -> dict:
         row = {p: table[p][str(c)][key(c)] for p in table}
         entry = {"metric": key(c), **{f"{p}_tps": v for p, v in row.items()}}
         if vllm is not None:
-            v = vllm["arms"][str(c)][key(c)]
-            entry["vllm_tps"] = v
-            entry.update({f"{p}_vs_vllm": row[p] / v for p in row})
+            theirs = vllm["arms"][str(c)]
+            entry["vllm_tps"] = theirs[key(c)]
+            entry.update({f"{p}_vs_vllm": row[p] / theirs[key(c)] for p in row})
+            for p in ("prefix", "ar"):
+                if p in table:
+                    entry.update(_paired(table[p][str(c)], [theirs], key(c), f"{p}_vs_vllm",
+                                         f"{p}_below_vllm_p"))
         if "prefix" in row:
-            others = [row[p] for p in row if p != "prefix"]
+            others = [table[p][str(c)] for p in row if p != "prefix"]
             if others:
-                entry["prefix_vs_best_other"] = row["prefix"] / max(others)
-                entry.update(_paired(table, c, key(c)))
+                entry["prefix_vs_best_other"] = row["prefix"] / max(row[p] for p in row
+                                                                    if p != "prefix")
+                entry.update(_paired(table["prefix"][str(c)], others, key(c),
+                                     "prefix_vs_best_other", "prefix_below_best_other_p"))
         out[str(c)] = entry
     return out
 
 
-def _paired(table: dict, c: int, metric: str) -> dict:
-    """`prefix` against the better of the other policies within each repeat (their runs
-    follow one another, so a slow minute hits them alike): every repeat's ratio and their
-    median. The ratio of medians above compares runs minutes apart, and a max of two noisy
-    figures is biased up where the two are level (as `ar` and `fixed` are at 16 requests)."""
-    runs = {p: table[p][str(c)][f"{metric}_runs"] for p in table}
-    if len({len(r) for r in runs.values()}) != 1:
+def _paired(arm: dict, others: list[dict], metric: str, name: str, p_name: str) -> dict:
+    """`arm` against the best of `others` within each repeat (their runs follow one another,
+    so a slow minute hits them alike): every repeat's ratio, their median, and the sign test's
+    p of so many below 1.0. The ratio of medians compares runs minutes apart, and a max of two
+    noisy figures is biased up where the two are level (as `ar` and `fixed` are at 16
+    requests)."""
+    mine, theirs = arm[f"{metric}_runs"], [o[f"{metric}_runs"] for o in others]
+    if any(len(t) != len(mine) for t in theirs):
         return {}
-    per_repeat = [runs["prefix"][i] / max(runs[p][i] for p in runs if p != "prefix")
-                  for i in range(len(runs["prefix"]))]
-    return {"prefix_vs_best_other_per_repeat": per_repeat,
-            "prefix_vs_best_other_paired": statistics.median(per_repeat),
-            "prefix_below_best_other_p": sign_test_p(per_repeat)}
+    per_repeat = [mine[i] / max(t[i] for t in theirs) for i in range(len(mine))]
+    return {f"{name}_per_repeat": per_repeat, f"{name}_paired": statistics.median(per_repeat),
+            p_name: sign_test_p(per_repeat)}
 
 
 def sign_test_p(ratios: list[float]) -> float:
-    """One-sided sign test of "`prefix` is at least as fast as the better other policy": the
-    chance of as many repeats below 1.0 as seen (or more) if each repeat fell either way
-    with probability 1/2. Below 0.05, `prefix` lost beyond the noise, with a 5% chance of
-    saying so wrongly; with 5 repeats only all five below 1.0 gets there (p = 1/32)."""
+    """One-sided sign test of "the arm is at least as fast as what it is held against", on
+    repeat-by-repeat ratios: the chance of as many repeats below 1.0 as seen (or more) if
+    each repeat fell either way with probability 1/2. Below 0.05, the arm lost beyond the
+    noise, with a 5% chance of saying so wrongly; with 5 repeats only all five below 1.0 gets
+    there (p = 1/32)."""
     n = len(ratios)
     below = sum(r < 1.0 for r in ratios)
     return sum(math.comb(n, k) for k in range(below, n + 1)) / 2 ** n
@@ -333,11 +340,14 @@ def main(argv=None) -> int:
                                max(args.num_prompts, 2 * max(args.concurrency)),
                                args.max_prompt_tokens)
     singles = prompts[:args.single_prompts]
-    table = engine_arms(args, engine, prompts, singles)
-    partial = Path(args.out).with_suffix(".engine.json")  # kept if the vLLM side fails
+    partial = Path(args.out).with_suffix(".partial.json")  # the runs so far, each repeat
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps(table))
-    vllm = vllm_arms(args, prompts, singles)
+    peer = vllm_session(args, prompts, singles)
+    try:
+        table, vllm = all_arms(args, engine, prompts, singles, peer, partial)
+    finally:
+        if peer is not None:
+            peer.close()
     partial.unlink()
     out = Path(args.out)
     result = {
