@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -343,6 +344,7 @@ def main(argv=None) -> int:
     partial = Path(args.out).with_suffix(".partial.json")  # the runs so far, each repeat
     partial.parent.mkdir(parents=True, exist_ok=True)
     peer = vllm_session(args, prompts, singles)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run stops vLLM too
     try:
         table, vllm = all_arms(args, engine, prompts, singles, peer, partial)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ class VllmSession:
         self._proc = subprocess.Popen(
             [python, str(PEER), str(work / "spec.json"), str(write)], env=env, cwd=work,
             stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, text=True,
-            pass_fds=(write,))
+            pass_fds=(write,), start_new_session=True)  # its own group: stopped whole
         os.close(write)  # the child holds its own end: EOF here once it exits
         self._results = os.fdopen(read, "r")
         self.version = self._answer()["version"]
@@ -51,8 +52,12 @@ class VllmSession:
             try:
                 self._proc.wait(120)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                pass
+        try:  # vLLM's engine-core and worker processes too, whatever became of the peer
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
         self._results.close()
         self._log.close()
         self._dir.cleanup()
