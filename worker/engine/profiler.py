@@ -7,7 +7,8 @@ accepted tokens against these tables, and the draft gate decides with them. They
 with the engine's own runner, caches and step (verify-shaped batches: sequences of gamma + 1
 new tokens on a fixed context; stand-in requests that the profiler adds and removes itself),
 and cached on disk per device, model, dtype, attention code and grid, so a restart reads them
-back in milliseconds.
+back (`profile_cache`: each checked against a fresh timing of its cheapest point, and measured
+again where the cached one ran slowed).
 
 Knows: timing (best of N), the cache files, the engine's public parts. Does not know: how a
 step is planned or verified, sampling or policies.
@@ -23,7 +24,6 @@ import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,6 +32,7 @@ from worker.engine.attention import implementation_id
 from worker.engine.config import SamplingParams
 from worker.engine.model_runner import ForwardBatch, TargetRunner
 from worker.engine.online_costs import StepOverhead
+from worker.engine.profile_cache import cached_table
 from worker.engine.request import SpecStats
 from worker.engine.verify_policy import RowCostTable
 
@@ -238,25 +239,12 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
 def load_or_profile(runner: TargetRunner, *, dtype: torch.dtype, max_tokens: int, ctx_len: int,
                     gamma: int, cache_dir: str | None) -> SPSTable:
     sizes = batch_token_grid(max_tokens)
-    return _cached(cache_dir, f"{cache_key(runner, dtype, sizes, ctx_len, gamma)}.json",
-                   lambda: profile_sps(runner, sizes, ctx_len=ctx_len, block=gamma + 1))
 
+    def measure(points: list[int]) -> SPSTable:
+        return profile_sps(runner, points, ctx_len=ctx_len, block=gamma + 1)
 
-def _cached(cache_dir: str | None, name: str, build, table_type=SPSTable):
-    """The table cached as `name`, or `build()` written there (atomically) first."""
-    root = Path(cache_dir or Path.home() / ".cache" / "sparkgrid" / "sps")
-    path = root / name
-    if path.exists():
-        try:
-            return table_type.from_json(path.read_text())
-        except ValueError:
-            pass  # a damaged cache file is re-measured and overwritten
-    table = build()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(table.to_json())
-    tmp.replace(path)
-    return table
+    return cached_table(cache_dir, f"{cache_key(runner, dtype, sizes, ctx_len, gamma)}.json",
+                        lambda: measure(sizes), spot=lambda: measure(sizes[:1]))
 
 
 def best_seconds(fn, device: torch.device, repeats: int, after=None) -> float:
@@ -298,9 +286,11 @@ def load_or_profile_rows(runner: TargetRunner, *, dtype: torch.dtype, max_rows: 
     disk beside SPS(B)."""
     rows = draft_row_grid(max_rows)
     key = cache_key(runner, dtype, rows, ctx_len, gamma)
-    return _cached(cache_dir, f"rows-{key}.json",
-                   lambda: profile_rows(runner, rows, ctx_len=ctx_len, gamma=gamma),
-                   RowCostTable)
+    def measure(points: list[int]) -> RowCostTable:
+        return profile_rows(runner, points, ctx_len=ctx_len, gamma=gamma)
+
+    return cached_table(cache_dir, f"rows-{key}.json", lambda: measure(rows), RowCostTable,
+                        spot=lambda: measure(rows[:1]))
 
 
 @torch.inference_mode()
@@ -388,11 +378,12 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": kind},
                                     sort_keys=True).encode()).hexdigest()[:24]
 
-    def build() -> SPSTable:
-        times = [max(time_draft(rows), 1e-6) for rows in sizes]
-        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
+    def measure(points: list[int]) -> SPSTable:
+        times = [max(time_draft(rows), 1e-6) for rows in points]
+        return SPSTable(batch_tokens=points, steps_per_second=(1.0 / _monotone(times)).tolist())
 
-    return _cached(cache_dir, f"{kind}-{key}.json", build)
+    return cached_table(cache_dir, f"{kind}-{key}.json", lambda: measure(sizes),
+                        spot=lambda: measure(sizes[:1]))
 
 
 def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
@@ -403,11 +394,12 @@ def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "rows": FLUSH_ROWS,
                                      "kind": "flush"}, sort_keys=True).encode()).hexdigest()[:24]
 
-    def build() -> SPSTable:
-        times = [max(time_flush(tokens), 1e-6) for tokens in sizes]
-        return SPSTable(batch_tokens=sizes, steps_per_second=(1.0 / _monotone(times)).tolist())
+    def measure(points: list[int]) -> SPSTable:
+        times = [max(time_flush(tokens), 1e-6) for tokens in points]
+        return SPSTable(batch_tokens=points, steps_per_second=(1.0 / _monotone(times)).tolist())
 
-    return _cached(cache_dir, f"flush-{key}.json", build)
+    return cached_table(cache_dir, f"flush-{key}.json", lambda: measure(sizes),
+                        spot=lambda: measure(sizes[:1]))
 
 
 def load_or_profile_overhead(time_overhead, *, ident: dict, max_rows: int,
