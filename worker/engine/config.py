@@ -47,7 +47,8 @@ class EngineConfig:
     profile_sps: bool = True
     """Profile SPS(B) at start (needed by `prefix`; cached on disk)."""
     sps_cache_dir: str | None = None
-    """Where profiled SPS tables are cached; default `~/.cache/sparkgrid/sps`."""
+    """Where profiled cost tables are cached; default `~/.cache/sparkgrid/sps` (each is spot-
+    checked on reading: `profile_cache`)."""
     sps_context_len: int = 256
     """Context length per request used while profiling SPS."""
     record_confidence: bool = False
