@@ -226,13 +226,11 @@ def ratios(table: dict, vllm: dict | None, concurrency: list[int]) -> dict:
                 if p in table:
                     entry.update(_paired(table[p][str(c)], [theirs], key(c), f"{p}_vs_vllm",
                                          f"{p}_below_vllm_p"))
-        if "prefix" in row:
-            others = [table[p][str(c)] for p in row if p != "prefix"]
-            if others:
-                entry["prefix_vs_best_other"] = row["prefix"] / max(row[p] for p in row
-                                                                    if p != "prefix")
-                entry.update(_paired(table["prefix"][str(c)], others, key(c),
-                                     "prefix_vs_best_other", "prefix_below_best_other_p"))
+        rivals = [p for p in row if p != "prefix"]
+        if "prefix" in row and rivals:
+            entry["prefix_vs_best_other"] = row["prefix"] / max(row[p] for p in rivals)
+            entry.update(_paired(table["prefix"][str(c)], [table[p][str(c)] for p in rivals],
+                                 key(c), "prefix_vs_best_other", "prefix_below_best_other_p"))
         out[str(c)] = entry
     return out
 

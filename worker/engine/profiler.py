@@ -235,7 +235,6 @@ def cache_key(runner: TargetRunner, dtype: torch.dtype, sizes: list[int], ctx_le
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
-
 def load_or_profile(runner: TargetRunner, *, dtype: torch.dtype, max_tokens: int, ctx_len: int,
                     gamma: int, cache_dir: str | None) -> SPSTable:
     sizes = batch_token_grid(max_tokens)
@@ -286,6 +285,7 @@ def load_or_profile_rows(runner: TargetRunner, *, dtype: torch.dtype, max_rows: 
     disk beside SPS(B)."""
     rows = draft_row_grid(max_rows)
     key = cache_key(runner, dtype, rows, ctx_len, gamma)
+
     def measure(points: list[int]) -> RowCostTable:
         return profile_rows(runner, points, ctx_len=ctx_len, gamma=gamma)
 
@@ -377,13 +377,8 @@ def load_or_profile_draft(time_draft, *, ident: dict, max_rows: int,
     sizes = draft_row_grid(max_rows)
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "kind": kind},
                                     sort_keys=True).encode()).hexdigest()[:24]
-
-    def measure(points: list[int]) -> SPSTable:
-        times = [max(time_draft(rows), 1e-6) for rows in points]
-        return SPSTable(batch_tokens=points, steps_per_second=(1.0 / _monotone(times)).tolist())
-
-    return cached_table(cache_dir, f"{kind}-{key}.json", lambda: measure(sizes),
-                        spot=lambda: measure(sizes[:1]))
+    return cached_table(cache_dir, f"{kind}-{key}.json", lambda: _timed_table(time_draft, sizes),
+                        spot=lambda: _timed_table(time_draft, sizes[:1]))
 
 
 def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
@@ -393,13 +388,14 @@ def load_or_profile_flush(time_flush, *, sizes: list[int], ident: dict,
     one write. Cached beside the draft table."""
     key = hashlib.sha256(json.dumps({**ident, "sizes": sizes, "rows": FLUSH_ROWS,
                                      "kind": "flush"}, sort_keys=True).encode()).hexdigest()[:24]
+    return cached_table(cache_dir, f"flush-{key}.json", lambda: _timed_table(time_flush, sizes),
+                        spot=lambda: _timed_table(time_flush, sizes[:1]))
 
-    def measure(points: list[int]) -> SPSTable:
-        times = [max(time_flush(tokens), 1e-6) for tokens in points]
-        return SPSTable(batch_tokens=points, steps_per_second=(1.0 / _monotone(times)).tolist())
 
-    return cached_table(cache_dir, f"flush-{key}.json", lambda: measure(sizes),
-                        spot=lambda: measure(sizes[:1]))
+def _timed_table(seconds_at, points: list[int]) -> SPSTable:
+    """`seconds_at(point)` for each point, as an `SPSTable` of its rate (monotone times)."""
+    times = [max(seconds_at(point), 1e-6) for point in points]
+    return SPSTable(batch_tokens=points, steps_per_second=(1.0 / _monotone(times)).tolist())
 
 
 def load_or_profile_overhead(time_overhead, *, ident: dict, max_rows: int,
