@@ -12,6 +12,7 @@ from tiny_engines import make_engine  # noqa: E402  (beside this file)
 
 from sparkgrid.costs import SPSTable
 from worker.engine.config import SamplingParams
+from worker.engine.regimes import GATE, PLAIN, Regimes
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +146,46 @@ def test_the_flush_cost_is_profiled_and_the_steps_teach_the_online_costs(structu
         engine.step()
     assert engine.counters.draft_forwards > drafted
     assert sum(sum(seen) for seen in online.seen.values()) == planned
+
+
+def test_greedy_prefix_steps_run_in_the_regime_that_gave_more_tokens_a_second(
+        structured_pairs, tmp_path):
+    """At each load (requests running and waiting), windows of steps where the gate chooses
+    who drafts and windows where nobody does, each regime's tokens per second measured on the
+    engine's own steps: in a plain window no draft pass runs, the text is the target's
+    either way, and a step with a sampled request is not steered (nor measured)."""
+    pair = structured_pairs("qwen3", "vanilla")
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompts = [list(range(i, i + 5)) for i in range(2)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    # a forward costs the same whatever its tokens: on the tables drafting pays
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
+    regimes = Regimes(window=3, explore_every=2)
+    engine.planner.regimes = regimes
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    ran = []  # (regime, whether a draft pass ran) of each decode step
+    while engine.has_unfinished():
+        demand = len(engine.running) + len(engine.waiting)  # what the regimes are keyed by
+        regime = regimes.regime(demand) if engine.running else None
+        drafted = engine.counters.draft_forwards
+        for out in engine.step():
+            got[out.req_id] += out.token_ids
+        if regime is not None:
+            ran.append((regime, engine.counters.draft_forwards > drafted))
+    assert [got[i] for i in ids] == [w["token_ids"] for w in want]
+    assert (PLAIN, True) not in ran  # a plain window drafts nothing
+    assert (GATE, True) in ran and (PLAIN, False) in ran
+    assert regimes.plain_steps == sum(r == PLAIN for r, _ in ran)
+    assert all(load.mean for load in regimes.loads.values() if sum(load.windows.values()))
+    seen = {b: dict(load.windows) for b, load in regimes.loads.items()}
+    plain = regimes.plain_steps
+    sampled = SamplingParams(temperature=0.8, max_tokens=48, seed=3)
+    engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=8,
+                                                  ignore_eos=True))
+    engine.add_request(prompts[1], sampled)  # it outlasts the greedy one
+    while engine.has_unfinished():
+        engine.step()
+    assert regimes.plain_steps == plain
+    assert {b: dict(load.windows) for b, load in regimes.loads.items()} == seen

@@ -61,6 +61,9 @@ class EngineConfig:
     online_costs: bool = True
     """Let the draft gate correct its profiled step costs by how this engine's drafting and
     plain steps really run (`online_costs`)."""
+    online_regimes: bool = True
+    """Run greedy `prefix` steps, at each load, in the regime that has given the more tokens
+    per second there: the draft gate's choice, or nobody drafting (`regimes`)."""
     draft_vocab_size: int = 0
     """Draft only the N tokens the target writes most often (`draft_vocab`; needs the draft's
     `draft_vocab.json` ranking); 0 = the full vocabulary."""

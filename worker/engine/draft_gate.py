@@ -88,8 +88,7 @@ class DraftGate:
         self.online: OnlineCosts | None = None
         """How drafting steps really run against their tables, relative to plain steps (the
         engine's timings, `OnlineCosts`); None: the tables alone."""
-        # (numpy, not torch: a step asks about a few dozen numbers, where a torch op costs
-        # several times a numpy one on the host)
+        # (numpy, not torch: for a few dozen numbers a torch op costs several numpy ones)
         self._estimate: dict[str, np.ndarray] = {}  # req_id -> [G] float64
         self._prior: dict[bool, np.ndarray] = {}  # greedy? -> [G] where newcomers begin
         self._greedy: dict[str, bool] = {}  # req_id -> whether it decodes greedily
@@ -212,6 +211,13 @@ class DraftGate:
             self._quiet = (ids, (self._version, len(reqs)), self._factor,
                            min(gaps + [self.quiet_steps]))
         return [spec_idx[k] for k in sorted(chosen)]
+
+    def skip(self, reqs, spec_idx: list[int], sps) -> list[int]:
+        """A step where nobody drafts by the `regimes` choice: the gate's state stays, and
+        `ruled_out` says whether its bounds would rule drafting out anyway (for dormancy)."""
+        self.ruled_out = (bool(spec_idx) and sps is not None and self.draft_cost is not None
+                          and self.rules_out(len(reqs), sps))
+        return []
 
     def rules_out(self, rows: int, sps) -> bool:
         """Whether the bounds alone rule drafting out at a load of `rows` (as `ruled_out`

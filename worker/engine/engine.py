@@ -41,6 +41,7 @@ from worker.engine.online_calibration import OnlineCalibration
 from worker.engine.online_costs import OnlineCosts
 from worker.engine.planner import Planner, StepPlan, StepResult
 from worker.engine.profiler import profile_engine
+from worker.engine.regimes import Regimes
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import argmax_rows, sample, warp_probs
 from worker.engine.spec_step import DraftProposal, pad_rows, stated_confidence
@@ -133,6 +134,8 @@ class LLMEngine:
             self.gate.flush.tokens = self.draft_runner.deferred_tokens
             if config.online_costs:
                 self.gate.online = OnlineCosts()
+            if config.online_regimes:
+                self.planner.regimes = Regimes()
 
     @property
     def gate(self) -> DraftGate:
@@ -204,7 +207,13 @@ class LLMEngine:
         started = time.perf_counter()
         plan = self.planner.plan(self.running, self.waiting, self.step_cost or self.sps)
         result = self._run(plan)
+        generated = self.counters.generated_tokens
         outputs = self._commit(plan, result)
+        decode_seconds = time.perf_counter() - started - result.prefill_seconds
+        if plan.regime is not None:  # the decode's tokens and time (the prefill's are not)
+            self.planner.regimes.observe(
+                plan.demand, plan.regime,
+                self.counters.generated_tokens - generated - len(plan.prefill), decode_seconds)
         # the gate learns from the steps it plans: those with a `prefix` row keeping a context
         # (a `fixed` or `ar` step runs another regime, all rows drafting or none, which it never
         # chooses between plain and partial steps, and must not steer it)
@@ -212,8 +221,8 @@ class LLMEngine:
             plan.decode[i].policy == Policy.PREFIX for i in plan.keep_context)
         predicted = self.planner.predicted_seconds(plan) if planned else None
         if predicted is not None:  # the whole step's time but the newcomers' prefill
-            measured = time.perf_counter() - started - result.prefill_seconds
-            self.gate.online.observe(len(plan.decode), bool(plan.drafting), predicted, measured)
+            self.gate.online.observe(len(plan.decode), bool(plan.drafting), predicted,
+                                     decode_seconds)
         return outputs
 
     def generate(self, prompts: list[str | list[int]],

@@ -26,6 +26,7 @@ from sparkgrid.costs import SPSTable
 from worker.engine.draft_gate import DraftGate
 from worker.engine.kv_cache import BlockAllocator
 from worker.engine.model_runner import ForwardBatch
+from worker.engine.regimes import PLAIN, Regimes
 from worker.engine.request import Request, Status
 from worker.engine.spec_step import DraftProposal, choose_lengths
 from worker.engine.verify_policy import Policy, RowCostTable
@@ -66,6 +67,12 @@ class StepPlan:
     the engine drops what they hold."""
     lengths: list[int] = field(default_factory=list)
     """Draft tokens each decoding row verifies (0: none), set by `Planner.verify_lengths`."""
+    regime: str | None = None
+    """The regime (`regimes.GATE` or `PLAIN`) that `Planner.regimes` chose for this step, or
+    None where it chose none (no `Regimes`, a sampled request, a row of another policy)."""
+    demand: int = 0
+    """Requests running and waiting when the step was planned (at most `max_num_seqs`): the
+    load `Planner.regimes` keys its regimes by."""
 
     @property
     def num_new(self) -> list[int]:
@@ -144,6 +151,9 @@ class Planner:
         a plain step for context no draft pass would read (64 requests on a 2-core CPU).
         Requests admitted after the load has eased keep a context again."""
         self._ruled_out_steps = 0
+        self.regimes: Regimes | None = None
+        """Whether greedy `prefix` steps let the gate choose or nobody draft, by the
+        throughput each has given at the load (`regimes.Regimes`); None: the gate always."""
 
     def plan(self, running: list[Request], waiting: deque[Request],
              cost: SPSTable | RowCostTable | None) -> StepPlan:
@@ -151,8 +161,14 @@ class Planner:
         `max_num_seqs`, `max_prefill_tokens` and the caches' budgets)."""
         decode = list(running)
         keep = [i for i, r in enumerate(decode) if r.keeps_context]
-        drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
-                                  greedy=all(r.params.temperature == 0 for r in decode))
+        greedy = all(r.params.temperature == 0 for r in decode)
+        demand = self._joined_load(len(running) + len(waiting))
+        regime = self._regime(decode, keep, cost, greedy, demand)
+        if regime == PLAIN:
+            drafting = self.gate.skip(decode, keep, cost)
+        else:
+            drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
+                                      greedy=greedy)
         dormant = self._dormancy(decode, keep, drafting, cost, len(waiting))
         if dormant:
             keep = [i for i in keep if decode[i].keeps_context]
@@ -165,9 +181,20 @@ class Planner:
             fixed_seconds=(self.gate.draft_seconds(len(drafting), len(decode))
                            + self.gate.flush.seconds([decode[i].req_id for i in drafting])
                            if decode else 0.0),
-            prefill=admitted, dormant=dormant,
+            prefill=admitted, dormant=dormant, regime=regime, demand=demand,
             prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]
                               if admitted else None))
+
+    def _regime(self, decode: list[Request], keep: list[int], cost, greedy: bool,
+                demand: int) -> str | None:
+        """The step's regime from `regimes` at `demand`, where it steers: every decoding
+        request greedy, some keeping a draft context, all of those `prefix`, and the gate
+        able to weigh."""
+        if (self.regimes is None or not greedy or not keep or cost is None
+                or self.gate.draft_cost is None
+                or any(decode[i].policy != Policy.PREFIX for i in keep)):
+            return None
+        return self.regimes.regime(demand)
 
     def verify_lengths(self, plan: StepPlan, proposal: DraftProposal | None) -> None:
         """Set `plan.lengths` from the draft pass's proposal, under each row's policy; the gate

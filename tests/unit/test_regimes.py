@@ -1,0 +1,85 @@
+"""Which regime greedy `prefix` steps run in at each load, by the throughput each has given."""
+
+import math
+
+import pytest
+
+from worker.engine.regimes import GATE, PLAIN, Regimes
+
+
+def _run(regimes, rows, speed, windows=1):
+    """Run `windows` whole windows at `rows`, each step's throughput `speed[regime]` tokens/s
+    (one token a row); returns the regime of each window."""
+    ran = []
+    for _ in range(windows):
+        regime = regimes.regime(rows)
+        ran.append(regime)
+        for _ in range(regimes.window):
+            assert regimes.regime(rows) == regime  # a window runs one regime throughout
+            regimes.observe(rows, regime, rows, rows / speed[regime])
+    return ran
+
+
+def test_each_regime_runs_a_window_then_the_faster_one_runs():
+    regimes = Regimes(window=4, explore_every=3)
+    assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=2) == [GATE, PLAIN]
+    assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=3) == [PLAIN] * 3
+    assert regimes.means(16) == pytest.approx({GATE: 100.0, PLAIN: 150.0})
+    assert regimes.plain_steps == 4 * 4
+
+
+def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower():
+    regimes = Regimes(window=2, explore_every=2, max_explore_every=8)
+    speed = {GATE: 300.0, PLAIN: 100.0}  # few requests: drafting wins
+    ran = _run(regimes, 1, speed, windows=40)
+    plain = [i for i, r in enumerate(ran) if r == PLAIN]
+    # one window of each, then GATE for 2, 4, 8, 8, ... windows between plain ones
+    assert plain[:5] == [1, 4, 9, 18, 27]
+    assert ran[0] == GATE
+
+
+def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again():
+    regimes = Regimes(window=2, explore_every=2, max_explore_every=16, smoothing=1.0)
+    _run(regimes, 8, {GATE: 100.0, PLAIN: 200.0}, windows=12)  # plain settles
+    assert regimes.loads[3].interval > 2
+    ran = _run(regimes, 8, {GATE: 400.0, PLAIN: 200.0}, windows=20)
+    first_gate = ran.index(GATE)  # its window now shows it faster: it takes over at once,
+    assert ran[first_gate + 1:first_gate + 4] == [GATE, GATE, PLAIN]  # for 2 windows again
+
+
+def test_each_load_keeps_its_own_windows():
+    regimes = Regimes(window=2)
+    _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0}, windows=4)
+    _run(regimes, 2, {GATE: 300.0, PLAIN: 100.0}, windows=4)
+    assert regimes.regime(64) == PLAIN and regimes.regime(127) == PLAIN  # one power of two
+    assert regimes.regime(2) == GATE and regimes.regime(3) == GATE
+    assert regimes.regime(16) == GATE  # never seen: the gate first
+
+
+@pytest.mark.parametrize("tokens, seconds", [
+    (4, 0.0), (4, -1.0), (4, math.nan), (4, math.inf), (-1, 0.01), (True, 0.01),
+    (2.5, 0.01)])
+def test_steps_that_cannot_be_measured_teach_nothing(tokens, seconds):
+    regimes = Regimes(window=1)
+    regimes.regime(4)
+    regimes.observe(4, GATE, tokens, seconds)
+    assert regimes.regime(4) == GATE and regimes.loads[2].mean == {}
+
+
+def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
+    regimes = Regimes(window=1)
+    regimes.observe(4, GATE, 4, 0.01)  # no step of this load was planned
+    assert regimes.loads == {}
+    regimes.regime(4)
+    regimes.observe(4, PLAIN, 4, 0.01)  # the load runs GATE now
+    assert regimes.loads[2].mean == {} and regimes.plain_steps == 0
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"window": 0}, "window"), ({"window": 2.0}, "window"), ({"explore_every": True},
+                                                                "explore_every"),
+    ({"explore_every": 8, "max_explore_every": 4}, "max_explore_every"),
+    ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing")])
+def test_settings_are_checked_by_name(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Regimes(**kwargs)

@@ -1,0 +1,140 @@
+"""Which regime `prefix` steps run in at each load, from the throughput each has really given.
+
+The draft gate (`draft_gate.DraftGate`) picks the requests that draft in a step from profiled
+tables and survival estimates. Far from the load where drafting stops paying, their errors do
+not matter; near it they decide, and a choice that the tables call a 10% gain can lose a
+quarter: writing the deferred draft context, a draft pass with cold caches, requests that
+drift apart in length so that newcomers join one by one. Measured on the shipped pair at 16
+requests on a 2-core CPU, where plain decoding (`ar`) and drafting every step (`fixed`) ran
+within 10% of each other: the gate drafted in a third of its steps and `prefix` ran 9-12%
+below `ar`; the same engine with drafting off in those steps ran within 2% of `ar`.
+
+So greedy `prefix` steps run in windows of `window` steps, each window in one of two regimes:
+GATE (the draft gate chooses, as always) or PLAIN (nobody drafts; requests keep their draft
+context, so drafting can resume). Each window's tokens per second (the decode's committed
+tokens over the decode's seconds, the newcomers' prefill left out) update a running mean of
+log throughput per regime and per load (the step's rows, in powers of two: the better regime
+changes with the load). After one window of each, the better regime runs; the other gets one
+window again after `explore_every` windows, an interval that doubles (up to
+`max_explore_every`) each time the better regime stays better and starts again when they
+swap. So a load where the gate's choices lose costs a window now and then, not every step,
+and a load where they win (few requests) costs one plain window in `max_explore_every` once
+settled.
+
+Lossless: a step's regime is fixed before its draft pass, from earlier steps' timings, and
+only decides whether anyone drafts; verification never sees it. It steers greedy steps only
+(their tokens do not depend on who drafts); a step with a sampled request keeps the gate's
+choice, whose schedule of random draws depends on the tables and the requests alone, so a
+seed's text repeats.
+Knows: steps' rows, tokens and seconds. Does not know: models, requests or tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GATE, PLAIN = "gate", "plain"
+
+
+@dataclass
+class _Load:
+    """One load's windows: the regime running now and what each regime has given."""
+
+    regime: str = GATE
+    steps_left: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    mean: dict[str, float] = field(default_factory=dict)  # regime -> mean log tokens/s
+    windows: dict[str, int] = field(default_factory=lambda: {GATE: 0, PLAIN: 0})
+    interval: int = 0  # windows of the better regime before the other runs one again
+    until_explore: int = 0  # of those, still to run
+
+    def better(self) -> str:
+        """The regime with the higher mean (GATE where they tie)."""
+        return PLAIN if self.mean.get(PLAIN, -math.inf) > self.mean.get(GATE, -math.inf) \
+            else GATE
+
+
+class Regimes:
+    """Per load (rows 1, 2-3, 4-7, ...), the regime greedy `prefix` steps run in now, and
+    what each has given (`regime`, `observe`)."""
+
+    def __init__(self, *, window: int = 16, explore_every: int = 4,
+                 max_explore_every: int = 64, smoothing: float = 0.3):
+        for name, value in (("window", window), ("explore_every", explore_every),
+                            ("max_explore_every", max_explore_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if max_explore_every < explore_every:
+            raise ValueError(f"max_explore_every: expected at least explore_every "
+                             f"({explore_every}), got {max_explore_every}")
+        if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
+            raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
+        self.window, self.smoothing = window, float(smoothing)
+        self.explore_every, self.max_explore_every = explore_every, max_explore_every
+        self.loads: dict[int, _Load] = {}
+        """load bucket (floor(log2(rows))) -> its windows."""
+        self.plain_steps = 0
+        """Steps run in the PLAIN regime."""
+
+    def regime(self, rows: int) -> str:
+        """The regime of the next step of `rows`: GATE or PLAIN."""
+        load = self.loads.get(_bucket(rows))
+        if load is None:
+            load = self.loads[_bucket(rows)] = _Load(steps_left=self.window)
+        return load.regime
+
+    def observe(self, rows: int, regime: str, tokens: int, seconds: float) -> None:
+        """A step of `rows` in `regime` committed `tokens` in `seconds` (its decode). A step
+        of another regime than the one its load runs now, or with a count or a time that
+        cannot be one (negative, not finite, no time), teaches nothing."""
+        load = self.loads.get(_bucket(rows))
+        if (load is None or regime != load.regime or isinstance(tokens, bool)
+                or not isinstance(tokens, int) or tokens < 0
+                or not 0 < seconds < math.inf):
+            return
+        if regime == PLAIN:
+            self.plain_steps += 1
+        load.tokens += tokens
+        load.seconds += seconds
+        load.steps_left -= 1
+        if load.steps_left <= 0:
+            self._close_window(load)
+
+    def means(self, rows: int) -> dict[str, float]:
+        """Each regime's mean tokens/s at the load of `rows`, as far as measured."""
+        load = self.loads.get(_bucket(rows))
+        return {k: math.exp(v) for k, v in load.mean.items()} if load else {}
+
+    def _close_window(self, load: _Load) -> None:
+        """Fold the window just run into its regime's mean and pick the next window's."""
+        ran, before = load.regime, load.better()
+        explored = len(load.mean) == 2 and ran != before
+        if load.tokens > 0:
+            sample = math.log(load.tokens / load.seconds)
+            old = load.mean.get(ran)
+            load.mean[ran] = sample if old is None else old + self.smoothing * (sample - old)
+            load.windows[ran] += 1
+        load.tokens, load.seconds, load.steps_left = 0, 0.0, self.window
+        other = PLAIN if ran == GATE else GATE
+        if other not in load.mean:  # each regime runs a window before either is chosen
+            load.regime = other
+            return
+        best = load.better()
+        if explored or load.interval == 0:
+            # the other regime's window (or the first of both) is in: the better one runs for
+            # an interval that grows while it stays the better, and starts over when not
+            confirmed = explored and best == before
+            load.interval = (min(2 * load.interval, self.max_explore_every) if confirmed
+                             else self.explore_every)
+            load.until_explore = load.interval
+            load.regime = best
+            return
+        load.until_explore -= 1
+        load.regime = best if load.until_explore > 0 else (PLAIN if best == GATE else GATE)
+
+
+def _bucket(rows: int) -> int:
+    """The load of a step of `rows`: floor(log2(rows))."""
+    return max(rows, 1).bit_length() - 1
