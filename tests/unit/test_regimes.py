@@ -28,13 +28,15 @@ def test_each_regime_runs_a_window_then_the_faster_one_runs():
     assert regimes.plain_steps == 4 * 4
 
 
-def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower():
+@pytest.mark.parametrize("gate, plain_windows", [
+    (120.0, [1, 4, 9, 18, 27]),  # a lead under `FAR`: GATE for 2, 4, 8, 8, ... windows
+    (300.0, [1, 4, 13, 22, 31])])  # a far lead: for 2, 8, 8, ... windows
+def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gate,
+                                                                              plain_windows):
     regimes = Regimes(window=2, explore_every=2, max_explore_every=8)
-    speed = {GATE: 300.0, PLAIN: 100.0}  # few requests: drafting wins
+    speed = {GATE: gate, PLAIN: 100.0}  # few requests: drafting wins
     ran = _run(regimes, 1, speed, windows=40)
-    plain = [i for i, r in enumerate(ran) if r == PLAIN]
-    # one window of each, then GATE for 2, 4, 8, 8, ... windows between plain ones
-    assert plain[:5] == [1, 4, 9, 18, 27]
+    assert [i for i, r in enumerate(ran) if r == PLAIN][:5] == plain_windows
     assert ran[0] == GATE
 
 
@@ -45,6 +47,16 @@ def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again()
     ran = _run(regimes, 8, {GATE: 400.0, PLAIN: 200.0}, windows=20)
     first_gate = ran.index(GATE)  # its window now shows it faster: it takes over at once,
     assert ran[first_gate + 1:first_gate + 4] == [GATE, GATE, PLAIN]  # for 2 windows again
+
+
+def test_drafting_must_have_given_more_than_the_margin_to_be_chosen():
+    """Drafting's costs outlast its windows (requests drift apart), so a near tie goes to
+    plain decoding."""
+    close = {GATE: 105.0, PLAIN: 100.0}
+    assert _run(Regimes(window=2, margin=1.1), 16, close, windows=4)[2:] == [PLAIN, PLAIN]
+    assert _run(Regimes(window=2, margin=1.0), 16, close, windows=4)[2:] == [GATE, GATE]
+    assert _run(Regimes(window=2, margin=1.1), 16, {GATE: 120.0, PLAIN: 100.0},
+                windows=4)[2:] == [GATE, GATE]
 
 
 def test_each_load_keeps_its_own_windows():
@@ -79,7 +91,8 @@ def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
     ({"window": 0}, "window"), ({"window": 2.0}, "window"), ({"explore_every": True},
                                                                 "explore_every"),
     ({"explore_every": 8, "max_explore_every": 4}, "max_explore_every"),
-    ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing")])
+    ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing"),
+    ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin")])
 def test_settings_are_checked_by_name(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Regimes(**kwargs)
