@@ -1,32 +1,35 @@
-"""Which regime `prefix` steps run in at each load, from the throughput each has really given.
+"""Which regime greedy `prefix` steps run in at each load, from what each has really given.
 
 The draft gate (`draft_gate.DraftGate`) picks the requests that draft in a step from profiled
 tables and survival estimates. Far from the load where drafting stops paying, their errors do
-not matter; near it they decide, and a choice that the tables call a 10% gain can lose a
-quarter: writing the deferred draft context, a draft pass with cold caches, requests that
-drift apart in length so that newcomers join one by one. Measured on the shipped pair at 16
-requests on a 2-core CPU, where plain decoding (`ar`) and drafting every step (`fixed`) ran
-within 10% of each other: the gate drafted in a third of its steps and `prefix` ran 9-12%
-below `ar`; the same engine with drafting off in those steps ran within 2% of `ar`.
+not matter; near it they decide. On a 2-core CPU (Intel, AMX) where, with 16 and 32 requests,
+plain decoding (`ar`) ran 1.0x and 1.15x drafting every step (`fixed`), the gate drafted in
+part of its steps (tau 1.1-3.1) and `prefix` ran 0.89x and 0.86x the better of the two
+(medians of 6 interleaved repeats; at 32 requests below in all six).
 
 So greedy `prefix` steps run in windows of `window` steps, each window in one of two regimes:
 GATE (the draft gate chooses, as always) or PLAIN (nobody drafts; requests keep their draft
 context, so drafting can resume). Each window's tokens per second (the decode's committed
 tokens over the decode's seconds, the newcomers' prefill left out) update a running mean of
-log throughput per regime and per load (the step's rows, in powers of two: the better regime
-changes with the load). After one window of each, the better regime runs; the other gets one
-window again after `explore_every` windows, an interval that doubles (up to
-`max_explore_every`) each time the better regime stays better and starts again when they
-swap. So a load where the gate's choices lose costs a window now and then, not every step,
-and a load where they win (few requests) costs one plain window in `max_explore_every` once
-settled.
+log throughput per regime and per load: the requests running and waiting when a step is
+planned (at most `max_num_seqs`), in powers of two. Not the step's rows: drafting requests
+finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
+belong to the regime that caused them. After one window of each, the better regime runs;
+GATE is the better only where it gave `margin` times PLAIN's tokens per second, since
+drafting costs beyond its windows that no window measures (requests drift apart: slots wait
+for the next admission, newcomers are prefilled one by one, the last requests of a batch
+finish one by one at a low load). The other regime gets one window again after
+`explore_every` windows, an interval that doubles (four times where one leads by `FAR`), up
+to `max_explore_every`, each time the better one stays better, and starts again when they
+swap. So a load where drafting loses costs a window now and then, and a load where it wins
+(few requests) a plain window in up to `max_explore_every`.
 
 Lossless: a step's regime is fixed before its draft pass, from earlier steps' timings, and
 only decides whether anyone drafts; verification never sees it. It steers greedy steps only
 (their tokens do not depend on who drafts); a step with a sampled request keeps the gate's
 choice, whose schedule of random draws depends on the tables and the requests alone, so a
 seed's text repeats.
-Knows: steps' rows, tokens and seconds. Does not know: models, requests or tables.
+Knows: loads, steps' tokens and seconds. Does not know: models, requests or tables.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ class _Load:
 
 
 class Regimes:
-    """Per load (rows 1, 2-3, 4-7, ...), the regime greedy `prefix` steps run in now, and
-    what each has given (`regime`, `observe`)."""
+    """Per load (1, 2-3, 4-7, ... requests running and waiting), the regime greedy `prefix`
+    steps run in now, and what each has given (`regime`, `observe`)."""
 
     def __init__(self, *, window: int = 16, explore_every: int = 4,
                  max_explore_every: int = 64, smoothing: float = 0.3, margin: float = 1.1):
@@ -80,31 +83,29 @@ class Regimes:
             raise ValueError(f"margin: expected a number >= 1, got {margin!r}")
         self.margin = float(margin)
         """How many times PLAIN's tokens per second GATE must have given to be the better
-        regime. Drafting costs beyond its own window: requests that draft finish at
-        different steps, so slots wait for the next admission, newcomers are prefilled one by
-        one, and the last requests of a batch finish one by one at a low load; no window
-        measures that. At 16 requests on a 2-core CPU the two regimes' windows gave about the
-        same tokens per second (within 4%), and whole runs of `prefix` that chose by them
-        ran 5-15% below `ar`."""
+        regime (its costs outlast its windows). Without one, at 16 requests on a 2-core CPU
+        the two regimes' windows gave within 4% of each other, `prefix` drafted in part of
+        its windows, and ran 0.83-1.05x the better of `ar` and `fixed` (6 repeats)."""
         self.window, self.smoothing = window, float(smoothing)
         self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self.loads: dict[int, _Load] = {}
-        """load bucket (floor(log2(rows))) -> its windows."""
+        """load bucket (floor(log2(load))) -> its windows."""
         self.plain_steps = 0
         """Steps run in the PLAIN regime."""
 
-    def regime(self, rows: int) -> str:
-        """The regime of the next step of `rows`: GATE or PLAIN."""
-        load = self.loads.get(_bucket(rows))
+    def regime(self, demand: int) -> str:
+        """The regime of the next step planned at a load of `demand` (requests running and
+        waiting): GATE or PLAIN."""
+        load = self.loads.get(_bucket(demand))
         if load is None:
-            load = self.loads[_bucket(rows)] = _Load(steps_left=self.window)
+            load = self.loads[_bucket(demand)] = _Load(steps_left=self.window)
         return load.regime
 
-    def observe(self, rows: int, regime: str, tokens: int, seconds: float) -> None:
-        """A step of `rows` in `regime` committed `tokens` in `seconds` (its decode). A step
-        of another regime than the one its load runs now, or with a count or a time that
-        cannot be one (negative, not finite, no time), teaches nothing."""
-        load = self.loads.get(_bucket(rows))
+    def observe(self, demand: int, regime: str, tokens: int, seconds: float) -> None:
+        """A step planned at `demand` in `regime` committed `tokens` in `seconds` (its
+        decode). A step of another regime than the one its load runs now, or with a count or
+        a time that cannot be one (negative, not finite, no time), teaches nothing."""
+        load = self.loads.get(_bucket(demand))
         if (load is None or regime != load.regime or isinstance(tokens, bool)
                 or not isinstance(tokens, int) or tokens < 0
                 or not 0 < seconds < math.inf):
@@ -117,9 +118,9 @@ class Regimes:
         if load.steps_left <= 0:
             self._close_window(load)
 
-    def means(self, rows: int) -> dict[str, float]:
-        """Each regime's mean tokens/s at the load of `rows`, as far as measured."""
-        load = self.loads.get(_bucket(rows))
+    def means(self, demand: int) -> dict[str, float]:
+        """Each regime's mean tokens/s at the load of `demand`, as far as measured."""
+        load = self.loads.get(_bucket(demand))
         return {k: math.exp(v) for k, v in load.mean.items()} if load else {}
 
     def _close_window(self, load: _Load) -> None:
@@ -154,6 +155,6 @@ class Regimes:
         load.regime = best if load.until_explore > 0 else (PLAIN if best == GATE else GATE)
 
 
-def _bucket(rows: int) -> int:
-    """The load of a step of `rows`: floor(log2(rows))."""
-    return max(rows, 1).bit_length() - 1
+def _bucket(demand: int) -> int:
+    """The load bucket of `demand` requests: floor(log2(demand))."""
+    return max(demand, 1).bit_length() - 1
