@@ -12,6 +12,7 @@ from tiny_engines import make_engine  # noqa: E402  (beside this file)
 
 from sparkgrid.costs import SPSTable
 from worker.engine.config import SamplingParams
+from worker.engine.online_costs import OnlineCosts
 from worker.engine.regimes import GATE, PLAIN, Regimes
 
 pytestmark = pytest.mark.integration
@@ -65,6 +66,34 @@ def test_where_drafting_is_ruled_out_requests_stop_keeping_draft_context(structu
     engine.step()
     assert engine.requests[alone].keeps_context
     assert engine.draft_runner.deferred_tokens(alone) == 5
+
+
+def test_what_timing_made_of_greedy_steps_never_reaches_a_sampled_newcomer(structured_pairs,
+                                                                           tmp_path):
+    """Measured steps that made drafting look far dearer than the tables (the online factor,
+    which steers greedy steps only) rule it out for greedy requests until they stop keeping
+    a context; a sampled request admitted while that streak holds keeps its own (its
+    schedule follows the tables and its seed, never the clock), and a greedy newcomer keeps
+    none."""
+    pair = structured_pairs("qwen3", "vanilla")
+    engine = make_engine(pair, tmp_path, policy="prefix", online_regimes=False)
+    planner = engine.planner
+    planner.dormant_after = 4
+    engine.gate.online = OnlineCosts(warmup=1, clip=30.0, limit=30.0)
+    for rows in range(1, 9):  # drafting steps measured e^30 times their tables' time
+        engine.gate.online.observe(rows, True, 1.0, math.exp(30.0))
+        engine.gate.online.observe(rows, False, 1.0, 1.0)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, max_tokens=8, seed=3, ignore_eos=True)
+    ids = [engine.add_request(list(range(i, i + 5)), greedy) for i in range(2)]
+    for _ in range(1 + planner.dormant_after):  # the prefill, then steps ruled out
+        engine.step()
+    assert not any(engine.requests[i].keeps_context for i in ids)
+    late_sampled = engine.add_request(list(range(7, 12)), sampled)
+    late_greedy = engine.add_request(list(range(9, 14)), greedy)
+    engine.step()
+    assert engine.requests[late_sampled].keeps_context
+    assert not engine.requests[late_greedy].keeps_context
 
 
 @pytest.mark.parametrize("copy", [False, True])

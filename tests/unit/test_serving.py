@@ -59,8 +59,12 @@ def _wait(cond, timeout):
 
 def test_streamed_chunks_equal_the_engines_direct_output(config):
     """Jobs one after another (sampled output depends on how the batch was scheduled, so the
-    engine's direct run must see the same schedule: one request at a time)."""
-    loop = EngineLoop(config, lambda: build_engine(config))
+    engine's direct run must see the same schedule: one request at a time), and the direct
+    engine plans with the loop's cost tables: which rows draft depends on them, and a cached
+    table is measured again where its spot check finds it slowed (a neighbouring test's load
+    had made the two engines' tables, and so their sampled texts, differ)."""
+    built = []
+    loop = EngineLoop(config, lambda: built.append(build_engine(config)) or built[-1])
     loop.start()
     _wait(lambda: loop.state == "ready", 120)
     params = [SamplingParams(temperature=t, max_tokens=24, seed=7 + i)
@@ -73,6 +77,7 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
     figures = loop.figures()
     loop.stop()
     engine = build_engine(config)
+    engine.costs = built[0].costs
     direct = [engine.generate([prompt], p)[0] for prompt, p in zip(PROMPTS, params)]
     for sink, ref in zip(sinks, direct):
         last = sink.items[-1]

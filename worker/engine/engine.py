@@ -40,7 +40,7 @@ from worker.engine.model_runner import TargetRunner
 from worker.engine.online_calibration import OnlineCalibration
 from worker.engine.online_costs import OnlineCosts
 from worker.engine.planner import Planner, StepPlan, StepResult
-from worker.engine.profiler import profile_engine
+from worker.engine.profiler import EngineCosts, profile_engine
 from worker.engine.regimes import Regimes
 from worker.engine.request import Request, RequestOutput
 from worker.engine.sampling import argmax_rows, sample, warp_probs
@@ -126,16 +126,27 @@ class LLMEngine:
         profiled = config.profile_sps and draft is not None
         self._check_policy(parse_policy(config.policy), "policy", will_profile=profiled)
         if profiled:
-            costs = profile_engine(self)
-            self.sps, self.step_cost = costs.sps, costs.step_cost
-            self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
-            self.gate.flush.table = costs.flush_cost
+            self.costs = profile_engine(self)
         if self.draft_runner is not None:
             self.gate.flush.tokens = self.draft_runner.deferred_tokens
             if config.online_costs:
                 self.gate.online = OnlineCosts()
             if config.online_regimes:
                 self.planner.regimes = Regimes()
+
+    @property
+    def costs(self) -> EngineCosts:
+        """Every cost table the engine plans with; setting it replaces them all (an owner
+        that needs two engines to choose alike gives one the other's: a table read back from
+        the cache is measured again where its spot check finds it slowed)."""
+        return EngineCosts(self.sps, self.step_cost, self.gate.draft_cost, self.gate.overhead,
+                           self.gate.flush.table)
+
+    @costs.setter
+    def costs(self, costs: EngineCosts) -> None:
+        self.sps, self.step_cost = costs.sps, costs.step_cost
+        self.gate.draft_cost, self.gate.overhead = costs.draft_cost, costs.overhead
+        self.gate.flush.table = costs.flush_cost
 
     @property
     def gate(self) -> DraftGate:

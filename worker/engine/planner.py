@@ -151,6 +151,9 @@ class Planner:
         a plain step for context no draft pass would read (64 requests on a 2-core CPU).
         Requests admitted after the load has eased keep a context again."""
         self._ruled_out_steps = 0
+        self._streak_greedy: bool | None = None
+        """Whether the steps `_ruled_out_steps` counts decoded greedily only (timing may
+        steer those, and must not reach a sampled request's schedule) or not; None: none yet."""
         self.regimes: Regimes | None = None
         """Whether greedy `prefix` steps let the gate choose or nobody draft, by the
         throughput each has given at the load (`regimes.Regimes`); None: the gate always."""
@@ -169,7 +172,7 @@ class Planner:
         else:
             drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
                                       greedy=greedy)
-        dormant = self._dormancy(decode, keep, drafting, cost, len(waiting))
+        dormant = self._dormancy(decode, keep, drafting, cost, len(waiting), greedy)
         if dormant:
             keep = [i for i in keep if decode[i].keeps_context]
         admitted = self._admit(len(running), waiting, cost)
@@ -221,16 +224,21 @@ class Planner:
                 if plan.cost is not None and plan.decode else None)
 
     def _dormancy(self, decode: list[Request], keep: list[int], drafting: list[int], cost,
-                  num_waiting: int) -> list[str]:
+                  num_waiting: int, greedy: bool) -> list[str]:
         """Count the steps in a row in which the gate's bounds ruled drafting out (with nobody
         keeping a context, the bounds at the load its rows and the waiting requests make).
         Once they reach `dormant_after`, every `prefix` request of `keep` stops keeping a
         context (its id is returned, for the engine to drop what it holds), and so do
         newcomers while the count holds, where the bounds rule drafting out at the load they
         join (`_admit`; an engine that idled and takes one request keeps its context). Tables
-        and estimates decide, and no token: verification is untouched."""
+        and estimates decide, and no token: verification is untouched. Greedy steps (all
+        rows greedy) and the others count apart: a streak of one kind ends where a step of
+        the other comes, so what timing made of greedy steps never reaches a sampled
+        request's schedule (a seed's text repeats when the same requests come in order)."""
         if not decode:  # nothing decoded: nothing learned (a batch ended, or the engine idles)
             return []
+        if greedy != self._streak_greedy:
+            self._ruled_out_steps, self._streak_greedy = 0, greedy
         if keep:
             ruled = not drafting and self.gate.ruled_out
         else:
@@ -269,7 +277,9 @@ class Planner:
                 and self.gate.rules_out(
                     self._joined_load(num_running + len(admitted) + len(waiting)), cost)):
             for req in admitted:  # drafting is ruled out at the load they join: no context
-                if req.policy == Policy.PREFIX:
+                # (for those of the streak's kind: greedy steps' findings steer greedy ones)
+                if (req.policy == Policy.PREFIX
+                        and (req.params.temperature == 0) == self._streak_greedy):
                     req.keeps_context = False
         return admitted
 
