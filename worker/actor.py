@@ -190,6 +190,13 @@ class WorkerActor:
         `WorkerStats` dict."""
         return self._stats()
 
+    async def costs(self) -> str | None:
+        """The cost tables the engine plans with (`EngineCosts` as JSON), or None before it
+        loaded: why this worker drafts where it does, and what another engine given them
+        (`LLMEngine.costs`) chooses alike with (a seed's text then repeats there)."""
+        engine = self._loop.engine
+        return None if engine is None else engine.costs.to_json()
+
     def _stats(self) -> dict:
         return WorkerStats(**self._identity, **self._loop.figures()).to_dict()
 

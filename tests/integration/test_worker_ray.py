@@ -21,6 +21,7 @@ from procs import Lines  # noqa: E402
 from sparkgrid.contract import Chunk  # noqa: E402
 from worker import actor  # noqa: E402
 from worker.engine.config import SamplingParams  # noqa: E402
+from worker.engine.profiler import EngineCosts  # noqa: E402
 from worker.launcher import LaunchError  # noqa: E402
 from worker.serving import WorkerDraining, build_engine  # noqa: E402
 
@@ -76,7 +77,10 @@ def test_launcher_starts_a_named_detached_worker_pinned_to_this_node(worker_a):
 
 def test_streaming_matches_the_engines_direct_output_for_the_same_seed(worker_a):
     handle, config, _ = worker_a
-    engine = build_engine(config)  # the same SPS table: read from the worker's cache
+    engine = build_engine(config)
+    # the worker's own cost tables (which rows draft follows them, and the cache it read them
+    # from is measured again where a spot check finds a table slowed)
+    engine.costs = EngineCosts.from_json(ray.get(handle.costs.remote()))
     for i, (prompt, temperature) in enumerate((("def add(a, b):\n", 0.0), ("import os\n", 0.9))):
         chunks = _stream(handle, f"same-seed-{i}", prompt, temperature=temperature, max_tokens=24,
                          seed=11)

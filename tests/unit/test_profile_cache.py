@@ -84,3 +84,28 @@ def test_a_slowed_first_point_is_judged_by_its_seconds(tmp_path, kind):
     assert cached_table(str(tmp_path), "t.json", beyond, table_type,
                         spot=_Calls(table(0.010 / SLOWED * 0.99))) == table(0.004)
     assert beyond.calls == 1
+
+
+def test_an_engines_cost_tables_travel_as_json_and_bad_ones_are_named():
+    """What a worker reports (`costs`) reads back into the same tables; a table that is not
+    one is refused naming it."""
+    import json
+
+    from worker.engine.online_costs import StepOverhead
+    from worker.engine.profiler import EngineCosts
+
+    rows = RowCostTable(rows=[1, 8], plain_seconds=[0.01, 0.02], full_seconds=[0.02, 0.05],
+                        gamma=6)
+    costs = EngineCosts(_sps([0.01, 0.012]), rows, SPSTable([1, 4], [300.0, 120.0]),
+                        StepOverhead(None, SPSTable([1], [900.0])), SPSTable([1], [5000.0]))
+    back = EngineCosts.from_json(costs.to_json())
+    assert (back.sps, back.step_cost, back.draft_cost, back.flush_cost) == (
+        costs.sps, rows, costs.draft_cost, costs.flush_cost)
+    assert back.overhead.plain is None and back.overhead.drafting == costs.overhead.drafting
+    assert EngineCosts.from_json(EngineCosts().to_json()).sps is None
+    data = json.loads(costs.to_json())
+    data["draft_cost"]["batch_tokens"] = [2, 1]
+    with pytest.raises(ValueError, match="draft_cost"):
+        EngineCosts.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="EngineCosts"):
+        EngineCosts.from_json('{"sps": null}')

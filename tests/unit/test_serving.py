@@ -63,8 +63,7 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
     engine plans with the loop's cost tables: which rows draft depends on them, and a cached
     table is measured again where its spot check finds it slowed (a neighbouring test's load
     had made the two engines' tables, and so their sampled texts, differ)."""
-    built = []
-    loop = EngineLoop(config, lambda: built.append(build_engine(config)) or built[-1])
+    loop = EngineLoop(config, lambda: build_engine(config))
     loop.start()
     _wait(lambda: loop.state == "ready", 120)
     params = [SamplingParams(temperature=t, max_tokens=24, seed=7 + i)
@@ -74,10 +73,10 @@ def test_streamed_chunks_equal_the_engines_direct_output(config):
         sinks.append(Collector())
         loop.submit(f"job-{i}", prompt, p, sinks[-1]).result(10)
         sinks[-1].wait()
-    figures = loop.figures()
+    figures, costs = loop.figures(), loop.engine.costs
     loop.stop()
     engine = build_engine(config)
-    engine.costs = built[0].costs
+    engine.costs = costs
     direct = [engine.generate([prompt], p)[0] for prompt, p in zip(PROMPTS, params)]
     for sink, ref in zip(sinks, direct):
         last = sink.items[-1]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparkgrid.costs import SPSTable
+from sparkgrid.costs import SPSTable, json_object
 from worker.engine.attention import implementation_id
 from worker.engine.config import SamplingParams
 from worker.engine.model_runner import ForwardBatch, TargetRunner
@@ -62,6 +62,30 @@ class EngineCosts:
     """What a decode step spends besides its target forward."""
     flush_cost: SPSTable | None = None
     """Deferred draft context written per second, by its tokens (an `SPSTable` over tokens)."""
+
+    def to_json(self) -> str:
+        return json.dumps({name: None if table is None else json.loads(table.to_json())
+                           for name, table in self._tables().items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineCosts:
+        """The tables `to_json` wrote; a ValueError naming the table that is not one."""
+        data = json_object(text, "EngineCosts", tuple(cls()._tables()))
+        tables = {}
+        for name, value in data.items():
+            try:
+                tables[name] = None if value is None else (
+                    RowCostTable if name == "step_cost" else SPSTable).from_json(json.dumps(value))
+            except ValueError as err:
+                raise ValueError(f"EngineCosts {name}: {err}") from None
+        return cls(tables["sps"], tables["step_cost"], tables["draft_cost"],
+                   StepOverhead(tables["overhead_plain"], tables["overhead_drafting"]),
+                   tables["flush_cost"])
+
+    def _tables(self) -> dict:
+        return {"sps": self.sps, "step_cost": self.step_cost, "draft_cost": self.draft_cost,
+                "overhead_plain": self.overhead.plain,
+                "overhead_drafting": self.overhead.drafting, "flush_cost": self.flush_cost}
 
 
 def profile_engine(engine) -> EngineCosts:
