@@ -42,7 +42,7 @@ def test_a_row_comes_out_the_same_whatever_batch_it_is_in(in_f):
     """Greedy equality between a verify forward (many rows) and a plain decode (one) needs a
     row's product not to depend on its neighbours. oneDNN picks kernels by the number of
     rows, and on some CPUs (AMX) they sum in other orders from 33 rows on, for 768 inputs:
-    such a product is computed in pieces (`Linear.piece`)."""
+    such a product is padded or cut in pieces (`Linear.rows`)."""
     w, _ = _weights(out_f=256, in_f=in_f, bias=False, seed=1)
     lin = Linear(w, None, pack=True)
     x = torch.randn(300, in_f, generator=torch.Generator().manual_seed(2)).bfloat16()
@@ -163,3 +163,21 @@ def test_a_widened_row_comes_out_the_same_whatever_batch_it_is_in(no_native_half
     full = lin(x)
     for rows in (1, 5, 32):
         assert torch.equal(lin(x[:rows]), full[:rows])
+
+
+@needs_packing
+@pytest.mark.parametrize("plan", [(1, 7), (5, 7), (5, 16)])
+def test_padded_and_cut_inputs_give_the_whole_products_numbers(plan):
+    """However a plan pads and cuts an input (padding every short piece, the last one
+    included), each row comes out as in one product where the machine's kernels agree
+    (80 inputs: one-row bits at every count on the CPUs measured)."""
+    w, b = _weights(bias=True)
+    lin = Linear(w, b, pack=True)
+    if lin.rows is not None:
+        pytest.skip("this CPU's kernels disagree on a [96, 80] product")
+    x = torch.randn(23, 80, generator=torch.Generator().manual_seed(3)).bfloat16()
+    whole = lin(x)
+    lin.rows = plan
+    for rows in (1, 4, 5, 7, 8, 15, 23):
+        assert torch.equal(lin(x[:rows]), whole[:rows]), rows
+    assert torch.equal(lin(x[:22].reshape(2, 11, 80)), whole[:22].reshape(2, 11, -1))

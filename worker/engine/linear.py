@@ -27,10 +27,14 @@ product (the shipped target's down projection) gave rows the bits of a one-row p
 M <= 32 and other bits from 33 to 255 rows (projections over 256 inputs agreed at every M).
 Greedy speculation reproduces plain decoding only where a row's numbers do not depend on how
 many rows its forward carried: there `fixed` and `prefix` differed from `ar` in 3-6% of
-128-token requests. So each packed weight's shape is probed once (`invariant_rows`): the
-largest row count up to which every probed count gives each row the bits of a one-row
-product; longer inputs are multiplied in pieces of that many rows (at 64 rows of that
-projection 99 against 56 us, a step of 64 requests about 1.5% longer).
+128-token requests. So each packed weight's shape is probed once (`invariant_rows`) for a
+range of row counts whose kernel gives each row the same bits, and inputs are padded into it
+or cut into pieces of it: the range from one row (there 1-32: longer inputs in pieces of 32),
+or the next one (there 33-224: shorter inputs padded with zero rows to 33, longer ones in
+pieces of 224) where it is much the longer. Measured side by side on that CPU, the next range
+served 64 requests (`ar`, 128 tokens each) 1.06-1.15x as fast as pieces of 32 (the prefill's
+4,096-token forwards take 21 products of that projection, not 128), one request (`prefix`)
+0.88-1.02x, 16 requests 0.96-1.01x.
 
 The copy is held beside the model's own weight (the model's modules still run for audits and
 tests), so a packed projection costs its weight's bytes a second time, a widened one twice more;
@@ -106,16 +110,27 @@ PROBE_ROWS = tuple(range(1, 41)) + (48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
 """Row counts `invariant_rows` tries (a kernel is chosen by ranges of rows)."""
 SPREAD = 256
 """Rows at least that each count is tried on (`invariant_rows`)."""
+WIDER = 4
+"""How many times as long as the range from one row a later range of row counts must be for
+`invariant_rows` to pad short inputs into it instead."""
 
 
-def invariant_rows(packed: torch.Tensor, out_features: int, in_features: int) -> int | None:
-    """The largest row count up to which a product with the packed bfloat16 weight `packed`
-    gives every row the bits of a one-row product, at each of `PROBE_ROWS`; None where all of
-    them do. An input of more rows must be multiplied in pieces of at most that many. Probed
-    once per shape on random inputs, each count on at least `SPREAD` rows (in products of
-    that many rows): two kernels' sums part only in their last bits, which show in a bfloat16
-    result now and then (at 33 rows of a `[768, 256]` projection, in none of 33 rows on one
-    input, in most of 256)."""
+def invariant_rows(packed: torch.Tensor, out_features: int, in_features: int
+                   ) -> tuple[int, int] | None:
+    """How inputs of a product with the packed bfloat16 weight `packed` are cut so that every
+    row gets the same bits whatever rows are beside it: (pad, piece), an input of fewer than
+    `pad` rows padded with zero rows up to `pad`, a longer one multiplied in pieces of at
+    most `piece` rows (each short piece padded too); None where every probed count gives
+    every row the bits of a one-row product.
+
+    oneDNN picks its kernel by ranges of rows (`PROBE_ROWS` are tried, each on at least
+    `SPREAD` rows: two kernels' sums part only in their last bits, which show in a bfloat16
+    result now and then). The first range, from one row, is used as it is, `(1, its last
+    count)`; the next range, `(its first count, its last)`, instead, with padding, where it
+    is at least `WIDER` times as long and a padded product gives its rows its bits: at 64
+    rows of the `[768, 256]` down projection on an AMX CPU, the first range (1-32) took two
+    products, 84 us, the next (33-200) one of 58 us, and a prefill of 4,096 tokens 128
+    products against 21. Probed once per shape; the same CPU gives the same answer."""
     key = ("rows", out_features, in_features)
     if key not in _probe:
         gen = torch.Generator().manual_seed(0)
@@ -124,16 +139,36 @@ def invariant_rows(packed: torch.Tensor, out_features: int, in_features: int) ->
         def product(rows: torch.Tensor) -> torch.Tensor:
             return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, None,
                                                       "none", [], "")
-        with torch.inference_mode():
-            single = torch.cat([product(x[i:i + 1]) for i in range(PROBE_ROWS[-1])])
+
+        def in_pieces(counts, reference: torch.Tensor) -> int | None:
+            """The last of `counts` up to which products of that many rows give the rows
+            `reference`'s bits (None: not even the first)."""
             good = None
-            for rows in PROBE_ROWS:
+            for rows in counts:
                 span = max(rows, SPREAD - SPREAD % rows)
                 if not torch.equal(torch.cat([product(x[i:i + rows])
-                                              for i in range(0, span, rows)]), single[:span]):
+                                              for i in range(0, span, rows)]), reference[:span]):
                     break
                 good = rows
-        _probe[key] = None if good == PROBE_ROWS[-1] else max(1, good or 1)
+            return good
+
+        with torch.inference_mode():
+            single = torch.cat([product(x[i:i + 1]) for i in range(PROBE_ROWS[-1])])
+            first = max(1, in_pieces(PROBE_ROWS, single) or 1)
+            plan = None if first == PROBE_ROWS[-1] else (1, first)
+            later = [r for r in PROBE_ROWS if r > first]
+            if plan is not None and later:
+                pad = later[0]
+                zeros = torch.zeros(pad, in_features, dtype=x.dtype)
+                band = torch.cat([product(torch.cat([x[i:i + pad], zeros])[:pad])
+                                  for i in range(0, PROBE_ROWS[-1], pad)])[:PROBE_ROWS[-1]]
+                last = in_pieces(later, band)
+                padded = all(torch.equal(product(torch.cat([x[i:i + n], zeros[n:]]))[:n],
+                                         band[i:i + n])
+                             for n in (1, 2, pad - 1) if n < pad for i in (0, pad * 3 + 5))
+                if last is not None and last >= WIDER * first and padded:
+                    plan = (pad, last)
+        _probe[key] = plan
     return _probe[key]
 
 
@@ -158,21 +193,22 @@ class Linear:
     allow it, or a float32 copy where that is faster (`widening_pays`), else `F.linear`. The
     weight and bias are the model's own (not copied)."""
 
-    __slots__ = ("weight", "bias", "packed", "wide", "piece")
+    __slots__ = ("weight", "bias", "packed", "wide", "rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  pack: bool = False):
         self.weight, self.bias = weight, bias
         self.packed = None
-        self.piece: int | None = None
-        """Rows a packed product is computed in at most (`invariant_rows`); None: any."""
+        self.rows: tuple[int, int] | None = None
+        """(pad, piece): a packed product's input padded to at least `pad` rows and cut in
+        pieces of at most `piece` (`invariant_rows`); None: taken as it is."""
         self.wide: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
         """The weight and bias in float32 (`widening_pays`), and whether that weight is
         packed for oneDNN (`float32_packing_invariant`); None: not widened."""
         if pack and packing_supported(weight.device, weight.dtype):
             with torch.inference_mode():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-                self.piece = invariant_rows(self.packed, *weight.shape)
+                self.rows = invariant_rows(self.packed, *weight.shape)
         elif pack and widening_pays(weight.device, weight.dtype):
             with torch.inference_mode():
                 wide = weight.detach().float()
@@ -193,15 +229,24 @@ class Linear:
                    else F.linear(x, weight, bias))
             return out.to(self.weight.dtype)
         x = x.contiguous()
-        piece = self.piece
-        if piece is not None and x.numel() > piece * x.shape[-1]:
-            # row for row the bits of a one-row product (`invariant_rows`)
+        if self.rows is not None:  # the same bits for a row whatever rows are beside it
+            pad, piece = self.rows
             rows = x.reshape(-1, x.shape[-1])
-            out = torch.cat([torch.ops.mkldnn._linear_pointwise(
-                rows[i:i + piece], self.packed, self.bias, "none", [], "")
-                for i in range(0, rows.shape[0], piece)])
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+            if rows.shape[0] > piece:
+                out = torch.cat([self._padded(rows[i:i + piece], pad)
+                                 for i in range(0, rows.shape[0], piece)])
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            if rows.shape[0] < pad:
+                out = self._padded(rows, pad)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _padded(self, rows: torch.Tensor, pad: int) -> torch.Tensor:
+        n = rows.shape[0]
+        if n < pad:
+            rows = torch.cat([rows, rows.new_zeros(pad - n, rows.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [],
+                                                  "")[:n]
 
     @property
     def packed_bytes(self) -> int:
