@@ -129,7 +129,7 @@ def invariant_rows(packed: torch.Tensor, out_features: int, in_features: int
     count)`; the next range, `(its first count, its last)`, instead, with padding, where it
     is at least `WIDER` times as long and a padded product gives its rows its bits: at 64
     rows of the `[768, 256]` down projection on an AMX CPU, the first range (1-32) took two
-    products, 84 us, the next (33-200) one of 58 us, and a prefill of 4,096 tokens 128
+    products, 84 us, the next (33-224) one of 58 us, and a prefill of 4,096 tokens 128
     products against 21. Probed once per shape; the same CPU gives the same answer."""
     key = ("rows", out_features, in_features)
     if key not in _probe:
@@ -232,12 +232,11 @@ class Linear:
         if self.rows is not None:  # the same bits for a row whatever rows are beside it
             pad, piece = self.rows
             rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] > piece:
-                out = torch.cat([self._padded(rows[i:i + piece], pad)
-                                 for i in range(0, rows.shape[0], piece)])
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-            if rows.shape[0] < pad:
-                out = self._padded(rows, pad)
+            n = rows.shape[0]
+            if not pad <= n <= piece:
+                out = (self._padded(rows, pad) if n < pad else
+                       torch.cat([self._padded(rows[i:i + piece], pad)
+                                  for i in range(0, n, piece)]))
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
