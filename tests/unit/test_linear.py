@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.linear import Linear, PackedLinear, pack_linears, packing_supported
+from worker.engine.linear import (
+    EXACT_ROWS,
+    Linear,
+    PackedLinear,
+    pack_linears,
+    packing_supported,
+    row_bucket,
+)
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not packing_supported(CPU, torch.bfloat16),
@@ -47,7 +54,7 @@ def test_a_row_comes_out_the_same_whatever_batch_it_is_in(in_f):
     lin = Linear(w, None, pack=True)
     x = torch.randn(300, in_f, generator=torch.Generator().manual_seed(2)).bfloat16()
     single = torch.cat([lin(x[i:i + 1]) for i in range(300)])
-    for rows in (1, 5, 32, 33, 40, 64, 130, 300):
+    for rows in (1, 5, 32, 33, 37, 40, 45, 64, 99, 130, 251, 300):
         assert torch.equal(lin(x[:rows]), single[:rows]), rows
     assert torch.equal(lin(x.reshape(3, 100, in_f)), single.reshape(3, 100, -1))
 
@@ -181,3 +188,33 @@ def test_padded_and_cut_inputs_give_the_whole_products_numbers(plan):
     for rows in (1, 4, 5, 7, 8, 15, 23):
         assert torch.equal(lin(x[:rows]), whole[:rows]), rows
     assert torch.equal(lin(x[:22].reshape(2, 11, 80)), whole[:22].reshape(2, 11, -1))
+
+
+def test_row_counts_go_to_few_buckets_at_most_an_eighth_longer():
+    """oneDNN builds a kernel for each row count it meets (0.6-6 ms each on an AMX CPU), and
+    a prefill's count is its prompts' total: products run at a bucket's count instead."""
+    buckets = {row_bucket(n) for n in range(1, 8193)}
+    for n in range(1, 8193):
+        b = row_bucket(n)
+        assert n <= b <= n + n // 8, n
+        assert row_bucket(b) == b, n  # a bucket is its own
+    assert all(row_bucket(n) == n for n in range(1, EXACT_ROWS + 1))
+    assert len(buckets) <= EXACT_ROWS + 8 * 8  # eight a doubling from 32 to 8,192
+
+
+@needs_packing
+def test_a_bucketed_product_is_cut_back_to_its_rows():
+    """A product padded to its bucket comes back with the input's rows, each with the bits of
+    the unpadded product's rows (80 inputs: one-row bits at every count on the CPUs
+    measured)."""
+    w, b = _weights(bias=True)
+    lin = Linear(w, b, pack=True)
+    if lin.rows is not None:
+        pytest.skip("this CPU's kernels disagree on a [96, 80] product")
+    x = torch.randn(700, 80, generator=torch.Generator().manual_seed(4)).bfloat16()
+    reference = torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], "")
+    for rows in (33, 35, 67, 129, 517, 700):
+        assert row_bucket(rows) > rows
+        out = lin(x[:rows])
+        assert out.shape == (rows, 96)
+        assert torch.equal(out, reference[:rows]), rows

@@ -64,6 +64,10 @@ class EngineConfig:
     online_regimes: bool = True
     """Run greedy `prefix` steps, at each load, in the regime that has given the more tokens
     per second there: the draft gate's choice, or nobody drafting (`regimes`)."""
+    keep_freed_memory: bool = True
+    """On a CPU, set the process's allocator to keep freed memory for later forwards instead of
+    returning it to the system (`host_memory`; a prefill's temporaries otherwise come back as
+    fresh pages, each a page fault)."""
     draft_vocab_size: int = 0
     """Draft only the N tokens the target writes most often (`draft_vocab`; needs the draft's
     `draft_vocab.json` ranking); 0 = the full vocabulary."""

@@ -27,6 +27,7 @@ from worker.engine.config import EngineConfig, Resume, SamplingParams
 from worker.engine.draft_gate import DraftGate
 from worker.engine.draft_runner import DraftRunner
 from worker.engine.drafter import DSparkDraft
+from worker.engine.host_memory import keep_freed_memory
 from worker.engine.kv_cache import BlockAllocator, PagedKV
 from worker.engine.linear import pack_linears
 from worker.engine.loader import (
@@ -81,6 +82,8 @@ class LLMEngine:
         self.gamma = draft.gamma if draft is not None else 0
         self.sts = sts_temperatures
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        if self.device.type == "cpu" and config.keep_freed_memory:
+            keep_freed_memory()  # a forward's temporaries reuse freed pages (`host_memory`)
         tcfg = target.config
         self.max_context = getattr(tcfg, "max_position_embeddings", 1 << 30)
         self.vocab_size = tcfg.vocab_size
