@@ -162,6 +162,37 @@ def test_engine_serves_in_bfloat16_on_the_chosen_device(tmp_path, request):
     assert engine.kv.allocator.num_used_blocks == 0
 
 
+def test_the_one_pass_query_key_norms_give_the_separate_ops_logits(tmp_path, monkeypatch):
+    """In bfloat16 on the native ops, Qwen3's query and key norms and RoPE run as one pass
+    (`qk_norm_rotary_bf16`); the same engine taking the separate ops gives the same logits,
+    bit for bit, at every step."""
+    from worker.tiny import build_demo_pair
+
+    target_dir, draft_dir = build_demo_pair(tmp_path / "pair")
+    engine = LLMEngine.from_pretrained(str(target_dir), str(draft_dir), EngineConfig(
+        dtype="bfloat16", sps_cache_dir=str(tmp_path), sps_context_len=32, max_batch_tokens=64))
+    runner = engine.runner
+    if runner.qk_norm_eps is None or not runner._native_ops(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("no native bfloat16 ops here, or the target has no query/key norms")
+    logits, forward = [], runner.forward
+
+    def recording(batch, want_features):
+        out = forward(batch, want_features)
+        logits.append(out[0].clone())
+        return out
+    monkeypatch.setattr(runner, "forward", recording)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[3, 4, 5, 6], [7, 8], list(range(10, 40))]
+    fused_tokens = engine.generate(prompts, params, policy="ar")
+    fused, logits = logits, []
+    runner.qk_norm_eps = None
+    separate_tokens = engine.generate(prompts, params, policy="ar")
+    assert len(fused) == len(logits) >= 24
+    assert all(torch.equal(a, b) for a, b in zip(fused, logits))
+    assert ([r["token_ids"] for r in fused_tokens]
+            == [r["token_ids"] for r in separate_tokens])
+
+
 def test_the_draft_gate_skips_costly_drafting_and_stays_lossless(structured_pairs, tmp_path):
     """Prefix steps draft, then stop while every draft pass is taken to cost a minute (their
     draft context is deferred meanwhile), then draft again from that context once the cost

@@ -56,6 +56,30 @@ def test_rotary_equals_rotate_half_exactly():
     assert torch.equal(torch.ops.sparkgrid.rotary_bf16(x, cos, sin), want)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 64), (8, 8, 128), (2, 1, 32)])
+def test_qk_norm_rotary_gives_the_bits_of_the_two_ops_in_turn(heads, kv_heads, dim):
+    """The target's forward takes the one-pass op where it took the norms, a concatenation
+    and RoPE: every query and key must keep its bits (the engine's lossless tests compare
+    runs that both take it, but audits and resumes compare against stored numbers)."""
+    gen = torch.Generator().manual_seed(heads * 100 + dim)
+    n = 11
+    qkv = (torch.randn(n, (heads + 2 * kv_heads) * dim, generator=gen) * 3).bfloat16()
+    qw = (torch.rand(dim, generator=gen) + 0.5).bfloat16()
+    kw = (torch.rand(dim, generator=gen) + 0.5).bfloat16()
+    angle = torch.rand(n, dim, generator=gen) * 6
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    q, k, _ = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    q = torch.ops.sparkgrid.rms_norm_bf16(q.reshape(n, heads, dim).contiguous(), qw, 1e-6)
+    k = torch.ops.sparkgrid.rms_norm_bf16(k.reshape(n, kv_heads, dim).contiguous(), kw, 1e-6)
+    want = torch.ops.sparkgrid.rotary_bf16(torch.cat((q, k), dim=1), cos, sin)
+    got = torch.ops.sparkgrid.qk_norm_rotary_bf16(qkv, qw, kw, 1e-6, cos, sin, heads, kv_heads)
+    assert got.shape == (n, heads + kv_heads, dim)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        torch.ops.sparkgrid.qk_norm_rotary_bf16(qkv[:, :-dim].contiguous(), qw, kw, 1e-6,
+                                                cos, sin, heads, kv_heads)
+
+
 def test_bad_inputs_are_refused_with_the_field_named():
     x = torch.randn(4, 64).bfloat16()
     with pytest.raises(RuntimeError, match="weight's size"):

@@ -193,6 +193,16 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor, fused: bool = False) -> tor
     return norm.weight * normed.to(x.dtype)
 
 
+def _qk_norm_eps(layers) -> float | None:
+    eps = {norm.variance_epsilon for layer in layers
+           for norm in (getattr(layer.self_attn, "q_norm", None),
+                        getattr(layer.self_attn, "k_norm", None))
+           if norm is not None and hasattr(norm, "variance_epsilon")}
+    complete = all(hasattr(layer.self_attn, "q_norm") and hasattr(layer.self_attn, "k_norm")
+                   for layer in layers)
+    return eps.pop() if complete and len(eps) == 1 else None
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, head_dim]; cos, sin: [N, 1, head_dim] (rotate-half convention of HF)
     half = x.shape[-1] // 2
@@ -211,6 +221,12 @@ class TargetRunner:
         self.num_layers = cfg.num_hidden_layers
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
+        self.heads = (cfg.num_attention_heads,
+                      getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        """(query heads, key/value heads)."""
+        self.qk_norm_eps = _qk_norm_eps(model.model.layers)
+        """The eps of Qwen3's per-head query and key norms where every layer has both with one
+        eps (the fused native pass applies them), else None."""
         self.device = kv.device
         self.silu = getattr(cfg, "hidden_act", None) == "silu"  # the fused SwiGLU's activation
         self._backend: str | None = None
@@ -231,6 +247,8 @@ class TargetRunner:
         cos, sin = body.rotary_emb(h[None], layout.positions[None])  # [1, N, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         ops = self._native_ops(h)
+        if ops:  # the fused ops read [N, D] rows
+            cos, sin = cos.contiguous(), sin.contiguous()
         for idx, (layer, fused) in enumerate(zip(body.layers, self.fused)):
             attn_in = rms_norm(layer.input_layernorm, h, ops)
             h = h + self._attention(idx, layer.self_attn, fused, attn_in, cos, sin, layout, ops)
@@ -255,14 +273,27 @@ class TargetRunner:
     def _attention(self, layer_idx, attn, fused, x, cos, sin, layout: _Layout,
                    ops: bool = False) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = fused.qkv(x).split(fused.qkv_sizes, dim=-1)
+        qkv = fused.qkv(x)
+        if ops and self.qk_norm_eps is not None:  # Qwen3's norms and RoPE in one native pass
+            heads, kv_heads = self.heads
+            qk = torch.ops.sparkgrid.qk_norm_rotary_bf16(
+                qkv, attn.q_norm.weight, attn.k_norm.weight, self.qk_norm_eps, cos, sin,
+                heads, kv_heads)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, (heads + kv_heads) * self.head_dim:].reshape(n, kv_heads, self.head_dim)
+            return self._attend(layer_idx, attn, fused, q, k, v, layout)
+        q, k, v = qkv.split(fused.qkv_sizes, dim=-1)
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = rms_norm(attn.q_norm, q, ops), rms_norm(attn.k_norm, k, ops)
         qk = torch.cat((q, k), dim=1)
-        qk = (torch.ops.sparkgrid.rotary_bf16(qk, cos.contiguous(), sin.contiguous()) if ops
-              else _rotate(qk, cos, sin))
+        qk = torch.ops.sparkgrid.rotary_bf16(qk, cos, sin) if ops else _rotate(qk, cos, sin)
         q, k = qk.split((q.shape[1], k.shape[1]), 1)
+        return self._attend(layer_idx, attn, fused, q, k, v, layout)
+
+    def _attend(self, layer_idx, attn, fused, q, k, v, layout: _Layout) -> torch.Tensor:
+        """Write the new keys and values, attend, project: the layer's attention output."""
+        n = q.shape[0]
         self.kv.write(layer_idx, layout.write_slots, k, v)
         if layout.meta is None:
             out = prefill_attention(q, k, v, layout.num_new, attn.scaling)
