@@ -69,6 +69,52 @@ def test_where_drafting_is_ruled_out_requests_stop_keeping_draft_context(structu
     assert engine.draft_runner.deferred_tokens(alone) == 5
 
 
+def test_at_a_load_settled_on_plain_decoding_requests_stop_keeping_draft_context(
+        structured_pairs, tmp_path):
+    """The tables say drafting pays (the gate's bounds never rule it out), but at this load
+    the regimes have settled on plain decoding (drafting's windows lost, twice): after
+    `dormant_after` plain steps the requests drop their context, a greedy newcomer at that
+    load keeps none, no draft pass runs, and the text is the target's. At a load not settled
+    (one request) a newcomer keeps its context."""
+    pair = structured_pairs("qwen3", "vanilla")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [list(range(i, i + 5)) for i in range(5)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
+    planner = engine.planner
+    planner.dormant_after = 3
+    regimes = planner.regimes = Regimes(window=2, explore_every=2, max_explore_every=64)
+    for regime, speed in [(GATE, 1.0), (PLAIN, 1e6), (PLAIN, 1e6), (PLAIN, 1e6), (GATE, 1.0)]:
+        assert regimes.regime(4) == regime  # what the load's windows have given so far
+        for _ in range(regimes.window):  # a window of that regime at 4 requests: 4 tokens
+            regimes.observe(4, regime, 4, 4 / speed)
+    assert regimes.settled_plain(4) and not regimes.settled_plain(1)
+    ids = [engine.add_request(p, params) for p in prompts[:4]]
+    got = {i: [] for i in ids}
+
+    def step():
+        for out in engine.step():
+            got.setdefault(out.req_id, []).extend(out.token_ids)
+
+    for _ in range(1 + planner.dormant_after):  # the prefill, then plain steps
+        step()
+    assert not any(engine.requests[i].keeps_context for i in ids)
+    assert all(engine.draft_runner.deferred_tokens(i) == 0 for i in ids)
+    step()
+    late = engine.add_request(prompts[4], params)
+    ids.append(late)
+    step()  # admitted at a load of 4 (three running, it waiting): settled on plain
+    assert not engine.requests[late].keeps_context
+    while engine.has_unfinished():
+        step()
+    assert engine.counters.draft_forwards == 0
+    assert [got[i] for i in ids] == [w["token_ids"] for w in want]
+    alone = engine.add_request(prompts[0], params)
+    engine.step()
+    assert engine.requests[alone].keeps_context
+
+
 def test_what_timing_made_of_greedy_steps_never_reaches_a_sampled_newcomer(structured_pairs,
                                                                            tmp_path):
     """Measured steps that made drafting look far dearer than the tables (the online factor,

@@ -59,6 +59,24 @@ def test_drafting_must_have_given_more_than_the_margin_to_be_chosen():
                 windows=4)[2:] == [GATE, GATE]
 
 
+def test_plain_is_settled_once_a_window_of_the_gate_has_confirmed_it():
+    """Requests at a load settled on plain decoding may stop keeping a draft context: only
+    after drafting's window has lost, and lost again when tried, and only there."""
+    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, smoothing=1.0)
+    slow_gate = {GATE: 100.0, PLAIN: 300.0}
+    assert not regimes.settled_plain(64)  # never seen
+    _run(regimes, 64, slow_gate, windows=2)  # one window each: plain leads, untried since
+    assert regimes.regime(64) == PLAIN and not regimes.settled_plain(64)
+    ran = _run(regimes, 64, slow_gate, windows=4)
+    assert GATE in ran and regimes.regime(64) == PLAIN
+    assert regimes.settled_plain(64) and regimes.settled_plain(127)
+    assert not regimes.settled_plain(32)  # another load
+    _run(regimes, 2, {GATE: 300.0, PLAIN: 100.0}, windows=8)  # drafting wins there
+    assert not regimes.settled_plain(2)
+    _run(regimes, 64, {GATE: 900.0, PLAIN: 300.0}, windows=12)  # drafting now wins at 64
+    assert not regimes.settled_plain(64)
+
+
 def test_each_load_keeps_its_own_windows():
     regimes = Regimes(window=2)
     _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0}, windows=4)

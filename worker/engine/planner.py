@@ -172,7 +172,7 @@ class Planner:
         else:
             drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
                                       greedy=greedy)
-        dormant = self._dormancy(decode, keep, drafting, cost, len(waiting), greedy)
+        dormant = self._dormancy(decode, keep, drafting, cost, len(waiting), greedy, regime)
         if dormant:
             keep = [i for i in keep if decode[i].keeps_context]
         admitted = self._admit(len(running), waiting, cost)
@@ -224,13 +224,20 @@ class Planner:
                 if plan.cost is not None and plan.decode else None)
 
     def _dormancy(self, decode: list[Request], keep: list[int], drafting: list[int], cost,
-                  num_waiting: int, greedy: bool) -> list[str]:
+                  num_waiting: int, greedy: bool, regime: str | None) -> list[str]:
         """Count the steps in a row in which the gate's bounds ruled drafting out (with nobody
-        keeping a context, the bounds at the load its rows and the waiting requests make).
+        keeping a context, the bounds at the load its rows and the waiting requests make), or
+        greedy steps at a load where `regimes` has settled on plain decoding (drafting's
+        windows there lost, and lost again when tried: 64 requests on a 2-core AMX CPU kept
+        every context through the run, its windows and features costing 4-8%; the bounds,
+        which assume drafts always accepted, did not rule drafting out).
         Once they reach `dormant_after`, every `prefix` request of `keep` stops keeping a
         context (its id is returned, for the engine to drop what it holds), and so do
         newcomers while the count holds, where the bounds rule drafting out at the load they
-        join (`_admit`; an engine that idled and takes one request keeps its context). Tables
+        join or (greedy newcomers) `regimes` has settled on plain decoding there (`_admit`;
+        an engine that idled and takes one request keeps its context). Dormant requests run
+        no gate window, so a load settled on plain is not tried again while it lasts; those
+        admitted once it eases keep a context again. Tables
         and estimates decide, and no token: verification is untouched. Greedy steps (all
         rows greedy) and the others count apart: a streak of one kind ends where a step of
         the other comes, so what timing made of greedy steps never reaches a sampled
@@ -239,11 +246,13 @@ class Planner:
             return []
         if greedy != self._streak_greedy:
             self._ruled_out_steps, self._streak_greedy = 0, greedy
+        joined = self._joined_load(len(decode) + num_waiting)  # the load `regimes` keys by
         if keep:
-            ruled = not drafting and self.gate.ruled_out
+            ruled = not drafting and (self.gate.ruled_out
+                                      or (regime == PLAIN and self._settled_plain(joined)))
         else:
-            ruled = cost is not None and self.gate.rules_out(
-                self._joined_load(len(decode) + num_waiting), cost)
+            ruled = cost is not None and (self.gate.rules_out(joined, cost)
+                                          or (greedy and self._settled_plain(joined)))
         self._ruled_out_steps = self._ruled_out_steps + 1 if ruled else 0
         if self._ruled_out_steps < self.dormant_after:
             return []
@@ -251,6 +260,10 @@ class Planner:
         for req in gone:
             req.keeps_context = False
         return [r.req_id for r in gone]
+
+    def _settled_plain(self, load: int) -> bool:
+        """Whether `regimes` has settled on plain decoding at `load` (False without them)."""
+        return self.regimes is not None and self.regimes.settled_plain(load)
 
     def _joined_load(self, requests: int) -> int:
         """The rows a step will run once `requests` (running, admitted, waiting) have seats."""
@@ -273,9 +286,10 @@ class Planner:
             req.status = Status.RUNNING
             admitted.append(req)
             prefill_tokens += len(req.prompt_ids)
+        joined = self._joined_load(num_running + len(admitted) + len(waiting))
         if (admitted and cost is not None and self._ruled_out_steps >= self.dormant_after
-                and self.gate.rules_out(
-                    self._joined_load(num_running + len(admitted) + len(waiting)), cost)):
+                and (self.gate.rules_out(joined, cost)
+                     or (self._streak_greedy and self._settled_plain(joined)))):
             for req in admitted:  # drafting is ruled out at the load they join: no context
                 # (for those of the streak's kind: greedy steps' findings steer greedy ones)
                 if (req.policy == Policy.PREFIX

@@ -118,6 +118,15 @@ class Regimes:
         if load.steps_left <= 0:
             self._close_window(load)
 
+    def settled_plain(self, demand: int) -> bool:
+        """Whether plain decoding runs at the load of `demand` and a window of the gate's
+        since its first has confirmed it (its interval has grown past `explore_every`): where
+        drafting keeps losing, requests need not keep a draft context (`Planner._dormancy`)."""
+        load = self.loads.get(_bucket(demand))
+        return (load is not None and len(load.mean) == 2 and load.regime == PLAIN
+                and load.better(math.log(self.margin)) == PLAIN
+                and load.interval > self.explore_every)
+
     def means(self, demand: int) -> dict[str, float]:
         """Each regime's mean tokens/s at the load of `demand`, as far as measured."""
         load = self.loads.get(_bucket(demand))
