@@ -22,7 +22,9 @@ finish one by one at a low load). The other regime gets one window again after
 `explore_every` windows, an interval that doubles (four times where one leads by `FAR`), up
 to `max_explore_every`, each time the better one stays better, and starts again when they
 swap. So a load where drafting loses costs a window now and then, and a load where it wins
-(few requests) a plain window in up to `max_explore_every`.
+(few requests) a plain window in up to `max_explore_every`. Where PLAIN has been confirmed so
+(`settled_plain`), the planner lets requests stop keeping a draft context, as where the
+gate's bounds rule drafting out.
 
 Lossless: a step's regime is fixed before its draft pass, from earlier steps' timings, and
 only decides whether anyone drafts; verification never sees it. It steers greedy steps only
