@@ -69,13 +69,14 @@ def test_where_drafting_is_ruled_out_requests_stop_keeping_draft_context(structu
     assert engine.draft_runner.deferred_tokens(alone) == 5
 
 
-def test_at_a_load_settled_on_plain_decoding_requests_stop_keeping_draft_context(
+def test_at_a_load_settled_on_plain_decoding_requests_keep_no_draft_context(
         structured_pairs, tmp_path):
     """The tables say drafting pays (the gate's bounds never rule it out), but at this load
-    the regimes have settled on plain decoding (drafting's windows lost, twice): after
-    `dormant_after` plain steps the requests drop their context, a greedy newcomer at that
-    load keeps none, no draft pass runs, and the text is the target's. At a load not settled
-    (one request) a newcomer keeps its context."""
+    the regimes have settled on plain decoding (drafting's windows lost, twice): greedy
+    requests admitted at that load keep no context from the start, with no streak of steps
+    needed, no draft pass runs, and the text is the target's; those already running drop
+    theirs at the first plain step. A sampled newcomer (timing must not reach it) and a
+    request at a load not settled (one request) keep theirs."""
     pair = structured_pairs("qwen3", "vanilla")
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     prompts = [list(range(i, i + 5)) for i in range(5)]
@@ -83,7 +84,7 @@ def test_at_a_load_settled_on_plain_decoding_requests_stop_keeping_draft_context
     engine = make_engine(pair, tmp_path, policy="prefix")
     engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
     planner = engine.planner
-    planner.dormant_after = 3
+    planner.dormant_after = 10_000  # the bounds' streak never gets there
     regimes = planner.regimes = Regimes(window=2, explore_every=2, max_explore_every=64)
     for regime, speed in [(GATE, 1.0), (PLAIN, 1e6), (PLAIN, 1e6), (PLAIN, 1e6), (GATE, 1.0)]:
         assert regimes.regime(4) == regime  # what the load's windows have given so far
@@ -97,22 +98,27 @@ def test_at_a_load_settled_on_plain_decoding_requests_stop_keeping_draft_context
         for out in engine.step():
             got.setdefault(out.req_id, []).extend(out.token_ids)
 
-    for _ in range(1 + planner.dormant_after):  # the prefill, then plain steps
-        step()
+    step()  # the prefill, at a load of 4
     assert not any(engine.requests[i].keeps_context for i in ids)
     assert all(engine.draft_runner.deferred_tokens(i) == 0 for i in ids)
     step()
     late = engine.add_request(prompts[4], params)
+    sampled = engine.add_request(prompts[0], SamplingParams(temperature=0.8, seed=1,
+                                                            max_tokens=4))
     ids.append(late)
-    step()  # admitted at a load of 4 (three running, it waiting): settled on plain
+    step()  # admitted at a load of 4 or more: settled on plain
     assert not engine.requests[late].keeps_context
+    assert engine.requests[sampled].keeps_context
     while engine.has_unfinished():
         step()
-    assert engine.counters.draft_forwards == 0
     assert [got[i] for i in ids] == [w["token_ids"] for w in want]
     alone = engine.add_request(prompts[0], params)
     engine.step()
-    assert engine.requests[alone].keeps_context
+    assert engine.requests[alone].keeps_context  # one request: a load not settled
+    regimes.loads[0] = regimes.loads[2]  # now one request's load has settled on plain too
+    engine.step()  # a plain step there: the running request drops its context
+    assert not engine.requests[alone].keeps_context
+    assert engine.draft_runner.deferred_tokens(alone) == 0
 
 
 def test_what_timing_made_of_greedy_steps_never_reaches_a_sampled_newcomer(structured_pairs,
@@ -248,7 +254,8 @@ def test_greedy_prefix_steps_run_in_the_regime_that_gave_more_tokens_a_second(
     ran = []  # (regime, whether a draft pass ran) of each decode step
     while engine.has_unfinished():
         demand = len(engine.running) + len(engine.waiting)  # what the regimes are keyed by
-        regime = regimes.regime(demand) if engine.running else None
+        keeping = any(r.keeps_context for r in engine.running)  # else nobody can draft
+        regime = regimes.regime(demand) if keeping else None
         drafted = engine.counters.draft_forwards
         for out in engine.step():
             got[out.req_id] += out.token_ids

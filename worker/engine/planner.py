@@ -231,10 +231,10 @@ class Planner:
         windows there lost, and lost again when tried: 64 requests on a 2-core AMX CPU kept
         every context through the run, its windows and features costing 4-8%; the bounds,
         which assume drafts always accepted, did not rule drafting out).
-        Once they reach `dormant_after`, every `prefix` request of `keep` stops keeping a
-        context (its id is returned, for the engine to drop what it holds), and so do
-        newcomers while the count holds, where the bounds rule drafting out at the load they
-        join or (greedy newcomers) `regimes` has settled on plain decoding there (`_admit`;
+        Once they reach `dormant_after` (at a settled load, at once), every `prefix` request
+        of `keep` stops keeping a context (its id is returned, for the engine to drop what
+        it holds), and so do newcomers while the count holds, where the bounds rule drafting
+        out at the load they join, and greedy newcomers at a load settled on plain (`_admit`;
         an engine that idled and takes one request keeps its context). Dormant requests run
         no gate window, so a load settled on plain is not tried again while it lasts; those
         admitted once it eases keep a context again. Tables
@@ -254,8 +254,9 @@ class Planner:
             ruled = cost is not None and (self.gate.rules_out(joined, cost)
                                           or (greedy and self._settled_plain(joined)))
         self._ruled_out_steps = self._ruled_out_steps + 1 if ruled else 0
-        if self._ruled_out_steps < self.dormant_after:
-            return []
+        settled = bool(keep) and regime == PLAIN and self._settled_plain(joined)
+        if self._ruled_out_steps < self.dormant_after and not settled:
+            return []  # (the regimes' verdict rests on windows of steps already: no streak)
         gone = [decode[i] for i in keep if decode[i].policy == Policy.PREFIX]
         for req in gone:
             req.keeps_context = False
@@ -287,14 +288,15 @@ class Planner:
             admitted.append(req)
             prefill_tokens += len(req.prompt_ids)
         joined = self._joined_load(num_running + len(admitted) + len(waiting))
-        if (admitted and cost is not None and self._ruled_out_steps >= self.dormant_after
-                and (self.gate.rules_out(joined, cost)
-                     or (self._streak_greedy and self._settled_plain(joined)))):
-            for req in admitted:  # drafting is ruled out at the load they join: no context
-                # (for those of the streak's kind: greedy steps' findings steer greedy ones)
-                if (req.policy == Policy.PREFIX
-                        and (req.params.temperature == 0) == self._streak_greedy):
-                    req.keeps_context = False
+        ruled = (bool(admitted) and cost is not None
+                 and self._ruled_out_steps >= self.dormant_after
+                 and self.gate.rules_out(joined, cost))
+        settled = bool(admitted) and self._settled_plain(joined)
+        for req in admitted:  # drafting is ruled out at the load they join: no context
+            greedy = req.params.temperature == 0  # (greedy steps' findings steer greedy ones)
+            if req.policy == Policy.PREFIX and (
+                    (ruled and greedy == self._streak_greedy) or (settled and greedy)):
+                req.keeps_context = False
         return admitted
 
     def _all_draws(self, reqs: list[Request], n: int) -> torch.Tensor | None:
