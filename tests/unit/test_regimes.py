@@ -33,11 +33,24 @@ def test_each_regime_runs_a_window_then_the_faster_one_runs():
     (300.0, [1, 4, 13, 22, 31])])  # a far lead: for 2, 8, 8, ... windows
 def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gate,
                                                                               plain_windows):
-    regimes = Regimes(window=2, explore_every=2, max_explore_every=8)
+    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, max_explore_far=8)
     speed = {GATE: gate, PLAIN: 100.0}  # few requests: drafting wins
     ran = _run(regimes, 1, speed, windows=40)
     assert [i for i, r in enumerate(ran) if r == PLAIN][:5] == plain_windows
     assert ran[0] == GATE
+
+
+@pytest.mark.parametrize("gate, intervals", [
+    (120.0, [2, 4, 8, 8, 8]),  # a lead under `FAR`: capped at max_explore_every
+    (300.0, [2, 8, 32, 32, 32])])  # a far lead: at max_explore_far
+def test_a_far_lead_lets_the_interval_grow_past_the_near_cap(gate, intervals):
+    """Where drafting wins by far, each plain window costs most and is least likely to win:
+    it comes more rarely than where the two are near."""
+    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, max_explore_far=32)
+    ran = _run(regimes, 1, {GATE: gate, PLAIN: 100.0}, windows=200)
+    plain = [i for i, r in enumerate(ran) if r == PLAIN]
+    gaps = [b - a - 1 for a, b in zip(plain, plain[1:])]  # GATE windows between plain ones
+    assert gaps[:5] == intervals
 
 
 def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again():
@@ -109,6 +122,8 @@ def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
     ({"window": 0}, "window"), ({"window": 2.0}, "window"), ({"explore_every": True},
                                                                 "explore_every"),
     ({"explore_every": 8, "max_explore_every": 4}, "max_explore_every"),
+    ({"max_explore_every": 16, "max_explore_far": 8}, "max_explore_far"),
+    ({"max_explore_far": 0}, "max_explore_far"),
     ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing"),
     ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin")])
 def test_settings_are_checked_by_name(kwargs, field):
