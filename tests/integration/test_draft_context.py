@@ -85,7 +85,7 @@ def test_at_a_load_settled_on_plain_decoding_requests_keep_no_draft_context(
     engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
     planner = engine.planner
     planner.dormant_after = 10_000  # the bounds' streak never gets there
-    regimes = planner.regimes = Regimes(window=2, explore_every=2, max_explore_every=64)
+    regimes = planner.regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=64)
     for regime, speed in [(GATE, 1.0), (PLAIN, 1e6), (PLAIN, 1e6), (PLAIN, 1e6), (GATE, 1.0)]:
         assert regimes.regime(4) == regime  # what the load's windows have given so far
         for _ in range(regimes.window):  # a window of that regime at 4 requests: 4 tokens
@@ -247,7 +247,7 @@ def test_greedy_prefix_steps_run_in_the_regime_that_gave_more_tokens_a_second(
     engine = make_engine(pair, tmp_path, policy="prefix")
     # a forward costs the same whatever its tokens: on the tables drafting pays
     engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
-    regimes = Regimes(window=3, explore_every=2)
+    regimes = Regimes(window=3, settle=0, explore_every=2)
     engine.planner.regimes = regimes
     ids = [engine.add_request(p, params) for p in prompts]
     got = {i: [] for i in ids}

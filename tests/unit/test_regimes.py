@@ -21,7 +21,7 @@ def _run(regimes, rows, speed, windows=1):
 
 
 def test_each_regime_runs_a_window_then_the_faster_one_runs():
-    regimes = Regimes(window=4, explore_every=3)
+    regimes = Regimes(window=4, settle=0, explore_every=3)
     assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=2) == [GATE, PLAIN]
     assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=3) == [PLAIN] * 3
     assert regimes.means(16) == pytest.approx({GATE: 100.0, PLAIN: 150.0})
@@ -30,10 +30,11 @@ def test_each_regime_runs_a_window_then_the_faster_one_runs():
 
 @pytest.mark.parametrize("gate, plain_windows", [
     (120.0, [1, 4, 9, 18, 27]),  # a lead under `FAR`: GATE for 2, 4, 8, 8, ... windows
-    (300.0, [1, 4, 13, 22, 31])])  # a far lead: for 2, 8, 8, ... windows
+    (300.0, [1, 10, 19, 28, 37])])  # drafting's far lead: for 8, 8, ... windows
 def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gate,
                                                                               plain_windows):
-    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, max_explore_far=8)
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8,
+                      max_explore_far=8)
     speed = {GATE: gate, PLAIN: 100.0}  # few requests: drafting wins
     ran = _run(regimes, 1, speed, windows=40)
     assert [i for i, r in enumerate(ran) if r == PLAIN][:5] == plain_windows
@@ -42,11 +43,13 @@ def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gat
 
 @pytest.mark.parametrize("gate, intervals", [
     (120.0, [2, 4, 8, 8, 8]),  # a lead under `FAR`: capped at max_explore_every
-    (300.0, [2, 8, 32, 32, 32])])  # a far lead: at max_explore_far
+    (300.0, [8, 32, 32, 32, 32])])  # drafting's far lead: 4x from the first, up to the
+    # far cap
 def test_a_far_lead_lets_the_interval_grow_past_the_near_cap(gate, intervals):
     """Where drafting wins by far, each plain window costs most and is least likely to win:
     it comes more rarely than where the two are near."""
-    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, max_explore_far=32)
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8,
+                      max_explore_far=32)
     ran = _run(regimes, 1, {GATE: gate, PLAIN: 100.0}, windows=200)
     plain = [i for i, r in enumerate(ran) if r == PLAIN]
     gaps = [b - a - 1 for a, b in zip(plain, plain[1:])]  # GATE windows between plain ones
@@ -54,7 +57,8 @@ def test_a_far_lead_lets_the_interval_grow_past_the_near_cap(gate, intervals):
 
 
 def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again():
-    regimes = Regimes(window=2, explore_every=2, max_explore_every=16, smoothing=1.0)
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=16,
+                      smoothing=1.0)
     _run(regimes, 8, {GATE: 100.0, PLAIN: 200.0}, windows=12)  # plain settles
     assert regimes.loads[3].interval > 2
     ran = _run(regimes, 8, {GATE: 400.0, PLAIN: 200.0}, windows=20)
@@ -62,20 +66,39 @@ def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again()
     assert ran[first_gate + 1:first_gate + 4] == [GATE, GATE, PLAIN]  # for 2 windows again
 
 
+def test_the_first_steps_after_a_change_of_regime_are_not_measured():
+    """Plain steps right after drafting ones run slow while caches refill: a window's first
+    `settle` steps in a new regime (and at a new load) run, but are left out of its measure."""
+    regimes = Regimes(window=3, settle=2, explore_every=2, smoothing=1.0)
+    ran, last, since = [], None, 0
+    for _ in range(10):
+        regime = regimes.regime(16)
+        since = since + 1 if regime == last else 0
+        last = regime
+        slow = 5.0 if since < 2 else 1.0  # the first two steps of a regime: 5x slower
+        regimes.observe(16, regime, 16, 0.16 * slow)  # else 100 tokens/s
+        ran.append(regime)
+    assert ran == [GATE] * 5 + [PLAIN] * 5  # 2 steps to settle and a window of 3, each
+    assert regimes.means(16) == pytest.approx({GATE: 100.0, PLAIN: 100.0})
+    assert regimes.plain_steps == 5  # the settling steps are run and counted as run
+
+
 def test_drafting_must_have_given_more_than_the_margin_to_be_chosen():
     """Drafting's costs outlast its windows (requests drift apart), so a near tie goes to
     plain decoding."""
     close = {GATE: 105.0, PLAIN: 100.0}
-    assert _run(Regimes(window=2, margin=1.1), 16, close, windows=4)[2:] == [PLAIN, PLAIN]
-    assert _run(Regimes(window=2, margin=1.0), 16, close, windows=4)[2:] == [GATE, GATE]
-    assert _run(Regimes(window=2, margin=1.1), 16, {GATE: 120.0, PLAIN: 100.0},
+    assert _run(Regimes(window=2, settle=0, margin=1.1), 16, close,
+                windows=4)[2:] == [PLAIN, PLAIN]
+    assert _run(Regimes(window=2, settle=0, margin=1.0), 16, close,
+                windows=4)[2:] == [GATE, GATE]
+    assert _run(Regimes(window=2, settle=0, margin=1.1), 16, {GATE: 120.0, PLAIN: 100.0},
                 windows=4)[2:] == [GATE, GATE]
 
 
 def test_plain_is_settled_once_a_window_of_the_gate_has_confirmed_it():
     """Requests at a load settled on plain decoding may stop keeping a draft context: only
     after drafting's window has lost, and lost again when tried, and only there."""
-    regimes = Regimes(window=2, explore_every=2, max_explore_every=8, smoothing=1.0)
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, smoothing=1.0)
     slow_gate = {GATE: 100.0, PLAIN: 300.0}
     assert not regimes.settled_plain(64)  # never seen
     _run(regimes, 64, slow_gate, windows=2)  # one window each: plain leads, untried since
@@ -91,7 +114,7 @@ def test_plain_is_settled_once_a_window_of_the_gate_has_confirmed_it():
 
 
 def test_each_load_keeps_its_own_windows():
-    regimes = Regimes(window=2)
+    regimes = Regimes(window=2, settle=0)
     _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0}, windows=4)
     _run(regimes, 2, {GATE: 300.0, PLAIN: 100.0}, windows=4)
     assert regimes.regime(64) == PLAIN and regimes.regime(127) == PLAIN  # one power of two
@@ -103,14 +126,14 @@ def test_each_load_keeps_its_own_windows():
     (4, 0.0), (4, -1.0), (4, math.nan), (4, math.inf), (-1, 0.01), (True, 0.01),
     (2.5, 0.01)])
 def test_steps_that_cannot_be_measured_teach_nothing(tokens, seconds):
-    regimes = Regimes(window=1)
+    regimes = Regimes(window=1, settle=0)
     regimes.regime(4)
     regimes.observe(4, GATE, tokens, seconds)
     assert regimes.regime(4) == GATE and regimes.loads[2].mean == {}
 
 
 def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
-    regimes = Regimes(window=1)
+    regimes = Regimes(window=1, settle=0)
     regimes.observe(4, GATE, 4, 0.01)  # no step of this load was planned
     assert regimes.loads == {}
     regimes.regime(4)
@@ -124,6 +147,7 @@ def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
     ({"explore_every": 8, "max_explore_every": 4}, "max_explore_every"),
     ({"max_explore_every": 16, "max_explore_far": 8}, "max_explore_far"),
     ({"max_explore_far": 0}, "max_explore_far"),
+    ({"settle": -1}, "settle"), ({"settle": 1.5}, "settle"),
     ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing"),
     ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin")])
 def test_settings_are_checked_by_name(kwargs, field):

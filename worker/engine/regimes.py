@@ -7,12 +7,18 @@ plain decoding (`ar`) ran 1.0x and 1.15x drafting every step (`fixed`), the gate
 part of its steps (tau 1.1-3.1) and `prefix` ran 0.89x and 0.86x the better of the two
 (medians of 6 interleaved repeats; at 32 requests below in all six).
 
-So greedy `prefix` steps run in windows of `window` steps, each window in one of two regimes:
+So greedy `prefix` steps run in windows of `window` steps (after a change of regime, `settle`
+steps more, not measured), each window in one of two regimes:
 GATE (the draft gate chooses, as always) or PLAIN (nobody drafts; requests keep their draft
 context, so drafting can resume). Each window's tokens per second (the decode's committed
 tokens over the decode's seconds, the newcomers' prefill left out) update a running mean of
 log throughput per regime and per load: the requests running and waiting when a step is
-planned (at most `max_num_seqs`), in powers of two. Not the step's rows: drafting requests
+planned (at most `max_num_seqs`), in powers of two. A window's first steps after the other
+regime ran are slow (at 16 requests on a 2-core CPU, plain steps after drafting ones took
+5.3 ms at first and 4.0-4.2 after 10-15 steps: caches hold the drafter's work), so those are
+left out of its measure: with them, plain windows measured 20% below plain decoding and
+drafting won a load where it lost (`prefix` 0.96x the better of `ar` and `fixed` there, 10 of
+10 repeats below). Not the step's rows: drafting requests
 finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
 belong to the regime that caused them. After one window of each, the better regime runs;
 GATE is the better only where it gave `margin` times PLAIN's tokens per second, since
@@ -53,6 +59,7 @@ class _Load:
 
     regime: str = GATE
     steps_left: int = 0
+    settle_left: int = 0  # steps of this window still to run before its measure begins
     tokens: int = 0
     seconds: float = 0.0
     mean: dict[str, float] = field(default_factory=dict)  # regime -> mean log tokens/s
@@ -72,9 +79,11 @@ class Regimes:
     """Per load (1, 2-3, 4-7, ... requests running and waiting), the regime greedy `prefix`
     steps run in now, and what each has given (`regime`, `observe`)."""
 
-    def __init__(self, *, window: int = 16, explore_every: int = 4,
+    def __init__(self, *, window: int = 16, settle: int = 8, explore_every: int = 4,
                  max_explore_every: int = 64, max_explore_far: int = 256,
                  smoothing: float = 0.3, margin: float = 1.1):
+        if isinstance(settle, bool) or not isinstance(settle, int) or settle < 0:
+            raise ValueError(f"settle: expected an integer >= 0, got {settle!r}")
         for name, value in (("window", window), ("explore_every", explore_every),
                             ("max_explore_every", max_explore_every),
                             ("max_explore_far", max_explore_far)):
@@ -95,7 +104,7 @@ class Regimes:
         regime (its costs outlast its windows). Without one, at 16 requests on a 2-core CPU
         the two regimes' windows gave within 4% of each other, `prefix` drafted in part of
         its windows, and ran 0.83-1.05x the better of `ar` and `fixed` (6 repeats)."""
-        self.window, self.smoothing = window, float(smoothing)
+        self.window, self.settle, self.smoothing = window, settle, float(smoothing)
         self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self.max_explore_far = max_explore_far
         """The interval's cap where one regime leads the other by `FAR`: the other's windows
@@ -110,7 +119,8 @@ class Regimes:
         waiting): GATE or PLAIN."""
         load = self.loads.get(_bucket(demand))
         if load is None:
-            load = self.loads[_bucket(demand)] = _Load(steps_left=self.window)
+            load = self.loads[_bucket(demand)] = _Load(steps_left=self.window,
+                                                       settle_left=self.settle)
         return load.regime
 
     def observe(self, demand: int, regime: str, tokens: int, seconds: float) -> None:
@@ -124,6 +134,9 @@ class Regimes:
             return
         if regime == PLAIN:
             self.plain_steps += 1
+        if load.settle_left > 0:  # the regime changed a few steps ago: not yet its own pace
+            load.settle_left -= 1
+            return
         load.tokens += tokens
         load.seconds += seconds
         load.steps_left -= 1
@@ -145,7 +158,19 @@ class Regimes:
         return {k: math.exp(v) for k, v in load.mean.items()} if load else {}
 
     def _close_window(self, load: _Load) -> None:
-        """Fold the window just run into its regime's mean and pick the next window's."""
+        """Fold the window just run into its regime's mean and pick the next window's (the
+        first `settle` steps of a window in another regime than the last are not measured)."""
+        ran = load.regime
+        self._next_window(load)
+        load.settle_left = self.settle if load.regime != ran and not self._far(load) else 0
+
+    @staticmethod
+    def _far(load: _Load) -> bool:
+        """Whether one regime leads the other by `FAR` at `load` (both measured): a window of
+        the slower one there need not be measured finely, and comes rarely."""
+        return len(load.mean) == 2 and abs(load.mean[GATE] - load.mean[PLAIN]) >= math.log(FAR)
+
+    def _next_window(self, load: _Load) -> None:
         margin = math.log(self.margin)
         ran, before = load.regime, load.better(margin)
         explored = len(load.mean) == 2 and ran != before
@@ -164,12 +189,17 @@ class Regimes:
             # the other regime's window (or the first of both) is in: the better one runs for
             # an interval that grows while it stays the better, and starts over when not
             # (four times as long where one regime leads by far: at one request drafting
-            # gives 1.5x, and each plain window costs a few percent of a short run)
+            # gives 1.5x, and each plain window costs a few percent of a short run; where
+            # drafting leads so, the first interval is four times as long too: where it
+            # fails a request, the gate leaves that one out anyway)
             confirmed = explored and best == before
-            far = abs(load.mean[GATE] - load.mean[PLAIN]) >= math.log(FAR)
+            far = self._far(load)
             grow, cap = (4, self.max_explore_far) if far else (2, self.max_explore_every)
-            load.interval = (min(grow * load.interval, cap) if confirmed
-                             else self.explore_every)
+            if confirmed:
+                load.interval = min(grow * load.interval, cap)
+            else:  # the first verdict (four times as long where far), or the regimes swapped
+                scale = 4 if far and best == GATE and load.interval == 0 else 1
+                load.interval = min(scale * self.explore_every, cap)
             load.until_explore = load.interval
             load.regime = best
             return
