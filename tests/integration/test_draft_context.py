@@ -14,7 +14,9 @@ from sparkgrid.costs import SPSTable
 from worker.engine import profile_cache
 from worker.engine.config import SamplingParams
 from worker.engine.online_costs import OnlineCosts
-from worker.engine.regimes import GATE, PLAIN, Regimes
+from worker.engine.regimes import FULL, GATE, PLAIN, Regimes
+
+TWO = (GATE, PLAIN)  # the regimes these tests weigh (not FULL)
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +87,8 @@ def test_at_a_load_settled_on_plain_decoding_requests_keep_no_draft_context(
     engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
     planner = engine.planner
     planner.dormant_after = 10_000  # the bounds' streak never gets there
-    regimes = planner.regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=64)
+    regimes = planner.regimes = Regimes(window=2, settle=0, regimes=TWO,
+                                                 explore_every=2, max_explore_every=64)
     for regime, speed in [(GATE, 1.0), (PLAIN, 1e6), (PLAIN, 1e6), (PLAIN, 1e6), (GATE, 1.0)]:
         assert regimes.regime(4) == regime  # what the load's windows have given so far
         for _ in range(regimes.window):  # a window of that regime at 4 requests: 4 tokens
@@ -247,7 +250,7 @@ def test_greedy_prefix_steps_run_in_the_regime_that_gave_more_tokens_a_second(
     engine = make_engine(pair, tmp_path, policy="prefix")
     # a forward costs the same whatever its tokens: on the tables drafting pays
     engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
-    regimes = Regimes(window=3, settle=0, explore_every=2)
+    regimes = Regimes(window=3, settle=0, regimes=TWO, explore_every=2)
     engine.planner.regimes = regimes
     ids = [engine.add_request(p, params) for p in prompts]
     got = {i: [] for i in ids}
@@ -276,3 +279,38 @@ def test_greedy_prefix_steps_run_in_the_regime_that_gave_more_tokens_a_second(
         engine.step()
     assert regimes.plain_steps == plain
     assert {b: dict(load.windows) for b, load in regimes.loads.items()} == seen
+
+
+def test_where_whole_blocks_won_every_request_drafts_and_verifies_its_whole_block(
+        structured_pairs, tmp_path):
+    """At a load where the regimes found FULL the best, every greedy `prefix` request drafts
+    in each FULL step and verifies its whole block (up to the tokens it has left), as
+    `fixed` would, and the text is still the target's."""
+    pair = structured_pairs("qwen3", "vanilla")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [list(range(i, i + 5)) for i in range(4)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, params)
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    # each verified token dear: Alg. 1 (and the gate) would cut blocks and keep rows out
+    engine.sps = engine.step_cost = SPSTable([1, 4, 8, 512], [100.0, 50.0, 1.0, 0.5])
+    regimes = engine.planner.regimes = Regimes(window=2, settle=0)
+    for regime, speed in [(GATE, 1.0), (PLAIN, 1.0), (FULL, 10.0)]:
+        assert regimes.regime(4) == regime
+        for _ in range(regimes.window):  # a window of each at 4 requests
+            regimes.observe(4, regime, 4, 4 / speed)
+    assert regimes.regime(4) == FULL
+    steps, choose = [], engine.planner.verify_lengths
+
+    def verify_lengths(plan, proposal):
+        choose(plan, proposal)
+        steps.append((plan.regime, len(plan.decode), plan.drafting, plan.lengths,
+                      [r.remaining for r in plan.decode]))
+
+    engine.planner.verify_lengths = verify_lengths
+    got = engine.generate(prompts, params)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    full = [s for s in steps if s[0] == FULL]
+    assert full
+    for _, rows, drafting, lengths, remaining in full:
+        assert drafting == list(range(rows))
+        assert lengths == [min(engine.gamma, left - 1) for left in remaining]

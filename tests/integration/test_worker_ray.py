@@ -125,13 +125,14 @@ def test_a_job_whose_lease_lapses_is_aborted_and_a_renewed_one_runs_on(slow_work
     handle = slow_worker[0]
     params = {"max_tokens": 500, "ignore_eos": True}
     # `kept` starts with a lease long enough for a busy machine to reach the first renewal;
-    # from then on both hold 1 s leases, and only `kept`'s is renewed
+    # then `orphan` holds its 1 s lease, and only `kept`'s is renewed, for 5 s each time (a
+    # renewal slowed past a 1 s lease on a loaded machine had let `kept` lapse too)
     orphan = handle.generate.remote("orphan", "x = 1\n", params, None, 1.0)
     kept = handle.generate.remote("kept", "x = 2\n", params, None, 30.0)
     ray.get(next(kept))
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # renew only `kept`, as a live scheduler would
-        assert ray.get(handle.renew.remote(["kept", "never-seen"], 1.0)) == ["never-seen"]
+        assert ray.get(handle.renew.remote(["kept", "never-seen"], 5.0)) == ["never-seen"]
         time.sleep(0.3)
     orphan_chunks = [_chunk(ref) for ref in orphan]
     assert orphan_chunks[-1].finish_reason == "abort"

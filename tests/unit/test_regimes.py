@@ -4,7 +4,10 @@ import math
 
 import pytest
 
-from worker.engine.regimes import GATE, PLAIN, Regimes
+from worker.engine.regimes import FULL, GATE, PLAIN, Regimes
+
+TWO = (GATE, PLAIN)
+"""Regimes without FULL (drafting whole blocks): the tests of two regimes' turns."""
 
 
 def _run(regimes, rows, speed, windows=1):
@@ -21,7 +24,7 @@ def _run(regimes, rows, speed, windows=1):
 
 
 def test_each_regime_runs_a_window_then_the_faster_one_runs():
-    regimes = Regimes(window=4, settle=0, explore_every=3)
+    regimes = Regimes(window=4, settle=0, regimes=TWO, explore_every=3)
     assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=2) == [GATE, PLAIN]
     assert _run(regimes, 16, {GATE: 100.0, PLAIN: 150.0}, windows=3) == [PLAIN] * 3
     assert regimes.means(16) == pytest.approx({GATE: 100.0, PLAIN: 150.0})
@@ -33,7 +36,7 @@ def test_each_regime_runs_a_window_then_the_faster_one_runs():
     (300.0, [1, 10, 19, 28, 37])])  # drafting's far lead: for 8, 8, ... windows
 def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gate,
                                                                               plain_windows):
-    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8,
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, max_explore_every=8,
                       max_explore_far=8)
     speed = {GATE: gate, PLAIN: 100.0}  # few requests: drafting wins
     ran = _run(regimes, 1, speed, windows=40)
@@ -48,7 +51,7 @@ def test_the_slower_regime_runs_again_ever_more_rarely_while_it_stays_slower(gat
 def test_a_far_lead_lets_the_interval_grow_past_the_near_cap(gate, intervals):
     """Where drafting wins by far, each plain window costs most and is least likely to win:
     it comes more rarely than where the two are near."""
-    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8,
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, max_explore_every=8,
                       max_explore_far=32)
     ran = _run(regimes, 1, {GATE: gate, PLAIN: 100.0}, windows=200)
     plain = [i for i, r in enumerate(ran) if r == PLAIN]
@@ -57,7 +60,7 @@ def test_a_far_lead_lets_the_interval_grow_past_the_near_cap(gate, intervals):
 
 
 def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again():
-    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=16,
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, max_explore_every=16,
                       smoothing=1.0)
     _run(regimes, 8, {GATE: 100.0, PLAIN: 200.0}, windows=12)  # plain settles
     assert regimes.loads[3].interval > 2
@@ -69,7 +72,7 @@ def test_a_regime_that_becomes_faster_takes_over_and_the_interval_starts_again()
 def test_the_first_steps_after_a_change_of_regime_are_not_measured():
     """Plain steps right after drafting ones run slow while caches refill: a window's first
     `settle` steps in a new regime (and at a new load) run, but are left out of its measure."""
-    regimes = Regimes(window=3, settle=2, explore_every=2, smoothing=1.0)
+    regimes = Regimes(window=3, settle=2, regimes=TWO, explore_every=2, smoothing=1.0)
     ran, last, since = [], None, 0
     for _ in range(10):
         regime = regimes.regime(16)
@@ -87,18 +90,20 @@ def test_drafting_must_have_given_more_than_the_margin_to_be_chosen():
     """Drafting's costs outlast its windows (requests drift apart), so a near tie goes to
     plain decoding."""
     close = {GATE: 105.0, PLAIN: 100.0}
-    assert _run(Regimes(window=2, settle=0, margin=1.1), 16, close,
+    assert _run(Regimes(window=2, settle=0, regimes=TWO, margin=1.1), 16, close,
                 windows=4)[2:] == [PLAIN, PLAIN]
-    assert _run(Regimes(window=2, settle=0, margin=1.0), 16, close,
+    assert _run(Regimes(window=2, settle=0, regimes=TWO, margin=1.0), 16, close,
                 windows=4)[2:] == [GATE, GATE]
-    assert _run(Regimes(window=2, settle=0, margin=1.1), 16, {GATE: 120.0, PLAIN: 100.0},
+    assert _run(Regimes(window=2, settle=0, regimes=TWO, margin=1.1), 16,
+                {GATE: 120.0, PLAIN: 100.0},
                 windows=4)[2:] == [GATE, GATE]
 
 
 def test_plain_is_settled_once_a_window_of_the_gate_has_confirmed_it():
     """Requests at a load settled on plain decoding may stop keeping a draft context: only
     after drafting's window has lost, and lost again when tried, and only there."""
-    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, smoothing=1.0)
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, max_explore_every=8,
+                      smoothing=1.0)
     slow_gate = {GATE: 100.0, PLAIN: 300.0}
     assert not regimes.settled_plain(64)  # never seen
     _run(regimes, 64, slow_gate, windows=2)  # one window each: plain leads, untried since
@@ -114,7 +119,7 @@ def test_plain_is_settled_once_a_window_of_the_gate_has_confirmed_it():
 
 
 def test_each_load_keeps_its_own_windows():
-    regimes = Regimes(window=2, settle=0)
+    regimes = Regimes(window=2, settle=0, regimes=TWO)
     _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0}, windows=4)
     _run(regimes, 2, {GATE: 300.0, PLAIN: 100.0}, windows=4)
     assert regimes.regime(64) == PLAIN and regimes.regime(127) == PLAIN  # one power of two
@@ -126,14 +131,14 @@ def test_each_load_keeps_its_own_windows():
     (4, 0.0), (4, -1.0), (4, math.nan), (4, math.inf), (-1, 0.01), (True, 0.01),
     (2.5, 0.01)])
 def test_steps_that_cannot_be_measured_teach_nothing(tokens, seconds):
-    regimes = Regimes(window=1, settle=0)
+    regimes = Regimes(window=1, settle=0, regimes=TWO)
     regimes.regime(4)
     regimes.observe(4, GATE, tokens, seconds)
     assert regimes.regime(4) == GATE and regimes.loads[2].mean == {}
 
 
 def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
-    regimes = Regimes(window=1, settle=0)
+    regimes = Regimes(window=1, settle=0, regimes=TWO)
     regimes.observe(4, GATE, 4, 0.01)  # no step of this load was planned
     assert regimes.loads == {}
     regimes.regime(4)
@@ -148,8 +153,40 @@ def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
     ({"max_explore_every": 16, "max_explore_far": 8}, "max_explore_far"),
     ({"max_explore_far": 0}, "max_explore_far"),
     ({"settle": -1}, "settle"), ({"settle": 1.5}, "settle"),
+    ({"regimes": (GATE,)}, "regimes"), ({"regimes": (GATE, PLAIN, "greedy")}, "regimes"),
+    ({"regimes": (GATE, PLAIN, PLAIN)}, "regimes"), ({"regimes": "gate,plain"}, "regimes"),
     ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing"),
     ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin")])
 def test_settings_are_checked_by_name(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Regimes(**kwargs)
+
+
+def test_with_whole_blocks_each_of_three_regimes_runs_a_window_then_the_best_runs():
+    """FULL (every request drafts its whole block) competes too: a new load tries GATE,
+    PLAIN and FULL a window each; the best runs, and the other two get windows in turn."""
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=2)
+    speed = {GATE: 110.0, PLAIN: 100.0, FULL: 120.0}  # none far ahead (`FAR`)
+    ran = _run(regimes, 4, speed, windows=12)
+    assert ran[:3] == [GATE, PLAIN, FULL]
+    assert ran[3:5] == [FULL, FULL] and ran[5] in (GATE, PLAIN)
+    tried = [r for r in ran[5:] if r != FULL]
+    assert tried[:2] in ([GATE, PLAIN], [PLAIN, GATE])  # each in turn
+    assert regimes.means(4) == pytest.approx(speed)
+
+
+@pytest.mark.parametrize("full, best", [(108.0, PLAIN), (115.0, FULL)])
+def test_whole_blocks_must_beat_plain_decoding_by_the_margin_too(full, best):
+    regimes = Regimes(window=2, settle=0, margin=1.1)
+    ran = _run(regimes, 8, {GATE: 90.0, PLAIN: 100.0, FULL: full}, windows=5)
+    assert ran[3:5] == [best, best]
+
+
+def test_plain_is_settled_only_once_whole_blocks_have_been_tried_too():
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8,
+                      smoothing=1.0)
+    slow = {GATE: 100.0, PLAIN: 300.0, FULL: 120.0}
+    _run(regimes, 64, slow, windows=2)  # GATE's and PLAIN's windows: FULL untried
+    assert not regimes.settled_plain(64)
+    _run(regimes, 64, slow, windows=10)
+    assert regimes.regime(64) == PLAIN and regimes.settled_plain(64)

@@ -342,3 +342,22 @@ def test_threshold_bars_the_drafts_own_confidence_not_the_online_map():
     got = choose_lengths(reqs, [0], proposal, gamma=3, sps=None, threshold=0.5, sts=None,
                          max_batch_tokens=64)
     assert got == [2]
+
+
+def test_whole_blocks_verify_every_prefix_rows_block_up_to_its_cap():
+    """In a `regimes.FULL` step a `prefix` row verifies its whole block as a `fixed` row does
+    (up to the tokens it has left), where Alg. 1 would have cut a block of low confidence."""
+    from types import SimpleNamespace
+
+    from worker.engine.spec_step import DraftProposal, choose_lengths
+    low = torch.full((2, 4), -4.0)  # sigmoid 0.018: Alg. 1 verifies little of such blocks
+    proposal = DraftProposal(ids=torch.zeros(2, 4, dtype=torch.long), probs=None,
+                             conf_logits=low, conf=torch.sigmoid(low))
+    reqs = [SimpleNamespace(policy=Policy.PREFIX, remaining=100),
+            SimpleNamespace(policy=Policy.PREFIX, remaining=3)]
+    sps = SPSTable([1, 4, 16], [100.0, 50.0, 20.0])
+    kwargs = dict(gamma=4, sps=sps, threshold=0.5, sts=None, max_batch_tokens=64,
+                  draft_seconds=0.001)
+    cut = choose_lengths(reqs, [0, 1], proposal, **kwargs)
+    assert cut[0] < 4
+    assert choose_lengths(reqs, [0, 1], proposal, whole_blocks=True, **kwargs) == [4, 2]

@@ -26,7 +26,7 @@ from sparkgrid.costs import SPSTable
 from worker.engine.draft_gate import DraftGate
 from worker.engine.kv_cache import BlockAllocator
 from worker.engine.model_runner import ForwardBatch
-from worker.engine.regimes import PLAIN, Regimes
+from worker.engine.regimes import FULL, PLAIN, Regimes
 from worker.engine.request import Request, Status
 from worker.engine.spec_step import DraftProposal, choose_lengths
 from worker.engine.verify_policy import Policy, RowCostTable
@@ -68,7 +68,7 @@ class StepPlan:
     lengths: list[int] = field(default_factory=list)
     """Draft tokens each decoding row verifies (0: none), set by `Planner.verify_lengths`."""
     regime: str | None = None
-    """The regime (`regimes.GATE` or `PLAIN`) that `Planner.regimes` chose for this step, or
+    """The regime (`regimes.GATE`, `PLAIN` or `FULL`) that `Planner.regimes` chose for this step, or
     None where it chose none (no `Regimes`, a sampled request, a row of another policy)."""
     demand: int = 0
     """Requests running and waiting when the step was planned (at most `max_num_seqs`): the
@@ -169,6 +169,8 @@ class Planner:
         regime = self._regime(decode, keep, cost, greedy, demand)
         if regime == PLAIN:
             drafting = self.gate.skip(decode, keep, cost)
+        elif regime == FULL:  # all draft (their blocks still update the gate's estimates)
+            drafting, self.gate.ruled_out = list(keep), False
         else:
             drafting = self.gate.rows(decode, keep, cost, self.config.max_batch_tokens,
                                       greedy=greedy)
@@ -205,7 +207,8 @@ class Planner:
         plan.lengths = choose_lengths(plan.decode, plan.drafting, proposal, gamma=self.gamma,
                                       sps=self._step_cost(plan), threshold=self.config.threshold,
                                       sts=self.sts, max_batch_tokens=self.config.max_batch_tokens,
-                                      draft_seconds=plan.fixed_seconds)
+                                      draft_seconds=plan.fixed_seconds,
+                                      whole_blocks=plan.regime == FULL)
         self.gate.observe(plan.decode, plan.drafting, proposal)
 
     def predicted_seconds(self, plan: StepPlan) -> float | None:

@@ -8,9 +8,13 @@ part of its steps (tau 1.1-3.1) and `prefix` ran 0.89x and 0.86x the better of t
 (medians of 6 interleaved repeats; at 32 requests below in all six).
 
 So greedy `prefix` steps run in windows of `window` steps (after a change of regime, `settle`
-steps more, not measured), each window in one of two regimes:
-GATE (the draft gate chooses, as always) or PLAIN (nobody drafts; requests keep their draft
-context, so drafting can resume). Each window's tokens per second (the decode's committed
+steps more, not measured), each window in one of three regimes: GATE (the draft gate chooses,
+and Alg. 1 the verify lengths, as always), PLAIN (nobody drafts; requests keep their draft
+context, so drafting can resume) or FULL (every request drafts and verifies its whole block,
+as `fixed` does). FULL is there because on a CPU a verified token costs little next to the
+draft pass: at 4 and 16 requests on a 2-core CPU the gate and Alg. 1 left out rows and cut
+blocks (tau 5.27-5.56 against `fixed`'s 5.62, 2-8% more steps), and `prefix` ran 0.96x
+`fixed` there in 10 of 10 repeats. Each window's tokens per second (the decode's committed
 tokens over the decode's seconds, the newcomers' prefill left out) update a running mean of
 log throughput per regime and per load: the requests running and waiting when a step is
 planned (at most `max_num_seqs`), in powers of two. A window's first steps after the other
@@ -20,11 +24,12 @@ left out of its measure: with them, plain windows measured 20% below plain decod
 drafting won a load where it lost (`prefix` 0.96x the better of `ar` and `fixed` there, 10 of
 10 repeats below). Not the step's rows: drafting requests
 finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
-belong to the regime that caused them. After one window of each, the better regime runs;
-GATE is the better only where it gave `margin` times PLAIN's tokens per second, since
+belong to the regime that caused them. After one window of each, the best regime runs;
+a drafting regime (the better of GATE and FULL) is the better only where it gave `margin`
+times PLAIN's tokens per second, since
 drafting costs beyond its windows that no window measures (requests drift apart: slots wait
 for the next admission, newcomers are prefilled one by one, the last requests of a batch
-finish one by one at a low load). The other regime gets one window again after
+finish one by one at a low load). The others get one window again (in turn) after
 `explore_every` windows, an interval that doubles up to `max_explore_every` (grows four
 times up to `max_explore_far` where one leads by `FAR`) each time the better one stays
 better, and starts again when they swap. So a load where drafting loses costs a window now
@@ -35,7 +40,8 @@ and then, and a load where it wins by far (few requests) a plain window in up to
 gate's bounds rule drafting out.
 
 Lossless: a step's regime is fixed before its draft pass, from earlier steps' timings, and
-only decides whether anyone drafts; verification never sees it. It steers greedy steps only
+only decides who drafts and how many of their draft tokens are verified; verification
+never sees it. It steers greedy steps only
 (their tokens do not depend on who drafts); a step with a sampled request keeps the gate's
 choice, whose schedule of random draws depends on the tables and the requests alone, so a
 seed's text repeats.
@@ -47,7 +53,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-GATE, PLAIN = "gate", "plain"
+GATE, PLAIN, FULL = "gate", "plain", "full"
+DRAFTING = (GATE, FULL)
+ALL = (GATE, PLAIN, FULL)
 FAR = 1.25
 """A lead (ratio of the regimes' tokens per second) beyond which the other regime is tried
 four times as rarely each time (else twice)."""
@@ -63,16 +71,26 @@ class _Load:
     tokens: int = 0
     seconds: float = 0.0
     mean: dict[str, float] = field(default_factory=dict)  # regime -> mean log tokens/s
-    windows: dict[str, int] = field(default_factory=lambda: {GATE: 0, PLAIN: 0})
-    interval: int = 0  # windows of the better regime before the other runs one again
+    windows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL, 0))
+    interval: int = 0  # windows of the best regime before another runs one again
     until_explore: int = 0  # of those, still to run
+    explored: int = 0  # windows of the others so far (which one comes next, in turn)
 
     def better(self, margin: float) -> str:
-        """GATE where its mean is more than `margin` (a log) above PLAIN's, else PLAIN (GATE
-        while PLAIN has none)."""
+        """The better measured drafting regime (GATE on a tie, or while FULL has none) where
+        its mean is more than `margin` (a log) above PLAIN's, else PLAIN (GATE while PLAIN
+        has none)."""
+        drafting = max((r for r in DRAFTING if r in self.mean), key=self.mean.__getitem__,
+                       default=GATE)
         if PLAIN not in self.mean:
-            return GATE
-        return GATE if self.mean.get(GATE, -math.inf) > self.mean[PLAIN] + margin else PLAIN
+            return drafting
+        return (drafting if self.mean.get(drafting, -math.inf) > self.mean[PLAIN] + margin
+                else PLAIN)
+
+    def far_apart(self, a: str, b: str) -> bool:
+        """Whether regimes `a` and `b` are both measured and one leads the other by `FAR`."""
+        return (a in self.mean and b in self.mean
+                and abs(self.mean[a] - self.mean[b]) >= math.log(FAR))
 
 
 class Regimes:
@@ -81,9 +99,14 @@ class Regimes:
 
     def __init__(self, *, window: int = 16, settle: int = 8, explore_every: int = 4,
                  max_explore_every: int = 64, max_explore_far: int = 256,
-                 smoothing: float = 0.3, margin: float = 1.1):
+                 smoothing: float = 0.3, margin: float = 1.1,
+                 regimes: tuple[str, ...] = ALL):
         if isinstance(settle, bool) or not isinstance(settle, int) or settle < 0:
             raise ValueError(f"settle: expected an integer >= 0, got {settle!r}")
+        if (not isinstance(regimes, (tuple, list)) or len(set(regimes)) != len(regimes)
+                or not {GATE, PLAIN} <= set(regimes) <= set(ALL)):
+            raise ValueError(f"regimes: expected {GATE!r} and {PLAIN!r}, and {FULL!r} or not, "
+                             f"each once; got {regimes!r}")
         for name, value in (("window", window), ("explore_every", explore_every),
                             ("max_explore_every", max_explore_every),
                             ("max_explore_far", max_explore_far)):
@@ -99,16 +122,18 @@ class Regimes:
             raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
         if not (isinstance(margin, (int, float)) and 1.0 <= margin < math.inf):
             raise ValueError(f"margin: expected a number >= 1, got {margin!r}")
+        self.order = tuple(r for r in ALL if r in regimes)
+        """The regimes that compete, in the order a new load first tries them."""
         self.margin = float(margin)
-        """How many times PLAIN's tokens per second GATE must have given to be the better
-        regime (its costs outlast its windows). Without one, at 16 requests on a 2-core CPU
-        the two regimes' windows gave within 4% of each other, `prefix` drafted in part of
-        its windows, and ran 0.83-1.05x the better of `ar` and `fixed` (6 repeats)."""
+        """How many times PLAIN's tokens per second a drafting regime must have given to be
+        the better (its costs outlast its windows). Without one, at 16 requests on a 2-core
+        CPU the two regimes' windows gave within 4% of each other, `prefix` drafted in part
+        of its windows, and ran 0.83-1.05x the better of `ar` and `fixed` (6 repeats)."""
         self.window, self.settle, self.smoothing = window, settle, float(smoothing)
         self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self.max_explore_far = max_explore_far
-        """The interval's cap where one regime leads the other by `FAR`: the other's windows
-        cost more there, and it is less likely to have become the better."""
+        """The interval's cap where the best regime leads the one tried by `FAR`: the
+        other's windows cost more there, and it is less likely to have become the better."""
         self.loads: dict[int, _Load] = {}
         """load bucket (floor(log2(load))) -> its windows."""
         self.plain_steps = 0
@@ -116,7 +141,7 @@ class Regimes:
 
     def regime(self, demand: int) -> str:
         """The regime of the next step planned at a load of `demand` (requests running and
-        waiting): GATE or PLAIN."""
+        waiting): GATE, PLAIN or FULL."""
         load = self.loads.get(_bucket(demand))
         if load is None:
             load = self.loads[_bucket(demand)] = _Load(steps_left=self.window,
@@ -144,12 +169,13 @@ class Regimes:
             self._close_window(load)
 
     def settled_plain(self, demand: int) -> bool:
-        """Whether plain decoding runs at the load of `demand` and a window of the gate's
-        since its first has confirmed it (its interval has grown past `explore_every`): where
-        drafting keeps losing, requests need not keep a draft context (`Planner._dormancy`)."""
+        """Whether plain decoding runs at the load of `demand` and a window of another regime
+        since the first verdict has confirmed it (its interval has grown past
+        `explore_every`): where drafting keeps losing, requests need not keep a draft
+        context (`Planner._dormancy`)."""
         load = self.loads.get(_bucket(demand))
-        return (load is not None and len(load.mean) == 2 and load.regime == PLAIN
-                and load.better(math.log(self.margin)) == PLAIN
+        return (load is not None and len(load.mean) == len(self.order)
+                and load.regime == PLAIN and load.better(math.log(self.margin)) == PLAIN
                 and load.interval > self.explore_every)
 
     def means(self, demand: int) -> dict[str, float]:
@@ -159,52 +185,54 @@ class Regimes:
 
     def _close_window(self, load: _Load) -> None:
         """Fold the window just run into its regime's mean and pick the next window's (the
-        first `settle` steps of a window in another regime than the last are not measured)."""
+        first `settle` steps of a window in another regime than the last are not measured,
+        unless the two are far apart)."""
         ran = load.regime
         self._next_window(load)
-        load.settle_left = self.settle if load.regime != ran and not self._far(load) else 0
-
-    @staticmethod
-    def _far(load: _Load) -> bool:
-        """Whether one regime leads the other by `FAR` at `load` (both measured): a window of
-        the slower one there need not be measured finely, and comes rarely."""
-        return len(load.mean) == 2 and abs(load.mean[GATE] - load.mean[PLAIN]) >= math.log(FAR)
+        changed = load.regime != ran
+        load.settle_left = self.settle if changed and not load.far_apart(ran, load.regime) else 0
 
     def _next_window(self, load: _Load) -> None:
         margin = math.log(self.margin)
         ran, before = load.regime, load.better(margin)
-        explored = len(load.mean) == 2 and ran != before
+        explored = len(load.mean) == len(self.order) and ran != before
         if load.tokens > 0:
             sample = math.log(load.tokens / load.seconds)
             old = load.mean.get(ran)
             load.mean[ran] = sample if old is None else old + self.smoothing * (sample - old)
             load.windows[ran] += 1
         load.tokens, load.seconds, load.steps_left = 0, 0.0, self.window
-        other = PLAIN if ran == GATE else GATE
-        if other not in load.mean:  # each regime runs a window before either is chosen
-            load.regime = other
+        missing = [r for r in self.order if r not in load.mean]
+        if missing:  # each regime runs a window before any is chosen
+            load.regime = missing[0]
             return
         best = load.better(margin)
         if explored or load.interval == 0:
-            # the other regime's window (or the first of both) is in: the better one runs for
-            # an interval that grows while it stays the better, and starts over when not
-            # (four times as long where one regime leads by far: at one request drafting
+            # another regime's window (or the first of each) is in: the best one runs for an
+            # interval that grows while it stays the best, and starts over when not (four
+            # times as long where it leads the one tried by far: at one request drafting
             # gives 1.5x, and each plain window costs a few percent of a short run; where
-            # drafting leads so, the first interval is four times as long too: where it
-            # fails a request, the gate leaves that one out anyway)
-            confirmed = explored and best == before
-            far = self._far(load)
-            grow, cap = (4, self.max_explore_far) if far else (2, self.max_explore_every)
-            if confirmed:
+            # drafting leads plain so, the first interval is four times as long too: where
+            # it fails a request, the gate leaves that one out anyway)
+            if explored and best == before:
+                far = load.far_apart(best, ran)
+                grow, cap = (4, self.max_explore_far) if far else (2, self.max_explore_every)
                 load.interval = min(grow * load.interval, cap)
-            else:  # the first verdict (four times as long where far), or the regimes swapped
-                scale = 4 if far and best == GATE and load.interval == 0 else 1
-                load.interval = min(scale * self.explore_every, cap)
+            else:
+                far = (load.interval == 0 and best in DRAFTING
+                       and load.far_apart(best, PLAIN))
+                load.interval = (min(4 * self.explore_every, self.max_explore_far) if far
+                                 else self.explore_every)
             load.until_explore = load.interval
             load.regime = best
             return
         load.until_explore -= 1
-        load.regime = best if load.until_explore > 0 else (PLAIN if best == GATE else GATE)
+        if load.until_explore > 0:
+            load.regime = best
+            return
+        others = [r for r in self.order if r != best]
+        load.regime = others[load.explored % len(others)]
+        load.explored += 1
 
 
 def _bucket(demand: int) -> int:

@@ -77,10 +77,12 @@ def confidence(conf_logits: torch.Tensor, sts: list[float] | None) -> torch.Tens
 
 def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *, gamma: int,
                    sps: SPSTable | RowCostTable | None, threshold: float, sts: list[float] | None,
-                   max_batch_tokens: int, draft_seconds: float = 0.0) -> list[int]:
+                   max_batch_tokens: int, draft_seconds: float = 0.0,
+                   whole_blocks: bool = False) -> list[int]:
     """Verify lengths l_r in [0, gamma] for every request of the step (0 for `ar`);
     `draft_seconds`, the profiled time of the step's draft pass, is part of what `prefix`
-    weighs each verified token against (`prefix_lengths`' fixed seconds)."""
+    weighs each verified token against (`prefix_lengths`' fixed seconds). `whole_blocks`:
+    `prefix` rows verify their whole block as `fixed` ones do (`regimes.FULL`)."""
     lengths = [0] * len(reqs)
     if not spec_idx:
         return lengths
@@ -90,10 +92,11 @@ def choose_lengths(reqs, spec_idx: list[int], proposal: DraftProposal | None, *,
     # `threshold` bars the draft's own confidence: the engine's online calibration serves
     # `prefix`, and would move a static bar
     stated = stated_confidence(proposal, sts) if Policy.THRESHOLD in policies else None
-    prefix_rows = [k for k, p in enumerate(policies) if p == Policy.PREFIX]
+    prefix_rows = ([] if whole_blocks else
+                   [k for k, p in enumerate(policies) if p == Policy.PREFIX])
     chosen = [0] * len(spec_idx)
     for k, pol in enumerate(policies):
-        if pol == Policy.FIXED:
+        if pol == Policy.FIXED or (whole_blocks and pol == Policy.PREFIX):
             chosen[k] = min(gamma, caps[k])
         elif pol == Policy.THRESHOLD:
             chosen[k] = min(int(threshold_lengths(stated[k:k + 1], threshold)[0]), caps[k])
