@@ -190,3 +190,20 @@ def test_plain_is_settled_only_once_whole_blocks_have_been_tried_too():
     assert not regimes.settled_plain(64)
     _run(regimes, 64, slow, windows=10)
     assert regimes.regime(64) == PLAIN and regimes.settled_plain(64)
+
+
+def test_a_gate_window_without_a_draft_pass_shows_drafting_no_better_than_plain():
+    """Where the gate drafted nobody, its window was plain decoding: however fast it ran
+    (plain windows taken early may have run cold), it cannot make drafting the better."""
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, smoothing=1.0)
+    for regime, tps, drafted in [(GATE, 150.0, False), (PLAIN, 100.0, False)]:
+        assert regimes.regime(64) == regime
+        for _ in range(2):
+            regimes.observe(64, regime, 64, 64 / tps, drafted=drafted)
+    assert regimes.regime(64) == PLAIN  # the gate's window counts as no better than PLAIN
+    drafting = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, smoothing=1.0)
+    for regime, tps in [(GATE, 150.0), (PLAIN, 100.0)]:
+        assert drafting.regime(64) == regime
+        for _ in range(2):
+            drafting.observe(64, regime, 64, 64 / tps)  # a draft pass ran
+    assert drafting.regime(64) == GATE

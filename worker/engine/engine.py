@@ -227,7 +227,8 @@ class LLMEngine:
         if plan.regime is not None:  # the decode's tokens and time (the prefill's are not)
             self.planner.regimes.observe(
                 plan.demand, plan.regime,
-                self.counters.generated_tokens - generated - len(plan.prefill), decode_seconds)
+                self.counters.generated_tokens - generated - len(plan.prefill), decode_seconds,
+                drafted=bool(plan.drafting))
         # the gate learns from the steps it plans: those with a `prefix` row keeping a context
         # (a `fixed` or `ar` step runs another regime, all rows drafting or none, which it never
         # chooses between plain and partial steps, and must not steer it)
