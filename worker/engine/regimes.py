@@ -86,14 +86,15 @@ class _Load:
         """The better measured drafting regime (GATE on a tie, or while FULL has none) where
         its mean is more than `margin` (a log) above PLAIN's, else PLAIN (GATE while PLAIN
         has none)."""
-        value = dict(self.mean)
-        if self.gate_idle and GATE in value and PLAIN in value:
-            value[GATE] = min(value[GATE], value[PLAIN])
-        drafting = max((r for r in DRAFTING if r in value), key=value.__getitem__,
-                       default=GATE)
-        if PLAIN not in value:
+        mean, plain = self.mean, self.mean.get(PLAIN)
+        gate = mean.get(GATE, -math.inf)
+        if self.gate_idle and plain is not None:  # (asked every step: no copy of the means)
+            gate = min(gate, plain)
+        full = mean.get(FULL, -math.inf)
+        drafting, value = (FULL, full) if full > gate else (GATE, gate)
+        if plain is None:
             return drafting
-        return drafting if value.get(drafting, -math.inf) > value[PLAIN] + margin else PLAIN
+        return drafting if value > plain + margin else PLAIN
 
     def far_apart(self, a: str, b: str) -> bool:
         """Whether regimes `a` and `b` are both measured and one leads the other by `FAR`."""
