@@ -71,6 +71,53 @@ def test_where_drafting_is_ruled_out_requests_stop_keeping_draft_context(structu
     assert engine.draft_runner.deferred_tokens(alone) == 5
 
 
+def test_a_step_with_a_dormant_row_teaches_the_regimes_nothing(structured_pairs, tmp_path):
+    """Requests gone dormant by the gate's bounds run plain whatever the regime, so a step in
+    which one runs beside a request that keeps its context measures a mix: the regimes learn
+    from the steps where every `prefix` row keeps a context, and from no other."""
+    pair = structured_pairs("qwen3", "vanilla")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    longer = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)  # outlasts them
+    prompts = [list(range(i, i + 5)) for i in range(3)]
+    want = make_engine(pair, tmp_path, policy="ar").generate(prompts, [params, params, longer])
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    planner, gate = engine.planner, engine.gate
+    planner.dormant_after = 4
+    regimes = planner.regimes = Regimes(window=1000, settle=0)  # one window: it sums all
+    profiled = (gate.draft_cost, gate.overhead.drafting)
+    minute = SPSTable([1], [1 / 60.0])
+    gate.draft_cost, gate.overhead.drafting = minute, minute if profiled[1] else None
+    ids = [engine.add_request(p, params) for p in prompts[:2]]
+    got = {i: [] for i in ids}
+
+    def step():
+        for out in engine.step():
+            got.setdefault(out.req_id, []).extend(out.token_ids)
+
+    for _ in range(1 + planner.dormant_after):  # the prefill, then steps ruled out
+        step()
+    assert not any(engine.requests[i].keeps_context for i in ids)
+    pair_load = regimes.loads[1]  # two or three requests
+    taught = (pair_load.tokens, pair_load.seconds)
+    assert taught[0] > 0  # both kept a context in those steps: measured
+    gate.draft_cost, gate.overhead.drafting = profiled  # drafting may pay again
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
+    late = engine.add_request(prompts[2], longer)
+    ids.append(late)
+    step()  # the late one's prefill: it keeps a context
+    assert engine.requests[late].keeps_context
+    mixed = 0
+    while any(i in engine.requests for i in ids[:2]):  # until the dormant two finish
+        step()
+        mixed += 1
+    assert mixed >= 4
+    assert (pair_load.tokens, pair_load.seconds) == taught  # two dormant rows beside it
+    while engine.has_unfinished():
+        step()
+    assert regimes.loads[0].tokens > 0  # alone, it keeps its context: measured
+    assert [got[i] for i in ids] == [w["token_ids"] for w in want]
+
+
 def test_at_a_load_settled_on_plain_decoding_requests_keep_no_draft_context(
         structured_pairs, tmp_path):
     """The tables say drafting pays (the gate's bounds never rule it out), but at this load

@@ -224,7 +224,7 @@ class LLMEngine:
         generated = self.counters.generated_tokens
         outputs = self._commit(plan, result)
         decode_seconds = time.perf_counter() - started - result.prefill_seconds
-        if plan.regime is not None:  # the decode's tokens and time (the prefill's are not)
+        if plan.measured:  # the decode's tokens and time (the prefill's are not)
             self.planner.regimes.observe(
                 plan.demand, plan.regime,
                 self.counters.generated_tokens - generated - len(plan.prefill), decode_seconds,

@@ -22,7 +22,8 @@ regime ran are slow (at 16 requests on a 2-core CPU, plain steps after drafting 
 5.3 ms at first and 4.0-4.2 after 10-15 steps: caches hold the drafter's work), so those are
 left out of its measure: with them, plain windows measured 20% below plain decoding and
 drafting won a load where it lost (`prefix` 0.96x the better of `ar` and `fixed` there, 10 of
-10 repeats below). Not the step's rows: drafting requests
+10 repeats below). Nor are steps with a dormant `prefix` row (`StepPlan.measured`): it
+runs plain whatever the regime. Loads are not the step's rows: drafting requests
 finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
 belong to the regime that caused them. After one window of each, the best regime runs;
 a drafting regime (the better of GATE and FULL) is the better only where it gave `margin`
