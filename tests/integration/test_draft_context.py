@@ -76,17 +76,15 @@ def test_a_step_with_a_dormant_row_teaches_the_regimes_nothing(structured_pairs,
     which one runs beside a request that keeps its context measures a mix: the regimes learn
     from the steps where every `prefix` row keeps a context, and from no other."""
     pair = structured_pairs("qwen3", "vanilla")
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    longer = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)  # outlasts them
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    longer = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)  # outlasts them
     prompts = [list(range(i, i + 5)) for i in range(3)]
     want = make_engine(pair, tmp_path, policy="ar").generate(prompts, [params, params, longer])
     engine = make_engine(pair, tmp_path, policy="prefix")
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])  # drafting pays
     planner, gate = engine.planner, engine.gate
     planner.dormant_after = 4
     regimes = planner.regimes = Regimes(window=1000, settle=0)  # one window: it sums all
-    profiled = (gate.draft_cost, gate.overhead.drafting)
-    minute = SPSTable([1], [1 / 60.0])
-    gate.draft_cost, gate.overhead.drafting = minute, minute if profiled[1] else None
     ids = [engine.add_request(p, params) for p in prompts[:2]]
     got = {i: [] for i in ids}
 
@@ -94,14 +92,18 @@ def test_a_step_with_a_dormant_row_teaches_the_regimes_nothing(structured_pairs,
         for out in engine.step():
             got.setdefault(out.req_id, []).extend(out.token_ids)
 
-    for _ in range(1 + planner.dormant_after):  # the prefill, then steps ruled out
+    for _ in range(3):  # the prefill, then two steps in which both keep a context
+        step()
+    pair_load = regimes.loads[1]  # two or three requests
+    assert pair_load.tokens > 0  # measured
+    profiled = (gate.draft_cost, gate.overhead.drafting)
+    minute = SPSTable([1], [1 / 60.0])  # a draft pass priced at a minute: ruled out
+    gate.draft_cost, gate.overhead.drafting = minute, minute if profiled[1] else None
+    for _ in range(planner.dormant_after):
         step()
     assert not any(engine.requests[i].keeps_context for i in ids)
-    pair_load = regimes.loads[1]  # two or three requests
     taught = (pair_load.tokens, pair_load.seconds)
-    assert taught[0] > 0  # both kept a context in those steps: measured
     gate.draft_cost, gate.overhead.drafting = profiled  # drafting may pay again
-    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
     late = engine.add_request(prompts[2], longer)
     ids.append(late)
     step()  # the late one's prefill: it keeps a context
