@@ -207,3 +207,48 @@ def test_a_gate_window_without_a_draft_pass_shows_drafting_no_better_than_plain(
         for _ in range(2):
             drafting.observe(64, regime, 64, 64 / tps)  # a draft pass ran
     assert drafting.regime(64) == GATE
+
+
+def _settle_plain(regimes, rows):
+    """Run windows at `rows` where plain decoding wins by far until it is settled there."""
+    for _ in range(40):
+        if regimes.settled_plain(rows):
+            return
+        _run(regimes, rows, {GATE: 100.0, PLAIN: 300.0, FULL: 120.0})
+    raise AssertionError(f"plain never settled at {rows}")
+
+
+def test_a_load_above_one_settled_on_plain_starts_there_without_trying_the_others():
+    """Drafting pays less the more requests share a step: where it lost twice at 32
+    requests, 64 run plain from their first step, settled (no draft context kept), even
+    where drafting's windows would have been faster."""
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8)
+    assert not regimes.settled_plain(64)
+    _settle_plain(regimes, 32)
+    assert regimes.settled_plain(64) and regimes.settled_plain(127)  # before any window
+    ran = _run(regimes, 64, {GATE: 900.0, PLAIN: 100.0, FULL: 900.0}, windows=20)
+    assert ran == [PLAIN] * 20 and regimes.settled_plain(64)
+    assert regimes.means(64) == pytest.approx({PLAIN: 100.0})  # its own windows still count
+    assert not regimes.settled_plain(16)  # a lower load learns nothing from a higher one
+    assert _run(regimes, 16, {GATE: 300.0, PLAIN: 100.0, FULL: 120.0}, windows=3) == [
+        GATE, PLAIN, FULL]
+
+
+def test_a_load_inherits_only_from_the_nearest_lower_load_with_a_verdict():
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8)
+    _run(regimes, 8, {GATE: 300.0, PLAIN: 100.0, FULL: 120.0}, windows=6)  # drafting wins
+    _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0, FULL: 120.0}, windows=1)  # GATE's window
+    assert regimes.regime(64) == PLAIN and not regimes.settled_plain(64)  # its own turn
+    assert _run(regimes, 64, {GATE: 100.0, PLAIN: 300.0, FULL: 120.0}) == [PLAIN]
+    assert regimes.regime(64) == FULL  # nothing settled below it: FULL's window comes next
+    _settle_plain(regimes, 16)  # now the nearest lower load with a verdict is settled
+    assert regimes.regime(64) == PLAIN and regimes.settled_plain(64)  # FULL's window is off
+    assert regimes.regime(32) == PLAIN and regimes.settled_plain(32)
+    assert regimes.regime(8) == GATE and not regimes.settled_plain(8)  # below: its own
+
+
+def test_a_load_that_has_tried_every_regime_keeps_its_own_verdict():
+    regimes = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8)
+    _run(regimes, 64, {GATE: 300.0, PLAIN: 100.0, FULL: 120.0}, windows=4)  # drafting wins
+    _settle_plain(regimes, 16)
+    assert regimes.regime(64) == GATE and not regimes.settled_plain(64)
