@@ -156,7 +156,8 @@ def test_a_step_of_another_regime_or_an_unseen_load_teaches_nothing():
     ({"regimes": (GATE,)}, "regimes"), ({"regimes": (GATE, PLAIN, "greedy")}, "regimes"),
     ({"regimes": (GATE, PLAIN, PLAIN)}, "regimes"), ({"regimes": "gate,plain"}, "regimes"),
     ({"smoothing": 0}, "smoothing"), ({"smoothing": 1.5}, "smoothing"),
-    ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin")])
+    ({"margin": 0.9}, "margin"), ({"margin": math.inf}, "margin"),
+    ({"gate_margin": 0.99}, "gate_margin"), ({"gate_margin": True}, "gate_margin")])
 def test_settings_are_checked_by_name(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Regimes(**kwargs)
@@ -252,3 +253,13 @@ def test_a_load_that_has_tried_every_regime_keeps_its_own_verdict():
     _run(regimes, 64, {GATE: 300.0, PLAIN: 100.0, FULL: 120.0}, windows=4)  # drafting wins
     _settle_plain(regimes, 16)
     assert regimes.regime(64) == GATE and not regimes.settled_plain(64)
+
+
+@pytest.mark.parametrize("gate, best", [(104.0, FULL), (100.0, FULL), (95.0, FULL),
+                                        (106.0, GATE)])
+def test_the_gate_must_beat_whole_blocks_by_its_margin(gate, best):
+    """Where both draft, a window's throughput follows its text more than its regime: a near
+    tie between the two drafting regimes goes to whole blocks."""
+    regimes = Regimes(window=2, settle=0, margin=1.1, gate_margin=1.05)
+    ran = _run(regimes, 1, {GATE: gate, PLAIN: 50.0, FULL: 100.0}, windows=5)
+    assert ran[:3] == [GATE, PLAIN, FULL] and ran[3:5] == [best, best]

@@ -26,8 +26,8 @@ drafting won a load where it lost (`prefix` 0.96x the better of `ar` and `fixed`
 runs plain whatever the regime. Loads are not the step's rows: drafting requests
 finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
 belong to the regime that caused them. After one window of each, the best regime runs;
-a drafting regime (the better of GATE and FULL) is the better only where it gave `margin`
-times PLAIN's tokens per second, since
+a drafting regime (the better of GATE and FULL; GATE only where it gave `gate_margin`
+times FULL's) is the better only where it gave `margin` times PLAIN's tokens per second, since
 drafting costs beyond its windows that no window measures (requests drift apart: slots wait
 for the next admission, newcomers are prefilled one by one, the last requests of a batch
 finish one by one at a low load). The others get one window again (in turn) after
@@ -86,16 +86,17 @@ class _Load:
     such windows, measured above plain ones taken early and cold, kept every context: 0.97x
     `ar`)."""
 
-    def better(self, margin: float) -> str:
-        """The better measured drafting regime (GATE on a tie, or while FULL has none) where
-        its mean is more than `margin` (a log) above PLAIN's, else PLAIN (GATE while PLAIN
-        has none)."""
+    def better(self, margin: float, gate_margin: float = 0.0) -> str:
+        """The better measured drafting regime where its mean is more than `margin` (a log)
+        above PLAIN's, else PLAIN (GATE while PLAIN has none). Of the two drafting regimes,
+        GATE is the better where its mean is more than `gate_margin` (a log) above FULL's, or
+        while FULL has none."""
         mean, plain = self.mean, self.mean.get(PLAIN)
         gate = mean.get(GATE, -math.inf)
         if self.gate_idle and plain is not None:  # (asked every step: no copy of the means)
             gate = min(gate, plain)
         full = mean.get(FULL, -math.inf)
-        drafting, value = (FULL, full) if full > gate else (GATE, gate)
+        drafting, value = (GATE, gate) if gate > full + gate_margin else (FULL, full)
         if plain is None:
             return drafting
         return drafting if value > plain + margin else PLAIN
@@ -112,7 +113,7 @@ class Regimes:
 
     def __init__(self, *, window: int = 16, settle: int = 8, explore_every: int = 4,
                  max_explore_every: int = 64, max_explore_far: int = 256,
-                 smoothing: float = 0.3, margin: float = 1.1,
+                 smoothing: float = 0.3, margin: float = 1.1, gate_margin: float = 1.05,
                  regimes: tuple[str, ...] = ALL):
         if isinstance(settle, bool) or not isinstance(settle, int) or settle < 0:
             raise ValueError(f"settle: expected an integer >= 0, got {settle!r}")
@@ -133,8 +134,10 @@ class Regimes:
                                  f"got {value}")
         if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):
             raise ValueError(f"smoothing: expected a number in (0, 1], got {smoothing!r}")
-        if not (isinstance(margin, (int, float)) and 1.0 <= margin < math.inf):
-            raise ValueError(f"margin: expected a number >= 1, got {margin!r}")
+        for name, value in (("margin", margin), ("gate_margin", gate_margin)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 1.0 <= value < math.inf):
+                raise ValueError(f"{name}: expected a number >= 1, got {value!r}")
         self.order = tuple(r for r in ALL if r in regimes)
         """The regimes that compete, in the order a new load first tries them."""
         self.margin = float(margin)
@@ -142,6 +145,14 @@ class Regimes:
         the better (its costs outlast its windows). Without one, at 16 requests on a 2-core
         CPU the two regimes' windows gave within 4% of each other, `prefix` drafted in part
         of its windows, and ran 0.83-1.05x the better of `ar` and `fixed` (6 repeats)."""
+        self.gate_margin = float(gate_margin)
+        """How many times FULL's tokens per second GATE must have given to be the better
+        drafting regime. Where both draft, a window's tokens per second follow its text more
+        than its regime (at one request on a 2-core CPU, 16-step windows of FULL gave 370 to
+        1,150 tokens/s), so a near tie is noise; on a CPU it goes to whole blocks, since a
+        verified token costs little next to the draft pass (at one request GATE took 2%
+        more steps than `fixed` for the same tokens, at 4 requests up to 10%)."""
+        self._margins = (math.log(self.margin), math.log(self.gate_margin))
         self.window, self.settle, self.smoothing = window, settle, float(smoothing)
         self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self.max_explore_far = max_explore_far
@@ -218,7 +229,7 @@ class Regimes:
     def _settled(self, load: _Load) -> bool:
         """Whether `load` has settled on plain decoding by its own windows."""
         return (len(load.mean) == len(self.order) and load.regime == PLAIN
-                and load.better(math.log(self.margin)) == PLAIN
+                and load.better(*self._margins) == PLAIN
                 and load.interval > self.explore_every)
 
     def means(self, demand: int) -> dict[str, float]:
@@ -236,8 +247,7 @@ class Regimes:
         load.settle_left = self.settle if changed and not load.far_apart(ran, load.regime) else 0
 
     def _next_window(self, load: _Load) -> None:
-        margin = math.log(self.margin)
-        ran, before = load.regime, load.better(margin)
+        ran, before = load.regime, load.better(*self._margins)
         explored = len(load.mean) == len(self.order) and ran != before
         if load.tokens > 0:
             sample = math.log(load.tokens / load.seconds)
@@ -252,7 +262,7 @@ class Regimes:
         if missing:  # each regime runs a window before any is chosen (unless it inherits)
             load.regime = PLAIN if self._inherits(load) else missing[0]
             return
-        best = load.better(margin)
+        best = load.better(*self._margins)
         if explored or load.interval == 0:
             # another regime's window (or the first of each) is in: the best one runs for an
             # interval that grows while it stays the best, and starts over when not (four
