@@ -263,3 +263,43 @@ def test_the_gate_must_beat_whole_blocks_by_its_margin(gate, best):
     regimes = Regimes(window=2, settle=0, margin=1.1, gate_margin=1.05)
     ran = _run(regimes, 1, {GATE: gate, PLAIN: 50.0, FULL: 100.0}, windows=5)
     assert ran[:3] == [GATE, PLAIN, FULL] and ran[3:5] == [best, best]
+
+
+def test_a_window_counts_its_rows_at_what_its_regime_has_committed_a_row_so_far():
+    """How many tokens a drafting row commits follows its text: a window of text the drafter
+    guesses badly is not a slower regime. Each drafting step here takes 10 ms, whatever it
+    commits; plain steps commit one token in 5 ms (200 tokens/s)."""
+    regimes = Regimes(window=2, settle=0, regimes=TWO, explore_every=2, smoothing=1.0)
+    per_step = iter([9, 9, 1, 1, 1, 1, 9, 9])  # the drafting windows' tokens a step, in turn
+    ran = []
+    for _ in range(5):
+        regime = regimes.regime(1)
+        ran.append(regime)
+        for _ in range(2):
+            tokens = next(per_step) if regime == GATE else 1
+            regimes.observe(1, regime, tokens, 0.01 if regime == GATE else 0.005, rows=1)
+    assert ran == [GATE, PLAIN, GATE, GATE, GATE]  # (without the rows: GATE, PLAIN, GATE,
+    # then PLAIN, its second window at 100 tokens/s counted as drafting's pace)
+    assert regimes.means(1)[GATE] == pytest.approx(500.0)  # 40 tokens over 8 rows, 10 ms a row
+
+
+def test_a_plain_window_is_not_corrected():
+    regimes = Regimes(window=2, settle=0, regimes=TWO, smoothing=1.0)
+    regimes.regime(16)
+    for _ in range(2):
+        regimes.observe(16, GATE, 40, 0.1, rows=16)
+    for _ in range(2):
+        regimes.observe(16, PLAIN, 16, 0.1, rows=16)
+    assert regimes.means(16) == pytest.approx({GATE: 400.0, PLAIN: 160.0})
+
+
+def test_a_load_where_drafting_falls_short_of_the_margin_runs_plain_but_is_not_settled():
+    """Settling stops requests keeping a draft context for good: only where drafting has lost,
+    not where it gave more than plain decoding but less than the margin asks."""
+    short = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, margin=1.1)
+    ran = _run(short, 4, {GATE: 105.0, PLAIN: 100.0, FULL: 104.0}, windows=12)
+    assert ran[3] == PLAIN and ran.count(PLAIN) > 6  # plain runs ...
+    assert not short.settled_plain(4)  # ... with contexts kept: drafting is tried again
+    lost = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, margin=1.1)
+    _run(lost, 4, {GATE: 95.0, PLAIN: 100.0, FULL: 98.0}, windows=12)
+    assert lost.settled_plain(4)

@@ -228,7 +228,7 @@ class LLMEngine:
             self.planner.regimes.observe(
                 plan.demand, plan.regime,
                 self.counters.generated_tokens - generated - len(plan.prefill), decode_seconds,
-                drafted=bool(plan.drafting))
+                drafted=bool(plan.drafting), rows=len(plan.decode))
         # the gate learns from the steps it plans: those with a `prefix` row keeping a context
         # (a `fixed` or `ar` step runs another regime, all rows drafting or none, which it never
         # chooses between plain and partial steps, and must not steer it)
