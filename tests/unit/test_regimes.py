@@ -292,14 +292,3 @@ def test_a_plain_window_is_not_corrected():
         regimes.observe(16, PLAIN, 16, 0.1, rows=16)
     assert regimes.means(16) == pytest.approx({GATE: 400.0, PLAIN: 160.0})
 
-
-def test_a_load_where_drafting_falls_short_of_the_margin_runs_plain_but_is_not_settled():
-    """Settling stops requests keeping a draft context for good: only where drafting has lost,
-    not where it gave more than plain decoding but less than the margin asks."""
-    short = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, margin=1.1)
-    ran = _run(short, 4, {GATE: 105.0, PLAIN: 100.0, FULL: 104.0}, windows=12)
-    assert ran[3] == PLAIN and ran.count(PLAIN) > 6  # plain runs ...
-    assert not short.settled_plain(4)  # ... with contexts kept: drafting is tried again
-    lost = Regimes(window=2, settle=0, explore_every=2, max_explore_every=8, margin=1.1)
-    _run(lost, 4, {GATE: 95.0, PLAIN: 100.0, FULL: 98.0}, windows=12)
-    assert lost.settled_plain(4)
