@@ -25,7 +25,7 @@ drafting won a load where it lost (`prefix` 0.96x the better of `ar` and `fixed`
 10 repeats below). Nor are steps with a dormant `prefix` row (`StepPlan.measured`): it
 runs plain whatever the regime. A drafting window's rows count at what its regime has
 committed a row over all its windows so far, not at what this window's text let them commit:
-at one request, 16-step windows of whole blocks gave 320 to 1,060 tokens/s by their text, and
+at one request, 16-step windows of whole blocks gave 320 to 1,150 tokens/s by their text, and
 an unlucky pair had put drafting within the margin of plain decoding. Loads are not the
 step's rows: drafting requests
 finish at different steps, so a step at a load of 16 often runs 13-15 rows, and those steps
@@ -93,7 +93,7 @@ class _Load:
     such windows, measured above plain ones taken early and cold, kept every context: 0.97x
     `ar`)."""
 
-    def better(self, margin: float, gate_margin: float = 0.0) -> str:
+    def better(self, margin: float, gate_margin: float) -> str:
         """The drafting regime to run where either drafting regime's mean is more than
         `margin` (a log) above PLAIN's (or PLAIN has none), else PLAIN. Of the two drafting
         regimes, GATE runs where its mean is more than `gate_margin` (a log) above FULL's, or
@@ -156,7 +156,7 @@ class Regimes:
         self.gate_margin = float(gate_margin)
         """How many times FULL's tokens per second GATE must have given to be the better
         drafting regime. Where both draft, a window's tokens per second follow its text more
-        than its regime (at one request on a 2-core CPU, 16-step windows of FULL gave 370 to
+        than its regime (at one request on a 2-core CPU, 16-step windows of FULL gave 320 to
         1,150 tokens/s), so a near tie is noise; on a CPU it goes to whole blocks, since a
         verified token costs little next to the draft pass (at one request GATE took 2%
         more steps than `fixed` for the same tokens, at 4 requests up to 10%)."""
@@ -185,9 +185,14 @@ class Regimes:
             load = self.loads[bucket] = _Load(bucket=bucket, steps_left=self.window,
                                               settle_left=self.settle)
         if load.regime != PLAIN and self._inherits(load):  # a lower load settled since
-            load.regime, load.steps_left, load.settle_left = PLAIN, self.window, self.settle
-            load.tokens, load.rows, load.seconds, load.drafted = 0, 0, 0.0, False
+            load.regime, load.settle_left = PLAIN, self.settle
+            self._new_window(load)
         return load
+
+    def _new_window(self, load: _Load) -> None:
+        """Start `load`'s next window: nothing measured yet, `window` steps to run."""
+        load.tokens, load.rows, load.seconds, load.steps_left = 0, 0, 0.0, self.window
+        load.drafted = False
 
     def _inherits(self, load: _Load) -> bool:
         """Whether `load` has not yet measured every regime and the nearest lower load that
@@ -197,10 +202,10 @@ class Regimes:
         where that one ended, without a window of each regime. On a 2-core CPU those windows
         cost the first run at 64 requests a tenth of its throughput (0.90x `ar`), after 32
         requests had settled on plain decoding."""
-        if len(load.mean) == len(self.order):
+        if self._tried_all(load):
             return False
         lower = [b for b, other in self.loads.items()
-                 if b < load.bucket and len(other.mean) == len(self.order)]
+                 if b < load.bucket and self._tried_all(other)]
         return bool(lower) and self._settled(self.loads[max(lower)])
 
     def observe(self, demand: int, regime: str, tokens: int, seconds: float,
@@ -245,9 +250,13 @@ class Regimes:
         kept 16-64 requests on a 2-core CPU from settling: whole-block windows there gave more
         than the margin now and then, while whole runs of `fixed` gave 0.98x `ar`, and
         `prefix` drafted in most runs, 0.95x `ar`.)"""
-        return (len(load.mean) == len(self.order) and load.regime == PLAIN
+        return (self._tried_all(load) and load.regime == PLAIN
                 and load.better(*self._margins) == PLAIN
                 and load.interval > self.explore_every)
+
+    def _tried_all(self, load: _Load) -> bool:
+        """Whether every competing regime has run a measured window at `load`."""
+        return len(load.mean) == len(self.order)
 
     def means(self, demand: int) -> dict[str, float]:
         """Each regime's mean tokens/s at the load of `demand`, as far as measured."""
@@ -265,7 +274,7 @@ class Regimes:
 
     def _next_window(self, load: _Load) -> None:
         ran, before = load.regime, load.better(*self._margins)
-        explored = len(load.mean) == len(self.order) and ran != before
+        explored = self._tried_all(load) and ran != before
         if load.tokens > 0 and load.rows > 0:
             # tokens a row per step follow the text (how far its drafts are accepted) more
             # than the regime: the window counts its rows at what its regime has committed a
@@ -278,8 +287,7 @@ class Regimes:
             load.windows[ran] += 1
             if ran == GATE:
                 load.gate_idle = not load.drafted
-        load.tokens, load.rows, load.seconds, load.steps_left = 0, 0, 0.0, self.window
-        load.drafted = False
+        self._new_window(load)
         missing = [r for r in self.order if r not in load.mean]
         if missing:  # each regime runs a window before any is chosen (unless it inherits)
             load.regime = PLAIN if self._inherits(load) else missing[0]
