@@ -50,27 +50,70 @@ def hf_serial(model, prompts: list[list[int]], max_tokens: int, pad_id) -> dict:
 def serve(engine: LLMEngine, prompts: list[list[int]], *, concurrency: int, policy: str,
           max_tokens: int) -> dict:
     """Serve `prompts` keeping at most `concurrency` in flight (a closed loop)."""
+    tally = _Tally()
+    _loop(engine, list(enumerate(prompts)), concurrency, policy, max_tokens, tally)
+    return tally.figures(max_tokens)
+
+
+def serve_alternating(engine: LLMEngine, prompts: list[list[int]], *, orders: list[tuple],
+                      max_tokens: int) -> dict[str, dict]:
+    """One request at a time, every policy of `orders[i]` serving prompt i in that order
+    before prompt i + 1 is served: policy -> the figures of its requests, as `serve` at one
+    request gives them for its run. A slow second of the machine then hits every policy
+    alike, not the one whose turn it was (runs of 16 prompts a policy at a time take
+    1.5-3 s each on a 2-core CPU, and drift by 10% from one to the next)."""
+    if len(orders) != len(prompts):
+        raise ValueError(f"orders: one per prompt ({len(prompts)}), got {len(orders)}")
+    tallies: dict[str, _Tally] = {}
+    for i, (ids, order) in enumerate(zip(prompts, orders)):
+        for policy in order:
+            _loop(engine, [(i, ids)], 1, policy, max_tokens, tallies.setdefault(policy, _Tally()))
+    return {policy: tally.figures(max_tokens) for policy, tally in tallies.items()}
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What one policy's requests gave over one or more closed loops."""
+
+    wall: float = 0.0
+    tokens: dict = dataclasses.field(default_factory=dict)  # request id -> its tokens
+    latency: dict = dataclasses.field(default_factory=dict)
+    stats: dict = dataclasses.field(default_factory=dict)
+    index: dict = dataclasses.field(default_factory=dict)  # request id -> its prompt's index
+    delta: dict = dataclasses.field(default_factory=dict)  # the engine's counters, increased
+
+    def figures(self, max_tokens: int) -> dict:
+        return serve_figures(self.wall, self.tokens, self.latency, self.stats, self.delta,
+                             self.index, max_tokens)
+
+
+def _loop(engine: LLMEngine, prompts: list[tuple[int, list[int]]], concurrency: int,
+          policy: str, max_tokens: int, tally: _Tally) -> None:
+    """Serve the (index, prompt) pairs in a closed loop, adding what they gave to `tally`."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     before = dataclasses.asdict(engine.counters)
-    queue = deque(enumerate(prompts))
-    started, latency, tokens, stats, index = {}, {}, {}, {}, {}
+    queue = deque(prompts)
+    started, in_flight = {}, set()
     sync(engine.device)
     start = time.perf_counter()
     while queue or engine.has_unfinished():
-        while queue and len(started) - len(latency) < concurrency:
+        while queue and len(in_flight) < concurrency:
             i, ids = queue.popleft()
             rid = engine.add_request(ids, params, policy=policy)
-            started[rid], tokens[rid], index[rid] = time.perf_counter(), [], i
+            started[rid], tally.tokens[rid], tally.index[rid] = time.perf_counter(), [], i
+            in_flight.add(rid)
         outs = engine.step()
         sync(engine.device)
         now = time.perf_counter()
         for out in outs:
-            tokens[out.req_id] += out.token_ids
+            tally.tokens[out.req_id] += out.token_ids
             if out.finished:
-                latency[out.req_id], stats[out.req_id] = now - started[out.req_id], out.stats
-    wall = time.perf_counter() - start
-    delta = {k: v - before[k] for k, v in dataclasses.asdict(engine.counters).items()}
-    return serve_figures(wall, tokens, latency, stats, delta, index, max_tokens)
+                tally.latency[out.req_id] = now - started[out.req_id]
+                tally.stats[out.req_id] = out.stats
+                in_flight.discard(out.req_id)
+    tally.wall += time.perf_counter() - start
+    for k, v in dataclasses.asdict(engine.counters).items():
+        tally.delta[k] = tally.delta.get(k, 0) + v - before[k]
 
 
 def serve_figures(wall, tokens, latency, stats, delta, index, max_tokens) -> dict:
