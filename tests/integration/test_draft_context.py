@@ -363,3 +363,25 @@ def test_where_whole_blocks_won_every_request_drafts_and_verifies_its_whole_bloc
     for _, rows, drafting, lengths, remaining in full:
         assert drafting == list(range(rows))
         assert lengths == [min(engine.gamma, left - 1) for left in remaining]
+
+
+def test_the_planner_forecasts_whole_blocks_against_plain_decoding_on_its_tables(
+        structured_pairs, tmp_path):
+    """The engine's regimes ask the planner for a new load's forecast: on the tables of its
+    last plan, a step of whole blocks against a plain one. Here a forward costs 10 ms
+    whatever its tokens and a draft pass 20 ms more, so a drafting row committing y tokens
+    gives y / 3 times plain decoding's tokens per second."""
+    pair = structured_pairs("qwen3", "vanilla")
+    engine = make_engine(pair, tmp_path, policy="prefix")
+    planner, gate = engine.planner, engine.gate
+    assert engine.planner.regimes.forecast == planner.drafting_outlook
+    assert planner.drafting_outlook(4, 6.0) is None  # no plan yet: no tables
+    engine.sps = engine.step_cost = SPSTable([1, 512], [100.0, 100.0])
+    gate.draft_cost = SPSTable([1, 512], [50.0, 50.0])
+    gate.overhead.plain = gate.overhead.drafting = None
+    engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=2))
+    engine.step()
+    assert planner.drafting_outlook(4, 6.0) == pytest.approx(2.0)
+    assert planner.drafting_outlook(4, 1.5) == pytest.approx(0.5)
+    gate.draft_cost = SPSTable([1, 512], [100 / 7, 100 / 7])  # a 70 ms draft pass
+    assert planner.drafting_outlook(4, 6.0) == pytest.approx(0.75)

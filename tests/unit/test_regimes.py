@@ -292,3 +292,55 @@ def test_a_plain_window_is_not_corrected():
         regimes.observe(16, PLAIN, 16, 0.1, rows=16)
     assert regimes.means(16) == pytest.approx({GATE: 400.0, PLAIN: 160.0})
 
+
+
+def _forecast_at(table):
+    """A forecast that answers `table[demand]` times the tokens a drafting row commits over
+    5, and records what it was asked."""
+    asked = []
+
+    def forecast(demand, tokens_per_row):
+        asked.append((demand, tokens_per_row))
+        return None if table.get(demand) is None else table[demand] * tokens_per_row / 5.0
+    return forecast, asked
+
+
+def _draft_at_four(regimes):
+    """Windows at 4 requests where whole blocks win by far, committing 5 tokens a row."""
+    for _ in range(6):
+        regime = regimes.regime(4)
+        for _ in range(regimes.window):
+            tokens = 20 if regime != PLAIN else 4
+            regimes.observe(4, regime, tokens, 0.01, rows=4)
+
+
+def test_a_new_load_the_tables_forecast_within_the_margin_runs_plain_settled_at_once():
+    """The forecast is asked at the new load's fewest requests, at what whole blocks
+    committed a row at the nearest lower load that tried every regime; within the margin,
+    the load never runs a drafting window, even where drafting's windows would be faster."""
+    regimes = Regimes(window=2, settle=0, margin=1.1)
+    regimes.forecast, asked = _forecast_at({16: 1.05, 32: 0.9})
+    _draft_at_four(regimes)
+    assert regimes.regime(4) == FULL and asked == []  # nothing lower than 4 tried them all
+    assert regimes.settled_plain(20) and asked == [(16, pytest.approx(5.0))]
+    ran = _run(regimes, 20, {GATE: 900.0, PLAIN: 100.0, FULL: 900.0}, windows=10)
+    assert ran == [PLAIN] * 10 and regimes.settled_plain(20)
+    assert regimes.settled_plain(40)  # above it: inherited (or foreseen: 0.9 is below too)
+
+
+@pytest.mark.parametrize("forecast", [1.2, None])
+def test_a_load_the_tables_forecast_beyond_the_margin_or_cannot_forecast_tries_every_regime(
+        forecast):
+    regimes = Regimes(window=2, settle=0, margin=1.1)
+    regimes.forecast, asked = _forecast_at({16: forecast})
+    _draft_at_four(regimes)
+    assert not regimes.settled_plain(16) and asked == [(16, pytest.approx(5.0))]
+    assert _run(regimes, 16, {GATE: 100.0, PLAIN: 300.0, FULL: 120.0}, windows=3) == [
+        GATE, PLAIN, FULL]
+
+
+def test_a_lower_load_never_takes_a_forecast_from_a_higher_one():
+    regimes = Regimes(window=2, settle=0, margin=1.1)
+    regimes.forecast, asked = _forecast_at({1: 0.5, 2: 0.5, 4: 0.5, 16: 0.5})
+    _draft_at_four(regimes)  # the first load: nothing lower to take a yield from
+    assert regimes.regime(4) == FULL and not regimes.settled_plain(4) and asked == []

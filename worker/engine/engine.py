@@ -135,7 +135,7 @@ class LLMEngine:
             if config.online_costs:
                 self.gate.online = OnlineCosts()
             if config.online_regimes:
-                self.planner.regimes = Regimes()
+                self.planner.use_regimes(Regimes())
 
     @property
     def costs(self) -> EngineCosts:

@@ -162,12 +162,15 @@ class Planner:
         steer those, and must not reach a sampled request's schedule) or not; None: none yet."""
         self.regimes: Regimes | None = None
         """Whether greedy `prefix` steps let the gate choose or nobody draft, by the
-        throughput each has given at the load (`regimes.Regimes`); None: the gate always."""
+        throughput each has given at the load (`regimes.Regimes`); None: the gate always.
+        Set it with `use_regimes`."""
+        self._cost: SPSTable | RowCostTable | None = None
 
     def plan(self, running: list[Request], waiting: deque[Request],
              cost: SPSTable | RowCostTable | None) -> StepPlan:
         """The plan of the next step over `running`, admitting from `waiting` (FIFO, within
         `max_num_seqs`, `max_prefill_tokens` and the caches' budgets)."""
+        self._cost = cost  # what `drafting_outlook` forecasts with
         decode = list(running)
         keep = [i for i, r in enumerate(decode) if r.keeps_context]
         greedy = all(r.params.temperature == 0 for r in decode)
@@ -197,6 +200,27 @@ class Planner:
             prefill=admitted, dormant=dormant, regime=regime, demand=demand, measured=measured,
             prefill_uniforms=(torch.stack([self._draws(r, 1) for r in admitted])[:, 0]
                               if admitted else None))
+
+    def use_regimes(self, regimes: Regimes) -> None:
+        """Steer greedy `prefix` steps by `regimes`, which new loads ask for this planner's
+        forecast (`drafting_outlook`)."""
+        regimes.forecast = self.drafting_outlook
+        self.regimes = regimes
+
+    def drafting_outlook(self, demand: int, tokens_per_row: float) -> float | None:
+        """What the tables the last plan used forecast for a step of `demand` rows (at most
+        `max_num_seqs`) all drafting and verifying whole blocks, each committing
+        `tokens_per_row`: its tokens per second as a multiple of a plain step's, the gate's
+        online factor for drafting steps at that load divided out; None without tables."""
+        cost, gate = self._cost, self.gate
+        if cost is None or gate.draft_cost is None or demand < 1:
+            return None
+        rows = self._joined_load(demand)
+        at = gate.cost_at_rows(cost, rows)
+        plain = 1.0 / at(rows) + gate.draft_seconds(0, rows)
+        full = 1.0 / at(rows * (1 + self.gamma)) + gate.draft_seconds(rows, rows)
+        factor = gate.online.drafting_factor(rows) if gate.online is not None else 1.0
+        return tokens_per_row * plain / (full * factor)
 
     def _regime(self, decode: list[Request], keep: list[int], cost, greedy: bool,
                 demand: int) -> str | None:

@@ -44,7 +44,9 @@ and then, and a load where it wins by far (few requests) a plain window in up to
 (`settled_plain`), the planner lets requests stop keeping a draft context, as where the
 gate's bounds rule drafting out. A load above it that has not yet tried every regime starts
 there too, plain and settled, without trying the others (`_inherits`): drafting pays less the
-more requests share a step.
+more requests share a step. So does a new load where the cost tables, at the tokens a
+drafting row committed at the nearest lower load, forecast drafting within the margin of
+plain decoding (`forecast`, `_foresees_plain`): its windows could only confirm it.
 
 Lossless: a step's regime is fixed before its draft pass, from earlier steps' timings, and
 only decides who drafts and how many of their draft tokens are verified; verification
@@ -58,6 +60,7 @@ Knows: loads, steps' tokens and seconds. Does not know: models, requests or tabl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 GATE, PLAIN, FULL = "gate", "plain", "full"
@@ -87,6 +90,9 @@ class _Load:
     until_explore: int = 0  # of those, still to run
     explored: int = 0  # windows of the others so far (which one comes next, in turn)
     drafted: bool = False  # whether a draft pass ran in this window's measured steps
+    foreseen: bool = False
+    """Whether the tables forecast drafting within the margin of plain decoding here when the
+    load was made (`Regimes.forecast`): it runs plain, settled, without windows of the others."""
     gate_idle: bool = False
     """Whether the gate drafted nobody in its last window: that was plain decoding (contexts
     kept), which shows drafting no better than plain, however fast it ran (at 64 requests
@@ -170,6 +176,11 @@ class Regimes:
         """load bucket (floor(log2(load))) -> its windows."""
         self.plain_steps = 0
         """Steps run in the PLAIN regime."""
+        self.forecast: Callable[[int, float], float | None] | None = None
+        """What the cost tables forecast for a load of `demand` requests all drafting whole
+        blocks, each committing `tokens_per_row` a step: its tokens per second as a multiple of
+        plain decoding's (the planner's, `Planner.drafting_outlook`); None (or a None answer):
+        no forecast, the load tries every regime."""
 
     def regime(self, demand: int) -> str:
         """The regime of the next step planned at a load of `demand` (requests running and
@@ -184,6 +195,8 @@ class Regimes:
         if load is None:
             load = self.loads[bucket] = _Load(bucket=bucket, steps_left=self.window,
                                               settle_left=self.settle)
+            if self._foresees_plain(load):
+                load.foreseen, load.regime = True, PLAIN
         if load.regime != PLAIN and self._inherits(load):  # a lower load settled since
             load.regime, load.settle_left = PLAIN, self.settle
             self._new_window(load)
@@ -194,6 +207,28 @@ class Regimes:
         load.tokens, load.rows, load.seconds, load.steps_left = 0, 0, 0.0, self.window
         load.drafted = False
 
+    def _foresees_plain(self, load: _Load) -> bool:
+        """Whether, at the fewest requests of a new load (the bucket's lower bound, where
+        drafting pays most), the tables (`forecast`) put drafting in whole blocks within
+        `margin` of plain decoding, at the tokens a drafting row committed at the nearest
+        lower load that tried every regime (the better of its drafting regimes). Windows
+        there could choose drafting only where it ran further above its tables than the
+        margin, and each drafting window costs its load: at 16 requests on a 2-core CPU,
+        where the tables forecast 1.05x (and whole runs of `fixed` gave 0.97x `ar`), the
+        first run's windows, and the newcomers they scattered, cost `prefix` a tenth of that
+        run (0.88x `ar`)."""
+        if self.forecast is None:
+            return False
+        lower = [b for b, other in self.loads.items()
+                 if b < load.bucket and self._tried_all(other)]
+        if not lower:
+            return False
+        near = self.loads[max(lower)]
+        yields = [near.yield_tokens[r] / near.yield_rows[r] for r in DRAFTING
+                  if near.yield_rows.get(r)]
+        gain = self.forecast(1 << load.bucket, max(yields)) if yields else None
+        return gain is not None and gain < self.margin
+
     def _inherits(self, load: _Load) -> bool:
         """Whether `load` has not yet measured every regime and the nearest lower load that
         has is settled on plain decoding (`_settled`): drafting pays less the more requests
@@ -202,10 +237,10 @@ class Regimes:
         where that one ended, without a window of each regime. On a 2-core CPU those windows
         cost the first run at 64 requests a tenth of its throughput (0.90x `ar`), after 32
         requests had settled on plain decoding."""
-        if self._tried_all(load):
+        if self._tried_all(load) or load.foreseen:
             return False
         lower = [b for b, other in self.loads.items()
-                 if b < load.bucket and self._tried_all(other)]
+                 if b < load.bucket and (self._tried_all(other) or other.foreseen)]
         return bool(lower) and self._settled(self.loads[max(lower)])
 
     def observe(self, demand: int, regime: str, tokens: int, seconds: float,
@@ -244,12 +279,15 @@ class Regimes:
         return self._settled(load) or self._inherits(load)
 
     def _settled(self, load: _Load) -> bool:
-        """Whether `load` has settled on plain decoding by its own windows: PLAIN runs, and a
-        window of another regime since the first verdict has confirmed it. (Asking also that
+        """Whether `load` has settled on plain decoding: foreseen (`_foresees_plain`) and
+        running PLAIN, or by its own windows: PLAIN runs, and a window of another regime since
+        the first verdict has confirmed it. (Asking also that
         PLAIN lead every drafting regime, not only that drafting fall short of the margin,
         kept 16-64 requests on a 2-core CPU from settling: whole-block windows there gave more
         than the margin now and then, while whole runs of `fixed` gave 0.98x `ar`, and
         `prefix` drafted in most runs, 0.95x `ar`.)"""
+        if load.foreseen:
+            return load.regime == PLAIN
         return (self._tried_all(load) and load.regime == PLAIN
                 and load.better(*self._margins) == PLAIN
                 and load.interval > self.explore_every)
@@ -290,7 +328,7 @@ class Regimes:
         self._new_window(load)
         missing = [r for r in self.order if r not in load.mean]
         if missing:  # each regime runs a window before any is chosen (unless it inherits)
-            load.regime = PLAIN if self._inherits(load) else missing[0]
+            load.regime = PLAIN if load.foreseen or self._inherits(load) else missing[0]
             return
         best = load.better(*self._margins)
         if explored or load.interval == 0:
