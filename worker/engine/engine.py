@@ -347,13 +347,9 @@ class LLMEngine:
         for i, req in enumerate(plan.decode):
             n_acc = result.accepted[i]
             if req.policy != Policy.AR:  # a dormant one's plain steps too (`keeps_context`)
-                length = plan.lengths[i]
-                if length or not req.stats.position_verified:
-                    req.stats.record(length, n_acc, self.gamma)
-                    self.counters.draft_tokens_verified += length
-                    self.counters.draft_tokens_accepted += n_acc
-                else:  # a plain step, as `record` counts it: one token (no call a row and
-                    req.stats.accept_lengths.append(1)  # step: 64 dormant rows' host time)
+                req.stats.record(plan.lengths[i], n_acc, self.gamma)
+                self.counters.draft_tokens_verified += plan.lengths[i]
+                self.counters.draft_tokens_accepted += n_acc
             before = len(req.output_ids)
             req.commit(result.draft_ids[i, :n_acc].tolist() + [result.next_tokens[i]])
             self.counters.generated_tokens += len(req.output_ids) - before

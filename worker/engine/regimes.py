@@ -217,13 +217,9 @@ class Regimes:
         where the tables forecast 1.05x (and whole runs of `fixed` gave 0.97x `ar`), the
         first run's windows, and the newcomers they scattered, cost `prefix` a tenth of that
         run (0.88x `ar`)."""
-        if self.forecast is None:
+        near = self._nearest_below(load, self._tried_all)
+        if self.forecast is None or near is None:
             return False
-        lower = [b for b, other in self.loads.items()
-                 if b < load.bucket and self._tried_all(other)]
-        if not lower:
-            return False
-        near = self.loads[max(lower)]
         yields = [near.yield_tokens[r] / near.yield_rows[r] for r in DRAFTING
                   if near.yield_rows.get(r)]
         gain = self.forecast(1 << load.bucket, max(yields)) if yields else None
@@ -239,9 +235,13 @@ class Regimes:
         requests had settled on plain decoding."""
         if self._tried_all(load) or load.foreseen:
             return False
-        lower = [b for b, other in self.loads.items()
-                 if b < load.bucket and (self._tried_all(other) or other.foreseen)]
-        return bool(lower) and self._settled(self.loads[max(lower)])
+        near = self._nearest_below(load, lambda other: self._tried_all(other) or other.foreseen)
+        return near is not None and self._settled(near)
+
+    def _nearest_below(self, load: _Load, has_verdict) -> _Load | None:
+        """The highest load below `load` for which `has_verdict(other)` holds, or None."""
+        lower = [b for b, other in self.loads.items() if b < load.bucket and has_verdict(other)]
+        return self.loads[max(lower)] if lower else None
 
     def observe(self, demand: int, regime: str, tokens: int, seconds: float,
                 drafted: bool = True, rows: int | None = None) -> None:
@@ -281,11 +281,11 @@ class Regimes:
     def _settled(self, load: _Load) -> bool:
         """Whether `load` has settled on plain decoding: foreseen (`_foresees_plain`) and
         running PLAIN, or by its own windows: PLAIN runs, and a window of another regime since
-        the first verdict has confirmed it. (Asking also that
-        PLAIN lead every drafting regime, not only that drafting fall short of the margin,
-        kept 16-64 requests on a 2-core CPU from settling: whole-block windows there gave more
-        than the margin now and then, while whole runs of `fixed` gave 0.98x `ar`, and
-        `prefix` drafted in most runs, 0.95x `ar`.)"""
+        the first verdict has confirmed it. (Asking also that PLAIN lead every drafting
+        regime, not only that drafting fall short of the margin, kept 16-64 requests on a
+        2-core CPU from settling: whole-block windows there gave more than the margin now and
+        then, while whole runs of `fixed` gave 0.98x `ar`, and `prefix` drafted in most runs,
+        0.95x `ar`.)"""
         if load.foreseen:
             return load.regime == PLAIN
         return (self._tried_all(load) and load.regime == PLAIN
